@@ -1,0 +1,31 @@
+# The two front-door commands: `make demo` and `make test`. Both create .venv if missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+EMBEDJAX_DATA_DIR ?= $(abspath ../shared/data)
+export EMBEDJAX_DATA_DIR
+PYTEST_WORKERS ?= 2
+
+.PHONY: install demo test test-all bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m embedjax demo
+
+test: install
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
+
+test-all: install
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+clean:
+	rm -rf $(VENV) .pytest_cache
