@@ -1,0 +1,4 @@
+"""Search over compressed corpora: exact, low-bit, binary two-stage and sharded."""
+from embedjax.index.compressed import check_quantization, matryoshka, search_embeddings
+
+__all__ = ["search_embeddings", "check_quantization", "matryoshka"]

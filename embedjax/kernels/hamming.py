@@ -1,0 +1,87 @@
+"""Hamming top-k search over packed binary codes (uint32 words, see ``embedjax.quant.binary``)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from embedjax.kernels.dispatch import resolve_impl
+from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
+from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
+
+
+def check_codes(q_codes, x_codes, *, q_name="q_codes", x_name="x_codes"):
+    for a, name in ((q_codes, q_name), (x_codes, x_name)):
+        if getattr(a, "ndim", None) != 2:
+            raise ValueError(f"{name} must be a 2-D array [rows, words]; got shape {getattr(a, 'shape', None)}")
+        if a.dtype != jnp.uint32:
+            raise TypeError(f"{name} must be uint32 packed codes (embedjax.quant.pack_bits); got dtype {a.dtype}")
+    if q_codes.shape[1] != x_codes.shape[1]:
+        raise ValueError(
+            f"code widths differ: {q_name} has {q_codes.shape[1]} words per vector, {x_name} {x_codes.shape[1]}; "
+            "pack queries and corpus from embeddings of the same dimension"
+        )
+
+
+def hamming_scores_chunk(q_args, x_args):
+    """Negated Hamming distances float32 [Q, C] of codes [Q, W] vs a chunk [C, W]."""
+    (q,), (x,) = q_args, x_args
+    d = jnp.sum(lax.population_count(q[:, None, :] ^ x[None, :, :]).astype(jnp.int32), axis=-1)
+    return -d.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
+def hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=32768):
+    s, i = chunked_topk(hamming_scores_chunk, (q_codes,), (x_codes,), k, n_valid=n_valid, chunk_size=chunk_size)
+    return (-s).astype(jnp.int32), i
+
+
+def _hamming_tile(q_refs, x_refs, offset, block_n):
+    (q_ref,), (x_ref,) = q_refs, x_refs
+    words = q_ref.shape[1]
+
+    def word(w, acc):
+        qw = q_ref[:, pl.ds(w, 1)]  # [block_q, 1]
+        xw = x_ref[pl.ds(w, 1), pl.ds(offset, block_n)]  # [1, block_n]
+        return acc + lax.population_count(qw ^ xw).astype(jnp.int32)
+
+    acc = lax.fori_loop(0, words, word, jnp.zeros((q_ref.shape[0], block_n), jnp.int32))
+    return -acc.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "target_splits", "interpret"))
+def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=64, interpret=False):
+    words = next_pow2(q_codes.shape[1])
+    # Zero words XOR to zero, so padding the width adds nothing to a distance.
+    q = pad_axis(q_codes, 1, words)
+    x_t = pad_axis(x_codes, 1, words).T  # corpus axis last: tiles are [words, block_n]
+    s, i = running_topk_call(
+        _hamming_tile, (q,), (x_t,), n_valid, k,
+        block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
+    )
+    return (-s).astype(jnp.int32), i
+
+
+def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=32768):
+    """Nearest codes by Hamming distance.
+
+    q_codes uint32 [Q, W], x_codes uint32 [N, W] -> (distances int32 [Q, k],
+    indices int32 [Q, k]); rows sorted by distance, ties -> smaller index. Only
+    the first ``n_valid`` corpus rows are searched (the rest is padding).
+    ``impl``: "xla" (chunked jnp scan, memory O(Q * chunk_size)), "pallas" (the
+    Pallas kernel; interpret mode on CPU) or "auto".
+    """
+    q_codes = jnp.asarray(q_codes)
+    x_codes = jnp.asarray(x_codes)
+    check_codes(q_codes, x_codes)
+    n_valid = resolve_n_valid(n_valid, x_codes.shape[0])
+    check_k(k, n_valid)
+    if q_codes.shape[0] == 0:
+        raise ValueError("q_codes is empty (0 queries)")
+    impl, interpret = resolve_impl(impl)
+    if impl == "pallas":
+        return hamming_topk_pallas(q_codes, x_codes, k, n_valid, interpret=interpret)
+    return hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=chunk_size)

@@ -1,0 +1,111 @@
+"""Running top-k over a corpus scanned in chunks (the plain-jnp path).
+
+Convention for every kernel in this package: a score is "larger is better";
+ties are broken by the smaller corpus index. Hamming distance d is scored as
+``-d`` (exact in float32 up to 2^24 bits).
+
+Memory: one chunk of scores [Q, chunk_size] float32 plus the running [Q, k]
+lists; the corpus is never copied or padded (the last chunk is clamped to end
+at row N and the rows it re-reads are masked).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INF = float("-inf")
+
+
+def check_k(k, n_valid: int, what: str = "corpus"):
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"k must be a Python int; got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    if k > n_valid:
+        raise ValueError(f"k={k} is larger than the {what} ({n_valid} vectors); ask for at most {n_valid}")
+
+
+def resolve_n_valid(n_valid, n: int) -> int:
+    """The number of searched corpus rows: ``n_valid`` (rows past it are padding) or all rows."""
+    if n == 0:
+        raise ValueError("the corpus is empty (0 vectors); add vectors before searching")
+    if n_valid is None:
+        return n
+    if not isinstance(n_valid, int) or isinstance(n_valid, bool):
+        raise TypeError(f"n_valid must be a Python int or None; got {type(n_valid).__name__}")
+    if not 1 <= n_valid <= n:
+        raise ValueError(f"n_valid must be in [1, {n}] (the corpus rows); got {n_valid}")
+    return n_valid
+
+
+def sort_by_score_then_id(scores_qm, ids_qm, k: int):
+    """Sort each row by (score descending, id ascending) and keep the first k."""
+    neg, ids = lax.sort((-scores_qm, ids_qm), dimension=1, num_keys=2)
+    return -neg[:, :k], ids[:, :k]
+
+
+def _merge(best_s, best_i, new_s, new_i, k):
+    # Earlier ids come first in the concatenation and top_k is stable, so equal
+    # scores keep the smaller id.
+    s = jnp.concatenate([best_s, new_s], axis=1)
+    i = jnp.concatenate([best_i, new_i], axis=1)
+    top_s, pos = lax.top_k(s, k)
+    return top_s, jnp.take_along_axis(i, pos, axis=1)
+
+
+def chunked_topk(
+    score_chunk: Callable,
+    q_args: Sequence,
+    x_args: Sequence,
+    k: int,
+    *,
+    n_valid=None,
+    chunk_size: int = 32768,
+    id_offset=0,
+):
+    """Top-k (scores float32 [Q, k], ids int32 [Q, k]) of ``score_chunk(q_args, x_chunk_args)``.
+
+    ``x_args`` are arrays whose leading axis is the corpus axis (length N);
+    ``score_chunk`` returns float32 scores [Q, C] for a chunk of C rows.
+    ``n_valid`` (int or traced int32 scalar) limits the search to rows < n_valid;
+    ``id_offset`` is added to the returned ids (for shards of a larger corpus).
+    Entries beyond the valid rows score -inf (only seen when k > n_valid).
+    """
+    n = x_args[0].shape[0]
+    chunk = int(min(chunk_size, n))
+    if chunk < k:
+        chunk = min(n, k)
+    num_chunks = -(-n // chunk)
+    n_valid = n if n_valid is None else n_valid
+
+    def scores_of(c):
+        start = jnp.minimum(c * chunk, n - chunk)
+        xs = [lax.dynamic_slice_in_dim(a, start, chunk, axis=0) for a in x_args]
+        s = score_chunk(q_args, xs).astype(jnp.float32)
+        ids = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+        # Rows re-read by the clamped last chunk, and padding rows, never count.
+        valid = (ids >= c * chunk) & (ids < n_valid)
+        return jnp.where(valid, s, NEG_INF), jnp.broadcast_to(ids, s.shape)
+
+    s0, i0 = scores_of(0)
+    top_s, pos = lax.top_k(s0, k)
+    best = (top_s, jnp.take_along_axis(i0, pos, axis=1))
+
+    def body(c, best):
+        s, ids = scores_of(c)
+        cs, cpos = lax.top_k(s, k)
+        return _merge(*best, cs, jnp.take_along_axis(ids, cpos, axis=1), k)
+
+    if num_chunks > 1:
+        best = lax.fori_loop(1, num_chunks, body, best)
+    return best[0], best[1] + jnp.asarray(id_offset, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def merge_topk(scores_qm, ids_qm, k: int):
+    """Exact top-k of candidate lists [Q, M] (e.g. per-shard results), ties -> smaller id."""
+    return sort_by_score_then_id(scores_qm, ids_qm, k)
