@@ -1,0 +1,228 @@
+"""The training config schema, config-file loading and ``--config.key=value`` overrides.
+
+Every experiment file in ``configs/`` starts from `default_config()` and changes
+values; the trainer reads every key of the schema. A key outside the schema (a typo
+in a file or on the command line) is an error that names the key and the closest
+real one, never a silent no-op.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+from typing import Any, Iterable
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All keys the trainer reads, with their defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init = "pretrained"  # "pretrained" (weights from model.path) or "random" (architecture below)
+    c.model.path = "minilm"  # a sentence-transformers/transformers folder, or "minilm"; also the tokenizer source
+    c.model.pooling = ""  # "" = what the folder declares (1_Pooling), else mean/cls/max/...
+    c.model.normalize = True
+    c.model.max_length = 256
+    c.model.dtype = "float32"
+    c.model.remat = False
+    # Architecture of a randomly initialised BERT (model.init="random"); vocab from the tokenizer.
+    c.model.hidden_size = 384
+    c.model.num_layers = 6
+    c.model.num_heads = 12
+    c.model.intermediate_size = 1536
+    c.model.dropout = 0.1
+
+    c.data = ml_collections.ConfigDict()
+    # Comma-separated sources "kind:path[@weight]", kind in {sts, beir, jsonl}; paths may be
+    # relative to EMBEDJAX_DATA_DIR.
+    c.data.train = "sts:stsb/sts-train.csv"
+    c.data.max_examples = 0  # 0 = all; else the first N stored examples of each source
+    c.data.cache_dir = ""  # "" = $EMBEDJAX_CACHE_DIR or ~/.cache/embedjax/tfds
+    c.data.download = False  # fetch STS-B from its canonical URL when no local copy exists
+    c.data.shuffle = True
+    c.data.no_duplicates = False
+    c.data.num_negatives = 0  # hard negatives per query taken from the dataset (retrieval kinds)
+    c.data.pad_to_max_length = False  # True: every batch padded to model.max_length (one compiled shape)
+    c.data.beir_split = "test"
+    c.data.min_relevance = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16  # global, across all processes and devices
+    c.train.num_epochs = 1
+    c.train.num_steps = 0  # > 0 overrides num_epochs
+    c.train.loss = "cosent"  # "cosent" (graded pairs) or "infonce" (retrieval pairs)
+    c.train.cosent_scale = 20.0
+    c.train.temperature = 0.05
+    c.train.bidirectional = False  # add the document->query InfoNCE term
+    c.train.mask_false_negatives = True  # drop in-batch negatives that share the positive's document id
+    c.train.matryoshka_dims = ()  # increasing, e.g. (64, 128, 256, 384); () = full dimension only
+    c.train.matryoshka_weights = ()  # () = all 1
+    c.train.ring = False  # memory-tiled ring InfoNCE over the data axis instead of the dense loss
+    c.train.gradcache_chunk = 0  # > 0: embed in sub-batches of this many rows per device (GradCache)
+    c.train.log_every = 1
+    c.train.progress = True
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-5
+    c.optim.schedule = "linear"  # "linear", "cosine" or "constant" after warm-up
+    c.optim.warmup_ratio = 0.1
+    c.optim.warmup_steps = 0  # > 0 overrides warmup_ratio
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0  # global-norm clip; 0 = off
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.num_devices = 0  # 0 = all devices; N = the first N (for 1-device comparisons)
+    c.mesh.rules = "data_parallel"
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0 = only before and after training
+    c.eval.at_start = True
+    c.eval.sts = "stsb/sts-dev.csv"  # "" = no STS evaluation
+    c.eval.sts_test = ""  # evaluated once after training (and at start when at_start)
+    c.eval.beir = ""  # BEIR folder for retrieval evaluation; "" = none
+    c.eval.batch_size = 64
+
+    c.export = ml_collections.ConfigDict()
+    c.export.enabled = True
+    c.export.dir = ""  # "" = WORKDIR/export
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""  # "" = single process, or JAX's auto-detection when num_processes < 0
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+    c.distributed.cpu_collectives = "gloo"  # CPU collectives for multi-process runs on one machine
+    return c
+
+
+def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _unknown_key_error(key: str, known: Iterable[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see embedjax/train/config.py for the keys"
+    return ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def validate(cfg: ml_collections.ConfigDict, where: str = "the config") -> None:
+    """Every key of ``cfg`` must be a schema key, with a value of the schema's type."""
+    schema = _flatten(default_config())
+    for key, value in _flatten(cfg).items():
+        if key not in schema:
+            raise _unknown_key_error(key, schema, where)
+        expected = schema[key]
+        if isinstance(expected, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(expected, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(expected, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(expected, tuple):
+            ok = isinstance(value, (tuple, list))
+        else:
+            ok = isinstance(value, type(expected))
+        if not ok:
+            raise TypeError(
+                f"config key {key!r} in {where} is {value!r} ({type(value).__name__}); "
+                f"it must be a {type(expected).__name__} like the default {expected!r}"
+            )
+
+
+def _parse_value(raw: str, default: Any, key: str) -> Any:
+    if isinstance(default, str):
+        return raw
+    if isinstance(default, bool):
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--config.{key}={raw!r}: expected true or false")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--config.{key}={raw!r} is not a valid {type(default).__name__}") from None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(default, tuple) and isinstance(value, (list, int, float)):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    return value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+    """Apply ``key=value`` strings (dotted keys, without the ``--config.`` prefix)."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    flat = _flatten(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} must look like --config.KEY=VALUE")
+        key, raw = item.split("=", 1)
+        if key not in flat:
+            raise _unknown_key_error(key, flat, "the command-line overrides")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = _parse_value(raw, flat[key], key)
+    validate(cfg, "the command-line overrides")
+    return cfg
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``FILE[:ARG]`` -> the file's ``get_config(ARG)`` (``get_config()`` without ARG), validated."""
+    path_str, _, arg = spec.partition(":")
+    path = pathlib.Path(path_str)
+    if not path.is_file():
+        raise ValueError(f"config file {path_str!r} does not exist; pass --config configs/<name>.py[:ARG]")
+    module_spec = importlib.util.spec_from_file_location(f"embedjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path_str!r} defines no get_config(arg) function")
+    cfg = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise TypeError(f"{path_str}: get_config must return an ml_collections.ConfigDict")
+    validate(cfg, path_str)
+    return cfg
+
+
+def parse_sources(spec: str):
+    """``"kind:path[@weight],..."`` -> list of (kind, path, weight)."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        kind, sep, rest = part.partition(":")
+        if not sep or not rest:
+            raise ValueError(f"data source {part!r} must look like kind:path[@weight] (kind: sts, beir, jsonl)")
+        path, _, weight = rest.partition("@")
+        try:
+            weight_value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"data source {part!r}: weight {weight!r} is not a number") from None
+        out.append((kind, path, weight_value))
+    if not out:
+        raise ValueError("config.data.train names no data source; set it to e.g. 'sts:stsb/sts-train.csv'")
+    return out

@@ -1,0 +1,48 @@
+"""Evaluations run by the train loop: STS correlation and BEIR retrieval of the current params.
+
+They reuse the library's `Encoder` (the same bucketed, jitted inference path users
+call) with the training parameters swapped in, and the library's metric functions,
+so a score logged during training is exactly what ``python -m embedjax eval`` would
+report for the exported model.
+"""
+from __future__ import annotations
+
+import jax
+
+from embedjax.data.builders import resolve_source
+from embedjax.data.readers import read_beir, read_sts
+from embedjax.eval.retrieval import retrieval
+from embedjax.eval.sts import sts
+
+
+class Evaluators:
+    """Named evaluation sets, read once; ``run(params, names)`` -> flat ``{"sts_dev/spearman_cosine": ...}``."""
+
+    def __init__(self, encoder, *, sts_dev: str = "", sts_test: str = "", beir: str = "",
+                 beir_split: str = "test", batch_size: int = 64):
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.sets: dict[str, tuple] = {}
+        for name, path in (("sts_dev", sts_dev), ("sts_test", sts_test)):
+            if path:
+                self.sets[name] = ("sts", read_sts(resolve_source(path)))
+        if beir:
+            self.sets["beir"] = ("beir", read_beir(resolve_source(beir), split=beir_split))
+
+    def names(self) -> list[str]:
+        return list(self.sets)
+
+    def run(self, params, names=None) -> dict[str, float]:
+        """Evaluate ``params`` (any placement; fully replicated or host arrays) on the named sets."""
+        self.encoder.params = jax.device_put(params, jax.local_devices()[0])
+        out: dict[str, float] = {}
+        for name in self.names() if names is None else names:
+            kind, payload = self.sets[name]
+            if kind == "sts":
+                s1, s2, gold = payload
+                scores = sts(self.encoder, s1, s2, gold, batch_size=self.batch_size)
+            else:
+                corpus, queries, qrels = payload
+                scores = retrieval(self.encoder, corpus, queries, qrels, k_values=(1, 10, 100))
+            out.update({f"{name}/{metric}": float(value) for metric, value in scores.items()})
+        return out

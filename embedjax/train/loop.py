@@ -1,0 +1,397 @@
+"""The training run: config -> mesh, model, data, optimizer -> jitted sharded steps,
+with logging, evaluation, checkpoints, automatic resume, SIGTERM and NaN handling,
+export and a summary.
+
+Everything that can reject the config or the data (unknown keys, a missing or
+malformed dataset, a batch size the data-parallel mesh cannot split) runs before
+the first byte goes into the workdir, so a refused run leaves nothing behind.
+
+Workdir layout::
+
+    WORKDIR/config.json        the resolved config
+    WORKDIR/checkpoints/<step>/  orbax steps (state + data iterator position)
+    WORKDIR/metrics.jsonl      per-step and evaluation metrics
+    WORKDIR/tensorboard/       TensorBoard event files
+    WORKDIR/evals/step_<N>.json  each evaluation
+    WORKDIR/export/            the trained model as a sentence-transformers folder
+    WORKDIR/summary.json       the final summary (also printed as the last line by the CLI)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from embedjax.data.pipeline import DatasetSpec, build_train_data
+from embedjax.data.tokenization import Tokenizer
+from embedjax.train import optim
+from embedjax.train.checkpoint import Checkpointer
+from embedjax.train.config import parse_sources, validate
+from embedjax.train.metrics_log import MetricLog
+from embedjax.train.state import create_state, state_shardings, unbox
+from embedjax.train.step import batch_shardings, make_objective, make_train_step
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or Inf; the workdir keeps the last good checkpoint."""
+
+
+def init_distributed(dist: ml_collections.ConfigDict) -> None:
+    """Join a multi-process job when the config asks for one (before any device is touched)."""
+    if dist.num_processes == 1 and not dist.coordinator:
+        return
+    if jax.distributed.is_initialized():
+        return
+    if dist.cpu_collectives:  # only consulted by the CPU backend; harmless elsewhere
+        jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+    if dist.num_processes < 0:  # auto-detect (TPU pods, SLURM)
+        jax.distributed.initialize()
+        return
+    if not dist.coordinator:
+        raise ValueError(
+            f"distributed.num_processes={dist.num_processes} needs distributed.coordinator (host:port of process 0)"
+        )
+    jax.distributed.initialize(
+        coordinator_address=dist.coordinator, num_processes=dist.num_processes, process_id=dist.process_id
+    )
+
+
+def build_mesh(mesh_cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    from embedjax.sharding.mesh import make_mesh
+
+    devices = jax.devices()
+    if mesh_cfg.num_devices:
+        if jax.process_count() > 1:
+            raise ValueError("mesh.num_devices selects devices of a single process; leave it 0 in multi-process runs")
+        if not 0 < mesh_cfg.num_devices <= len(devices):
+            raise ValueError(f"mesh.num_devices={mesh_cfg.num_devices} but {len(devices)} devices are available")
+        devices = devices[: mesh_cfg.num_devices]
+    spec = {"data": mesh_cfg.data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor}
+    # Auto axes: the step is one jit with explicit in/out shardings; XLA places the intermediates.
+    return make_mesh(spec, devices=devices, axis_type=jax.sharding.AxisType.Auto)
+
+
+def check_batch_split(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % data_parallel:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by the data-parallel size {data_parallel} "
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {data_parallel}"
+        )
+    local = batch_size // jax.process_count()
+    local_devices = data_parallel // jax.process_count()
+    if local_devices and local % local_devices:
+        raise ValueError(f"per-process batch {local} does not split over this process's {local_devices} devices")
+
+
+def _model(cfg, tokenizer):
+    """-> (BertConfig, numpy params or None for random init, model folder)."""
+    from embedjax.convert import hf
+    from embedjax.models.bert import BertConfig
+
+    folder = _model_folder(cfg.model.path)
+    if cfg.model.init == "pretrained":
+        config, params = hf.load_pretrained(folder)
+        if cfg.model.max_length > config.max_position_embeddings:
+            raise ValueError(
+                f"model.max_length={cfg.model.max_length} exceeds the model's {config.max_position_embeddings} positions"
+            )
+        return config, params
+    if cfg.model.init != "random":
+        raise ValueError(f"model.init={cfg.model.init!r}: use 'pretrained' or 'random'")
+    config = BertConfig(
+        vocab_size=tokenizer.backend.get_vocab_size(),
+        hidden_size=cfg.model.hidden_size,
+        num_layers=cfg.model.num_layers,
+        num_heads=cfg.model.num_heads,
+        intermediate_size=cfg.model.intermediate_size,
+        max_position_embeddings=max(cfg.model.max_length, 8),
+        hidden_dropout=cfg.model.dropout,
+        attention_dropout=cfg.model.dropout,
+    )
+    return config, None
+
+
+def _model_folder(path: str) -> pathlib.Path:
+    from embedjax.models.pretrained import resolve_model_dir
+
+    return pathlib.Path(resolve_model_dir(path))
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """Yields a one-item list that becomes [True] when SIGTERM arrives (the run then saves and stops)."""
+    flag = [False]
+
+    def handler(signum, frame):
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _any_process(value: bool) -> bool:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def _host_params(params):
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
+def count_tokens(batch) -> int:
+    """Non-padding tokens in a (nested) batch: the sum of every attention mask."""
+    if isinstance(batch, dict):
+        if "attention_mask" in batch:
+            return int(np.asarray(batch["attention_mask"]).sum())
+        return sum(count_tokens(v) for v in batch.values())
+    return 0
+
+
+def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _prepare_data(cfg, tokenizer):
+    specs = [
+        DatasetSpec(kind=kind, path=path, weight=weight, split=cfg.data.beir_split,
+                    min_relevance=cfg.data.min_relevance)
+        for kind, path, weight in parse_sources(cfg.data.train)
+    ]
+    kwargs = dict(
+        global_batch_size=cfg.train.batch_size,
+        seed=cfg.seed,
+        num_steps=cfg.train.num_steps,
+        num_epochs=0 if cfg.train.num_steps > 0 else cfg.train.num_epochs,
+        shuffle=cfg.data.shuffle,
+        no_duplicates=cfg.data.no_duplicates,
+        num_negatives=cfg.data.num_negatives,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        cache_dir=cfg.data.cache_dir or None,
+        download=cfg.data.download,
+        max_examples=cfg.data.max_examples,
+        pad_to_max_length=cfg.data.pad_to_max_length,
+    )
+    if jax.process_count() == 1:
+        return build_train_data(specs, tokenizer, **kwargs)
+    from jax.experimental import multihost_utils
+
+    # Process 0 writes the ArrayRecord files first; the others then find them prepared
+    # (or, without a shared filesystem, prepare their own identical copy).
+    if jax.process_index() == 0:
+        data = build_train_data(specs, tokenizer, **kwargs)
+    multihost_utils.sync_global_devices("embedjax_data_prepared")
+    if jax.process_index() != 0:
+        data = build_train_data(specs, tokenizer, **kwargs)
+    return data
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=print) -> dict:
+    """Run (or resume) the training described by ``cfg`` in ``workdir``; returns the summary dict."""
+    from embedjax.convert import hf
+    from embedjax.models.bert import BertModel, parse_dtype
+    from embedjax.models.encoder import Encoder, embed_batch
+
+    validate(cfg)
+    init_distributed(cfg.distributed)
+    is_main = jax.process_index() == 0
+    workdir = pathlib.Path(workdir).absolute()
+
+    # ---- everything that can refuse the run, before anything is written ----
+    mesh = build_mesh(cfg.mesh)
+    check_batch_split(cfg.train.batch_size, mesh)
+    if cfg.train.ring and mesh.shape["fsdp"] > 1:
+        raise ValueError("train.ring runs over the data axis only; use mesh.fsdp=1 with the ring loss")
+    folder = _model_folder(cfg.model.path)
+    tokenizer = Tokenizer.from_folder(folder, cfg.model.max_length)
+    pooling = cfg.model.pooling or hf.read_pooling_settings(folder).pooling
+    model_config, pretrained_params = _model(cfg, tokenizer)
+    model = BertModel(model_config, dtype=parse_dtype(cfg.model.dtype), remat=cfg.model.remat)
+    data = _prepare_data(cfg, tokenizer)
+    num_steps = data.num_steps
+    warmup = optim.warmup_steps_for(num_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_steps)
+    schedule = optim.learning_rate_schedule(cfg.optim.learning_rate, num_steps, warmup, cfg.optim.schedule)
+    tx = optim.adamw(schedule, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1, b2=cfg.optim.b2,
+                     eps=cfg.optim.eps, grad_clip=cfg.optim.grad_clip)
+
+    def embed(params, tokens, rng):
+        return embed_batch(model, params, tokens, pooling=pooling, normalize=cfg.model.normalize,
+                           deterministic=False, rngs={"dropout": rng})
+
+    objective = make_objective(
+        embed, kind=data.kind, loss=cfg.train.loss, cosent_scale=cfg.train.cosent_scale,
+        temperature=cfg.train.temperature, bidirectional=cfg.train.bidirectional,
+        mask_false_negatives=cfg.train.mask_false_negatives, matryoshka_dims=cfg.train.matryoshka_dims,
+        matryoshka_weights=cfg.train.matryoshka_weights, ring=cfg.train.ring, mesh=mesh,
+    )
+    dummy = jnp.ones((1, 8), jnp.int32)
+    abstract_boxed = jax.eval_shape(lambda k: model.init({"params": k}, dummy, dummy), jax.random.PRNGKey(0))["params"]
+    shardings = state_shardings(abstract_boxed, tx, mesh, cfg.mesh.rules)
+    abstract_state = unbox(jax.eval_shape(lambda p: create_state(p, tx, cfg.seed), abstract_boxed))
+    # Trace the objective on the first batch's shapes: loss options the loss rejects fail here.
+    first = data.dataset[0]
+    jax.eval_shape(objective, abstract_state.params, first, jax.random.PRNGKey(0))
+
+    # ---- the workdir ----
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        _write_json_atomic(workdir / "config.json", cfg.to_dict())
+        (workdir / "evals").mkdir(exist_ok=True)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, data_state = checkpointer.restore(latest, abstract_state, shardings)
+        start = latest
+        log(f"resuming from step {latest} of {num_steps} ({checkpointer.directory / str(latest)})")
+    else:
+        if pretrained_params is not None:
+            state = jax.jit(lambda p: create_state(p, tx, cfg.seed), out_shardings=shardings)(pretrained_params)
+        else:
+            state = jax.jit(
+                lambda k: create_state(unbox(model.init({"params": k}, dummy, dummy)["params"]), tx, cfg.seed),
+                out_shardings=shardings,
+            )(jax.random.PRNGKey(cfg.seed))
+        data_state, start = None, 0
+
+    metric_log = MetricLog(workdir, enabled=is_main)
+    encoder = Encoder(model, jax.tree.map(np.asarray, _host_params(state.params)), tokenizer, pooling=pooling,
+                      normalize=cfg.model.normalize, source=str(folder))
+    from embedjax.train.evaluators import Evaluators
+
+    evaluators = Evaluators(encoder, sts_dev=cfg.eval.sts, sts_test=cfg.eval.sts_test, beir=cfg.eval.beir,
+                            beir_split=cfg.data.beir_split, batch_size=cfg.eval.batch_size)
+
+    def evaluate(step: int) -> dict:
+        if not evaluators.names():
+            return {}
+        results = evaluators.run(_host_params(state.params))
+        if is_main:
+            metric_log.write(step, results, prefix="eval")
+            _write_json_atomic(workdir / "evals" / f"step_{step}.json", results)
+        log(f"eval at step {step}: " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(results.items())))
+        return results
+
+    if start == 0 and cfg.eval.at_start:
+        evaluate(0)
+
+    status = "completed"
+    last_loss = float("nan")
+    saved_step = latest
+    train_seconds, trained_steps, tokens_seen = 0.0, 0, 0
+    step_fn = None
+    iterator = data.iterator(data_state)
+    progress = None
+    if is_main and cfg.train.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        with sigterm_flag() as sigterm:
+            for step in range(start, num_steps):
+                local = next(iterator)
+                if step_fn is None:
+                    batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+                    bsh = batch_shardings(local, mesh, batch_axes)
+                    step_fn = make_train_step(objective, tx, schedule, shardings, bsh, mesh)
+                t0 = time.perf_counter()
+                batch = jax.tree.map(
+                    lambda x, sh: jax.make_array_from_process_local_data(sh, x), local, bsh
+                )
+                state, metrics = step_fn(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - t0
+                done = step + 1
+                last_loss = metrics["loss"]
+                # The gradient norm is checked too: a loss can stay finite (e.g. every candidate
+                # masked) while NaN weights already poison the gradients.
+                if not (math.isfinite(last_loss) and math.isfinite(metrics["grad_norm"])):
+                    checkpointer.wait()
+                    good = checkpointer.latest_step()
+                    raise TrainingDiverged(
+                        f"the loss became {last_loss} (gradient norm {metrics['grad_norm']}) at step {done}; "
+                        f"training stopped. The last good checkpoint "
+                        f"is step {good} in {checkpointer.directory} (None: no checkpoint yet). Lower "
+                        "optim.learning_rate, enable optim.grad_clip, or check the data for broken examples"
+                    )
+                if step > start:  # the first step of a run includes compilation
+                    train_seconds += elapsed
+                    trained_steps += 1
+                    tokens_seen += count_tokens(local) * jax.process_count()
+                pairs_per_s = cfg.train.batch_size * trained_steps / train_seconds if train_seconds else float("nan")
+                if done % cfg.train.log_every == 0 or done == num_steps:
+                    metric_log.write(done, {**metrics, "pairs_per_s": pairs_per_s, "step_seconds": elapsed})
+                if progress is not None:
+                    progress.set_postfix(loss=f"{last_loss:.4f}", pairs_s=f"{pairs_per_s:.1f}", refresh=False)
+                    progress.update(1)
+                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < num_steps:
+                    evaluate(done)
+                if done % cfg.checkpoint.every_steps == 0 or done == num_steps:
+                    checkpointer.save(done, state, iterator.get_state())
+                    saved_step = done
+                if _any_process(sigterm[0]):
+                    if saved_step != done:
+                        checkpointer.save(done, state, iterator.get_state())
+                        saved_step = done
+                    status = "preempted"
+                    log(f"SIGTERM: saved step {done} to {checkpointer.directory}; rerun the same command to resume")
+                    break
+        checkpointer.wait()
+    finally:
+        if progress is not None:
+            progress.close()
+        checkpointer.close()
+        metric_log.close()
+
+    final_step = int(jax.device_get(state.step))
+    summary = {
+        "status": status,
+        "workdir": str(workdir),
+        "step": final_step,
+        "num_steps": num_steps,
+        "final_loss": last_loss,
+        "train_pairs_per_s": cfg.train.batch_size * trained_steps / train_seconds if train_seconds else None,
+        "train_tokens_per_s_per_device": (tokens_seen / train_seconds / mesh.size) if train_seconds else None,
+        "devices": mesh.size,
+        "processes": jax.process_count(),
+        "checkpoint": str(checkpointer.directory / str(saved_step)) if saved_step is not None else None,
+        "metrics_log": str(metric_log.jsonl_path),
+        "tensorboard": str(metric_log.tensorboard_dir),
+    }
+    before = workdir / "evals" / "step_0.json"
+    if before.is_file():
+        summary["eval_before"] = json.loads(before.read_text())
+    if status == "completed":
+        if evaluators.names():
+            summary["eval_after"] = evaluate(final_step)
+        if cfg.export.enabled:
+            export_dir = pathlib.Path(cfg.export.dir) if cfg.export.dir else workdir / "export"
+            host_params = jax.tree.map(np.asarray, _host_params(state.params))
+            if is_main:
+                hf.export_pretrained(export_dir, model_config, host_params, folder, pooling=pooling,
+                                     normalize=cfg.model.normalize, max_length=cfg.model.max_length, overwrite=True)
+            summary["export"] = str(export_dir.absolute())
+    if is_main:
+        _write_json_atomic(workdir / "summary.json", summary)
+    return summary

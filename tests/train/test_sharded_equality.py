@@ -1,0 +1,51 @@
+"""The same run on 1 device, 8 devices (one process) and 2 processes x 4 devices: same losses.
+
+The tiny retrieval config trains with the ring InfoNCE loss over the data axis, so
+the 8-device runs exercise cross-device negatives, sharded batches and replicated
+parameter updates; every run sees the same global batches (each process feeds its
+rows), so per-step losses agree up to float32 reduction order.
+"""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from train_runs import REPO, TINY, read_losses, tiny_config
+
+# Float32 sums over a different device split reorder additions (~1e-7 relative per step);
+# 40 Adam steps amplify that a little; 1e-5 absolute leaves two orders of margin.
+TOLERANCE = 1e-5
+
+
+def _final(losses):
+    return np.array([losses[s][-1] for s in sorted(losses)])
+
+
+def test_eight_devices_match_one_device(tmp_path, reference_run, tfds_cache):
+    from embedjax.train.loop import train
+
+    _, _, ref = reference_run
+    summary = train(tiny_config("train.num_steps=40", "checkpoint.every_steps=5", f"data.cache_dir={tfds_cache}"),
+                    tmp_path, log=lambda m: None)
+    assert summary["devices"] == 8
+    got = read_losses(tmp_path)
+    assert sorted(got) == sorted(ref) == list(range(1, 41))
+    np.testing.assert_allclose(_final(got), _final(ref), rtol=0, atol=TOLERANCE)
+    assert not np.allclose(_final(ref)[:5], _final(ref)[-5:], atol=1e-2), "the loss should move while training"
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_match_one_device(tmp_path, reference_run, tfds_cache):
+    _, _, ref = reference_run
+    proc = subprocess.run(
+        [str(REPO / "launch" / "multiprocess_cpu.sh"), "2", "--config", TINY, "--workdir", str(tmp_path),
+         "--config.train.progress=False", "--config.train.num_steps=40", "--config.checkpoint.every_steps=5",
+         f"--config.data.cache_dir={tfds_cache}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["processes"] == 2 and summary["devices"] == 8
+    got = read_losses(tmp_path)
+    np.testing.assert_allclose(_final(got), _final(ref), rtol=0, atol=TOLERANCE)
