@@ -1,0 +1,72 @@
+"""Dense retrieval evaluation: embed queries and corpus, search, score with trec_eval conventions."""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from embedjax.eval.metrics import retrieval_metrics
+from embedjax.index.exact import exact_search
+
+
+def document_text(doc: Mapping[str, str] | str) -> str:
+    """``title + " " + text`` when the document has a title, else its text."""
+    if isinstance(doc, str):
+        return doc
+    title = (doc.get("title") or "").strip()
+    return f"{title} {doc['text']}" if title else doc["text"]
+
+
+def search(q_qd: np.ndarray, d_nd: np.ndarray, k: int, *, quantization: str | None = None,
+           dims: int | None = None, chunk_size: int = 16384):
+    """Top-k (scores [Q, k], doc indices [Q, k]) with optional compression and Matryoshka truncation.
+
+    Plain float search is exact and chunked; compressed settings go through
+    ``embedjax.index.search_embeddings``.
+    """
+    if quantization in (None, "float32") and dims is None:
+        return exact_search(q_qd, d_nd, k, chunk_size=chunk_size)
+    from embedjax.index import search_embeddings
+
+    return search_embeddings(q_qd, d_nd, k, quantization=quantization, dims=dims)
+
+
+def retrieval_from_embeddings(q_emb, d_emb, query_ids: Sequence[str], doc_ids: Sequence[str], qrels,
+                              k_values: Iterable[int] = (1, 10, 100), *, quantization: str | None = None,
+                              dims: int | None = None, per_query: bool = False) -> dict:
+    """Metrics x100 from precomputed embeddings [Q, D] and [N, D] (rows aligned with the id lists)."""
+    k_values = tuple(k_values)
+    if len(query_ids) != q_emb.shape[0] or len(doc_ids) != d_emb.shape[0]:
+        raise ValueError(f"{len(query_ids)} query ids / {len(doc_ids)} doc ids do not match embeddings "
+                         f"{q_emb.shape} / {d_emb.shape}")
+    k = min(max(k_values), len(doc_ids))
+    scores, idx = search(q_emb, d_emb, k, quantization=quantization, dims=dims)
+    run = {qid: {doc_ids[j]: float(s) for s, j in zip(scores[i], idx[i])} for i, qid in enumerate(query_ids)}
+    return retrieval_metrics(run, qrels, k_values, per_query=per_query)
+
+
+def retrieval(encoder, corpus, queries, qrels, k_values: Iterable[int] = (1, 10, 100), *,
+              quantization: str | None = None, dims: int | None = None, batch_size: int = 64,
+              query_prompt: str | None = None, document_prompt: str | None = None,
+              show_progress: bool = False, per_query: bool = False) -> dict:
+    """Embed queries and corpus with ``encoder`` and evaluate retrieval (metrics x100).
+
+    Args:
+        corpus: ``{doc_id: {"title", "text"}}`` (or ``{doc_id: text}``), as ``read_beir`` returns.
+        queries: ``{query_id: text}``; only queries with judgements are embedded.
+        qrels: ``{query_id: {doc_id: grade}}``.
+        quantization: None/"float32", or a compressed setting (``"int8"``, ``"binary+rescore"``, ...).
+        dims: Matryoshka truncation of the embeddings before search.
+    """
+    judged = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())]
+    if not judged:
+        raise ValueError("no query in `queries` has a relevant document in `qrels`: check the ids match")
+    if not corpus:
+        raise ValueError("the corpus is empty")
+    doc_ids = list(corpus)
+    q_emb = encoder.encode([queries[q] for q in judged], batch_size=batch_size, prompt=query_prompt,
+                           show_progress=show_progress)
+    d_emb = encoder.encode([document_text(corpus[d]) for d in doc_ids], batch_size=batch_size,
+                           prompt=document_prompt, show_progress=show_progress)
+    return retrieval_from_embeddings(q_emb, d_emb, judged, doc_ids, qrels, k_values, quantization=quantization,
+                                     dims=dims, per_query=per_query)
