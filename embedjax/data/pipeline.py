@@ -16,7 +16,7 @@ ordered by process.
 
 Batch layouts (numpy, leading dimension = this process's rows ``b``):
 
-- ``"sts"``: ``{"a": tokens, "b": tokens, "score": float32 [b]}``
+- ``"sts"``: ``{"a": tokens, "b": tokens, "score": float32 [b]}`` (both sides padded to one length)
 - retrieval (``"beir"``, ``"jsonl"``): ``{"query": tokens, "positive": tokens,
   "query_id": int32 [b], "positive_id": int32 [b]}`` plus, with ``num_negatives=k > 0``,
   ``"negatives": tokens [b, k, L]`` and ``"negative_ids": int32 [b, k]``
@@ -35,6 +35,7 @@ import numpy as np
 from embedjax.data import builders
 from embedjax.data.mixing import BatchPlan
 from embedjax.data.samplers import EpochBatches
+from embedjax.data.tokenization import bucket_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +95,14 @@ class BatchLoader:
         records = [source[int(i)] for i in indices]
         rows = self._rows(len(records))
         if self.kind == builders.STS_KIND:
+            # Both sides share one padded length, so the step can embed them as one [2b, L] batch
+            # and the number of compiled shapes stays the number of buckets.
+            ids_a = self.tokenizer.token_ids([_decode(r["sentence1"]) for r in records])
+            ids_b = self.tokenizer.token_ids([_decode(r["sentence2"]) for r in records])
+            length = self.pad_length or bucket_length(max(map(len, ids_a + ids_b)), self.tokenizer.buckets)
             return {
-                "a": self._tokens([_decode(r["sentence1"]) for r in records], rows),
-                "b": self._tokens([_decode(r["sentence2"]) for r in records], rows),
+                "a": {k: v[rows] for k, v in self.tokenizer.pad(ids_a, length=length).items()},
+                "b": {k: v[rows] for k, v in self.tokenizer.pad(ids_b, length=length).items()},
                 "score": np.asarray([r["score"] for r in records], dtype=np.float32)[rows],
             }
         batch = {

@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.shuffle = True
     c.data.no_duplicates = False
     c.data.num_negatives = 0  # hard negatives per query taken from the dataset (retrieval kinds)
+    c.data.length_buckets = ()  # padded lengths to choose from; () = the tokenizer's default ladder
     c.data.pad_to_max_length = False  # True: every batch padded to model.max_length (one compiled shape)
     c.data.beir_split = "test"
     c.data.min_relevance = 1
@@ -54,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 16  # global, across all processes and devices
     c.train.num_epochs = 1
     c.train.num_steps = 0  # > 0 overrides num_epochs
+    c.train.stop_after = 0  # > 0: run only this many steps of the schedule (benchmarks, smoke tests)
     c.train.loss = "cosent"  # "cosent" (graded pairs) or "infonce" (retrieval pairs)
     c.train.cosent_scale = 20.0
     c.train.temperature = 0.05

@@ -225,7 +225,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     if cfg.train.ring and mesh.shape["fsdp"] > 1:
         raise ValueError("train.ring runs over the data axis only; use mesh.fsdp=1 with the ring loss")
     folder = _model_folder(cfg.model.path)
-    tokenizer = Tokenizer.from_folder(folder, cfg.model.max_length)
+    buckets = tuple(b for b in cfg.data.length_buckets if b < cfg.model.max_length) + (cfg.model.max_length,)
+    tokenizer = Tokenizer.from_folder(folder, cfg.model.max_length, buckets if cfg.data.length_buckets else None)
     pooling = cfg.model.pooling or hf.read_pooling_settings(folder).pooling
     model_config, pretrained_params = _model(cfg, tokenizer)
     model = BertModel(model_config, dtype=parse_dtype(cfg.model.dtype), remat=cfg.model.remat)
@@ -309,7 +310,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     try:
         with sigterm_flag() as sigterm:
-            for step in range(start, num_steps):
+            end = min(num_steps, cfg.train.stop_after) if cfg.train.stop_after > 0 else num_steps
+            for step in range(start, end):
                 local = next(iterator)
                 if step_fn is None:
                     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
@@ -347,7 +349,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                     progress.update(1)
                 if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < num_steps:
                     evaluate(done)
-                if done % cfg.checkpoint.every_steps == 0 or done == num_steps:
+                if done % cfg.checkpoint.every_steps == 0 or done == end:
                     checkpointer.save(done, state, iterator.get_state())
                     saved_step = done
                 if _any_process(sigterm[0]):
@@ -357,6 +359,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                     status = "preempted"
                     log(f"SIGTERM: saved step {done} to {checkpointer.directory}; rerun the same command to resume")
                     break
+            else:
+                if end < num_steps:
+                    status = "stopped_after"
         checkpointer.wait()
     finally:
         if progress is not None:
