@@ -148,7 +148,7 @@ def to_faiss_bytes(codes_nw, dim: int) -> np.ndarray:
     FAISS needs ``dim`` to be a multiple of 8.
     """
     if dim % 8:
-        raise ValueError(f"FAISS binary codes need dim % 8 == 0; got dim={dim}")
+        raise ValueError(f"FAISS binary codes need dim to be a multiple of 8; got dim={dim}")
     codes_nw = np.asarray(codes_nw)
     _check_codes(codes_nw, "codes_nw")
     shifts = np.array([0, 8, 16, 24], dtype=np.uint32)

@@ -46,7 +46,12 @@ def _scaled_identity(scale):
 
 
 class ResidualBinarizer(nn.Module):
-    """``apply(params, x_nd) -> (logits_npd, recon_nd)``; bits are ``logits > 0``."""
+    """``apply(params, x_nd) -> (logits_npd, recon_nd)``; bits are ``logits > 0``.
+
+    ``init_weights`` only fixes the number of planes and the identity-scaled
+    initial decoders; ``train_residual_binarizer`` re-initialises the planes to
+    random rotations with greedy weights before training.
+    """
 
     dim: int
     init_weights: tuple[float, ...]
@@ -64,31 +69,63 @@ class ResidualBinarizer(nn.Module):
         return jnp.stack(logits, axis=1), recon
 
 
-def _loss(params, model, x_bd, tau, mse_weight):
-    _, recon = model.apply({"params": params}, x_bd)
-    target = x_bd @ x_bd.T / tau
-    approx = x_bd @ recon.T / tau
+def _loss(params, model, x_bd, tau, mse_weight, kl_weight):
+    # The first half of the batch plays queries (float), the second half
+    # documents (reconstructed): no query meets its own reconstruction, which
+    # would reward inflating every reconstruction along its input.
+    half = x_bd.shape[0] // 2
+    queries, docs = x_bd[:half], x_bd[half:]
+    _, recon = model.apply({"params": params}, docs)
+    target = queries @ docs.T / tau
+    approx = queries @ recon.T / tau
     kl = jnp.mean(jnp.sum(jax.nn.softmax(target) * (jax.nn.log_softmax(target) - jax.nn.log_softmax(approx)), axis=1))
-    mse = jnp.mean(jnp.sum((recon - x_bd) ** 2, axis=1))
-    return kl + mse_weight * mse
+    mse = jnp.mean(jnp.sum((recon - docs) ** 2, axis=1))
+    return kl_weight * kl + mse_weight * mse
 
 
-def train_residual_binarizer(train_nd, planes: int, *, steps: int = 600, batch_size: int = 512,
-                             learning_rate: float = 1e-3, tau: float = 0.05, mse_weight: float = 1.0, seed: int = 0):
-    """Fit the head on float embeddings [N, D]; returns a params dict with ``"planes"`` and ``"dim"`` metadata."""
+def rotated_greedy_init(x_nd: np.ndarray, planes: int, seed: int = 0) -> dict:
+    """Params of the greedy residual quantiser in random rotated bases.
+
+    Plane p encodes with an orthogonal ``R_p`` (``b_p = sign(r_p R_p)``) and decodes
+    with ``w_p R_p^T``, ``w_p = mean |r_p R_p|`` (the least-squares scale of a sign
+    vector). A rotation spreads variance evenly over the bits, which already
+    beats signs in the original basis; training starts from here.
+    """
+    rng = np.random.default_rng(seed)
+    dim = x_nd.shape[1]
+    params, residual = {}, x_nd.astype(np.float64)
+    for p in range(planes):
+        rot = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+        logits = residual @ rot
+        w = float(np.mean(np.abs(logits)))
+        params[f"encoder_{p}"] = {"kernel": jnp.asarray(rot, jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+        params[f"decoder_{p}"] = {"kernel": jnp.asarray(w * rot.T, jnp.float32)}
+        residual = residual - w * np.where(logits > 0, 1.0, -1.0) @ rot.T
+    return params
+
+
+def train_residual_binarizer(train_nd, planes: int, *, steps: int = 200, batch_size: int = 512,
+                             learning_rate: float = 1e-5, tau: float = 0.05, mse_weight: float = 1.0, kl_weight: float = 1.0,
+                             seed: int = 0):
+    """Fit the head on float embeddings [N, D] (``steps=0`` returns the rotated greedy init).
+
+    Returns ``{"params", "init_weights", "dim"}`` for ``encode_codes`` / ``project_queries``.
+    """
     x = np.asarray(train_nd, np.float32)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"train_nd must be [N >= 2, D] float embeddings; got shape {x.shape}")
+    if x.ndim != 2 or x.shape[0] < 4:
+        raise ValueError(f"train_nd must be [N >= 4, D] float embeddings; got shape {x.shape}")
+    if planes < 1:
+        raise ValueError(f"planes must be >= 1; got {planes}")
     weights = tuple(float(w) for w in np.asarray(fit_residual_weights(x, planes)))
     model = ResidualBinarizer(dim=x.shape[1], init_weights=weights)
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, x.shape[1])))["params"]
+    params = rotated_greedy_init(x, planes, seed)
     optimizer = optax.adam(learning_rate)
     opt_state = optimizer.init(params)
     batch = min(batch_size, x.shape[0])
 
     @jax.jit
     def step(params, opt_state, x_bd):
-        loss, grads = jax.value_and_grad(_loss)(params, model, x_bd, tau, mse_weight)
+        loss, grads = jax.value_and_grad(_loss)(params, model, x_bd, tau, mse_weight, kl_weight)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -1,0 +1,93 @@
+"""hamming_topk: Pallas kernel (interpret mode) == jnp twin == NumPy reference, exactly."""
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from embedjax.kernels import hamming_topk
+from embedjax.quant import pack_bits
+
+
+def numpy_hamming_topk(q_float, x_float, k, n_valid=None):
+    """Independent reference from the float signs (no packing): distances and (d, index) order."""
+    n_valid = x_float.shape[0] if n_valid is None else n_valid
+    qb, xb = q_float > 0, x_float[:n_valid] > 0
+    dist = (qb[:, None, :] != xb[None, :, :]).sum(-1)
+    idx = np.broadcast_to(np.arange(n_valid), dist.shape)
+    order = np.lexsort((idx, dist), axis=1)[:, :k]
+    return np.take_along_axis(dist, order, 1), order
+
+
+def awkward_inputs(seed, n, d, q):
+    """Random vectors plus duplicated rows, all-zero rows and an all-zero query (many ties)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[n // 3] = x[n // 5]  # duplicates: equal distances, the smaller index must come first
+    x[n // 2] = x[n // 5]
+    x[7] = 0.0  # all-zero vectors pack to all-zero codes
+    x[n - 2] = 0.0
+    qs = rng.standard_normal((q, d)).astype(np.float32)
+    qs[0] = 0.0
+    qs[1] = x[n // 5]
+    return qs, x
+
+
+# Corpus sizes are not multiples of the Pallas tile (128) nor of the XLA chunk.
+CASES = [(64, 1, 300), (96, 10, 257), (384, 100, 300), (1024, 10, 131)]
+
+
+@pytest.mark.parametrize("dim, k, n", CASES)
+def test_xla_twin_equals_numpy(dim, k, n):
+    q, x = awkward_inputs(dim + k, n, dim, 9)
+    ref_d, ref_i = numpy_hamming_topk(q, x, k)
+    dist, idx = hamming_topk(pack_bits(q), pack_bits(x), k, impl="xla", chunk_size=70)
+    np.testing.assert_array_equal(np.asarray(dist), ref_d)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+    assert dist.dtype == jnp.int32 and idx.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("dim, k, n", CASES)
+def test_pallas_equals_twin_and_numpy(dim, k, n):
+    q, x = awkward_inputs(dim * 3 + k, n, dim, 5)
+    ref_d, ref_i = numpy_hamming_topk(q, x, k)
+    dist, idx = hamming_topk(pack_bits(q), pack_bits(x), k, impl="pallas")
+    twin = hamming_topk(pack_bits(q), pack_bits(x), k, impl="xla")
+    np.testing.assert_array_equal(np.asarray(dist), ref_d)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+    np.testing.assert_array_equal(np.asarray(dist), np.asarray(twin[0]))
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(twin[1]))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_n_valid_ignores_padding_rows(impl):
+    q, x = awkward_inputs(3, 200, 64, 4)
+    x[150:] = q[2]  # padding rows that would win if they were searched
+    ref_d, ref_i = numpy_hamming_topk(q, x, 10, n_valid=150)
+    dist, idx = hamming_topk(pack_bits(q), pack_bits(x), 10, impl=impl, n_valid=150)
+    np.testing.assert_array_equal(np.asarray(dist), ref_d)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+
+
+def test_k_equal_to_corpus_returns_everything_sorted():
+    q, x = awkward_inputs(4, 40, 96, 3)
+    ref_d, ref_i = numpy_hamming_topk(q, x, 40)
+    dist, idx = hamming_topk(pack_bits(q), pack_bits(x), 40, impl="xla", chunk_size=16)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+    np.testing.assert_array_equal(np.asarray(dist), ref_d)
+
+
+def test_bad_inputs_raise_clear_errors():
+    codes = pack_bits(np.ones((5, 64), np.float32))
+    wide = pack_bits(np.ones((5, 96), np.float32))
+    with pytest.raises(ValueError, match="code widths differ"):
+        hamming_topk(codes, wide, 1)
+    with pytest.raises(ValueError, match="larger than the corpus"):
+        hamming_topk(codes, codes, 6)
+    with pytest.raises(TypeError, match="uint32"):
+        hamming_topk(codes.astype(jnp.int32), codes, 1)
+    with pytest.raises(ValueError, match="empty"):
+        hamming_topk(codes, codes[:0], 1)
+    with pytest.raises(ValueError, match="impl"):
+        hamming_topk(codes, codes, 1, impl="cuda")
+    with pytest.raises(ValueError, match="n_valid"):
+        hamming_topk(codes, codes, 1, n_valid=9)
