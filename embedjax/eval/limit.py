@@ -217,7 +217,7 @@ class CriticalNSearch:
     d: int
     k: int
     critical_n: int  # largest n solved (assumes solvability is monotone in n)
-    first_failure: int | None  # smallest n that failed (critical_n + 1 when the search closed)
+    first_failure: int | None  # smallest n that failed (critical_n + 1 when searched to resolution 1)
     trials: tuple[FreeEmbeddingRun, ...]
 
 
@@ -227,6 +227,8 @@ def find_critical_n(
     *,
     n_start: int | None = None,
     n_max: int = 100_000,
+    initial_step: int = 1,
+    resolution: int = 1,
     run: Callable[..., FreeEmbeddingRun] = optimize_free_embeddings,
     **run_kwargs,
 ) -> CriticalNSearch:
@@ -237,7 +239,14 @@ def find_critical_n(
     n_start with steps 1, 2, 4, ... until the outcome flips, then bisecting the
     bracket, finds the boundary in O(log) runs. A start just below the expected
     answer is cheapest: solved runs stop early, failed runs use the whole budget.
+
+    For expensive (large) d, a coarse search saves runs: the gallop starts with
+    `initial_step` and bisection stops once the bracket is `resolution` wide, so
+    the result is the bracket critical_n <= true value < first_failure.
     """
+    for name, value in (("initial_step", initial_step), ("resolution", resolution)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
     smallest = k + 1
     lo = min(max(smallest, n_start if n_start is not None else smallest), n_max)
     trials: list[FreeEmbeddingRun] = []
@@ -250,7 +259,7 @@ def find_critical_n(
     def done(critical: int, failure: int | None) -> CriticalNSearch:
         return CriticalNSearch(d=d, k=k, critical_n=critical, first_failure=failure, trials=tuple(trials))
 
-    step = 1
+    step = initial_step
     if attempt(lo):
         hi = None
         while hi is None:
@@ -271,7 +280,7 @@ def find_critical_n(
                 lo = n
                 break
             hi, step = n, step * 2
-    while hi - lo > 1:
+    while hi - lo > resolution:
         mid = (lo + hi) // 2
         if attempt(mid):
             lo = mid

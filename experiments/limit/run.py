@@ -49,20 +49,25 @@ def parse_dims(text: str) -> list[int]:
 
 
 def next_start(done: dict[int, dict], d: int) -> int:
-    """Where to start the search at d: the previous critical n plus its last increment.
+    """Where to start the search at d: just below what the dimensions solved so far predict.
 
-    The increments grow with d (the critical n is convex in d), so this slightly
-    undershoots, and a solved first run is cheap; the gallop then walks up.
+    With 5 or more solved dimensions, a quadratic fitted to them (the critical n is
+    convex in d) is evaluated at d; before that, the last critical n plus the median
+    of the last increments per dimension. One below the prediction, because a run
+    that solves stops early while a failed run spends its whole step budget.
     """
     prev = sorted(x for x in done if x < d)
     if not prev:
         return d + 1
-    n1 = done[prev[-1]]["critical_n"]
+    ns = [done[x]["critical_n"] for x in prev]
+    if len(prev) >= 5:
+        coeffs = np.polynomial.polynomial.polyfit(prev, ns, 2)
+        predicted = float(np.polynomial.polynomial.polyval(d, coeffs))
+        return max(int(math.floor(predicted)) - 1, ns[-1], 3)
     if len(prev) == 1:
-        return n1 + 1
-    n0 = done[prev[-2]]["critical_n"]
-    per_dim = max(n1 - n0, 0) / max(prev[-1] - prev[-2], 1)
-    return max(n1 + int(per_dim * (d - prev[-1])), 3)
+        return ns[-1] + 1
+    slopes = [(ns[i + 1] - ns[i]) / (prev[i + 1] - prev[i]) for i in range(len(prev) - 1)][-3:]
+    return max(ns[-1] + int(float(np.median(slopes)) * (d - prev[-1])), 3)
 
 
 def _git_commit() -> str:
@@ -112,6 +117,8 @@ def sweep(args) -> None:
             check_every=args.check_every,
             restarts=args.restarts,
             seed=args.seed,
+            initial_step=args.initial_step,
+            resolution=args.resolution,
         )
         trials = [
             {key: getattr(t, key) for key in ("n", "solved", "seed", "steps", "total_steps", "unsolved", "num_queries", "final_loss", "seconds")}
@@ -120,6 +127,7 @@ def sweep(args) -> None:
         done[d] = {
             "critical_n": result.critical_n,
             "first_failure": result.first_failure,
+            "resolution": args.resolution,
             "seconds": time.perf_counter() - t0,
             "commit": _git_commit(),
             "trials": trials,
@@ -139,7 +147,7 @@ def report(args) -> None:
     paper = np.polynomial.polynomial.polyval(np.array(dims, dtype=np.float64), PAPER_CUBIC)
 
     lines = [
-        "| d | critical n (ours) | first failed n | queries C(n,2) | runs | CPU-seconds | paper fit at d |",
+        "| d | critical n (ours) | first failed n | queries C(n,2) | runs | seconds | paper fit at d |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for d, p in zip(dims, paper):
@@ -208,6 +216,9 @@ def main(argv=None) -> None:
     s.add_argument("--restarts", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--time_budget_s", type=float, default=float("inf"), help="start no new d after this many seconds")
+    s.add_argument("--initial_step", type=int, default=1, help="first gallop step (coarse search for large d)")
+    s.add_argument("--resolution", type=int, default=1,
+                   help="stop bisecting at this bracket width: critical n is then a lower bound within it")
     r = sub.add_parser("report", help="fit, table and plot from a results file")
     r.add_argument("--results", default=str(HERE / "results.json"))
     r.add_argument("--plot", default=str(HERE / "critical_n.png"))

@@ -109,6 +109,13 @@ def test_find_critical_n_search_logic(threshold, start):
     assert len(calls) == len(set(calls)) <= 2 * math.ceil(math.log2(max(threshold, 2))) + 2
 
 
+def test_find_critical_n_coarse_search_returns_a_bracket_with_few_runs():
+    run, calls = _threshold_run(137)
+    search = limit.find_critical_n(4, n_start=130, initial_step=8, resolution=4, run=run)
+    assert search.critical_n <= 137 < search.first_failure and search.first_failure - search.critical_n <= 4
+    assert calls == [130, 138, 134]  # solved, failed, solved: bracket [134, 138)
+
+
 def test_find_critical_n_reports_when_nothing_is_solvable_or_the_cap_is_reached():
     run, _ = _threshold_run(2)  # even n = 3 fails
     search = limit.find_critical_n(4, n_start=8, run=run)
@@ -131,3 +138,17 @@ def test_fit_polynomial_recovers_a_cubic():
     assert r2 == pytest.approx(1.0)
     with pytest.raises(ValueError, match="needs more than 3 points"):
         limit.fit_polynomial([4, 5, 6], [1, 2, 3])
+
+
+@pytest.mark.slow
+def test_minilm_on_limit_small_matches_the_sentence_transformers_reference(data_dir, minilm_dir):
+    # ~1 min on 2 CPU cores: 1046 texts through the 6-layer encoder
+    import embedjax as ej
+
+    enc = ej.Encoder.from_pretrained(minilm_dir)
+    corpus, queries, qrels = ej.data.read_beir(data_dir / "limit-small")
+    metrics = ej.eval.retrieval(enc, corpus, queries, qrels, k_values=(2, 10, 100))
+    # reference (../shared/data/README.md): 16.20 / 48.05 with sentence-transformers on the same files
+    assert metrics["recall@2"] == pytest.approx(16.20, abs=0.05)
+    assert metrics["recall@10"] == pytest.approx(48.05, abs=0.05)
+    assert metrics["recall@100"] == 100.0  # 46 documents: every relevant one is in the top 100
