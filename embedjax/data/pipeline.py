@@ -141,6 +141,8 @@ class TrainData:
     local_batch_size: int
     dataset_sizes: tuple[int, ...]
     steps_per_epoch: int
+    plan: BatchPlan | None = None  # step -> (dataset, example indices): what each step reads
+    sources: tuple = ()  # the ArrayRecord readers the plan indexes
 
     def iterator(self, start_state: dict | None = None, *, prefetch: int = 4):
         """A grain iterator; ``start_state`` is a ``get_state()`` dict saved with a checkpoint."""
@@ -231,4 +233,6 @@ def build_train_data(
         local_batch_size=global_batch_size // process_count,
         dataset_sizes=tuple(b.num_examples for b in epoch_batches),
         steps_per_epoch=steps_per_epoch,
+        plan=plan,
+        sources=tuple(sources),
     )

@@ -7,6 +7,8 @@ report for the exported model.
 """
 from __future__ import annotations
 
+import pathlib
+
 import jax
 
 from embedjax.data.builders import resolve_source
@@ -16,21 +18,27 @@ from embedjax.eval.sts import sts
 
 
 class Evaluators:
-    """Named evaluation sets, read once; ``run(params, names)`` -> flat ``{"sts_dev/spearman_cosine": ...}``."""
+    """Named evaluation sets, read once; ``run(params, names)`` -> flat ``{"sts-dev/spearman_cosine": ...}``."""
 
     def __init__(self, encoder, *, sts_dev: str = "", sts_test: str = "", beir: str = "",
                  beir_split: str = "test", batch_size: int = 64):
         self.encoder = encoder
         self.batch_size = batch_size
         self.sets: dict[str, tuple] = {}
-        for name, path in (("sts_dev", sts_dev), ("sts_test", sts_test)):
+        self.test_names: set[str] = set()
+        for path, is_test in ((sts_dev, False), (sts_test, True)):
             if path:
+                name = pathlib.Path(path).stem  # e.g. "sts-dev", "sts-test"
                 self.sets[name] = ("sts", read_sts(resolve_source(path)))
+                if is_test:
+                    self.test_names.add(name)
         if beir:
-            self.sets["beir"] = ("beir", read_beir(resolve_source(beir), split=beir_split))
+            self.sets[f"{pathlib.Path(beir).name}-{beir_split}"] = (
+                "beir", read_beir(resolve_source(beir), split=beir_split))
 
-    def names(self) -> list[str]:
-        return list(self.sets)
+    def names(self, *, include_test: bool = True) -> list[str]:
+        """The sets to evaluate; test sets only before and after training, never in between."""
+        return [n for n in self.sets if include_test or n not in self.test_names]
 
     def run(self, params, names=None) -> dict[str, float]:
         """Evaluate ``params`` (any placement; fully replicated or host arrays) on the named sets."""

@@ -173,7 +173,7 @@ def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_data(cfg, tokenizer):
+def prepare_data(cfg, tokenizer):
     specs = [
         DatasetSpec(kind=kind, path=path, weight=weight, split=cfg.data.beir_split,
                     min_relevance=cfg.data.min_relevance)
@@ -230,7 +230,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     pooling = cfg.model.pooling or hf.read_pooling_settings(folder).pooling
     model_config, pretrained_params = _model(cfg, tokenizer)
     model = BertModel(model_config, dtype=parse_dtype(cfg.model.dtype), remat=cfg.model.remat)
-    data = _prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer)
     num_steps = data.num_steps
     warmup = optim.warmup_steps_for(num_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_steps)
     schedule = optim.learning_rate_schedule(cfg.optim.learning_rate, num_steps, warmup, cfg.optim.schedule)
@@ -284,10 +284,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     evaluators = Evaluators(encoder, sts_dev=cfg.eval.sts, sts_test=cfg.eval.sts_test, beir=cfg.eval.beir,
                             beir_split=cfg.data.beir_split, batch_size=cfg.eval.batch_size)
 
-    def evaluate(step: int) -> dict:
-        if not evaluators.names():
+    def evaluate(step: int, include_test: bool = True) -> dict:
+        names = evaluators.names(include_test=include_test)
+        if not names:
             return {}
-        results = evaluators.run(_host_params(state.params))
+        results = evaluators.run(_host_params(state.params), names)
         if is_main:
             metric_log.write(step, results, prefix="eval")
             _write_json_atomic(workdir / "evals" / f"step_{step}.json", results)
@@ -348,7 +349,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                     progress.set_postfix(loss=f"{last_loss:.4f}", pairs_s=f"{pairs_per_s:.1f}", refresh=False)
                     progress.update(1)
                 if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < num_steps:
-                    evaluate(done)
+                    evaluate(done, include_test=False)
                 if done % cfg.checkpoint.every_steps == 0 or done == end:
                     checkpointer.save(done, state, iterator.get_state())
                     saved_step = done
@@ -399,4 +400,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
             summary["export"] = str(export_dir.absolute())
     if is_main:
         _write_json_atomic(workdir / "summary.json", summary)
+    where = {k: summary[k] for k in ("checkpoint", "metrics_log", "tensorboard", "export") if summary.get(k)}
+    log(f"run {status} at step {final_step}/{num_steps}; " + "; ".join(f"{k}: {v}" for k, v in where.items())
+        + f"; summary: {workdir / 'summary.json'}")
     return summary
