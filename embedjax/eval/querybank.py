@@ -115,6 +115,7 @@ def querybank_retrieval_from_embeddings(
     activation_k: int = 1,
     per_query: bool = False,
     query_chunk_size: int = 256,
+    log_partition_n=None,
 ) -> dict:
     """Retrieval metrics x100 after query-bank normalisation (same output as retrieval_from_embeddings).
 
@@ -123,6 +124,9 @@ def querybank_retrieval_from_embeddings(
         queries, not the test queries).
       temperature: T of the inverted softmax (QB-Norm uses 1/20 for cosine scores).
       dynamic, activation_k: QB-Norm's dynamic inverted softmax (see querybank_scores).
+      log_partition_n: a precomputed bank log partition [N] at this temperature (e.g.
+        one that leaves out bank entries derived from the item itself); replaces
+        the one computed from bank_emb, which is then only used for `dynamic`.
     """
     k_values = tuple(k_values)
     d_nd = _matrix(d_emb, "d_emb")
@@ -130,7 +134,7 @@ def querybank_retrieval_from_embeddings(
     if len(query_ids) != q_qd.shape[0] or len(doc_ids) != d_nd.shape[0]:
         raise ValueError(f"{len(query_ids)} query ids / {len(doc_ids)} doc ids do not match embeddings "
                          f"{q_qd.shape} / {d_nd.shape}")
-    log_z = bank_log_partition(bank_emb, d_nd, temperature)
+    log_z = bank_log_partition(bank_emb, d_nd, temperature) if log_partition_n is None else log_partition_n
     active = activation_mask(bank_emb, d_nd, activation_k) if dynamic else None
     k = min(max(k_values), d_nd.shape[0])
     run = {}

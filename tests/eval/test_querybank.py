@@ -64,3 +64,21 @@ def test_bad_inputs_raise():
         querybank.querybank_scores(np.ones((2, 4)), d, np.zeros(4), 0.05)
     with pytest.raises(ValueError, match="do not match"):
         querybank.querybank_retrieval_from_embeddings(np.ones((2, 4)), d, np.ones((3, 4)), ["q"], list("abcde"), {}, (1,))
+
+
+def test_precomputed_log_partition_is_used_instead_of_the_bank():
+    rng = np.random.default_rng(1)
+    q, d, bank = _unit(rng.normal(size=(6, 8))), _unit(rng.normal(size=(30, 8))), _unit(rng.normal(size=(50, 8)))
+    qrels = {f"q{i}": {f"d{(3 * i) % 30}": 1} for i in range(6)}
+    ids, doc_ids = [f"q{i}" for i in range(6)], [f"d{j}" for j in range(30)]
+    direct = querybank.querybank_retrieval_from_embeddings(q, d, bank, ids, doc_ids, qrels, (1, 5), temperature=0.05)
+    log_z = querybank.bank_log_partition(bank, d, 0.05)
+    given = querybank.querybank_retrieval_from_embeddings(q, d, None, ids, doc_ids, qrels, (1, 5), temperature=0.05,
+                                                          log_partition_n=log_z)
+    assert given == direct
+    # a partition that strongly penalises the relevant documents changes the metrics
+    penalised = np.asarray(log_z).copy()
+    penalised[[(3 * i) % 30 for i in range(6)]] += 1000.0
+    worse = querybank.querybank_retrieval_from_embeddings(q, d, None, ids, doc_ids, qrels, (1, 5), temperature=0.05,
+                                                          log_partition_n=penalised)
+    assert worse["recall@5"] == 0.0
