@@ -1,0 +1,214 @@
+"""``python -m embedjax bench loss``: the ring InfoNCE against the all-gather InfoNCE.
+
+On the devices JAX sees (8 fake CPU devices by default: the bench sets
+``--xla_force_host_platform_device_count`` when JAX is not yet imported), it reports
+for loss + gradient w.r.t. queries and documents:
+
+* compiled temp memory per device (``compiled.memory_analysis()``) of both at
+  ``--batch`` x ``--dim`` (default 65,536 x 768), and their ratio;
+* the largest global batch whose compiled footprint per device (temp + arguments +
+  outputs) fits ``--budget-gib`` (default 16) at ``--dim``: found by *compiling* at
+  doubling sizes and then bisecting (nothing is executed at those sizes);
+* step-time medians of both at ``--time-batch`` x ``--time-dim`` (executed);
+* gradient error of both against a float64 NumPy gradient at a small size;
+* FLOPs per step: the ring's tile count (one forward tile pass, a backward pass that
+  recomputes each tile and pulls it back to both sides: 8 B^2 d) against 6 B^2 d, and
+  XLA's own count for the all-gather version.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from embedjax.losses import allgather, ring  # noqa: E402
+
+SECTION = "Loss (issue 3)"
+GIB = 2 ** 30
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--batch", type=int, default=65_536, help="global batch for the memory comparison")
+    parser.add_argument("--dim", type=int, default=768, help="embedding dim")
+    parser.add_argument("--tile", type=int, default=None, help="ring tile size (default: the ring's default)")
+    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--budget-gib", type=float, default=16.0, help="per-device memory budget for the max-batch search")
+    parser.add_argument("--max-search-batch", type=int, default=2 ** 24, help="stop the doubling search here")
+    parser.add_argument("--time-batch", type=int, default=4096, help="global batch for step timing")
+    parser.add_argument("--time-dim", type=int, default=128, help="embedding dim for step timing")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--no-report", action="store_true", help="do not append a row to BENCHMARKS.md")
+
+
+def _loss_fns(mesh, temperature, tile):
+    return {
+        "ring": lambda q, d: ring.ring_infonce(q, d, mesh=mesh, temperature=temperature, tile=tile),
+        "allgather": lambda q, d: allgather.allgather_infonce(q, d, mesh=mesh, temperature=temperature),
+    }
+
+
+def _compile(loss_fn, batch, dim):
+    spec = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
+    return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(spec, spec).compile()
+
+
+def _footprint(compiled):
+    m = compiled.memory_analysis()
+    return dict(temp=m.temp_size_in_bytes, total=m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def largest_batch(loss_fn, dim, budget_bytes, step, limit):
+    """Largest multiple of ``step`` (<= limit) whose compiled per-device footprint fits the
+    budget: double from ``step`` until it does not fit, then bisect. Returns (batch, bytes, tried)."""
+    tried = {}
+
+    def fits(batch):
+        if batch not in tried:
+            tried[batch] = _footprint(_compile(loss_fn, batch, dim))["total"]
+        return tried[batch] <= budget_bytes
+
+    if not fits(step):
+        return 0, tried[step], tried
+    lo = step
+    while lo * 2 <= limit and fits(lo * 2):
+        lo *= 2
+    hi = lo * 2
+    if hi > limit:
+        return lo, tried[lo], tried
+    while hi - lo > step:   # invariant: lo fits, hi does not
+        mid = (lo + hi) // 2 // step * step
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, tried[lo], tried
+
+
+def _median_step_seconds(loss_fn, q, d, repeats):
+    step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+    jax.block_until_ready(step(q, d))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(q, d))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def float64_infonce_grads(q, d, temperature):
+    """Gradient of mean_i -log softmax_i(q_i . D^T / T)[i] in float64 (closed form)."""
+    q, d = q.astype(np.float64), d.astype(np.float64)
+    logits = q @ d.T / temperature
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    delta = (p - np.eye(len(q))) / (temperature * len(q))
+    return delta @ d, delta.T @ q
+
+
+def _grad_error(loss_fn, q, d, temperature):
+    got = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(q, d)
+    want = float64_infonce_grads(np.asarray(q), np.asarray(d), temperature)
+    return max(float(np.max(np.abs(np.asarray(g, np.float64) - w)) / np.max(np.abs(w))) for g, w in zip(got, want))
+
+
+def run(args) -> dict:
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",))
+    n = len(devices)
+    fns = _loss_fns(mesh, args.temperature, args.tile)
+    result = dict(device=f"{n} x {devices[0].device_kind}", platform=devices[0].platform,
+                  batch=args.batch, dim=args.dim)
+
+    # 1. Compiled memory at the headline size.
+    for name, fn in fns.items():
+        result[f"{name}_temp_mib_per_device"] = round(_footprint(_compile(fn, args.batch, args.dim))["temp"] / 2 ** 20, 1)
+    result["temp_ratio_allgather_over_ring"] = round(
+        result["allgather_temp_mib_per_device"] / result["ring_temp_mib_per_device"], 1)
+
+    # 2. Largest global batch under the per-device budget (compiled, not executed).
+    budget = int(args.budget_gib * GIB)
+    tile = args.tile or ring.DEFAULT_TILE
+    for name, fn in fns.items():
+        step = n * tile
+        batch, used, tried = largest_batch(fn, args.dim, budget, step, args.max_search_batch)
+        result[f"{name}_max_batch_{args.budget_gib:g}gib"] = batch
+        result[f"{name}_max_batch_footprint_gib"] = round(used / GIB, 2)
+        result[f"{name}_max_batch_compiles"] = len(tried)
+    result["max_batch_method"] = "compiled at doubling sizes then bisected (multiples of devices x tile); footprint = temp + args + outputs per device"
+
+    # 3. Step time medians (executed).
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(args.time_batch, args.time_dim)), jnp.float32)
+    d = jnp.asarray(rng.normal(size=(args.time_batch, args.time_dim)), jnp.float32)
+    q, d = q / jnp.linalg.norm(q, axis=1, keepdims=True), d / jnp.linalg.norm(d, axis=1, keepdims=True)
+    for name, fn in fns.items():
+        result[f"{name}_step_ms"] = round(1e3 * _median_step_seconds(fn, q, d, args.repeats), 1)
+    result["time_batch"], result["time_dim"] = args.time_batch, args.time_dim
+
+    # 4. Gradient error against float64 (small size).
+    small_q, small_d = q[: 64 * n, :64], d[: 64 * n, :64]
+    small = _loss_fns(mesh, args.temperature, 24)   # 24 does not divide the 64 local rows
+    for name, fn in small.items():
+        result[f"{name}_grad_rel_err_vs_f64"] = float(f"{_grad_error(fn, small_q, small_d, args.temperature):.2e}")
+
+    # 5. FLOPs per step at the timing size.
+    b, dim = args.time_batch, args.time_dim
+    reference = 6 * b * b * dim
+    ring_flops = 8 * b * b * dim   # fwd tile matmul 2, bwd recompute 2 + two pullback matmuls 4 (x B^2 d)
+    result["ring_flops_over_6B2d"] = round(ring_flops / reference, 3)
+    cost = _compile(fns["allgather"], b, dim).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and "flops" in cost:
+        result["allgather_xla_flops_over_6B2d"] = round(n * float(cost["flops"]) / reference, 3)
+    result["ring_achieved_gflops"] = round(ring_flops / (result["ring_step_ms"] / 1e3) / 1e9, 2)
+
+    if not args.no_report:
+        _append(result)
+    return result
+
+
+def _append(result: dict) -> None:
+    row = {k: result[k] for k in (
+        "device", "batch", "dim", "ring_temp_mib_per_device", "allgather_temp_mib_per_device",
+        "temp_ratio_allgather_over_ring") if k in result}
+    row.update({k: v for k, v in result.items() if "max_batch_16" in k or k.endswith("_step_ms")
+                or "grad_rel_err" in k or "over_6B2d" in k})
+    row["time_shape"] = f"{result['time_batch']}x{result['time_dim']}"
+    try:
+        from embedjax.bench.report import append_row
+    except ImportError:   # the shared report writer is not there yet: write the table directly
+        append_row = _append_markdown_row
+    append_row(SECTION, row)
+
+
+def _append_markdown_row(section: str, row: dict, path: str = "BENCHMARKS.md") -> None:
+    """Append ``row`` to the markdown table under ``## section`` (created if missing)."""
+    heading = f"## {section}"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    header = "| " + " | ".join(row) + " |"
+    line = "| " + " | ".join(str(v) for v in row.values()) + " |"
+    if heading not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{header}\n|" + "---|" * len(row) + f"\n{line}\n"
+    else:
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
+        end = len(text) if end < 0 else end
+        block = text[start:end].rstrip("\n") + "\n" + line + "\n"
+        text = text[:start] + block + ("\n" + text[end:].lstrip("\n") if end < len(text) else "")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    print(json.dumps(run(parser.parse_args())))
