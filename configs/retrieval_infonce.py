@@ -7,7 +7,8 @@ memory-tiled ring loss over the data axis, and GradCache.
 
 ARG:
   (none)  all-MiniLM-L6-v2 on the msmarco subset's judged (query, passage) pairs,
-          Matryoshka (64, 128, 256, 384), bidirectional, ring loss, no-duplicate batches.
+          Matryoshka (64, 128, 256, 384), bidirectional, ring loss, GradCache sub-batches
+          of 16, no-duplicate batches.
   tiny    a 2-layer 32-wide random BERT, 20 steps of global batch 16: the configuration the
           multi-device / multi-process equality tests run (seconds on CPU).
   mined   like the default, but on a JSONL file written by `python -m embedjax.data.mining`
@@ -25,6 +26,7 @@ def get_config(arg: str = ""):
     c.train.bidirectional = True
     c.train.ring = True
     c.train.batch_size = 32
+    c.train.gradcache_sub_batch = 16  # activations for 16 rows at a time; same gradients
     c.train.num_epochs = 0
     c.train.num_steps = 200
     c.train.matryoshka_dims = (64, 128, 256, 384)
@@ -43,6 +45,7 @@ def get_config(arg: str = ""):
         c.data.pad_to_max_length = True
         c.model.dropout = 0.0  # dropout RNG (threefry) triples CPU compile time; the recipes keep 0.1
         c.train.batch_size = 16
+        c.train.gradcache_sub_batch = 0  # tests switch it on to compare with plain autodiff
         c.train.num_steps = 20
         c.train.matryoshka_dims = (16, 32)
         c.optim.learning_rate = 1e-3

@@ -64,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.matryoshka_dims = ()  # increasing, e.g. (64, 128, 256, 384); () = full dimension only
     c.train.matryoshka_weights = ()  # () = all 1
     c.train.ring = False  # memory-tiled ring InfoNCE over the data axis instead of the dense loss
-    c.train.gradcache_chunk = 0  # > 0: embed in sub-batches of this many rows per device (GradCache)
+    c.train.gradcache_sub_batch = 0  # > 0: GradCache, embedding this many rows of the global batch at a time
     c.train.log_every = 1
     c.train.progress = True
 

@@ -38,7 +38,7 @@ from embedjax.train.checkpoint import Checkpointer
 from embedjax.train.config import parse_sources, validate
 from embedjax.train.metrics_log import MetricLog
 from embedjax.train.state import create_state, state_shardings, unbox
-from embedjax.train.step import batch_shardings, make_objective, make_train_step
+from embedjax.train.step import batch_shardings, make_objective, make_train_step, value_and_grad_fn
 
 
 class TrainingDiverged(FloatingPointError):
@@ -253,7 +253,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     abstract_state = unbox(jax.eval_shape(lambda p: create_state(p, tx, cfg.seed), abstract_boxed))
     # Trace the objective on the first batch's shapes: loss options the loss rejects fail here.
     first = data.dataset[0]
-    jax.eval_shape(objective, abstract_state.params, first, jax.random.PRNGKey(0))
+    jax.eval_shape(value_and_grad_fn(objective, cfg.train.gradcache_sub_batch), abstract_state.params,
+                   jax.tree.map(lambda x: np.concatenate([x] * jax.process_count()), first), jax.random.PRNGKey(0))
 
     # ---- the workdir ----
     workdir.mkdir(parents=True, exist_ok=True)
@@ -317,7 +318,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                 if step_fn is None:
                     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
                     bsh = batch_shardings(local, mesh, batch_axes)
-                    step_fn = make_train_step(objective, tx, schedule, shardings, bsh, mesh)
+                    step_fn = make_train_step(objective, tx, schedule, shardings, bsh, mesh,
+                                              gradcache_sub_batch=cfg.train.gradcache_sub_batch)
                 t0 = time.perf_counter()
                 batch = jax.tree.map(
                     lambda x, sh: jax.make_array_from_process_local_data(sh, x), local, bsh

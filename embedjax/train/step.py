@@ -1,15 +1,15 @@
 """The training objective and the jitted, sharded, donating train step.
 
-``make_objective`` turns config values into ``objective(params, batch, rng) ->
-(loss, aux)``: it embeds each text column of the batch with dropout on and
-applies the configured loss (CoSENT for graded pairs; InfoNCE — dense, or the
+``make_objective`` turns config values into an `Objective`: a function that embeds
+each text column of a batch with dropout on, and the configured loss (CoSENT for graded pairs; InfoNCE — dense, or the
 memory-tiled ring version over the ``data`` mesh axis — for retrieval pairs).
-``make_train_step`` wraps one optimizer update in `jax.jit` with explicit input
-and output shardings and the old state's buffers donated to the new one.
+``make_train_step`` wraps one optimizer update (plain autodiff, or GradCache when
+``gradcache_sub_batch`` > 0) in `jax.jit` with explicit input and output shardings
+and the old state's buffers donated to the new one.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,18 @@ def _flatten_negatives(tokens_bkl: dict) -> dict:
     return {name: array.reshape(-1, array.shape[-1]) for name, array in tokens_bkl.items()}
 
 
+class Objective(NamedTuple):
+    """A loss split at the embeddings (what GradCache needs).
+
+    ``embed_columns(params, batch, rng) -> {name: float32 [b, ...]}`` embeds every text
+    column of a (sub-)batch; ``loss_from_embeddings(embeddings, batch) -> scalar`` scores
+    the global batch's embeddings with the batch's labels/ids.
+    """
+
+    embed_columns: Callable
+    loss_from_embeddings: Callable
+
+
 def make_objective(
     embed: Callable,
     *,
@@ -38,8 +50,8 @@ def make_objective(
     matryoshka_weights=(),
     ring: bool = False,
     mesh=None,
-):
-    """``objective(params, batch, rng) -> (loss, aux)`` for a batch layout of `embedjax.data.pipeline`.
+) -> Objective:
+    """The configured loss for a batch layout of `embedjax.data.pipeline`.
 
     ``embed(params, tokens, rng) -> float32 [B, D]`` embeds one text column with dropout keyed by ``rng``.
     """
@@ -51,15 +63,18 @@ def make_objective(
     if kind == "sts":
         from embedjax.losses.pairwise import cosent
 
-        def sts_objective(params, batch, rng):
+        def embed_sts(params, batch, rng):
             # One forward pass over both sides (the pipeline pads them to one length): one
             # larger matmul per layer instead of two, and half the program to compile.
             b = batch["score"].shape[0]
             both = jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), batch["a"], batch["b"])
             emb_2bd = embed(params, both, rng)
-            return cosent(emb_2bd[:b], emb_2bd[b:], batch["score"], scale=cosent_scale), {}
+            return {"a": emb_2bd[:b], "b": emb_2bd[b:]}
 
-        return sts_objective
+        def sts_loss(emb, batch):
+            return cosent(emb["a"], emb["b"], batch["score"], scale=cosent_scale)
+
+        return Objective(embed_sts, sts_loss)
 
     options = dict(
         temperature=temperature,
@@ -78,23 +93,60 @@ def make_objective(
     else:
         from embedjax.losses.contrastive import infonce as contrastive
 
-    def retrieval_objective(params, batch, rng):
+    def embed_retrieval(params, batch, rng):
         rng_q, rng_d, rng_n = jax.random.split(rng, 3)
-        q_bd = embed(params, batch["query"], rng_q)
-        d_bd = embed(params, batch["positive"], rng_d)
-        extra = {}
+        out = {"query": embed(params, batch["query"], rng_q), "positive": embed(params, batch["positive"], rng_d)}
         if "negatives" in batch:
             b, k = batch["negative_ids"].shape
-            n_nd = embed(params, _flatten_negatives(batch["negatives"]), rng_n)
-            extra["hard_negatives_bkd"] = n_nd.reshape(b, k, -1)
+            out["negatives"] = embed(params, _flatten_negatives(batch["negatives"]), rng_n).reshape(b, k, -1)
+        return out
+
+    def retrieval_loss(emb, batch):
+        extra = {}
+        if "negatives" in emb:
+            extra["hard_negatives_bkd"] = emb["negatives"]
             if mask_false_negatives:
                 extra["hard_negative_ids_bk"] = batch["negative_ids"]
         if mask_false_negatives:
             extra["group_ids_b"] = batch["query_id"]
             extra["doc_ids_b"] = batch["positive_id"]
-        return contrastive(q_bd, d_bd, **options, **extra), {}
+        return contrastive(emb["query"], emb["positive"], **options, **extra)
 
-    return retrieval_objective
+    return Objective(embed_retrieval, retrieval_loss)
+
+
+def interleave_rows(batch, sub_batch_size: int):
+    """Reorder rows so that GradCache sub-batch i holds rows i, i + c, i + 2c, ... (c = B / sub).
+
+    The batch is sharded in contiguous row blocks per device, so strided sub-batches
+    draw rows from every device and each sub-batch pass keeps all devices busy. The
+    losses are sums over rows, so the reorder changes no value (up to float rounding).
+    """
+    size = jax.tree.leaves(batch)[0].shape[0]
+    if size % sub_batch_size:
+        raise ValueError(f"train.gradcache_sub_batch={sub_batch_size} does not divide the global batch {size}")
+    order = jnp.arange(size).reshape(sub_batch_size, size // sub_batch_size).T.reshape(-1)
+    return jax.tree.map(lambda x: x[order], batch)
+
+
+def value_and_grad_fn(objective: Objective, gradcache_sub_batch: int = 0):
+    """``(params, batch, rng) -> (loss, grads)``: plain autodiff, or GradCache over sub-batches."""
+    if gradcache_sub_batch <= 0:
+        def plain(params, batch, rng):
+            return jax.value_and_grad(
+                lambda p: objective.loss_from_embeddings(objective.embed_columns(p, batch, rng), batch))(params)
+
+        return plain
+
+    from embedjax.losses.gradcache import gradcache_value_and_grad
+
+    def cached(params, batch, rng):
+        batch = interleave_rows(batch, gradcache_sub_batch)
+        return gradcache_value_and_grad(
+            objective.embed_columns, lambda emb: objective.loss_from_embeddings(emb, batch), params, batch,
+            sub_batch_size=gradcache_sub_batch, rng=rng)
+
+    return cached
 
 
 def batch_shardings(batch, mesh, batch_axes) -> dict:
@@ -104,20 +156,20 @@ def batch_shardings(batch, mesh, batch_axes) -> dict:
     )
 
 
-def make_train_step(objective, tx: optax.GradientTransformation, schedule, state_shardings, batch_sharding_tree,
-                    mesh):
+def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule, state_shardings,
+                    batch_sharding_tree, mesh, *, gradcache_sub_batch: int = 0):
     """jit(step): ``(state, batch) -> (new_state, metrics)``; the old state's buffers are donated."""
+    loss_and_grads = value_and_grad_fn(objective, gradcache_sub_batch)
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch, rng)
+        loss, grads = loss_and_grads(state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-            **aux,
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
