@@ -39,6 +39,7 @@ def test_mine_matches_a_brute_force_ranking():
         mine(q, d, pairs, positives, num_negatives=0)
 
 
+@pytest.mark.slow  # MiniLM encodes limit-small texts in several shapes (~1 min on 2 shared cores)
 def test_mined_limit_small_file_feeds_the_training_pipeline(tmp_path, minilm_dir, data_dir):
     from embedjax.data.pipeline import DatasetSpec, build_train_data
     from embedjax.data.readers import read_beir

@@ -101,3 +101,23 @@ def test_bad_sources_give_clear_errors(tokenizer, cache, tmp_path):
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         build_train_data([DatasetSpec("sts", "stsb/sts-dev.csv")], tokenizer, global_batch_size=16, seed=0,
                          num_steps=1, process_count=3, cache_dir=cache)
+
+
+def test_mixture_batches_each_come_whole_from_one_dataset(tokenizer, cache, tmp_path, data_dir):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"query": f"synthetic question {i}", "positive": f"synthetic answer {i}"})
+                              for i in range(40)) + "\n")
+    data = build_train_data([DatasetSpec("beir", str(data_dir / "msmarco"), weight=1.0),
+                             DatasetSpec("jsonl", str(path), weight=1.0)],
+                            tokenizer, global_batch_size=4, seed=1, num_steps=24, cache_dir=cache)
+    it = data.iterator()
+    origins = []
+    for step in range(24):
+        batch = next(it)
+        queries = [_decode(tokenizer, batch["query"]["input_ids"][i], batch["query"]["attention_mask"][i])
+                   for i in range(4)]
+        synthetic = ["synthetic question" in q for q in queries]
+        assert all(synthetic) or not any(synthetic), f"step {step} mixes datasets: {queries}"
+        assert synthetic[0] == (data.plan[step][0] == 1)
+        origins.append(synthetic[0])
+    assert 0 < sum(origins) < 24  # both datasets are drawn

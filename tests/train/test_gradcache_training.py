@@ -1,9 +1,11 @@
 """GradCache in the train step (train.gradcache_sub_batch): the same losses as plain autodiff."""
 import numpy as np
+import pytest
 
 from train_runs import read_losses, tiny_config
 
 
+@pytest.mark.slow  # one more compile of the tiny step (~1 min on 2 shared cores)
 def test_gradcache_steps_match_the_plain_steps(tmp_path, reference_run, tfds_cache):
     from embedjax.train.loop import train
 
