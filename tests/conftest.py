@@ -42,3 +42,59 @@ def minilm_dir() -> pathlib.Path:
     from embedjax.models.pretrained import minilm_path
 
     return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder(minilm_dir):
+    """The pretrained MiniLM as an embedjax ``Encoder`` (float32), built once per session."""
+    import embedjax as ej
+
+    return ej.Encoder.from_pretrained(minilm_dir)
+
+
+def _code_fingerprint() -> str:
+    """Hash of the code that determines embeddings, so a cache never outlives a change to it."""
+    import hashlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "embedjax"
+    digest = hashlib.sha256()
+    for rel in ("models/bert.py", "models/poolers.py", "models/encoder.py", "convert/hf.py",
+                "data/tokenization.py", "eval/retrieval.py"):
+        digest.update((root / rel).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def msmarco_embeddings(data_dir, minilm_encoder, tmp_path_factory):
+    """MiniLM embeddings of the msmarco subset (judged queries and all 5,000 documents).
+
+    Encoding the corpus takes minutes on 2 cores, so the result is cached on disk under
+    ``.pytest_cache/embedjax`` (keyed by the embedding code's hash) and shared by every test
+    and xdist worker (a file lock makes the first one compute it).
+
+    Returns a dict: ``q_emb`` [Q, D], ``d_emb`` [N, D], ``query_ids``, ``doc_ids``, ``qrels``.
+    """
+    import json
+
+    import numpy as np
+    from filelock import FileLock
+
+    import embedjax as ej
+
+    corpus, queries, qrels = ej.data.read_beir(data_dir / "msmarco")
+    query_ids = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())]
+    doc_ids = list(corpus)
+    cache = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "embedjax"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"msmarco-minilm-{_code_fingerprint()}.npz"
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            q_emb = minilm_encoder.encode([queries[q] for q in query_ids])
+            d_emb = minilm_encoder.encode([ej.eval.document_text(corpus[d]) for d in doc_ids])
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, q_emb=q_emb, d_emb=d_emb, ids=json.dumps([query_ids, doc_ids]))
+            os.replace(tmp, path)
+        stored = np.load(path)
+        assert json.loads(str(stored["ids"])) == [query_ids, doc_ids], "stale msmarco embedding cache"
+        return {"q_emb": stored["q_emb"], "d_emb": stored["d_emb"], "query_ids": query_ids,
+                "doc_ids": doc_ids, "qrels": qrels}
