@@ -28,7 +28,7 @@ def _tiny_setup(batch=24, width=64):
     model = _Tower(width)
     rng = np.random.default_rng(0)
     data = {"q": rng.normal(size=(batch, 12)).astype(np.float32), "d": rng.normal(size=(batch, 12)).astype(np.float32)}
-    params = model.init(jax.random.key(0), data["q"], True)["params"]
+    params = jax.jit(lambda key, x: model.init(key, x, True))(jax.random.key(0), data["q"])["params"]
 
     def embed_fn(p, sub, key):
         run = lambda x, k: model.apply({"params": p}, x, k is None, rngs=None if k is None else {"dropout": k})  # noqa: E731
@@ -72,13 +72,13 @@ def test_gradcache_equals_plain_step_tiny_model(sub_batch_size):
 def test_gradcache_dropout_uses_the_same_keys_in_both_passes():
     embed_fn, loss_fn, params, data = _tiny_setup()
     key = jax.random.key(3)
-    loss, grads = jax.jit(lambda p: gradcache_value_and_grad(embed_fn, loss_fn, p, data, sub_batch_size=6,
+    loss, grads = jax.jit(lambda p: gradcache_value_and_grad(embed_fn, loss_fn, p, data, sub_batch_size=12,
                                                              rng=key))(params)
-    ref_loss, ref = jax.jit(lambda p: reference_value_and_grad(embed_fn, loss_fn, p, data, sub_batch_size=6,
+    ref_loss, ref = jax.jit(lambda p: reference_value_and_grad(embed_fn, loss_fn, p, data, sub_batch_size=12,
                                                                rng=key))(params)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
     _assert_tree_close(ref, grads)
-    plain_loss, _ = _plain(embed_fn, loss_fn, params, data)
+    plain_loss, _ = jax.jit(lambda p: _plain(embed_fn, loss_fn, p, data))(params)
     assert abs(float(loss) - float(plain_loss)) > 1e-4   # dropout really was active
 
 
