@@ -303,6 +303,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     last_loss = float("nan")
     saved_step = latest
     train_seconds, trained_steps, tokens_seen = 0.0, 0, 0
+    steady_seconds, steady_steps, seen_shapes = 0.0, 0, set()  # steps whose batch shape was compiled before
     step_fn = None
     iterator = data.iterator(data_state)
     progress = None
@@ -340,10 +341,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                         f"is step {good} in {checkpointer.directory} (None: no checkpoint yet). Lower "
                         "optim.learning_rate, enable optim.grad_clip, or check the data for broken examples"
                     )
+                shape_key = tuple(x.shape for x in jax.tree.leaves(local))
                 if step > start:  # the first step of a run includes compilation
                     train_seconds += elapsed
                     trained_steps += 1
                     tokens_seen += count_tokens(local) * jax.process_count()
+                    if shape_key in seen_shapes:  # no compilation in this step: steady state
+                        steady_seconds += elapsed
+                        steady_steps += 1
+                seen_shapes.add(shape_key)
                 pairs_per_s = cfg.train.batch_size * trained_steps / train_seconds if train_seconds else float("nan")
                 if done % cfg.train.log_every == 0 or done == num_steps:
                     metric_log.write(done, {**metrics, "pairs_per_s": pairs_per_s, "step_seconds": elapsed})
@@ -379,7 +385,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         "step": final_step,
         "num_steps": num_steps,
         "final_loss": last_loss,
+        # Steps 2..N (later first-time shapes compile inside them), and only the steps
+        # whose shape had been compiled before (steady state).
         "train_pairs_per_s": cfg.train.batch_size * trained_steps / train_seconds if train_seconds else None,
+        "train_pairs_per_s_steady": cfg.train.batch_size * steady_steps / steady_seconds if steady_seconds else None,
+        "compiled_shapes": len(seen_shapes),
         "train_tokens_per_s_per_device": (tokens_seen / train_seconds / mesh.size) if train_seconds else None,
         "devices": mesh.size,
         "processes": jax.process_count(),
