@@ -27,6 +27,9 @@ None / "float32"       exact inner product (``index.exact.exact_search``)
                        (``quant.residual_head``), fitted embedding-to-embedding on the
                        calibration embeddings
 "pcaK"                 projection on the top-K principal directions, exact search
+"lshB"                 plain sign binarisation at a chosen bit budget: signs of B fixed
+                       random orthogonal projections (seed 0), Hamming distance
+"lshB+asym"            the same codes scored against the float projected query
 =====================  =================================================================
 
 Calibration (int8/int4 ranges, residual weights, PCA, the trained head) uses
@@ -63,16 +66,17 @@ FIXED_SETTINGS = (
 )
 _RESIDUAL = re.compile(r"^residual([1-8])(\+sym|\+trained)?$")
 _PCA = re.compile(r"^pca([1-9][0-9]*)$")
+_LSH = re.compile(r"^lsh([1-9][0-9]*)(\+asym)?$")
 
 
 def describe_settings() -> str:
-    return ", ".join(FIXED_SETTINGS) + ", residualP[+sym|+trained] (P in 1..8), pcaK"
+    return ", ".join(FIXED_SETTINGS) + ", residualP[+sym|+trained] (P in 1..8), pcaK, lshB[+asym]"
 
 
 def check_quantization(quantization) -> None:
     if quantization is None or quantization in FIXED_SETTINGS:
         return
-    if isinstance(quantization, str) and (_RESIDUAL.match(quantization) or _PCA.match(quantization)):
+    if isinstance(quantization, str) and any(p.match(quantization) for p in (_RESIDUAL, _PCA, _LSH)):
         return
     raise ValueError(f"unknown quantization {quantization!r}; use None or one of: {describe_settings()}")
 
@@ -158,6 +162,14 @@ def _dispatch(q, d, calib, k, setting, multiplier):
         # Uncentred projections: <P q, P d> approximates <q, d> without a per-document shift.
         return exact_search(np.asarray(apply_pca(q, mean, comps, center=False)),
                             np.asarray(apply_pca(d, mean, comps, center=False)), k)
+    match = _LSH.match(setting)
+    if match:
+        proj = random_projection(d.shape[1], int(match.group(1)))
+        qp, dp = q @ proj.T, d @ proj.T
+        if match.group(2):
+            return residual_topk(jnp.asarray(qp)[:, None, :], pack_bits(dp)[:, None, :], k, dim=dp.shape[1])
+        dist, ids = hamming_topk(pack_bits(qp), pack_bits(dp), k)
+        return (dp.shape[1] - 2 * dist).astype(jnp.float32), ids
     match = _RESIDUAL.match(setting)
     planes, variant = int(match.group(1)), match.group(2)
     if variant == "+trained":
@@ -171,6 +183,16 @@ def _dispatch(q, d, calib, k, setting, multiplier):
         return residual_topk(residual_binarize(q, weights), x_codes, k, dim=d.shape[1], weights=np.asarray(weights))
     q_proj = jnp.asarray(q)[:, None, :] * weights[None, :, None]
     return residual_topk(q_proj, x_codes, k, dim=d.shape[1])
+
+
+def random_projection(dim: int, bits: int, seed: int = 0) -> np.ndarray:
+    """[bits, dim] rows of stacked random orthonormal bases (each block of dim rows orthonormal)."""
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for start in range(0, bits, dim):
+        basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+        blocks.append(basis[: min(dim, bits - start)])
+    return np.concatenate(blocks).astype(np.float32)
 
 
 def _int8_corpus(d, calib):
