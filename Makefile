@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: install
-	$(PY) -m embedjax demo
+	$(PY) -m embedjax train --config configs/quickstart.py --workdir runs/quickstart
 
 test: install
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
