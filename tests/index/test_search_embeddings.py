@@ -5,7 +5,8 @@ import pytest
 from embedjax.index import search_embeddings
 
 SETTINGS = [None, "float32", "float16", "bfloat16", "fp8", "fp8_e5m2", "int8", "int4", "binary", "binary_asym",
-            "binary+rescore", "binary+int8rescore", "residual2", "residual4", "residual2+sym", "pca48"]
+            "binary+rescore", "binary+int8rescore", "residual2", "residual4", "residual2+sym", "pca48", "lsh128",
+            "lsh96+asym"]
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,17 @@ def test_bad_arrays(clustered):
         search_embeddings(q, d[:0], 3)
     with pytest.raises(TypeError, match="float"):
         search_embeddings(q, (d > 0).astype(np.int32), 3)
+
+
+def test_lsh_codes_are_signs_of_orthonormal_projections(clustered):
+    from embedjax.index.compressed import random_projection
+
+    proj = random_projection(64, 160)
+    assert proj.shape == (160, 64)
+    # each block of 64 rows is an orthonormal basis; the last block has 32 rows
+    np.testing.assert_allclose(proj[:64] @ proj[:64].T, np.eye(64), atol=1e-5)
+    np.testing.assert_allclose(proj[128:] @ proj[128:].T, np.eye(32), atol=1e-5)
+    q, d, _ = clustered
+    scores, ids = search_embeddings(q, d, 3, quantization="lsh160")
+    sq, sd = np.where(q @ proj.T > 0, 1, -1), np.where(d @ proj.T > 0, 1, -1)
+    np.testing.assert_array_equal(scores, np.take_along_axis(sq @ sd.T, ids, 1))
