@@ -17,6 +17,7 @@ import pytest
 from embedjax import results, sweep
 from embedjax.eval.significance import paired_permutation_test
 from embedjax.train.config import apply_overrides, default_config
+from workflow_synthetic_runs import QUERIES, group_scores, synthetic_root
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ABLATION = REPO / "configs" / "ablation_pooling_matryoshka.py"
@@ -227,47 +228,9 @@ def test_local_sweep_runs_each_pending_run_once_and_records_the_manifest(family,
 
 # ---------------------------------------------------------------- results on synthetic runs
 
-QUERIES = [f"q{i}" for i in range(40)]
-
-
-def _synthetic_root(tmp_path, with_records=True):
-    """2 x 2 x 2 seeds (without records, results infers each run's overrides from config.json diffs):: cls adds +8 to every query's nDCG (plus noise); Matryoshka adds nothing."""
-    rng = np.random.default_rng(7)
-    base = rng.uniform(20, 80, size=len(QUERIES))
-    root = tmp_path / "runs"
-    grid = sweep.expand(sweep.load_sweep(f"{ABLATION}:small"))
-    truth = {}
-    for run in grid:
-        o = run["overrides"]
-        scores = base + (8.0 if o["model.pooling"] == "cls" else 0.0) + rng.normal(0, 3, size=len(QUERIES))
-        workdir = root / run["name"]
-        workdir.mkdir(parents=True)
-        loss = 2.0 + 0.1 * o["seed"] + (0.5 if o["model.pooling"] == "cls" else 0.0)
-        (workdir / "summary.json").write_text(json.dumps({"status": "completed", "final_loss": loss}))
-        config = default_config()
-        config.model.pooling = o["model.pooling"]
-        config.train.matryoshka_dims = o["train.matryoshka_dims"]
-        config.seed = o["seed"]
-        (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-        if with_records:
-            (workdir / "sweep_run.json").write_text(json.dumps(run))
-        (workdir / "per_query.json").write_text(json.dumps({
-            "limit-small-test/ndcg@10": dict(zip(QUERIES, scores.tolist()))}))
-        truth[run["name"]] = (o, scores, loss)
-    (root / "sweep.json").write_text(json.dumps({"runs": grid}))  # the sweep order: the first run is the baseline
-    return root, truth
-
-
-def _group_scores(truth, pooling, dims):
-    members = [s for o, s, _ in truth.values() if o["model.pooling"] == pooling and o["train.matryoshka_dims"] == dims]
-    assert len(members) == 2
-    order = np.argsort(QUERIES)  # results pairs the queries in sorted-id order (randomised p-values depend on it)
-    return np.mean(members, axis=0)[order]
-
-
 @pytest.mark.parametrize("with_records", [True, False])
 def test_results_table_and_paired_tests_on_synthetic_runs(tmp_path, with_records):
-    root, truth = _synthetic_root(tmp_path, with_records)
+    root, truth = synthetic_root(tmp_path, with_records)
     code, lines = _cli(["results", root, "--no_score", "--samples", "2000"])
     assert code == 0
     out = json.loads(lines[-1])
@@ -302,10 +265,10 @@ def test_results_table_and_paired_tests_on_synthetic_runs(tmp_path, with_records
     for r in sig:
         if r["axis"] == "model.pooling":
             dims = () if r["context"].endswith("()") else (8, 16, 32)
-            a, b = _group_scores(truth, "mean", dims), _group_scores(truth, "cls", dims)
+            a, b = group_scores(truth, "mean", dims), group_scores(truth, "cls", dims)
         else:
             pooling = r["context"].split("=")[1]
-            a, b = _group_scores(truth, pooling, ()), _group_scores(truth, pooling, (8, 16, 32))
+            a, b = group_scores(truth, pooling, ()), group_scores(truth, pooling, (8, 16, 32))
         expected = paired_permutation_test(a, b, num_samples=2000, seed=0)
         assert float(r["p_value"]) == pytest.approx(expected["p_value"], rel=1e-12)
         assert float(r["effect_size"]) == pytest.approx(expected["effect_size"], rel=1e-9)
@@ -325,7 +288,7 @@ def test_axes_that_change_together_are_one_axis_and_the_first_run_is_the_baselin
 def test_results_refuses_an_empty_folder_and_a_run_without_scores(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run under"):
         results.load_runs(tmp_path)
-    root, _ = _synthetic_root(tmp_path)
+    root, _ = synthetic_root(tmp_path)
     run = results.load_runs(root)[0]
     with pytest.raises(FileNotFoundError, match="no exported model"):
         results.score_run(run, "limit-small", [None])
