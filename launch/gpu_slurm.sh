@@ -79,7 +79,9 @@ render_script() {
   [[ -n "$account" ]] && echo "#SBATCH --account=${account}"
   echo "set -euo pipefail"
   echo "# process 0 runs on the first node of the allocation and hosts the coordinator"
-  echo "coordinator_host=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n 1)\""
+  # sed reads the whole list (head would close the pipe early: SIGPIPE fails the job under pipefail)
+  echo "coordinator_host=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | sed -n 1p)\""
+  echo "[[ -n \"\$coordinator_host\" ]] || { echo \"no host in SLURM_JOB_NODELIST='\$SLURM_JOB_NODELIST'\" >&2; exit 1; }"
   echo "export EMBEDJAX_COORDINATOR=\"\${coordinator_host}:${port}\""
   echo "export EMBEDJAX_NUM_PROCESSES=\"\$SLURM_NTASKS\""
   echo "srun --kill-on-bad-exit=1 --export=ALL bash -c '${per_process}' embedjax-process ${command_str}"
