@@ -300,7 +300,8 @@ def test_results_refuses_an_empty_folder_and_a_run_without_scores(tmp_path):
 @pytest.mark.slow
 def test_ablation_sweep_and_results_end_to_end_on_cpu(tmp_path, data_dir):
     """The must-show: pooling x Matryoshka x 2 seeds from one command, then the results table with p-values.
-    About 5 minutes on 2 idle cores (8 training processes, each compiling a 2-layer model)."""
+    About 4 CPU-minutes (8 training processes, each compiling a 2-layer model): 11 min wall on the shared
+    2-core machine under load 12-15."""
     root = tmp_path / "abl"
     env = {**os.environ, "EMBEDJAX_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO)}
     base = [sys.executable, "-m", "embedjax"]
