@@ -37,6 +37,7 @@ def test_numpy_packbits_and_sentence_transformers_round_trip(dim):
     np.testing.assert_array_equal(from_st_binary(st_binary, dim), codes)
 
 
+@pytest.mark.slow  # importing sentence-transformers (torch) costs ~10-60 s of the default suite
 def test_sentence_transformers_quantize_embeddings_layout():
     from sentence_transformers.util.quantization import quantize_embeddings
 
