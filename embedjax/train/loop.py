@@ -372,11 +372,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                 if end < num_steps:
                     status = "stopped_after"
         checkpointer.wait()
+    except BaseException:
+        metric_log.close()
+        raise
     finally:
         if progress is not None:
             progress.close()
         checkpointer.close()
-        metric_log.close()
 
     final_step = int(jax.device_get(state.step))
     summary = {
@@ -410,6 +412,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                 hf.export_pretrained(export_dir, model_config, host_params, folder, pooling=pooling,
                                      normalize=cfg.model.normalize, max_length=cfg.model.max_length, overwrite=True)
             summary["export"] = str(export_dir.absolute())
+    metric_log.close()
     if is_main:
         _write_json_atomic(workdir / "summary.json", summary)
     where = {k: summary[k] for k in ("checkpoint", "metrics_log", "tensorboard", "export") if summary.get(k)}

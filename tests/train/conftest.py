@@ -43,7 +43,12 @@ def reference_run(tmp_path_factory, tfds_cache, data_dir):
     from embedjax.train.loop import train
 
     workdir = tmp_path_factory.mktemp("reference")
+    # A 24-pair slice of STS-B dev (same file format) exercises evaluation before and after.
+    sts_slice = tmp_path_factory.mktemp("sts") / "sts-dev-slice.csv"
+    lines = (data_dir / "stsb" / "sts-dev.csv").read_text(encoding="utf-8").splitlines()[:24]
+    sts_slice.write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = tiny_config("train.num_steps=40", "checkpoint.every_steps=5", "mesh.num_devices=1",
-                      f"data.cache_dir={tfds_cache}", "export.enabled=True")
+                      f"data.cache_dir={tfds_cache}", "export.enabled=True", f"eval.sts={sts_slice}",
+                      "eval.at_start=True")
     summary = train(cfg, workdir, log=lambda m: None)
     return workdir, summary, read_losses(workdir)

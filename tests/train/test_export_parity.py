@@ -16,6 +16,10 @@ def test_exported_run_loads_in_sentence_transformers_with_the_same_embeddings(re
 
     workdir, summary, _ = reference_run
     export = summary["export"]
+    # The run evaluated its STS slice before and after training and logged both.
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert set(before) == set(after) and "sts-dev-slice/spearman_cosine" in after
+    assert before != after
     s1, s2, _ = read_sts(data_dir / "stsb" / "sts-dev.csv")
     texts = s1[:40] + s2[:40]
 
