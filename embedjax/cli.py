@@ -101,7 +101,10 @@ def _bench_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(bench_pkg.__path__) if m.name not in BENCH_SKIP)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The full parser. Bench modules are imported only when ``bench`` is the command: some set
+    XLA flags (fake device counts) at import, which must not leak into ``train`` or ``eval``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m embedjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -137,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks; each prints one JSON line and appends to BENCHMARKS.md")
     bench_sub = p.add_subparsers(dest="bench", required=True)
+    importing = bool(argv) and argv[0] == "bench"
     for name in _bench_modules():
+        if not importing:
+            bench_sub.add_parser(name)
+            continue
         module = importlib.import_module(f"embedjax.bench.{name}")
         bp = bench_sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else "")
         module.add_arguments(bp)
@@ -157,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not getattr(args, "accepts_overrides", False):
@@ -165,7 +172,7 @@ def main(argv=None) -> int:
         args.overrides = list(getattr(args, "overrides", None) or []) + extra
     try:
         result = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         print(json.dumps({"command": args.command, "error": str(err)}))
         return 2
