@@ -48,7 +48,9 @@ def retrieval_from_embeddings(q_emb, d_emb, query_ids: Sequence[str], doc_ids: S
 def retrieval(encoder, corpus, queries, qrels, k_values: Iterable[int] = (1, 10, 100), *,
               quantization: str | None = None, dims: int | None = None, batch_size: int = 64,
               query_prompt: str | None = None, document_prompt: str | None = None,
-              show_progress: bool = False, per_query: bool = False) -> dict:
+              show_progress: bool = False, per_query: bool = False, hubness_correction: str | None = None,
+              query_bank: Sequence[str] | None = None, hubness_temperature: float = 0.05,
+              hubness_dynamic: bool = False) -> dict:
     """Embed queries and corpus with ``encoder`` and evaluate retrieval (metrics x100).
 
     Args:
@@ -57,7 +59,17 @@ def retrieval(encoder, corpus, queries, qrels, k_values: Iterable[int] = (1, 10,
         qrels: ``{query_id: {doc_id: grade}}``.
         quantization: None/"float32", or a compressed setting (``"int8"``, ``"binary+rescore"``, ...).
         dims: Matryoshka truncation of the embeddings before search.
+        hubness_correction: None, or ``"inverted_softmax"`` (QB-Norm query-bank normalisation):
+            each document's scores are divided by its softmax mass over ``query_bank`` (reference
+            query texts, never the test queries) at ``hubness_temperature``; see
+            ``embedjax.eval.querybank``.
     """
+    if hubness_correction not in (None, "inverted_softmax"):
+        raise ValueError(f"hubness_correction={hubness_correction!r}; use None or 'inverted_softmax'")
+    if hubness_correction and not query_bank:
+        raise ValueError("hubness_correction='inverted_softmax' needs query_bank: a list of reference query texts")
+    if hubness_correction and (quantization not in (None, "float32") or dims is not None):
+        raise ValueError("hubness_correction works on float32 full-dimension scores; drop quantization/dims")
     judged = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())]
     if not judged:
         raise ValueError("no query in `queries` has a relevant document in `qrels`: check the ids match")
@@ -68,5 +80,12 @@ def retrieval(encoder, corpus, queries, qrels, k_values: Iterable[int] = (1, 10,
                            show_progress=show_progress)
     d_emb = encoder.encode([document_text(corpus[d]) for d in doc_ids], batch_size=batch_size,
                            prompt=document_prompt, show_progress=show_progress)
+    if hubness_correction:
+        from embedjax.eval.querybank import querybank_retrieval_from_embeddings
+
+        bank_emb = encoder.encode(list(query_bank), batch_size=batch_size, prompt=query_prompt)
+        return querybank_retrieval_from_embeddings(q_emb, d_emb, bank_emb, judged, doc_ids, qrels, k_values,
+                                                   temperature=hubness_temperature, dynamic=hubness_dynamic,
+                                                   per_query=per_query)
     return retrieval_from_embeddings(q_emb, d_emb, judged, doc_ids, qrels, k_values, quantization=quantization,
                                      dims=dims, per_query=per_query)
