@@ -38,13 +38,18 @@ def matryoshka_loss(loss_fn: Callable, dims: Sequence[int], weights: Sequence[fl
         spec_dims, spec_weights = val.matryoshka_spec(dims, weights, full)
         total = jnp.float32(0.0)
         for dim, weight in zip(spec_dims, spec_weights):
-            args = [_truncate(x, dim, normalize) for x in embeddings]
-            kw = {k: (_truncate(v, dim, normalize) if k in embedding_kwargs and v is not None else v)
-                  for k, v in kwargs.items()}
-            total = total + weight * loss_fn(*args, **kw)
+            total = total + weight * _loss_at_dim(loss_fn, embeddings, kwargs, dim, normalize, embedding_kwargs)
         return total
 
     return wrapped
+
+
+def _loss_at_dim(loss_fn: Callable, embeddings, kwargs: dict, dim: int, normalize: bool, embedding_kwargs):
+    """``loss_fn`` on the first ``dim`` features of the embeddings and of the embedding-valued kwargs."""
+    args = [_truncate(x, dim, normalize) for x in embeddings]
+    kw = {k: (_truncate(v, dim, normalize) if k in embedding_kwargs and v is not None else v)
+          for k, v in kwargs.items()}
+    return loss_fn(*args, **kw)
 
 
 def starbucks_loss(loss_fn: Callable, layer_dims: Sequence[tuple[int, int]], weights: Sequence[float] | None = None, *,
@@ -72,10 +77,7 @@ def starbucks_loss(loss_fn: Callable, layer_dims: Sequence[tuple[int, int]], wei
             embeddings = layer_embeddings[layer]
             if not 1 <= dim <= embeddings[0].shape[-1]:
                 raise ValueError(f"starbucks pair ({layer}, {dim}): dim must be in [1, {embeddings[0].shape[-1]}]")
-            args = [_truncate(x, dim, normalize) for x in embeddings]
-            kw = {k: (_truncate(v, dim, normalize) if k in embedding_kwargs and v is not None else v)
-                  for k, v in kwargs.items()}
-            total = total + weight * loss_fn(*args, **kw)
+            total = total + weight * _loss_at_dim(loss_fn, embeddings, kwargs, dim, normalize, embedding_kwargs)
         return total
 
     return wrapped
