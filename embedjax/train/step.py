@@ -21,6 +21,11 @@ from embedjax.train.state import TrainState
 LOSSES_FOR_KIND = {"sts": ("cosent",), "retrieval": ("infonce",)}
 
 
+
+def global_l2_norm(tree) -> jax.Array:
+    """L2 norm of all leaves together, in float32 (optax renamed its own across versions we support)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)))
+
 def _flatten_negatives(tokens_bkl: dict) -> dict:
     return {name: array.reshape(-1, array.shape[-1]) for name, array in tokens_bkl.items()}
 
@@ -168,7 +173,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": global_l2_norm(grads),
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
