@@ -14,7 +14,7 @@ import pathlib
 import pkgutil
 import sys
 
-BENCH_SKIP = {"report"}
+BENCH_SKIP = {"report", "timing"}  # helpers, not benchmarks
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:

@@ -44,6 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--time-batch", type=int, default=4096, help="global batch for step timing")
     parser.add_argument("--time-dim", type=int, default=128, help="embedding dim for step timing")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--skip-max-batch", action="store_true",
+                        help="skip the largest-batch search (dozens of compiles: minutes on a GPU)")
     parser.add_argument("--no-report", action="store_true", help="do not append a row to BENCHMARKS.md")
 
 
@@ -134,13 +136,13 @@ def run(args) -> dict:
     # 2. Largest global batch under the per-device budget (compiled, not executed).
     budget = int(args.budget_gib * GIB)
     tile = args.tile or ring.DEFAULT_TILE
-    for name, fn in fns.items():
+    for name, fn in ({} if args.skip_max_batch else fns).items():
         step = n * tile
         batch, used, tried = largest_batch(fn, args.dim, budget, step, args.max_search_batch)
         result[f"{name}_max_batch_{args.budget_gib:g}gib"] = batch
         result[f"{name}_max_batch_footprint_gib"] = round(used / GIB, 2)
         result[f"{name}_max_batch_compiles"] = len(tried)
-    result["max_batch_method"] = "compiled at doubling sizes then bisected (multiples of devices x tile); footprint = temp + args + outputs per device"
+    result["max_batch_method"] = "skipped" if args.skip_max_batch else "compiled at doubling sizes then bisected (multiples of devices x tile); footprint = temp + args + outputs per device"
 
     # 3. Step time medians (executed).
     rng = np.random.default_rng(0)

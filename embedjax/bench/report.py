@@ -33,6 +33,9 @@ def device_description() -> str:
 
 
 def git_commit() -> str:
+    """Short hash of HEAD; ``EMBEDJAX_COMMIT`` names it where the tree travels without .git (a lent GPU)."""
+    if os.environ.get("EMBEDJAX_COMMIT"):
+        return os.environ["EMBEDJAX_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"

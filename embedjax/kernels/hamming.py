@@ -55,9 +55,11 @@ def _hamming_tile(q_refs, x_refs, offset, block_n):
 @functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "target_splits", "interpret"))
 def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=64, interpret=False):
     words = next_pow2(q_codes.shape[1])
-    # Zero words XOR to zero, so padding the width adds nothing to a distance.
-    q = pad_axis(q_codes, 1, words)
-    x_t = pad_axis(x_codes, 1, words).T  # corpus axis last: tiles are [words, block_n]
+    # Zero words XOR to zero, so padding the width adds nothing to a distance. The kernel sees
+    # the bits as int32: XOR and popcount ignore signedness, and Triton compiles popcount of
+    # signed words (uint32 words failed to compile on an H200, jax 0.11.2).
+    q = lax.bitcast_convert_type(pad_axis(q_codes, 1, words), jnp.int32)
+    x_t = lax.bitcast_convert_type(pad_axis(x_codes, 1, words), jnp.int32).T  # corpus axis last: tiles [words, block_n]
     s, i = running_topk_call(
         _hamming_tile, (q,), (x_t,), n_valid, k,
         block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,

@@ -1,0 +1,181 @@
+"""``python -m embedjax bench kernels``: Pallas top-k kernels against their XLA twins and the roofline.
+
+On the device JAX sees (meant for a GPU, where the Pallas kernels compile through
+Triton; on CPU they run in interpret mode, so keep ``--n`` tiny there) it:
+
+* measures the two ceilings in the same run (``embedjax.bench.timing``): memory
+  bandwidth from an elementwise pass (bytes read + written) and the dense bf16
+  matrix-product rate;
+* for the Hamming search (``--bits``-bit codes) and the int8 inner-product search
+  (``--dim`` dims) over ``--n`` random corpus vectors, at each query batch and k,
+  runs the Pallas kernel at each ``--blocks`` setting and the XLA twin, checks that
+  they return the same distances/scores and ids (exactly: both reduce integers and
+  break ties toward the smaller id), and reports median times, the corpus bytes
+  streamed per second as a fraction of the measured bandwidth, and the arithmetic
+  rate (word XOR+popcounts per second for Hamming, int8 TOPS for int8).
+
+Rows go to BENCHMARKS.md ("Kernels on an accelerator (issue 5)") unless --no-report.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embedjax.bench.timing import copy_bandwidth_gbs, matmul_tflops, median_seconds, sig
+
+SECTION = "Kernels on an accelerator (issue 5)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=4_000_000, help="corpus vectors (random)")
+    parser.add_argument("--bits", type=int, default=1024, help="Hamming code length (multiple of 32)")
+    parser.add_argument("--dim", type=int, default=384, help="int8 code dimension")
+    parser.add_argument("--queries", default="64,512", help="comma-separated query batch sizes")
+    parser.add_argument("--k", default="10,100", help="comma-separated k values")
+    parser.add_argument("--blocks", default="16x128", help="Pallas block_q x block_n settings, comma-separated")
+    parser.add_argument("--paths", default="hamming,int8", help="which searches to run")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per cell (median reported)")
+    parser.add_argument("--bandwidth-mib", type=int, default=2048, help="buffer size of the bandwidth ceiling")
+    parser.add_argument("--matmul-size", type=int, default=8192, help="size of the bf16 matmul ceiling")
+    parser.add_argument("--no-report", action="store_true", help="do not append rows to BENCHMARKS.md")
+
+
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """'16x128,32x64' -> [(16, 128), (32, 64)]; both sides powers of two (Triton tiles need it)."""
+    out = []
+    for part in text.split(","):
+        try:
+            bq, bn = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--blocks entries look like 16x128 (block_q x block_n); got {part!r}") from None
+        if bq < 1 or bn < 1 or bq & (bq - 1) or bn & (bn - 1):
+            raise ValueError(f"--blocks sizes must be powers of two; got {part!r}")
+        out.append((bq, bn))
+    return out
+
+
+def _hamming_searches(q_codes, x_codes, n):
+    from embedjax.kernels.hamming import hamming_topk_pallas, hamming_topk_xla
+
+    interpret = jax.default_backend() not in ("gpu", "tpu")
+
+    def pallas(k, bq, bn):
+        return lambda: hamming_topk_pallas(q_codes, x_codes, k, n, block_q=bq, block_n=bn, interpret=interpret)
+
+    def xla(k):
+        return lambda: hamming_topk_xla(q_codes, x_codes, k, n)
+
+    return pallas, xla
+
+
+def _int8_searches(q, x, q_scale, x_scale, n):
+    from embedjax.kernels.lowbit import _lowbit_pallas, _lowbit_xla
+
+    interpret = jax.default_backend() not in ("gpu", "tpu")
+    q_offset = jnp.zeros((q.shape[0],), jnp.float32)
+
+    def pallas(k, bq, bn):
+        return lambda: _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n, kind="int8", block_q=bq, block_n=bn,
+                                      interpret=interpret)
+
+    def xla(k):
+        return lambda: _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n, kind="int8")
+
+    return pallas, xla
+
+
+def _mismatches(got, want) -> int:
+    """Rows of (values, ids) where the two searches disagree anywhere."""
+    (gv, gi), (wv, wi) = [(np.asarray(v), np.asarray(i)) for v, i in (got, want)]
+    return int(np.sum(np.any((gv != wv) | (gi != wi), axis=1)))
+
+
+def _cells(kind, searches, qs, ks, blocks, corpus_bytes, ops_per_query, repeats, ceilings):
+    """One row per (queries, k, implementation); Pallas rows carry the check against the twin."""
+    rows = []
+    for q, (pallas, xla) in searches.items():
+        for k in ks:
+            reference = xla(k)
+            want = jax.block_until_ready(reference())
+            variants = [("xla", None, reference)] + [(f"pallas {bq}x{bn}", (bq, bn), pallas(k, bq, bn)) for bq, bn in blocks]
+            base = None
+            for name, _, fn in variants:
+                row = dict(kernel=kind, impl=name, queries=q, k=k, error="")
+                try:
+                    got = jax.block_until_ready(fn())
+                    seconds = median_seconds(fn, repeats, warmup=0)
+                except Exception as err:  # a kernel that fails to lower is a result to report, not a crash
+                    row.update(error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                    rows.append(row)
+                    continue
+                base = seconds if name == "xla" else base
+                row.update(
+                    ms=sig(seconds * 1e3),
+                    speedup_vs_xla=sig(base / seconds, 3) if base else None,
+                    rows_differing_from_xla=_mismatches(got, want),
+                    corpus_GBps=sig(corpus_bytes / seconds / 1e9),
+                    fraction_of_bandwidth=sig(corpus_bytes / seconds / 1e9 / ceilings["bandwidth_GBps"]),
+                    tera_ops_per_s=sig(q * ops_per_query / seconds / 1e12),
+                )
+                rows.append(row)
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    from embedjax.bench.report import append_row, device_description
+
+    qs = [int(v) for v in args.queries.split(",")]
+    ks = [int(v) for v in args.k.split(",")]
+    blocks = parse_blocks(args.blocks)
+    paths = [p for p in args.paths.split(",") if p]
+    if unknown := set(paths) - {"hamming", "int8"}:
+        raise ValueError(f"--paths may name hamming and int8; got {sorted(unknown)}")
+    if args.bits % 32:
+        raise ValueError(f"--bits must be a multiple of 32; got {args.bits}")
+    if max(ks) > args.n:
+        raise ValueError(f"k={max(ks)} is larger than --n={args.n}")
+
+    ceilings = dict(bandwidth_GBps=sig(copy_bandwidth_gbs(args.bandwidth_mib << 20)),
+                    bf16_matmul_TFLOPs=sig(matmul_tflops(args.matmul_size)))
+    key = jax.random.key(0)
+    rows = []
+    if "hamming" in paths:
+        words = args.bits // 32
+        x = jax.random.bits(key, (args.n, words), jnp.uint32)
+        searches = {q: _hamming_searches(jax.random.bits(jax.random.fold_in(key, q), (q, words), jnp.uint32), x, args.n)
+                    for q in qs}
+        # Per query and corpus word: one XOR, one popcount, one add.
+        rows += _cells("hamming", searches, qs, ks, blocks, x.nbytes, 3 * args.n * words, args.repeats, ceilings)
+        del x, searches
+    if "int8" in paths:
+        kx, ks_ = jax.random.split(jax.random.fold_in(key, 1))
+        x = jax.random.randint(kx, (args.n, args.dim), -127, 128, jnp.int32).astype(jnp.int8)
+        x_scale = jax.random.uniform(ks_, (args.n,), jnp.float32, 0.5, 1.5)
+        searches = {}
+        for q in qs:
+            kq = jax.random.fold_in(key, 1000 + q)
+            q_codes = jax.random.randint(kq, (q, args.dim), -127, 128, jnp.int32).astype(jnp.int8)
+            searches[q] = _int8_searches(q_codes, x, jnp.ones((q,), jnp.float32), x_scale, args.n)
+        # Per query and corpus code: one multiply-add per dimension (2 ops).
+        rows += _cells("int8", searches, qs, ks, blocks, x.nbytes, 2 * args.n * args.dim, args.repeats, ceilings)
+        del x, searches
+
+    device = device_description()
+    for row in rows:
+        row.update(device=device, n=args.n, **ceilings)
+        if not args.no_report:
+            append_row(SECTION, row)
+    bad = [r for r in rows if r.get("rows_differing_from_xla")]
+    return dict(bench="kernels", device=device, n=args.n, bits=args.bits, dim=args.dim, **ceilings,
+                all_match_xla=not bad and not any(r["error"] for r in rows), rows=rows)
+
+
+if __name__ == "__main__":  # `python -m embedjax.bench.kernels` runs without the CLI's optional imports
+    import json
+
+    _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    print(json.dumps(run(_parser.parse_args())))

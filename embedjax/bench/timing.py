@@ -1,0 +1,55 @@
+"""Timing and roofline ceilings shared by the accelerator benchmarks.
+
+Device work is asynchronous, so every timed call ends in ``jax.block_until_ready``;
+the first call (compilation, autotuning) is never timed. The ceilings are measured
+on the device in the same run as the code they judge, because datasheet rates are
+only leads (a board's clocks, memory and power limit move them).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def copy_bandwidth_gbs(nbytes: int, repeats: int = 10) -> float:
+    """Device memory bandwidth in GB/s from an elementwise pass over ``nbytes`` of uint32.
+
+    ``x ^ 1`` reads and writes every word once and cannot be elided by XLA; the bytes
+    counted are those read plus those written (2 * nbytes).
+    """
+    words = max(1, nbytes // 4)
+    x = jax.random.bits(jax.random.key(0), (words,), jnp.uint32)
+    flip = jax.jit(lambda v: v ^ jnp.uint32(1))
+    seconds = median_seconds(lambda: flip(x), repeats)
+    return 2 * words * 4 / seconds / 1e9
+
+
+def matmul_tflops(size: int, dtype=jnp.bfloat16, repeats: int = 10) -> float:
+    """Dense ``size``^3 matrix product rate in TFLOP/s on random (never zero) operands."""
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (size, size), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (size, size), jnp.float32).astype(dtype)
+    product = jax.jit(lambda u, v: u @ v)
+    seconds = median_seconds(lambda: product(a, b), repeats)
+    return 2 * size ** 3 / seconds / 1e12
+
+
+def sig(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant digits (tiny CPU rates must not print as 0.0)."""
+    return float(f"{value:.{digits}g}")

@@ -1,0 +1,184 @@
+"""``python -m embedjax bench train_step``: one contrastive training step, embedjax against PyTorch.
+
+The model-level half of training speed, on whatever device JAX and PyTorch see (a
+GPU when lent; the whole-pipeline comparison with sentence-transformers on real
+data is ``bench train``). Both sides train the same randomly initialised
+BERT shape (MiniLM-L6 by default) on the same random token batches:
+``--batch`` (query, document) pairs of up to ``--seq`` tokens with random padding,
+mean pooling, L2 normalisation, in-batch InfoNCE at temperature 0.05, dropout on,
+AdamW. embedjax: one ``jax.jit`` step (bf16 activations, float32 softmax, layer
+norm and master weights, donated state). PyTorch: ``transformers.BertModel`` with
+SDPA attention under bf16 autocast and fused AdamW, the way the
+sentence-transformers trainer runs it (eager, no ``torch.compile``).
+
+Reports pairs/s of both (median step time over ``--steps`` after warm-up), their
+ratio, and the model FLOPs utilisation against the bf16 matmul rate measured in
+the same run.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+SECTION = "Train step on an accelerator (issue 4)"
+TEMPERATURE = 0.05
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--batch", type=int, default=256, help="(query, document) pairs per step")
+    parser.add_argument("--seq", type=int, default=128, help="padded sequence length")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per side (median reported)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--no-torch", action="store_true", help="time embedjax only")
+    parser.add_argument("--matmul-size", type=int, default=8192, help="size of the bf16 matmul ceiling")
+    parser.add_argument("--no-report", action="store_true", help="do not append the row to BENCHMARKS.md")
+
+
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
+    """Token ids int32 [2B, L] (queries then documents) and a right-padded mask [2B, L] with
+    lengths uniform in [L/4, L]; the first column is [CLS]-like (id 101) as in real batches."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, vocab, size=(2 * batch, seq), dtype=np.int32)
+    ids[:, 0] = 101
+    lengths = rng.integers(max(1, seq // 4), seq + 1, size=2 * batch)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    return ids * mask, mask
+
+
+def train_flops(batch: int, seq: int, layers: int, hidden: int, intermediate: int) -> float:
+    """Matmul FLOPs of one training step (forward x 3) over 2*batch padded sequences.
+
+    Per token and layer: QKV + output projections 8 h^2, the MLP 4 h i (2 FLOPs per MAC);
+    per sequence and layer: scores and values 4 L^2 h. Embedding lookups are not matmuls.
+    """
+    sequences = 2 * batch
+    per_layer = sequences * seq * (8 * hidden ** 2 + 4 * hidden * intermediate) + sequences * 4 * seq ** 2 * hidden
+    return 3.0 * layers * per_layer
+
+
+def _embedjax_step_seconds(args, ids, mask) -> tuple[float, float]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from embedjax.bench.timing import median_seconds
+    from embedjax.losses import infonce
+    from embedjax.models.bert import BertConfig, BertModel, parse_dtype
+    from embedjax.models.poolers import l2_normalize, mean_pool
+
+    cfg = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                     intermediate_size=args.intermediate, max_position_embeddings=max(512, args.seq))
+    model = BertModel(cfg, dtype=parse_dtype(args.dtype))
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    params = model.init(jax.random.key(0), ids[:2], mask[:2])["params"]
+    tx = optax.adamw(2e-5, weight_decay=0.01)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, rng):
+        hidden, _ = model.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": rng})
+        emb = l2_normalize(mean_pool(hidden, mask).astype(jnp.float32))
+        return infonce(emb[: args.batch], emb[args.batch:], temperature=TEMPERATURE)
+
+    @jax.jit
+    def step(p, s, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(p, rng)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    state = {"p": params, "s": opt_state, "i": 0}
+
+    def one():
+        state["i"] += 1
+        state["p"], state["s"], loss = step(state["p"], state["s"], jax.random.key(state["i"]))
+        return loss
+
+    seconds = median_seconds(one, args.steps, warmup=2)
+    return seconds, float(one())
+
+
+def _torch_step_seconds(args, ids, mask) -> tuple[float, float, str]:
+    import time
+
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                     num_attention_heads=args.heads, intermediate_size=args.intermediate,
+                                     max_position_embeddings=max(512, args.seq), attn_implementation="sdpa")
+    model = transformers.BertModel(config, add_pooling_layer=False).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=device == "cuda")
+    ids_t = torch.as_tensor(ids, dtype=torch.long, device=device)
+    mask_t = torch.as_tensor(mask, dtype=torch.long, device=device)
+    labels = torch.arange(args.batch, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def one() -> float:
+        with autocast:
+            hidden = model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+            m = mask_t.unsqueeze(-1).to(hidden.dtype)
+            emb = F.normalize(((hidden * m).sum(1) / m.sum(1)).float(), dim=-1)
+            loss = F.cross_entropy(emb[: args.batch] @ emb[args.batch:].T / TEMPERATURE, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        one()
+    sync()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = one()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(loss.detach()), device
+
+
+def run(args: argparse.Namespace) -> dict:
+    from embedjax.bench.report import append_row, device_description
+    from embedjax.bench.timing import matmul_tflops, sig
+
+    if args.batch < 2 or args.seq < 2 or args.steps < 1:
+        raise ValueError("--batch and --seq must be >= 2 and --steps >= 1")
+    if args.hidden % args.heads:
+        raise ValueError(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
+    ids, mask = random_batch(args.batch, args.seq, args.vocab)
+    flops = train_flops(args.batch, args.seq, args.layers, args.hidden, args.intermediate)
+    ceiling = matmul_tflops(args.matmul_size)
+    ours, our_loss = _embedjax_step_seconds(args, ids, mask)
+    result = dict(bench="train_step", device=device_description(), batch_pairs=args.batch, seq=args.seq,
+                  layers=args.layers, hidden=args.hidden, dtype=args.dtype,
+                  embedjax_ms=sig(ours * 1e3), embedjax_pairs_per_s=sig(args.batch / ours),
+                  embedjax_mfu=sig(flops / ours / 1e12 / ceiling), bf16_matmul_TFLOPs=sig(ceiling),
+                  embedjax_final_loss=sig(our_loss))
+    if not args.no_torch:
+        theirs, their_loss, torch_device = _torch_step_seconds(args, ids, mask)
+        result.update(torch_device=torch_device, torch_ms=sig(theirs * 1e3),
+                      torch_pairs_per_s=sig(args.batch / theirs),
+                      torch_mfu=sig(flops / theirs / 1e12 / ceiling), torch_final_loss=sig(their_loss),
+                      speedup_vs_torch=sig(theirs / ours))
+    if not args.no_report:
+        append_row(SECTION, {k: v for k, v in result.items() if k != "bench"})
+    return result
+
+
+if __name__ == "__main__":  # `python -m embedjax.bench.train_step` runs without the CLI's optional imports
+    import json
+
+    _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    print(json.dumps(run(_parser.parse_args())))

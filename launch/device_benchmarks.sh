@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The accelerator benchmarks in one call, for a lent GPU (or any machine with one):
+# ceilings, Pallas kernels compiled for the device vs their XLA twins, the ring loss,
+# and a training step against PyTorch. Each bench appends its rows to BENCHMARKS.md;
+# a failed bench is reported and the others still run.
+#
+#   EMBEDJAX_COMMIT=$(git rev-parse --short HEAD) launch/device_benchmarks.sh [OUT_DIR]
+#
+# OUT_DIR (default: bench_out) receives each bench's JSON line, its log and a copy of
+# BENCHMARKS.md. Runs with the python3 on PATH and the repo on PYTHONPATH (no install:
+# the modules used need only jax, flax, optax, numpy, torch and transformers).
+set -uo pipefail
+out="${1:-bench_out}"
+mkdir -p "$out"
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch and JAX share the card in train_step
+py="${PYTHON:-python3}"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+"$py" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$out/gpu.txt"
+
+bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time limit, keep its JSON line and log
+  local name="$1" limit="$2" module="$3"; shift 3
+  local start=$SECONDS
+  if timeout "$limit" "$py" -m "embedjax.bench.$module" "$@" >"$out/$name.json" 2>"$out/$name.log"; then
+    echo "== $name ok ($((SECONDS - start)) s)"
+  else
+    echo "== $name FAILED ($((SECONDS - start)) s); last lines of its log:"; tail -n 15 "$out/$name.log"
+  fi
+}
+
+bench kernels 220 kernels --n 2000000 --queries 64,512 --k 10,100 --blocks 16x128,32x128,64x64 --repeats 5
+bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
+bench train_step_b1024 80 train_step --batch 1024 --seq 128 --steps 10
+bench loss 150 loss --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --budget-gib 120 --max-search-batch 1048576 --repeats 5
+cp BENCHMARKS.md "$out/BENCHMARKS.md"
+"$py" - "$out" <<'PY'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    text = path.read_text().strip().splitlines()
+    if not text:
+        continue
+    res = json.loads(text[-1])
+    rows = res.pop("rows", [])
+    print(path.stem, {k: v for k, v in res.items() if not isinstance(v, dict)})
+    for r in rows:
+        print("  ", {k: r.get(k) for k in ("kernel", "impl", "queries", "k", "ms", "speedup_vs_xla", "rows_differing_from_xla", "fraction_of_bandwidth", "tera_ops_per_s", "error") if k in r})
+PY

@@ -1,0 +1,83 @@
+"""The accelerator benchmarks (`bench kernels`, `bench train_step`) on tiny CPU sizes.
+
+Their numbers only mean something on a GPU (launch/device_benchmarks.sh); here we
+check that they run end to end through the CLI, that the Pallas-vs-XLA check they
+report really compares results, and the FLOP count they divide by.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from embedjax.bench import kernels, timing, train_step
+
+
+def _bench(*argv):
+    proc = subprocess.run([sys.executable, "-m", "embedjax", "bench", *argv, "--no-report"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_bench_runs_pallas_against_the_xla_twin_and_finds_them_equal():
+    # 1,000 rows (not a multiple of block_n) and 7 queries (not a multiple of block_q).
+    out = _bench("kernels", "--n", "1000", "--bits", "96", "--dim", "20", "--queries", "7", "--k", "5",
+                 "--blocks", "8x128", "--repeats", "1", "--bandwidth-mib", "4", "--matmul-size", "64")
+    assert out["all_match_xla"] is True
+    impls = {(r["kernel"], r["impl"]) for r in out["rows"]}
+    assert impls == {("hamming", "xla"), ("hamming", "pallas 8x128"), ("int8", "xla"), ("int8", "pallas 8x128")}
+    for row in out["rows"]:
+        assert row["error"] == "" and row["rows_differing_from_xla"] == 0 and row["ms"] > 0
+    assert out["bandwidth_GBps"] > 0 and out["bf16_matmul_TFLOPs"] > 0
+
+
+def test_mismatch_count_sees_a_single_changed_id():
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ids = np.arange(12, dtype=np.int32).reshape(3, 4)
+    other = ids.copy()
+    other[1, 3] += 100
+    assert kernels._mismatches((values, ids), (values, ids)) == 0
+    assert kernels._mismatches((values, other), (values, ids)) == 1
+
+
+def test_block_settings_are_validated():
+    assert kernels.parse_blocks("16x128,64x64") == [(16, 128), (64, 64)]
+    for bad in ("16", "12x128", "16x0", "axb"):
+        with pytest.raises(ValueError, match="--blocks"):
+            kernels.parse_blocks(bad)
+
+
+def test_train_flops_by_hand():
+    # batch 2 pairs -> 4 sequences of 8 tokens, 1 layer, hidden 4, intermediate 8:
+    # projections 8*16 + MLP 4*4*8 = 256 per token -> 4*8*256 = 8192; attention 4 * 4*64*4 = 4096.
+    assert train_step.train_flops(2, 8, 1, 4, 8) == 3 * (8192 + 4096)
+
+
+def test_random_batch_is_right_padded_and_starts_with_cls():
+    ids, mask = train_step.random_batch(5, 16, 3000, seed=1)
+    assert ids.shape == mask.shape == (10, 16)
+    assert (ids[:, 0] == 101).all() and (mask[:, 0] == 1).all()
+    assert (np.diff(mask, axis=1) <= 0).all(), "padding must be on the right"
+    assert ((ids == 0) == (mask == 0)).all()
+    assert mask.sum(1).min() >= 4
+
+
+@pytest.mark.slow  # two subprocesses importing JAX and torch: ~50 s on 2 cores
+def test_train_step_bench_trains_both_sides():
+    out = _bench("train_step", "--layers", "1", "--hidden", "16", "--heads", "2", "--intermediate", "32",
+                 "--vocab", "1200", "--batch", "4", "--seq", "8", "--steps", "2", "--matmul-size", "64")
+    assert out["torch_device"] == "cpu"
+    # With unit-norm embeddings every logit lies in [-1/T, 1/T], so in-batch InfoNCE over 4 pairs
+    # is bounded by 2/T + ln 4 (a missing normalisation or temperature would break the bound).
+    bound = 2 / train_step.TEMPERATURE + np.log(4)
+    for side in ("embedjax", "torch"):
+        assert 0 < out[f"{side}_final_loss"] < bound
+        assert out[f"{side}_ms"] > 0
+    assert out["speedup_vs_torch"] == pytest.approx(out["torch_ms"] / out["embedjax_ms"], rel=1e-2)
+
+
+def test_significant_digits_keep_tiny_rates_visible():
+    assert timing.sig(0.000123456) == 0.0001235
+    assert timing.sig(3588.04) == 3588.0
