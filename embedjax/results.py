@@ -27,7 +27,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 

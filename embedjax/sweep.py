@@ -19,7 +19,6 @@ they would conflict with, which is an error).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import itertools
 import json
@@ -221,13 +220,9 @@ def _write_json(path: pathlib.Path, payload) -> None:
 
 def load_sweep(config_spec: str) -> list[dict]:
     """``FILE[:ARG]`` -> the file's ``get_sweep()`` (``get_sweep(ARG)`` when it takes an argument)."""
-    path_str, _, arg = config_spec.partition(":")
-    path = pathlib.Path(path_str)
-    if not path.is_file():
-        raise ValueError(f"config file {path_str!r} does not exist; pass --config configs/<name>.py[:ARG]")
-    spec = importlib.util.spec_from_file_location(f"embedjax_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from embedjax.train.config import load_config_module
+
+    module, path_str, arg = load_config_module(config_spec, prefix="embedjax_sweep")
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"config file {path_str!r} defines no get_sweep(); add one returning a list of "
                          "override dicts (see embedjax.sweep.product / with_seeds)")

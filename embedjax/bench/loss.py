@@ -182,29 +182,9 @@ def _append(result: dict) -> None:
     row.update({k: v for k, v in result.items() if "max_batch_16" in k or k.endswith("_step_ms")
                 or "grad_rel_err" in k or "over_6B2d" in k})
     row["time_shape"] = f"{result['time_batch']}x{result['time_dim']}"
-    try:
-        from embedjax.bench.report import append_row
-    except ImportError:   # the shared report writer is not there yet: write the table directly
-        append_row = _append_markdown_row
+    from embedjax.bench.report import append_row
+
     append_row(SECTION, row)
-
-
-def _append_markdown_row(section: str, row: dict, path: str = "BENCHMARKS.md") -> None:
-    """Append ``row`` to the markdown table under ``## section`` (created if missing)."""
-    heading = f"## {section}"
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    header = "| " + " | ".join(row) + " |"
-    line = "| " + " | ".join(str(v) for v in row.values()) + " |"
-    if heading not in text:
-        text = text.rstrip("\n") + f"\n\n{heading}\n\n{header}\n|" + "---|" * len(row) + f"\n{line}\n"
-    else:
-        start = text.index(heading)
-        end = text.find("\n## ", start + len(heading))
-        end = len(text) if end < 0 else end
-        block = text[start:end].rstrip("\n") + "\n" + line + "\n"
-        text = text[:start] + block + ("\n" + text[end:].lstrip("\n") if end < len(text) else "")
-    with open(path, "w") as f:
-        f.write(text)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ def _row(path, ref_name, q, k, n, corpus_bytes, t_ours, t_ref, bandwidth):
 def _hamming_cells(args, rng, qs, ks, bandwidth):
     import faiss
     import jax
-    import jax.numpy as jnp
 
     from embedjax.kernels.hamming import hamming_topk_xla
     from embedjax.quant.binary import to_faiss_bytes

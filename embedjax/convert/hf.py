@@ -14,7 +14,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

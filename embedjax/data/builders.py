@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import pathlib
 import tarfile
@@ -142,6 +141,9 @@ class _LocalSourceBuilder(tfds.core.GeneratorBasedBuilder):
 
     code_path = None
 
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
 
 class StsPairs(_LocalSourceBuilder):
     """Graded sentence pairs (STS-B format)."""
@@ -155,9 +157,6 @@ class StsPairs(_LocalSourceBuilder):
                 {"sentence1": tfds.features.Text(), "sentence2": tfds.features.Text(), "score": np.float32}
             ),
         )
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
 
     def _generate_examples(self):
         from embedjax.data.readers import read_sts
@@ -180,16 +179,17 @@ def _retrieval_features() -> tfds.features.FeaturesDict:
     )
 
 
-class BeirPairs(_LocalSourceBuilder):
-    """(query, relevant document) pairs from a BEIR folder's qrels."""
-
-    VERSION = tfds.core.Version("1.0.0")
+class _RetrievalPairsBuilder(_LocalSourceBuilder):
+    """Base of the builders that yield (query, positive[, negatives]) examples."""
 
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, features=_retrieval_features())
 
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
+
+class BeirPairs(_RetrievalPairsBuilder):
+    """(query, relevant document) pairs from a BEIR folder's qrels."""
+
+    VERSION = tfds.core.Version("1.0.0")
 
     def _generate_examples(self):
         from embedjax.data.readers import read_beir
@@ -219,12 +219,9 @@ class BeirPairs(_LocalSourceBuilder):
 
 def parse_pairs_line(line: str, where: str) -> dict:
     """One generic pairs/triplets JSON line -> retrieval-kind example (validated)."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object with 'query' and 'positive'")
+    from embedjax.data.readers import parse_json_object
+
+    obj = parse_json_object(line, where)
     query = obj.get("query", obj.get("anchor"))
     positive = obj.get("positive")
     if not isinstance(query, str) or not isinstance(positive, str) or not query or not positive:
@@ -245,16 +242,10 @@ def parse_pairs_line(line: str, where: str) -> dict:
     }
 
 
-class JsonlPairs(_LocalSourceBuilder):
+class JsonlPairs(_RetrievalPairsBuilder):
     """Generic pairs / triplets from a JSONL file."""
 
     VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=_retrieval_features())
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
 
     def _generate_examples(self):
         path = self.builder_config.source

@@ -48,6 +48,17 @@ def read_sts(path: str | os.PathLike):
     return s1, s2, np.asarray(scores, dtype=np.float32)
 
 
+def parse_json_object(line: str, where: str) -> dict:
+    """One JSONL line -> its object; ``where`` (file:line) starts the error message."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def _read_jsonl(path: pathlib.Path, required: tuple[str, ...]):
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -55,12 +66,7 @@ def _read_jsonl(path: pathlib.Path, required: tuple[str, ...]):
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object")
+            row = parse_json_object(line, f"{path}:{lineno}")
             missing = [k for k in required if k not in row]
             if missing:
                 raise DataFormatError(f"{path}:{lineno}: missing field(s) {missing}")

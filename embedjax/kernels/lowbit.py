@@ -172,7 +172,6 @@ def _decode_int4(q_refs, start, x_tile, depth_block):
 def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_q=16, block_n=128,
                    target_splits=64, interpret=False):
     if kind == "int4":
-        dim = q.shape[1]
         q2 = pad_axis(q, 1, 2 * x.shape[1])
         q_main, q_extra = q2[:, 0::2], (q2[:, 1::2],)
         depth, decode, acc = x.shape[1], _decode_int4, jnp.int32

@@ -192,15 +192,21 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
     return cfg
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """``FILE[:ARG]`` -> the file's ``get_config(ARG)`` (``get_config()`` without ARG), validated."""
+def load_config_module(spec: str, prefix: str = "embedjax_config"):
+    """``FILE[:ARG]`` -> (the executed config module, FILE, ARG); a missing FILE is a clear error."""
     path_str, _, arg = spec.partition(":")
     path = pathlib.Path(path_str)
     if not path.is_file():
         raise ValueError(f"config file {path_str!r} does not exist; pass --config configs/<name>.py[:ARG]")
-    module_spec = importlib.util.spec_from_file_location(f"embedjax_config_{path.stem}", path)
+    module_spec = importlib.util.spec_from_file_location(f"{prefix}_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module, path_str, arg
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``FILE[:ARG]`` -> the file's ``get_config(ARG)`` (``get_config()`` without ARG), validated."""
+    module, path_str, arg = load_config_module(spec)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path_str!r} defines no get_config(arg) function")
     cfg = module.get_config(arg) if arg else module.get_config()

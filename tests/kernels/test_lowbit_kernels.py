@@ -3,7 +3,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
 
 from embedjax.kernels import fp8_topk, int4_topk, int8_topk
 from embedjax.quant.scalar import np_int4_reference

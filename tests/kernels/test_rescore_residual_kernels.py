@@ -91,7 +91,6 @@ def test_residual_asymmetric(dim, planes, k, n):
 @pytest.mark.parametrize("dim, k, n", [(64, 10, 300), (1024, 100, 140)])
 def test_residual_symmetric_exact(dim, k, n):
     q, x, codes = residual_setup(dim + 1, n, dim, 2)
-    rng = np.random.default_rng(2)
     q_codes = np.array(residual_binarize(q, fit_residual_weights(x, 2)))
     q_codes[1] = codes[3]  # a query equal to a duplicated corpus code
     weights = np.array([1.0, 0.5], np.float32)  # powers of two: float32 scores are exact

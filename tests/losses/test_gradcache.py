@@ -2,7 +2,6 @@
 keys shared between its two passes, while compiled temp memory falls with the sub-batch."""
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -37,6 +37,7 @@ def test_eight_devices_match_one_device(tmp_path, reference_run, tfds_cache):
     assert not np.allclose(_final(ref)[:5], _final(ref)[-5:], atol=1e-2), "the loss should move while training"
 
 
+@pytest.mark.slow  # ~90 s on 2 cores: two processes compile and train while the 1-device reference exists
 def test_two_processes_of_four_devices_match_one_device(tmp_path, reference_run, tfds_cache):
     """launch/local.sh starts 2 cooperating processes (4 fake CPU devices each, gloo over
     localhost); the 8-device job must reproduce the 1-device losses step for step."""
