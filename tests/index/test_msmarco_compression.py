@@ -1,4 +1,6 @@
-"""Compression quality on the shared msmarco subset with the pretrained MiniLM (slow: encodes 5,000 passages).
+"""Compression quality on the shared msmarco subset with the pretrained MiniLM.
+
+The embeddings come from the session-wide cached `msmarco_embeddings` fixture (tests/conftest.py).
 
 Gates from the issue: binary + rescoring keeps >= 98% of float32 nDCG@10,
 int8 >= 99%, fp8 >= 99.5%, and the trained residual binariser beats plain sign
@@ -11,19 +13,16 @@ import pytest
 from embedjax.eval.retrieval import retrieval_from_embeddings
 from embedjax.index import search_embeddings
 
-pytestmark = pytest.mark.slow
-
-
 def ndcg10(emb, quantization):
-    m = retrieval_from_embeddings(emb["q"], emb["d"], emb["query_ids"], emb["doc_ids"], emb["qrels"], (10,),
+    m = retrieval_from_embeddings(emb["q_emb"], emb["d_emb"], emb["query_ids"], emb["doc_ids"], emb["qrels"], (10,),
                                   quantization=quantization)
     return m["ndcg@10"]
 
 
 def overlap10(emb, quantization):
     """Mean fraction of the float32 top-10 that the compressed search also returns."""
-    _, ref = search_embeddings(emb["q"], emb["d"], 10)
-    _, ids = search_embeddings(emb["q"], emb["d"], 10, quantization=quantization)
+    _, ref = search_embeddings(emb["q_emb"], emb["d_emb"], 10)
+    _, ids = search_embeddings(emb["q_emb"], emb["d_emb"], 10, quantization=quantization)
     return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, ref)]))
 
 
