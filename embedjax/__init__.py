@@ -16,6 +16,7 @@ _SUBMODULES = (
     "convert",
     "data",
     "eval",
+    "integrations",
     "index",
     "kernels",
     "losses",
