@@ -43,7 +43,11 @@ def run(args: argparse.Namespace) -> dict:
     sentences = s1 + s2
     folder = resolve_model_dir(args.model)
     enc = ej.Encoder.from_pretrained(folder, dtype=args.dtype)
-    st = SentenceTransformer(str(folder), device="cpu")
+    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch_device == "cuda":
+        # JAX's default float32 matmul precision on GPUs is TF32; give PyTorch the same.
+        torch.set_float32_matmul_precision("high")
+    st = SentenceTransformer(str(folder), device=torch_device)
 
     def run_embedjax():
         enc.encode(sentences, batch_size=args.batch_size)
@@ -71,8 +75,17 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "embedjax_first_call_s": round(warmup_ej, 2),
         "torch_threads": torch.get_num_threads(),
+        "torch_device": torch_device,
         "device": device_description(),
     }
     if not args.no_report:
         append_row(SECTION, result)
     return result
+
+
+if __name__ == "__main__":  # `python -m embedjax.bench.encode` runs without the CLI's optional imports
+    import json
+
+    _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    print(json.dumps(run(_parser.parse_args())))
