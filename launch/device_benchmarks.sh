@@ -6,7 +6,8 @@
 #
 #   EMBEDJAX_COMMIT=$(git rev-parse --short HEAD) launch/device_benchmarks.sh [OUT_DIR]
 #
-# OUT_DIR (default: bench_out) receives each bench's JSON line, its log and a copy of
+# With MODEL_DIR (a sentence-transformers folder) and STS_FILE (STS-B format) set, the
+# encode comparison with sentence-transformers runs too. OUT_DIR (default: bench_out) receives each bench's JSON line, its log and a copy of
 # BENCHMARKS.md. Runs with the python3 on PATH and the repo on PYTHONPATH (no install:
 # the modules used need only jax, flax, optax, numpy, torch and transformers).
 set -uo pipefail
@@ -32,6 +33,9 @@ bench kernels 220 kernels --n 2000000 --queries 64,512 --k 10,100 --blocks 16x12
 bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
 bench train_step_b1024 80 train_step --batch 1024 --seq 128 --steps 10
 bench loss 150 loss --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --budget-gib 120 --max-search-batch 1048576 --repeats 5
+if [[ -n "${MODEL_DIR:-}" && -n "${STS_FILE:-}" ]]; then
+  bench encode_b64 110 encode --model "$MODEL_DIR" --data "$STS_FILE" --batch-size 64 --repeats 5
+fi
 cp BENCHMARKS.md "$out/BENCHMARKS.md"
 "$py" - "$out" <<'PY'
 import json, pathlib, sys
