@@ -138,11 +138,21 @@ def _read_per_query(workdir: pathlib.Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def per_query_key(set_name: str, metric: str, dims: int | None) -> str:
-    return f"{set_name}/{metric}" if dims is None else f"{set_name}/dim={dims}/{metric}"
+BASE_SETTING = (None, None)  # full dimension, float32 search
 
 
-def score_run(run: Mapping, beir: str, dims_list: Sequence[int | None], split: str = "test") -> dict:
+def per_query_key(set_name: str, metric: str, dims: int | None, quantization: str | None = None) -> str:
+    """``SET/[dim=D/][q=QUANT/]METRIC``: where a per-query score table is stored."""
+    parts = [set_name] + ([f"dim={dims}"] if dims is not None else []) + ([f"q={quantization}"] if quantization else [])
+    return "/".join(parts + [metric])
+
+
+def evaluation_settings(dims_list: Sequence[int | None], quantizations: Sequence[str | None]) -> list[tuple]:
+    """Every (dims, quantization) pair scored at evaluation; the first is `BASE_SETTING`."""
+    return [(d, q) for d in dims_list for q in quantizations]
+
+
+def score_run(run: Mapping, beir: str, settings: Sequence[tuple], split: str = "test") -> dict:
     """Per-query retrieval metrics of the run's exported model on a BEIR set (cached in per_query.json)."""
     from embedjax.data.builders import resolve_source
     from embedjax.data.readers import read_beir
@@ -163,11 +173,11 @@ def score_run(run: Mapping, beir: str, dims_list: Sequence[int | None], split: s
     q_emb = encoder.encode([queries[q] for q in judged], batch_size=256)
     d_emb = encoder.encode([document_text(corpus[d]) for d in doc_ids], batch_size=256)
     scores = _read_per_query(run["workdir"])
-    for dims in dims_list:
+    for dims, quantization in settings:
         metrics = retrieval_from_embeddings(q_emb, d_emb, judged, doc_ids, qrels, (1, 2, 10, 100), dims=dims,
-                                            per_query=True)
+                                            quantization=quantization, per_query=True)
         for metric, table in metrics["per_query"].items():
-            scores[per_query_key(set_name, metric, dims)] = table
+            scores[per_query_key(set_name, metric, dims, quantization)] = table
     path = run["workdir"] / PER_QUERY_FILE
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(scores))
@@ -175,7 +185,7 @@ def score_run(run: Mapping, beir: str, dims_list: Sequence[int | None], split: s
     return scores
 
 
-def ensure_per_query(runs: list[dict], beir: str | None, dims_list: Sequence[int | None], metric: str,
+def ensure_per_query(runs: list[dict], beir: str | None, settings: Sequence[tuple], metric: str,
                      split: str = "test", compute: bool = True) -> list[str]:
     """Load (and, where missing, compute) each run's per-query scores; -> the keys every run has for ``metric``."""
     for run in runs:
@@ -184,9 +194,9 @@ def ensure_per_query(runs: list[dict], beir: str | None, dims_list: Sequence[int
         wanted = None
         if set_beir:
             set_name = f"{pathlib.Path(set_beir).name}-{split}"
-            wanted = [per_query_key(set_name, metric, d) for d in dims_list]
+            wanted = [per_query_key(set_name, metric, d, q) for d, q in settings]
         if wanted and compute and not all(k in run["per_query"] for k in wanted):
-            run["per_query"] = score_run(run, set_beir, dims_list, split)
+            run["per_query"] = score_run(run, set_beir, settings, split)
     suffix = "/" + metric
     common = None
     for run in runs:
@@ -277,6 +287,39 @@ def significance_table(runs: Sequence[Mapping], axes: Sequence[tuple[str, ...]],
     return rows
 
 
+def base_key(score_key: str) -> str:
+    """The full-dimension float32 key of the same set and metric: ``SET/dim=8/q=int8/M`` -> ``SET/M``."""
+    parts = score_key.split("/")
+    return "/".join([parts[0]] + [p for p in parts[1:] if not p.startswith(("dim=", "q="))])
+
+
+def evaluation_significance_table(runs: Sequence[Mapping], axes: Sequence[tuple[str, ...]], keys: Sequence[str], *,
+                                  test: str = "permutation", num_samples: int = 10_000, seed: int = 0) -> list[dict]:
+    """Per configuration and per compressed/truncated evaluation setting: a paired test against the same
+    models searched at full dimension in float32 (what the compression costs, query by query)."""
+    from embedjax.eval.significance import paired_bootstrap_test, paired_permutation_test
+
+    run_test = paired_permutation_test if test == "permutation" else paired_bootstrap_test
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(group_key(run, axes), []).append(run)
+    rows = []
+    for key, members in groups.items():
+        context = {axis_label(a): format_axis_value(v) for a, v in zip(axes, key)}
+        for score_key in keys:
+            reference = base_key(score_key)
+            if reference == score_key or reference not in keys:
+                continue
+            a = seed_averaged_scores(members, reference)
+            b = seed_averaged_scores(members, score_key)
+            shared = sorted(set(a) & set(b))
+            result = run_test([a[q] for q in shared], [b[q] for q in shared], num_samples=num_samples, seed=seed)
+            setting = "/".join(p for p in score_key.split("/")[1:-1])
+            rows.append({"axis": "evaluation", "baseline": "float32, full dim", "value": setting, "context": context,
+                         "score": reference, "seeds_a": len(members), "seeds_b": len(members), "test": test, **result})
+    return rows
+
+
 def _cell(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
@@ -341,6 +384,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="BEIR folder scored per query from each run's export (default: the runs' eval.beir)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--dims", default="", help="comma-separated Matryoshka truncations also scored, e.g. 8,16")
+    parser.add_argument("--quantization", default="",
+                        help="comma-separated compressed searches also scored (each at every --dims), e.g. "
+                             "int8,binary+rescore; each is tested against float32 search of the same models")
     parser.add_argument("--test", default="permutation", choices=("permutation", "bootstrap"))
     parser.add_argument("--samples", type=int, default=10_000, help="permutation / bootstrap samples")
     parser.add_argument("--no_score", action="store_true", help="use stored per-query scores only; compute none")
@@ -357,16 +403,33 @@ def _parse_dims(text: str) -> list[int | None]:
     return dims
 
 
+def _parse_quantizations(text: str) -> list[str | None]:
+    """'int8,binary+rescore' -> [None (float32), 'int8', 'binary+rescore']; unknown names are errors."""
+    from embedjax.index import check_quantization
+
+    out: list[str | None] = [None]
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if part in ("float", "float32", "none"):
+            continue
+        try:
+            check_quantization(part)
+        except ValueError as err:
+            raise ValueError(f"--quantization: {err}") from None
+        out.append(part)
+    return out
+
+
 def main(args) -> dict:
     root = pathlib.Path(args.root)
     out_dir = pathlib.Path(args.out) if args.out else root
     runs = load_runs(root)
     axes = infer_axes(runs)
-    dims = _parse_dims(args.dims)
+    settings = evaluation_settings(_parse_dims(args.dims), _parse_quantizations(getattr(args, "quantization", "")))
     patterns = [p.strip() for p in args.metrics.split(",") if p.strip()]
-    keys = ensure_per_query(runs, args.beir, dims, args.test_metric, args.split, compute=not args.no_score)
+    keys = ensure_per_query(runs, args.beir, settings, args.test_metric, args.split, compute=not args.no_score)
     rows = results_table(runs, axes, patterns)
     sig_rows = significance_table(runs, axes, keys, test=args.test, num_samples=args.samples) if keys else []
+    sig_rows += evaluation_significance_table(runs, axes, keys, test=args.test, num_samples=args.samples)
     res_md, res_header, res_csv = results_markdown(rows)
     sig_md, sig_header, sig_csv = significance_markdown(sig_rows)
     out_dir.mkdir(parents=True, exist_ok=True)

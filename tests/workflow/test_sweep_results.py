@@ -279,6 +279,46 @@ def test_results_table_and_paired_tests_on_synthetic_runs(tmp_path, with_records
     assert all(float(r["mean_difference"]) > 5 for r in sig if r["axis"] == "model.pooling")
 
 
+def test_compressed_evaluation_is_tested_against_float_search_of_the_same_models(tmp_path):
+    """Per-query scores under int8 search (planted: 2 points lower on every query, plus noise) are
+    compared, per configuration, with the float32 scores of the same runs."""
+    root, truth = synthetic_root(tmp_path)
+    rng = np.random.default_rng(3)
+    for name, (_, scores, _) in truth.items():
+        path = root / name / "per_query.json"
+        table = json.loads(path.read_text())
+        lower = scores - 2.0 + rng.normal(0, 0.5, size=len(scores))
+        table["limit-small-test/q=int8/ndcg@10"] = dict(zip(QUERIES, lower.tolist()))
+        path.write_text(json.dumps(table))
+        truth[name] = truth[name] + (lower,)
+    code, lines = _cli(["results", root, "--no_score", "--samples", "2000", "--quantization", "int8"])
+    assert code == 0
+    with open(root / "significance.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["axis"] == "evaluation"]
+    assert len(rows) == 4 and {r["value"] for r in rows} == {"q=int8"}
+    order = np.argsort(QUERIES)
+    for r in rows:
+        context = dict(part.split("=", 1) for part in r["context"].split(", "))
+        members = [t for t in truth.values() if t[0]["model.pooling"] == context["model.pooling"]
+                   and str(t[0]["train.matryoshka_dims"]).replace(" ", "") == context["train.matryoshka_dims"]]
+        assert len(members) == 2
+        a = np.mean([m[1] for m in members], axis=0)[order]
+        b = np.mean([m[3] for m in members], axis=0)[order]
+        expected = paired_permutation_test(a, b, num_samples=2000, seed=0)
+        assert float(r["mean_difference"]) == pytest.approx(np.mean(b - a), rel=1e-9)
+        assert float(r["p_value"]) == pytest.approx(expected["p_value"], rel=1e-12)
+        assert float(r["mean_difference"]) < -1.5 and float(r["p_value"]) < 0.01
+    with open(root / "results.csv") as f:
+        assert "limit-small-test/q=int8/ndcg@10_mean" in next(csv.reader(f))
+
+
+def test_unknown_evaluation_quantization_is_refused(tmp_path):
+    root, _ = synthetic_root(tmp_path)
+    with pytest.raises(ValueError, match="--quantization: unknown quantization 'int3'"):
+        results._parse_quantizations("int8,int3")
+    assert results._parse_quantizations("float,binary+rescore") == [None, "binary+rescore"]
+
+
 def test_axes_that_change_together_are_one_axis_and_the_first_run_is_the_baseline():
     runs = [{"overrides": {"train.matryoshka_dims": d, "train.matryoshka_weights": w, "model.pooling": p, "seed": s}}
             for (d, w) in [((), ()), ((8,), (1.0,))] for p in ["mean", "cls"] for s in [0, 1]]
@@ -291,7 +331,7 @@ def test_results_refuses_an_empty_folder_and_a_run_without_scores(tmp_path):
     root, _ = synthetic_root(tmp_path)
     run = results.load_runs(root)[0]
     with pytest.raises(FileNotFoundError, match="no exported model"):
-        results.score_run(run, "limit-small", [None])
+        results.score_run(run, "limit-small", [results.BASE_SETTING])
 
 
 # ---------------------------------------------------------------- end to end (slow)
@@ -316,7 +356,10 @@ def test_ablation_sweep_and_results_end_to_end_on_cpu(tmp_path, data_dir):
                             capture_output=True, text=True, timeout=1800, cwd=REPO)
     assert report.returncode == 0, report.stderr[-3000:]
     out = json.loads(report.stdout.splitlines()[-1])
-    assert out["configurations"] == 4 and len(out["tests"]) == 8  # 2 axes x 2 contexts x (full, dim=8)
+    assert out["configurations"] == 4
+    axis_tests = [t for t in out["tests"] if t["axis"] != "evaluation"]
+    assert len(axis_tests) == 8  # 2 axes x 2 contexts x (full, dim=8)
+    assert len(out["tests"]) - len(axis_tests) == 4  # dim=8 against full dim, per configuration
     assert all(0 < t["p_value"] <= 1 for t in out["tests"])
     with open(root / "results.csv") as f:
         rows = list(csv.DictReader(f))
