@@ -7,11 +7,12 @@ losses over a device mesh (`ring`), Matryoshka wrappers (`matryoshka`) and GradC
 from embedjax.losses.allgather import allgather_infonce
 from embedjax.losses.contrastive import infonce, learnable_temperature, siglip
 from embedjax.losses.distill import embedding_alignment, margin_mse, score_kl
-from embedjax.losses.matryoshka import matryoshka_loss, starbucks_loss
-from embedjax.losses.pairwise import angle, cosent, triplet
+from embedjax.losses.matryoshka import matryoshka_loss, starbucks_loss, starbucks_pairs, two_d_matryoshka_pairs
+from embedjax.losses.pairwise import angle, cosent, cosent_in_batch, triplet
 from embedjax.losses.ring import ring_infonce, ring_siglip
 
 __all__ = [
     "infonce", "siglip", "learnable_temperature", "ring_infonce", "ring_siglip", "allgather_infonce",
-    "cosent", "angle", "triplet", "embedding_alignment", "score_kl", "margin_mse", "matryoshka_loss", "starbucks_loss",
+    "cosent", "cosent_in_batch", "angle", "triplet", "embedding_alignment", "score_kl", "margin_mse",
+    "matryoshka_loss", "starbucks_loss", "two_d_matryoshka_pairs", "starbucks_pairs",
 ]

@@ -1,5 +1,7 @@
-"""Matryoshka (Kusupati et al. 2022) and 2D Matryoshka / Starbucks (Zhuang et al. 2024)
-wrappers that turn any embedding loss into a sum over embedding prefixes (and layers).
+"""Matryoshka (Kusupati et al. 2022) and 2D Matryoshka (Li et al. 2024) / Starbucks
+(Zhuang et al. 2024) wrappers that turn any embedding loss into a sum over embedding
+prefixes (and layers), and builders of the two (layer, dim) lists: the full product
+(`two_d_matryoshka_pairs`) and the diagonal (`starbucks_pairs`).
 
 For InfoNCE and SigLIP prefer the fused ``matryoshka_dims`` option of
 `infonce`/`ring_infonce`, which scores every prefix in one pass over the keys.
@@ -81,3 +83,27 @@ def starbucks_loss(loss_fn: Callable, layer_dims: Sequence[tuple[int, int]], wei
         return total
 
     return wrapped
+
+
+def two_d_matryoshka_pairs(layers: Sequence[int], dims: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """2D Matryoshka (Li et al. 2024): every layer with every prefix size, the full product
+    ``layers x dims`` in increasing (layer, dim) order, e.g. ((3, 64), (3, 384), (6, 64), (6, 384))."""
+    layers, dims = _sorted_unique("layers", layers), _sorted_unique("dims", dims)
+    return tuple((layer, dim) for layer in layers for dim in dims)
+
+
+def starbucks_pairs(layers: Sequence[int], dims: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Starbucks (Zhuang et al. 2024): the diagonal of the layer x dim grid, layer i with
+    dim i (small models are shallow *and* narrow), e.g. ((2, 32), (4, 64), (6, 128))."""
+    layers, dims = _sorted_unique("layers", layers), _sorted_unique("dims", dims)
+    if len(layers) != len(dims):
+        raise ValueError(f"starbucks_pairs pairs the i-th layer with the i-th dim: got {len(layers)} layers "
+                         f"{layers} and {len(dims)} dims {dims}; pass lists of equal length")
+    return tuple(zip(layers, dims))
+
+
+def _sorted_unique(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    if not values or any(v < 1 for v in values) or list(values) != sorted(set(values)):
+        raise ValueError(f"{name} must be a non-empty, strictly increasing list of positive ints, got {values}")
+    return values

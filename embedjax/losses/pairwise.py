@@ -1,4 +1,5 @@
-"""Losses on graded or triplet-structured pairs: CoSENT, AnglE, triplet.
+"""Losses on graded or triplet-structured pairs: CoSENT, AnglE, triplet, and CoSENT on
+the binary in-batch relevance of retrieval pairs.
 
 Shapes: a_bd, b_bd are the two sides of B pairs; scores_b their gold similarity
 (any monotone scale: only the order matters for CoSENT/AnglE).
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from embedjax.losses import validation as val
+from embedjax.losses.contrastive import _prefix, _sims, prepare_pairs
 
 
 def _pair_inputs(a_bd, b_bd, scores_b):
@@ -37,6 +39,59 @@ def cosent(a_bd, b_bd, scores_b, *, scale: float = 20.0):
     a, b, scores = _pair_inputs(a_bd, b_bd, scores_b)
     cos = jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)).clip(1e-12)
     return ranked_pairs_loss(cos, scores, scale)
+
+
+def masked_logsumexp(x, mask):
+    """log sum over ``mask`` of exp(x), over all entries; -inf for an empty mask, with a zero
+    (not NaN) gradient."""
+    nonempty = jnp.any(mask)
+    # An empty mask would make logsumexp's gradient 0 * inf = NaN: score everything, then discard.
+    lse = jax.nn.logsumexp(jnp.where(mask | ~nonempty, x, -jnp.inf))
+    return jnp.where(nonempty, lse, -jnp.inf)
+
+
+def binary_cosent(sims_bn, positive_bn, negative_bn, scale: float):
+    """CoSENT with 0/1 labels: log(1 + sum over positive p, negative n of exp(scale * (s_n - s_p))).
+
+    The double sum factorises, sum_pn exp(scale s_n) exp(-scale s_p) = (sum_n ...)(sum_p ...),
+    so the loss is softplus(LSE_n(scale s_n) + LSE_p(-scale s_p)): O(B N), not O((B N)^2).
+    Entries in neither mask are ignored; no positive or no negative gives 0.
+    """
+    total = masked_logsumexp(scale * sims_bn, negative_bn) + masked_logsumexp(-scale * sims_bn, positive_bn)
+    return jax.nn.softplus(total)
+
+
+def cosent_in_batch(q_bd, d_bd, *, scale: float = 20.0, hard_negatives_bkd=None, group_ids_b=None,
+                    doc_ids_b=None, hard_negative_ids_bk=None, matryoshka_dims=None, matryoshka_weights=None):
+    """CoSENT (Su 2022) on retrieval pairs with binary in-batch relevance. float32 scalar.
+
+    Every (query i, candidate j) cosine of the batch is one graded pair, candidates being
+    the B documents (+ the B*K hard negatives [B, K, D]): label 1 when j is a positive of
+    i (same group id; default: j == i), 0 otherwise; the loss is CoSENT's
+    log(1 + sum over label-1 pairs p and label-0 pairs n of exp(scale * (cos_n - cos_p)))
+    over the whole batch, computed as `binary_cosent`. Non-positive candidates carrying
+    the document id of i's own positive are false negatives and dropped (the metadata of
+    `embedjax.losses.contrastive`). Matryoshka prefixes give sum_m w_m * loss(prefix m).
+    """
+    b = prepare_pairs(q_bd, d_bd, hard_negatives_bkd, group_ids_b, doc_ids_b, hard_negative_ids_bk,
+                      matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights)
+    same_group = b.group_b[:, None] == b.group_b[None, :]
+    positive = [same_group]
+    negative = [~same_group & (b.doc_b[:, None] != b.doc_b[None, :])]
+    if b.h_bkd is not None:
+        hnid = b.hnid_bk.reshape(1, -1)
+        positive.append(jnp.zeros((b.q_bd.shape[0], hnid.shape[1]), bool))
+        negative.append(hnid != b.doc_b[:, None])
+    positive, negative = jnp.concatenate(positive, 1), jnp.concatenate(negative, 1)
+    total = jnp.float32(0.0)
+    for dim, weight in zip(b.dims, b.weights):
+        q = _prefix(b.q_bd, dim, "cos")
+        keys = [_prefix(b.d_bd, dim, "cos")]
+        if b.h_bkd is not None:
+            keys.append(_prefix(b.h_bkd, dim, "cos").reshape(-1, dim))
+        sims = _sims(q, jnp.concatenate(keys, 0))
+        total = total + weight * binary_cosent(sims, positive, negative, scale)
+    return total
 
 
 def angle_similarity(a_bd, b_bd):

@@ -56,14 +56,28 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.num_epochs = 1
     c.train.num_steps = 0  # > 0 overrides num_epochs
     c.train.stop_after = 0  # > 0: run only this many steps of the schedule (benchmarks, smoke tests)
-    c.train.loss = "cosent"  # "cosent" (graded pairs) or "infonce" (retrieval pairs)
-    c.train.cosent_scale = 20.0
-    c.train.temperature = 0.05
-    c.train.bidirectional = False  # add the document->query InfoNCE term
-    c.train.mask_false_negatives = True  # drop in-batch negatives that share the positive's document id
+    # Graded (sts) pairs: "cosent". Retrieval pairs: "infonce" (softmax over in-batch + hard
+    # negatives), "siglip" (sigmoid on every (query, candidate) pair: label +1 for the query's
+    # positives, -1 otherwise) or "cosent" (CoSENT over every (query, candidate) cosine of the
+    # batch with relevance 1 for the query's positives, 0 otherwise: one ranking over the batch).
+    c.train.loss = "cosent"
+    c.train.cosent_scale = 20.0  # CoSENT: multiplies cosine differences
+    c.train.temperature = 0.05  # infonce and siglip: logits = cosine / temperature
+    c.train.siglip_bias = -10.0  # siglip: fixed logit bias added after the temperature (SigLIP's init)
+    c.train.bidirectional = False  # infonce only: add the document->query term
+    # Drop in-batch negatives that share the positive's document id and hard negatives whose id is
+    # the query's positive document (all three retrieval losses); a repeated query gets all its positives.
+    c.train.mask_false_negatives = True
     c.train.matryoshka_dims = ()  # increasing, e.g. (64, 128, 256, 384); () = full dimension only
     c.train.matryoshka_weights = ()  # () = all 1
-    c.train.ring = False  # memory-tiled ring InfoNCE over the data axis instead of the dense loss
+    # (layer, dim) pairs: loss = sum_p w_p * retrieval loss on the L2-normalised first dim
+    # coordinates of the embedding pooled (model pooling) from transformer layer `layer`
+    # (1..model.num_layers; each text is encoded once). Full product layers x dims = 2D Matryoshka,
+    # the diagonal = Starbucks: build them with embedjax.losses.matryoshka.two_d_matryoshka_pairs /
+    # starbucks_pairs. Sorted by (layer, dim), no repeats; () = off. Not with matryoshka_dims or ring.
+    c.train.layer_dims = ()
+    c.train.layer_dims_weights = ()  # one per layer_dims pair; () = all 1
+    c.train.ring = False  # memory-tiled ring loss over the data axis (infonce, siglip) instead of the dense one
     c.train.gradcache_sub_batch = 0  # > 0: GradCache, embedding this many rows of the global batch at a time
     c.train.log_every = 1
     c.train.progress = True

@@ -38,7 +38,7 @@ from embedjax.train.checkpoint import Checkpointer
 from embedjax.train.config import parse_sources, validate
 from embedjax.train.metrics_log import MetricLog
 from embedjax.train.state import create_state, state_shardings, unbox
-from embedjax.train.step import batch_shardings, make_objective, make_train_step, value_and_grad_fn
+from embedjax.train.step import batch_shardings, make_embed, make_objective, make_train_step, value_and_grad_fn
 
 
 class TrainingDiverged(FloatingPointError):
@@ -212,7 +212,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     """Run (or resume) the training described by ``cfg`` in ``workdir``; returns the summary dict."""
     from embedjax.convert import hf
     from embedjax.models.bert import BertModel, parse_dtype
-    from embedjax.models.encoder import Encoder, embed_batch
+    from embedjax.models.encoder import Encoder
 
     validate(cfg)
     init_distributed(cfg.distributed)
@@ -237,15 +237,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     tx = optim.adamw(schedule, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1, b2=cfg.optim.b2,
                      eps=cfg.optim.eps, grad_clip=cfg.optim.grad_clip)
 
-    def embed(params, tokens, rng):
-        return embed_batch(model, params, tokens, pooling=pooling, normalize=cfg.model.normalize,
-                           deterministic=False, rngs={"dropout": rng})
-
     objective = make_objective(
-        embed, kind=data.kind, loss=cfg.train.loss, cosent_scale=cfg.train.cosent_scale,
-        temperature=cfg.train.temperature, bidirectional=cfg.train.bidirectional,
-        mask_false_negatives=cfg.train.mask_false_negatives, matryoshka_dims=cfg.train.matryoshka_dims,
-        matryoshka_weights=cfg.train.matryoshka_weights, ring=cfg.train.ring, mesh=mesh,
+        make_embed(model, pooling=pooling, normalize=cfg.model.normalize), kind=data.kind, loss=cfg.train.loss,
+        cosent_scale=cfg.train.cosent_scale, temperature=cfg.train.temperature, siglip_bias=cfg.train.siglip_bias,
+        bidirectional=cfg.train.bidirectional, mask_false_negatives=cfg.train.mask_false_negatives,
+        matryoshka_dims=cfg.train.matryoshka_dims, matryoshka_weights=cfg.train.matryoshka_weights,
+        layer_dims=cfg.train.layer_dims, layer_dims_weights=cfg.train.layer_dims_weights,
+        num_layers=model_config.num_layers, hidden_size=model_config.hidden_size, ring=cfg.train.ring, mesh=mesh,
     )
     dummy = jnp.ones((1, 8), jnp.int32)
     abstract_boxed = jax.eval_shape(lambda k: model.init({"params": k}, dummy, dummy), jax.random.PRNGKey(0))["params"]

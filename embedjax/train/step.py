@@ -1,14 +1,17 @@
 """The training objective and the jitted, sharded, donating train step.
 
 ``make_objective`` turns config values into an `Objective`: a function that embeds
-each text column of a batch with dropout on, and the configured loss (CoSENT for graded pairs; InfoNCE — dense, or the
-memory-tiled ring version over the ``data`` mesh axis — for retrieval pairs).
+each text column of a batch with dropout on, and the configured loss: CoSENT for graded
+pairs; for retrieval pairs InfoNCE or SigLIP (dense, or the memory-tiled ring version over
+the ``data`` mesh axis) or CoSENT on binary in-batch relevance, optionally summed over
+(layer, dim) pairs (2D Matryoshka / Starbucks, ``layer_dims``).
 ``make_train_step`` wraps one optimizer update (plain autodiff, or GradCache when
 ``gradcache_sub_batch`` > 0) in `jax.jit` with explicit input and output shardings
 and the old state's buffers donated to the new one.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -18,16 +21,45 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from embedjax.train.state import TrainState
 
-LOSSES_FOR_KIND = {"sts": ("cosent",), "retrieval": ("infonce",)}
-
+LOSSES_FOR_KIND = {"sts": ("cosent",), "retrieval": ("infonce", "siglip", "cosent")}
+RING_LOSSES = ("infonce", "siglip")  # the losses `embedjax.losses.ring` tiles over the data axis
 
 
 def global_l2_norm(tree) -> jax.Array:
     """L2 norm of all leaves together, in float32 (optax renamed its own across versions we support)."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)))
 
+
 def _flatten_negatives(tokens_bkl: dict) -> dict:
     return {name: array.reshape(-1, array.shape[-1]) for name, array in tokens_bkl.items()}
+
+
+def make_embed(model, *, pooling: str, normalize: bool) -> Callable:
+    """The training embedding function of a `BertModel`, with dropout keyed by ``rng``.
+
+    ``embed(params, tokens, rng) -> float32 [B, D]`` pools the last layer (`embed_batch`);
+    ``embed(params, tokens, rng, layers=(l1, l2, ...)) -> float32 [B, n, D]`` runs the
+    encoder once, keeping every hidden state, and pools each listed layer (1 = the first
+    transformer layer) with the same pooler (and normalisation) — what ``train.layer_dims``
+    needs, at the cost of one forward pass instead of one per layer.
+    """
+    from embedjax.models.encoder import embed_batch
+    from embedjax.models.poolers import get_pooler, l2_normalize
+
+    pooler = get_pooler(pooling)
+
+    def embed(params, tokens, rng, layers=None):
+        rngs = {"dropout": rng}
+        if layers is None:
+            return embed_batch(model, params, tokens, pooling=pooling, normalize=normalize,
+                               deterministic=False, rngs=rngs)
+        _, hidden = model.apply({"params": params}, tokens["input_ids"], tokens["attention_mask"],
+                                tokens.get("token_type_ids"), deterministic=False,
+                                output_hidden_states=True, rngs=rngs)
+        pooled = [pooler(hidden[layer], tokens["attention_mask"]).astype(jnp.float32) for layer in layers]
+        return jnp.stack([l2_normalize(e) if normalize else e for e in pooled], axis=1)
+
+    return embed
 
 
 class Objective(NamedTuple):
@@ -42,6 +74,87 @@ class Objective(NamedTuple):
     loss_from_embeddings: Callable
 
 
+def check_layer_dims(layer_dims, layer_dims_weights, *, num_layers, hidden_size, matryoshka: bool = False,
+                     ring: bool = False):
+    """Validate ``train.layer_dims`` / ``train.layer_dims_weights`` -> (pairs, weights).
+
+    Pairs are (layer, dim): layer in 1..num_layers (transformer layers; the embedding
+    output is not one), dim a prefix size in 1..hidden_size, listed in increasing
+    (layer, dim) order without repeats (so within a layer the dims increase). Not
+    combinable with Matryoshka prefixes (``matryoshka``) or the ring loss (``ring``).
+    """
+    pairs = []
+    for pair in layer_dims:
+        if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+            raise ValueError(f"train.layer_dims entry {pair!r} is not a (layer, dim) pair of ints; "
+                             "write e.g. ((2, 64), (4, 128)) or build it with two_d_matryoshka_pairs/starbucks_pairs")
+        pairs.append((int(pair[0]), int(pair[1])))
+    if not pairs:
+        raise ValueError("train.layer_dims is empty; leave it () to turn layer/dim training off")
+    if matryoshka:
+        raise ValueError("train.layer_dims and train.matryoshka_dims (or _weights) both set: put the prefix "
+                         "sizes into the (layer, dim) pairs (two_d_matryoshka_pairs((num_layers,), dims) is plain "
+                         "Matryoshka) and set train.matryoshka_dims=() and train.matryoshka_weights=()")
+    if ring:
+        raise ValueError("train.layer_dims does not run with train.ring=True (the ring loss takes one embedding "
+                         "per text); set train.ring=False")
+    if num_layers is None or hidden_size is None:
+        raise ValueError("train.layer_dims needs the model's num_layers and hidden_size to check the pairs")
+    for layer, dim in pairs:
+        if not 1 <= layer <= num_layers:
+            raise ValueError(f"train.layer_dims pair ({layer}, {dim}): layer must be in 1..{num_layers} "
+                             f"(the model's transformer layers)")
+        if not 1 <= dim <= hidden_size:
+            raise ValueError(f"train.layer_dims pair ({layer}, {dim}): dim must be in 1..{hidden_size} "
+                             f"(the model width)")
+    if pairs != sorted(set(pairs)):
+        raise ValueError(f"train.layer_dims {tuple(pairs)} must list (layer, dim) pairs in increasing order "
+                         f"without repeats (dims increasing within a layer): {tuple(sorted(set(pairs)))}")
+    weights = tuple(float(w) for w in layer_dims_weights) or (1.0,) * len(pairs)
+    if len(weights) != len(pairs):
+        raise ValueError(f"train.layer_dims_weights has {len(weights)} entries for {len(pairs)} train.layer_dims "
+                         "pairs; give one weight per pair or () for all 1")
+    return tuple(pairs), weights
+
+
+def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cosent_scale: float,
+                      bidirectional: bool, ring: bool, mesh=None) -> Callable:
+    """``fn(q_bd, d_bd, **metadata) -> scalar``: the configured retrieval loss with its
+    hyperparameters bound, cosine similarity, and the dense or ring implementation.
+
+    ``metadata`` are the keywords the three losses share: hard_negatives_bkd,
+    group_ids_b, doc_ids_b, hard_negative_ids_bk, matryoshka_dims, matryoshka_weights.
+    """
+    if ring and loss not in RING_LOSSES:
+        raise ValueError(f"train.ring=True supports train.loss in {RING_LOSSES} only, got {loss!r}; "
+                         "set train.ring=False for the dense loss")
+    if bidirectional and loss != "infonce":
+        # SigLIP and in-batch CoSENT already score every (query, document) pair once.
+        raise ValueError(f"train.bidirectional=True applies to infonce only; train.loss={loss!r} scores every "
+                         "(query, document) pair in both roles already: set train.bidirectional=False")
+    if ring and mesh is None:
+        raise ValueError("the ring loss needs the mesh")
+    if loss == "cosent":
+        from embedjax.losses.pairwise import cosent_in_batch
+
+        return functools.partial(cosent_in_batch, scale=cosent_scale)
+    # "cos" equals "dot" for normalised embeddings, and normalises Matryoshka prefixes.
+    if loss == "siglip":
+        from embedjax.losses.contrastive import siglip
+        from embedjax.losses.ring import ring_siglip
+
+        fn, options = (ring_siglip if ring else siglip), dict(temperature=temperature, bias=siglip_bias)
+    else:
+        from embedjax.losses.contrastive import infonce
+        from embedjax.losses.ring import ring_infonce
+
+        fn, options = (ring_infonce if ring else infonce), dict(temperature=temperature, bidirectional=bidirectional)
+    if ring:
+        options.update(mesh=mesh, axis="data")
+    return functools.partial(fn, similarity="cos", **options)
+
+
 def make_objective(
     embed: Callable,
     *,
@@ -49,23 +162,33 @@ def make_objective(
     loss: str,
     cosent_scale: float = 20.0,
     temperature: float = 0.05,
+    siglip_bias: float = -10.0,
     bidirectional: bool = False,
     mask_false_negatives: bool = True,
     matryoshka_dims=(),
     matryoshka_weights=(),
+    layer_dims=(),
+    layer_dims_weights=(),
+    num_layers: int | None = None,
+    hidden_size: int | None = None,
     ring: bool = False,
     mesh=None,
 ) -> Objective:
     """The configured loss for a batch layout of `embedjax.data.pipeline`.
 
-    ``embed(params, tokens, rng) -> float32 [B, D]`` embeds one text column with dropout keyed by ``rng``.
+    ``embed(params, tokens, rng) -> float32 [B, D]`` embeds one text column with dropout
+    keyed by ``rng``; with ``layer_dims`` it is also called as ``embed(params, tokens, rng,
+    layers=(l1, ...)) -> float32 [B, n, D]`` (see `make_embed`). ``num_layers`` and
+    ``hidden_size`` (the model's) are needed only to check ``layer_dims``.
     """
     if loss not in LOSSES_FOR_KIND.get(kind, ()):
         raise ValueError(
             f"train.loss={loss!r} does not fit {kind!r} data; use one of {LOSSES_FOR_KIND.get(kind, ())} "
-            "(cosent for graded sts pairs, infonce for retrieval pairs)"
+            "(cosent for graded sts pairs; infonce, siglip or cosent for retrieval pairs)"
         )
     if kind == "sts":
+        if layer_dims:
+            raise ValueError("train.layer_dims applies to retrieval data only; set train.layer_dims=()")
         from embedjax.losses.pairwise import cosent
 
         def embed_sts(params, batch, rng):
@@ -81,43 +204,68 @@ def make_objective(
 
         return Objective(embed_sts, sts_loss)
 
-    options = dict(
-        temperature=temperature,
-        bidirectional=bidirectional,
-        similarity="cos",  # equals "dot" for normalised embeddings, and normalises Matryoshka prefixes
-        matryoshka_dims=tuple(matryoshka_dims) or None,
-        matryoshka_weights=tuple(matryoshka_weights) or None,
-    )
-    if ring:
-        if mesh is None:
-            raise ValueError("the ring loss needs the mesh")
-        from embedjax.losses.ring import ring_infonce
-
-        def contrastive(q_bd, d_bd, **kw):
-            return ring_infonce(q_bd, d_bd, mesh=mesh, axis="data", **kw)
-    else:
-        from embedjax.losses.contrastive import infonce as contrastive
-
-    def embed_retrieval(params, batch, rng):
-        rng_q, rng_d, rng_n = jax.random.split(rng, 3)
-        out = {"query": embed(params, batch["query"], rng_q), "positive": embed(params, batch["positive"], rng_d)}
-        if "negatives" in batch:
-            b, k = batch["negative_ids"].shape
-            out["negatives"] = embed(params, _flatten_negatives(batch["negatives"]), rng_n).reshape(b, k, -1)
-        return out
+    contrastive = retrieval_loss_fn(loss, temperature=temperature, siglip_bias=siglip_bias,
+                                    cosent_scale=cosent_scale, bidirectional=bidirectional, ring=ring, mesh=mesh)
+    if layer_dims:
+        pairs, weights = check_layer_dims(layer_dims, layer_dims_weights, num_layers=num_layers,
+                                          hidden_size=hidden_size, ring=ring,
+                                          matryoshka=bool(matryoshka_dims or matryoshka_weights))
+        return _layer_dims_objective(embed, contrastive, pairs, weights, mask_false_negatives)
+    prefixes = dict(matryoshka_dims=tuple(matryoshka_dims) or None,
+                    matryoshka_weights=tuple(matryoshka_weights) or None)
 
     def retrieval_loss(emb, batch):
-        extra = {}
-        if "negatives" in emb:
-            extra["hard_negatives_bkd"] = emb["negatives"]
-            if mask_false_negatives:
-                extra["hard_negative_ids_bk"] = batch["negative_ids"]
-        if mask_false_negatives:
-            extra["group_ids_b"] = batch["query_id"]
-            extra["doc_ids_b"] = batch["positive_id"]
-        return contrastive(emb["query"], emb["positive"], **options, **extra)
+        return contrastive(emb["query"], emb["positive"], hard_negatives_bkd=emb.get("negatives"), **prefixes,
+                           **_retrieval_ids(batch, "negatives" in emb, mask_false_negatives))
 
-    return Objective(embed_retrieval, retrieval_loss)
+    return Objective(functools.partial(_embed_retrieval, embed, {}), retrieval_loss)
+
+
+def _embed_retrieval(embed, embed_options, params, batch, rng):
+    """{"query": [B, ...], "positive": [B, ...], "negatives": [B, K, ...] when the batch has them}."""
+    rng_q, rng_d, rng_n = jax.random.split(rng, 3)
+    out = {"query": embed(params, batch["query"], rng_q, **embed_options),
+           "positive": embed(params, batch["positive"], rng_d, **embed_options)}
+    if "negatives" in batch:
+        b, k = batch["negative_ids"].shape
+        flat = embed(params, _flatten_negatives(batch["negatives"]), rng_n, **embed_options)
+        out["negatives"] = flat.reshape(b, k, *flat.shape[1:])
+    return out
+
+
+def _retrieval_ids(batch, has_negatives: bool, mask_false_negatives: bool) -> dict:
+    """The ids that mark positives and false negatives, as loss keywords (none: diagonal positives)."""
+    if not mask_false_negatives:
+        return {}
+    ids = {"group_ids_b": batch["query_id"], "doc_ids_b": batch["positive_id"]}
+    if has_negatives:
+        ids["hard_negative_ids_bk"] = batch["negative_ids"]
+    return ids
+
+
+def _layer_dims_objective(embed, contrastive, pairs, weights, mask_false_negatives: bool) -> Objective:
+    """sum_p weights[p] * contrastive(prefix dim_p of layer_p's embeddings) over the (layer, dim) pairs.
+
+    Each text column is embedded once with the needed layers: [B, n, D] (negatives
+    [B, K, n, D]); the loss's cosine similarity L2-normalises every prefix.
+    """
+    from embedjax.losses.matryoshka import starbucks_loss
+
+    layers = tuple(sorted({layer for layer, _ in pairs}))
+
+    def per_pair(q_bd, d_bd, *negatives_bkd, **metadata):
+        # Hard negatives travel positionally so that starbucks_loss cuts them from the same layer.
+        return contrastive(q_bd, d_bd, hard_negatives_bkd=negatives_bkd[0] if negatives_bkd else None, **metadata)
+
+    summed = starbucks_loss(per_pair, pairs, weights)
+
+    def layer_loss(emb, batch):
+        by_layer = [None] * (max(layers) + 1)  # indexed by layer number, as the pairs are
+        for i, layer in enumerate(layers):
+            by_layer[layer] = tuple(emb[name][..., i, :] for name in ("query", "positive", "negatives") if name in emb)
+        return summed(by_layer, **_retrieval_ids(batch, "negatives" in emb, mask_false_negatives))
+
+    return Objective(functools.partial(_embed_retrieval, embed, {"layers": layers}), layer_loss)
 
 
 def interleave_rows(batch, sub_batch_size: int):
