@@ -21,6 +21,7 @@ def _bench(*argv):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a subprocess compiling four searches (~16 s); the kernel tests cover the numerics
 def test_kernels_bench_runs_pallas_against_the_xla_twin_and_finds_them_equal():
     # 1,000 rows (not a multiple of block_n) and 7 queries (not a multiple of block_q).
     out = _bench("kernels", "--n", "1000", "--bits", "96", "--dim", "20", "--queries", "7", "--k", "5",

@@ -41,6 +41,7 @@ def test_compressed_settings_keep_quality(msmarco_embeddings, float_ndcg, settin
     assert value >= keep * float_ndcg, f"{setting}: nDCG@10 {value:.2f} < {keep:.1%} of float32 {float_ndcg:.2f}"
 
 
+@pytest.mark.slow  # trains the residual head (~12 s); the fixed-setting gates above stay in the default suite
 def test_trained_residual_beats_sign_binarisation_at_384_bits(msmarco_embeddings):
     """Same 384-bit budget: one trained plane vs the signs of the embedding."""
     emb = msmarco_embeddings
@@ -54,6 +55,7 @@ def test_trained_residual_beats_sign_binarisation_at_384_bits(msmarco_embeddings
     assert trained[1] > sign_asym[1]
 
 
+@pytest.mark.slow  # trains a two-plane head (~16 s)
 def test_trained_residual_beats_sign_binarisation_at_768_bits(msmarco_embeddings):
     """Same 768-bit budget: two trained planes vs the signs of 768 random orthogonal projections.
 

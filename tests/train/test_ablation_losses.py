@@ -213,6 +213,7 @@ def _train_losses(tmp_path, tfds_cache, *overrides):
     return losses
 
 
+@pytest.mark.slow  # compiles and trains the tiny model (~24 s); the objective tests above check the wiring
 def test_cosent_with_2d_matryoshka_layer_dims_trains(tmp_path, tfds_cache):
     losses = _train_losses(tmp_path, tfds_cache, "train.loss=cosent",
                            "train.layer_dims=((1, 16), (1, 32), (2, 16), (2, 32))")
