@@ -43,6 +43,7 @@ def msmarco_slice(data_dir, num_docs=200):
     return corpus, {q: queries[q] for q in cut}, cut
 
 
+@pytest.mark.slow  # ~30 s (mteb's retrieval evaluator); the STS test below runs an mteb task from local files in the default suite
 def test_retrieval_scores_equal_embedjax_on_an_msmarco_slice(data_dir, adapter, msmarco_embeddings):
     corpus, queries, qrels = msmarco_slice(data_dir)
     assert (len(corpus), len(queries)) == (200, 37)
