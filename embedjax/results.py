@@ -228,9 +228,7 @@ def summary_metrics(run: Mapping, patterns: Sequence[str]) -> dict[str, float]:
 
 def results_table(runs: Sequence[Mapping], axes: Sequence[tuple[str, ...]], patterns: Sequence[str]) -> list[dict]:
     """One row per configuration: axis values, seeds, and ``{metric: (mean, std)}``."""
-    groups: dict = {}
-    for run in runs:
-        groups.setdefault(group_key(run, axes), []).append(run)
+    groups = group_runs(runs, axes)
     rows = []
     for key, members in groups.items():
         per_metric: dict = {}
@@ -246,6 +244,14 @@ def results_table(runs: Sequence[Mapping], axes: Sequence[tuple[str, ...]], patt
     return rows
 
 
+def group_runs(runs: Sequence[Mapping], axes: Sequence[tuple[str, ...]]) -> dict[tuple, list]:
+    """Runs by configuration (their axis values; seeds of one configuration share a group), in run order."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(group_key(run, axes), []).append(run)
+    return groups
+
+
 def seed_averaged_scores(members: Sequence[Mapping], key: str) -> dict[str, float]:
     """Per-query score averaged over the group's seeds (queries every seed scored)."""
     tables = [run["per_query"][key] for run in members]
@@ -255,17 +261,30 @@ def seed_averaged_scores(members: Sequence[Mapping], key: str) -> dict[str, floa
     return {q: float(np.mean([t[q] for t in tables])) for q in sorted(queries)}
 
 
-def significance_table(runs: Sequence[Mapping], axes: Sequence[tuple[str, ...]], keys: Sequence[str], *,
-                       test: str = "permutation", num_samples: int = 10_000, seed: int = 0) -> list[dict]:
-    """Per axis and per non-baseline value: a paired test against the baseline value, other axes fixed."""
+def paired_test_fn(test: str):
+    """The paired test named ``test``: "permutation" or "bootstrap" (anything else is an error)."""
     from embedjax.eval.significance import paired_bootstrap_test, paired_permutation_test
 
     if test not in ("permutation", "bootstrap"):
         raise ValueError(f"test={test!r}: use 'permutation' or 'bootstrap'")
-    run_test = paired_permutation_test if test == "permutation" else paired_bootstrap_test
-    groups: dict = {}
-    for run in runs:
-        groups.setdefault(group_key(run, axes), []).append(run)
+    return paired_permutation_test if test == "permutation" else paired_bootstrap_test
+
+
+def paired_test(run_test, members_a: Sequence[Mapping], key_a: str, members_b: Sequence[Mapping], key_b: str, *,
+                num_samples: int, seed: int) -> dict:
+    """``run_test`` on seed-averaged per-query scores (group a under key_a vs group b under key_b)
+    over the queries both scored."""
+    a = seed_averaged_scores(members_a, key_a)
+    b = seed_averaged_scores(members_b, key_b)
+    shared = sorted(set(a) & set(b))
+    return run_test([a[q] for q in shared], [b[q] for q in shared], num_samples=num_samples, seed=seed)
+
+
+def significance_table(runs: Sequence[Mapping], axes: Sequence[tuple[str, ...]], keys: Sequence[str], *,
+                       test: str = "permutation", num_samples: int = 10_000, seed: int = 0) -> list[dict]:
+    """Per axis and per non-baseline value: a paired test against the baseline value, other axes fixed."""
+    run_test = paired_test_fn(test)
+    groups = group_runs(runs, axes)
     baseline = group_key(runs[0], axes)
     rows = []
     for i, axis in enumerate(axes):
@@ -277,10 +296,8 @@ def significance_table(runs: Sequence[Mapping], axes: Sequence[tuple[str, ...]],
                 continue
             context = {axis_label(a): format_axis_value(v) for j, (a, v) in enumerate(zip(axes, key_b)) if j != i}
             for score_key in keys:
-                a = seed_averaged_scores(groups[key_a], score_key)
-                b = seed_averaged_scores(members_b, score_key)
-                shared = sorted(set(a) & set(b))
-                result = run_test([a[q] for q in shared], [b[q] for q in shared], num_samples=num_samples, seed=seed)
+                result = paired_test(run_test, groups[key_a], score_key, members_b, score_key,
+                                     num_samples=num_samples, seed=seed)
                 rows.append({"axis": axis_label(axis), "baseline": format_axis_value(baseline[i]),
                              "value": format_axis_value(key_b[i]), "context": context, "score": score_key,
                              "seeds_a": len(groups[key_a]), "seeds_b": len(members_b), "test": test, **result})
@@ -297,23 +314,16 @@ def evaluation_significance_table(runs: Sequence[Mapping], axes: Sequence[tuple[
                                   test: str = "permutation", num_samples: int = 10_000, seed: int = 0) -> list[dict]:
     """Per configuration and per compressed/truncated evaluation setting: a paired test against the same
     models searched at full dimension in float32 (what the compression costs, query by query)."""
-    from embedjax.eval.significance import paired_bootstrap_test, paired_permutation_test
-
-    run_test = paired_permutation_test if test == "permutation" else paired_bootstrap_test
-    groups: dict = {}
-    for run in runs:
-        groups.setdefault(group_key(run, axes), []).append(run)
+    run_test = paired_test_fn(test)
     rows = []
-    for key, members in groups.items():
+    for key, members in group_runs(runs, axes).items():
         context = {axis_label(a): format_axis_value(v) for a, v in zip(axes, key)}
         for score_key in keys:
             reference = base_key(score_key)
             if reference == score_key or reference not in keys:
                 continue
-            a = seed_averaged_scores(members, reference)
-            b = seed_averaged_scores(members, score_key)
-            shared = sorted(set(a) & set(b))
-            result = run_test([a[q] for q in shared], [b[q] for q in shared], num_samples=num_samples, seed=seed)
+            result = paired_test(run_test, members, reference, members, score_key, num_samples=num_samples,
+                                 seed=seed)
             setting = "/".join(p for p in score_key.split("/")[1:-1])
             rows.append({"axis": "evaluation", "baseline": "float32, full dim", "value": setting, "context": context,
                          "score": reference, "seeds_a": len(members), "seeds_b": len(members), "test": test, **result})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -28,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from embedjax.bench.timing import median_seconds  # noqa: E402
 from embedjax.losses import allgather, ring  # noqa: E402
 
 SECTION = "Loss (issue 3)"
@@ -94,13 +94,7 @@ def largest_batch(loss_fn, dim, budget_bytes, step, limit):
 
 def _median_step_seconds(loss_fn, q, d, repeats):
     step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
-    jax.block_until_ready(step(q, d))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(q, d))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return median_seconds(lambda: step(q, d), repeats)  # one untimed call compiles
 
 
 def float64_infonce_grads(q, d, temperature):

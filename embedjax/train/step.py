@@ -44,9 +44,7 @@ def make_embed(model, *, pooling: str, normalize: bool) -> Callable:
     needs, at the cost of one forward pass instead of one per layer.
     """
     from embedjax.models.encoder import embed_batch
-    from embedjax.models.poolers import get_pooler, l2_normalize
-
-    pooler = get_pooler(pooling)
+    from embedjax.models.poolers import l2_normalize, pool
 
     def embed(params, tokens, rng, layers=None):
         rngs = {"dropout": rng}
@@ -56,7 +54,7 @@ def make_embed(model, *, pooling: str, normalize: bool) -> Callable:
         _, hidden = model.apply({"params": params}, tokens["input_ids"], tokens["attention_mask"],
                                 tokens.get("token_type_ids"), deterministic=False,
                                 output_hidden_states=True, rngs=rngs)
-        pooled = [pooler(hidden[layer], tokens["attention_mask"]).astype(jnp.float32) for layer in layers]
+        pooled = [pool(hidden[layer], tokens["attention_mask"], pooling) for layer in layers]
         return jnp.stack([l2_normalize(e) if normalize else e for e in pooled], axis=1)
 
     return embed
