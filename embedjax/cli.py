@@ -140,9 +140,12 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks; each prints one JSON line and appends to BENCHMARKS.md")
     bench_sub = p.add_subparsers(dest="bench", required=True)
-    importing = bool(argv) and argv[0] == "bench"
+    # `bench NAME` imports only NAME: a module that imports JAX (kernels) must not start it before
+    # another (loss) sets its fake-device flags. `bench --help` imports them all for the listing.
+    chosen = argv[1] if len(argv) > 1 and argv[0] == "bench" and not argv[1].startswith("-") else None
+    import_all = argv[:1] == ["bench"] and chosen is None
     for name in _bench_modules():
-        if not importing:
+        if not (import_all or name == chosen):
             bench_sub.add_parser(name)
             continue
         module = importlib.import_module(f"embedjax.bench.{name}")
