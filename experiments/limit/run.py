@@ -1,10 +1,15 @@
 """LIMIT free-embedding sweep: the largest n whose every top-2 pair is realisable, per dimension d.
 
-Sweep (resumable: dimensions already in the results file are skipped):
-    python experiments/limit/run.py sweep --dims 4-32 --results experiments/limit/results.json
+Sweep (resumable: a (seed, d) already in the results file is skipped; every search gallops and
+then bisects to a bracket of 1, so each seed's critical n has its first failure at n + 1):
+    python experiments/limit/run.py sweep --dims 4-20,24,28 --seeds 0,1,2 --results experiments/limit/results.json
 
-Report (cubic fit, Markdown table, PNG plot; the plot needs matplotlib):
+Report (per-seed critical n, mean and spread, cubic fit of the seed mean, Markdown table with
+artifact links, summary.json, PNG plot; the plot needs matplotlib):
     python experiments/limit/run.py report --results experiments/limit/results.json
+
+Step-budget check (a few n at one d with more patience; one JSON artifact):
+    python experiments/limit/run.py patience --d 20 --n 110,116 --patience 5000 --max_steps 20000
 
 The optimisation itself is `embedjax.eval.limit`; this file only chooses where
 each search starts, keeps the time budget and writes the outputs.
@@ -48,14 +53,17 @@ def parse_dims(text: str) -> list[int]:
     return sorted(set(dims))
 
 
-def next_start(done: dict[int, dict], d: int) -> int:
-    """Where to start the search at d: just below what the dimensions solved so far predict.
+def next_start(done: dict[int, dict], d: int, other_seeds: list[int] | None = None) -> int:
+    """Where to start the search at d: just below the expected critical n.
 
-    With 5 or more solved dimensions, a quadratic fitted to them (the critical n is
-    convex in d) is evaluated at d; before that, the last critical n plus the median
-    of the last increments per dimension. One below the prediction, because a run
-    that solves stops early while a failed run spends its whole step budget.
+    If other seeds already searched this d, one below the smallest critical n they found.
+    Otherwise, with 5 or more solved dimensions, a quadratic fitted to them (the critical n is
+    convex in d) is evaluated at d; before that, the last critical n plus the median of the last
+    increments per dimension. Below, because a run that solves stops early while a failed run
+    spends its whole step budget. The start only changes which n are tried, not the result.
     """
+    if other_seeds:
+        return max(min(other_seeds) - 1, 3)
     prev = sorted(x for x in done if x < d)
     if not prev:
         return d + 1
@@ -72,23 +80,38 @@ def next_start(done: dict[int, dict], d: int) -> int:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "embedjax", str(HERE / "run.py")],
+                               capture_output=True, text=True, cwd=HERE.parents[1], check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
+def _command() -> str:
+    return "python experiments/limit/run.py " + " ".join(sys.argv[1:])
+
+
+def _write_json_atomic(path: pathlib.Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _trial_record(t) -> dict:
+    return {key: getattr(t, key) for key in
+            ("n", "solved", "seed", "steps", "total_steps", "unsolved", "num_queries", "final_loss", "seconds")}
+
+
+def _optimizer_settings(args) -> dict:
+    return {"k": 2, "learning_rate": args.learning_rate, "temperature": args.temperature, "max_steps": args.max_steps,
+            "patience": args.patience, "check_every": args.check_every, "restarts": args.restarts}
+
+
 def sweep(args) -> None:
     path = pathlib.Path(args.results)
-    settings = {
-        "k": 2,
-        "learning_rate": args.learning_rate,
-        "temperature": args.temperature,
-        "max_steps": args.max_steps,
-        "patience": args.patience,
-        "check_every": args.check_every,
-        "restarts": args.restarts,
-        "seed": args.seed,
-    }
+    settings = _optimizer_settings(args)
     if path.exists():
         data = json.loads(path.read_text())
         if data["settings"] != settings:
@@ -96,90 +119,151 @@ def sweep(args) -> None:
                 f"{path} was made with settings {data['settings']}, not {settings}: pass the same flags or a new --results file"
             )
     else:
-        data = {"settings": settings, "machine": platform.processor() or platform.machine(), "dims": {}}
-    done = {int(d): v for d, v in data["dims"].items()}
+        data = {"settings": settings, "machine": platform.processor() or platform.machine(), "seeds": {}}
+    data.setdefault("commands", [])
+    if _command() not in data["commands"]:
+        data["commands"].append(_command())
+    data["command"] = data["commands"][0]
     started = time.perf_counter()
+    seeds = [int(v) for v in args.seeds.split(",")]
+    # Dimension-major: every seed of a d before the next d, so a stopped sweep leaves whole dimensions.
     for d in parse_dims(args.dims):
-        if d in done:
+        for seed in seeds:
+            per_seed = data["seeds"].setdefault(str(seed), {"dims": {}})["dims"]
+            if str(d) in per_seed:
+                continue
+            if time.perf_counter() - started > args.time_budget_s:
+                print(f"time budget of {args.time_budget_s:.0f}s spent; stopping before d={d} seed={seed}", flush=True)
+                return
+            done = {int(x): v for x, v in per_seed.items()}
+            others = [v["dims"][str(d)]["critical_n"] for s, v in data["seeds"].items()
+                      if s != str(seed) and str(d) in v["dims"]]
+            t0 = time.perf_counter()
+            result = limit.find_critical_n(
+                d,
+                k=2,
+                n_start=next_start(done, d, others),
+                learning_rate=args.learning_rate,
+                temperature=args.temperature,
+                max_steps=args.max_steps,
+                patience=args.patience,
+                check_every=args.check_every,
+                restarts=args.restarts,
+                seed=seed,
+                initial_step=args.initial_step,
+                resolution=1,
+            )
+            per_seed[str(d)] = {
+                "critical_n": result.critical_n,
+                "first_failure": result.first_failure,
+                "resolution": 1,
+                "seconds": time.perf_counter() - t0,
+                "commit": _git_commit(),
+                "trials": [_trial_record(t) for t in result.trials],
+            }
+            data["seeds"][str(seed)]["dims"] = {k: per_seed[k] for k in sorted(per_seed, key=int)}
+            _write_json_atomic(path, data)
+            tried = ", ".join(f"{t.n}{'+' if t.solved else '-'}" for t in result.trials)
+            print(f"d={d:3d} seed={seed} critical n={result.critical_n:4d} first failure={result.first_failure} "
+                  f"({per_seed[str(d)]['seconds']:.0f}s; tried {tried})", flush=True)
+
+
+def seed_table(data: dict) -> dict[int, dict[int, dict]]:
+    """{d: {seed: that seed's search}} over the dimensions every listed seed finished."""
+    table: dict[int, dict[int, dict]] = {}
+    for seed, block in data["seeds"].items():
+        for d, row in block["dims"].items():
+            table.setdefault(int(d), {})[int(seed)] = row
+    return dict(sorted(table.items()))
+
+
+def summarize(data: dict, min_seeds: int) -> dict:
+    """Per-d statistics over seeds, the cubic fit of the seed means and its extrapolations."""
+    rows = []
+    for d, by_seed in seed_table(data).items():
+        if len(by_seed) < min_seeds:
             continue
-        if time.perf_counter() - started > args.time_budget_s:
-            print(f"time budget of {args.time_budget_s:.0f}s spent; stopping before d={d}", flush=True)
-            break
-        t0 = time.perf_counter()
-        result = limit.find_critical_n(
-            d,
-            k=2,
-            n_start=next_start(done, d),
-            learning_rate=args.learning_rate,
-            temperature=args.temperature,
-            max_steps=args.max_steps,
-            patience=args.patience,
-            check_every=args.check_every,
-            restarts=args.restarts,
-            seed=args.seed,
-            initial_step=args.initial_step,
-            resolution=args.resolution,
-        )
-        trials = [
-            {key: getattr(t, key) for key in ("n", "solved", "seed", "steps", "total_steps", "unsolved", "num_queries", "final_loss", "seconds")}
-            for t in result.trials
-        ]
-        done[d] = {
-            "critical_n": result.critical_n,
-            "first_failure": result.first_failure,
-            "resolution": args.resolution,
-            "seconds": time.perf_counter() - t0,
-            "commit": _git_commit(),
-            "trials": trials,
-        }
-        data["dims"] = {str(k): done[k] for k in sorted(done)}
-        path.write_text(json.dumps(data, indent=1))
-        tried = ", ".join(f"{t['n']}{'+' if t['solved'] else '-'}" for t in trials)
-        print(f"d={d:3d} critical n={result.critical_n:4d} first failure={result.first_failure} "
-              f"({done[d]['seconds']:.0f}s; tried {tried})", flush=True)
+        crit = np.array([by_seed[s]["critical_n"] for s in sorted(by_seed)], dtype=np.float64)
+        rows.append({
+            "d": d,
+            "seeds": sorted(by_seed),
+            "critical_n_per_seed": [int(c) for c in crit],
+            "first_failure_per_seed": [by_seed[s]["first_failure"] for s in sorted(by_seed)],
+            "critical_n_mean": float(crit.mean()),
+            "critical_n_std": float(crit.std(ddof=1)) if crit.size > 1 else 0.0,
+            "critical_n_max": int(crit.max()),
+            "runs": int(sum(len(by_seed[s]["trials"]) for s in by_seed)),
+            "seconds": float(sum(by_seed[s]["seconds"] for s in by_seed)),
+            "queries_at_max": math.comb(int(crit.max()), 2),
+            "paper_cubic_at_d": float(np.polynomial.polynomial.polyval(d, PAPER_CUBIC)),
+        })
+    dims = [r["d"] for r in rows]
+    means = [r["critical_n_mean"] for r in rows]
+    coeffs, r2 = limit.fit_polynomial(dims, means, degree=3)
+    extrap = [{"d": d, "ours": float(np.polynomial.polynomial.polyval(d, coeffs)),
+               "paper": float(np.polynomial.polynomial.polyval(d, PAPER_CUBIC))} for d in (64, 128, 512, 1024, 4096)]
+    return {"rows": rows, "cubic_fit_of_mean": {"coefficients": coeffs.tolist(), "r2": r2, "dims": dims},
+            "paper_cubic": list(PAPER_CUBIC), "extrapolation": extrap, "settings": data["settings"],
+            "sweep_commands": data.get("commands", [])}
+
+
+def markdown(summary: dict, artifact: str) -> str:
+    lines = [
+        "| d | critical n per seed | mean ± std | max | runs | seconds | paper's cubic at d | artifact |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for i, r in enumerate(summary["rows"]):
+        per_seed = ", ".join(str(c) for c in r["critical_n_per_seed"])
+        lines.append(f"| {r['d']} | {per_seed} | {r['critical_n_mean']:.1f} ± {r['critical_n_std']:.1f} | "
+                     f"{r['critical_n_max']} | {r['runs']} | {r['seconds']:.0f} | {r['paper_cubic_at_d']:.1f} | "
+                     f"[json]({artifact}#/rows/{i}) |")
+    fit = summary["cubic_fit_of_mean"]
+    fmt = lambda c: " + ".join(f"{v:.4g}·d^{i}" if i else f"{v:.4g}" for i, v in enumerate(c))  # noqa: E731
+    lines += [
+        "",
+        f"Cubic fit of the seed means (d = {fit['dims'][0]}..{fit['dims'][-1]}): n(d) = {fmt(fit['coefficients'])}, "
+        f"r² = {fit['r2']:.4f}",
+        f"Paper's cubic fit: n(d) = {fmt(summary['paper_cubic'])}",
+        "",
+        "| d | ours extrapolated | paper extrapolated | artifact |",
+        "|---:|---:|---:|---|",
+        *[f"| {e['d']} | {e['ours']:,.0f} | {e['paper']:,.0f} | [json]({artifact}#/extrapolation/{i}) |"
+          for i, e in enumerate(summary["extrapolation"])],
+    ]
+    return "\n".join(lines)
 
 
 def report(args) -> None:
     data = json.loads(pathlib.Path(args.results).read_text())
-    dims = sorted(int(d) for d in data["dims"])
-    crit = np.array([data["dims"][str(d)]["critical_n"] for d in dims], dtype=np.float64)
-    coeffs, r2 = limit.fit_polynomial(dims, crit, degree=3)
-    paper = np.polynomial.polynomial.polyval(np.array(dims, dtype=np.float64), PAPER_CUBIC)
-
-    lines = [
-        "| d | critical n (ours) | first failed n | queries C(n,2) | runs | seconds | paper fit at d |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for d, p in zip(dims, paper):
-        row = data["dims"][str(d)]
-        n = row["critical_n"]
-        lines.append(
-            f"| {d} | {n} | {row['first_failure']} | {math.comb(n, 2)} | {len(row['trials'])} | {row['seconds']:.0f} | {p:.1f} |"
-        )
-    fmt = lambda c: " + ".join(f"{v:.4g}·d^{i}" if i else f"{v:.4g}" for i, v in enumerate(c))  # noqa: E731
-    extrap = {d: float(np.polynomial.polynomial.polyval(d, coeffs)) for d in (64, 128, 512, 1024, 4096)}
-    paper_extrap = {d: float(np.polynomial.polynomial.polyval(d, PAPER_CUBIC)) for d in extrap}
-    lines += [
-        "",
-        f"Cubic fit (ours, d = {dims[0]}..{dims[-1]}): n(d) = {fmt(coeffs)}, r² = {r2:.4f}",
-        f"Paper's cubic fit: n(d) = {fmt(PAPER_CUBIC)}",
-        "",
-        "| d | ours extrapolated | paper extrapolated |",
-        "|---:|---:|---:|",
-        *[f"| {d} | {extrap[d]:,.0f} | {paper_extrap[d]:,.0f} |" for d in extrap],
-    ]
-    table = "\n".join(lines)
+    summary = {"command": _command(), "commit": _git_commit(), **summarize(data, args.min_seeds)}
+    out = pathlib.Path(args.summary)
+    _write_json_atomic(out, summary)
+    table = markdown(summary, out.name)
     (HERE / "table.md").write_text(table + "\n")
     print(table)
-    summary = {"dims": dims, "critical_n": crit.astype(int).tolist(), "cubic": coeffs.tolist(), "r2": r2}
     if not args.no_plot:
-        plot_path = pathlib.Path(args.plot)
-        _plot(dims, crit, coeffs, plot_path)
-        summary["plot"] = str(plot_path)
-    print(json.dumps(summary))
+        _plot(summary, pathlib.Path(args.plot))
+    print(json.dumps({"summary": str(out), "dims": summary["cubic_fit_of_mean"]["dims"],
+                      "r2": summary["cubic_fit_of_mean"]["r2"]}))
 
 
-def _plot(dims, crit, coeffs, path: pathlib.Path) -> None:
+def patience_check(args) -> None:
+    """A few n at one d with a larger step budget: how much does the budget move the boundary?"""
+    runs = []
+    for n in (int(v) for v in args.n.split(",")):
+        t = limit.optimize_free_embeddings(n, args.d, learning_rate=args.learning_rate, temperature=args.temperature,
+                                           max_steps=args.max_steps, patience=args.patience,
+                                           check_every=args.check_every, seed=args.seed)
+        runs.append(_trial_record(t))
+        print(f"d={args.d} n={n} solved={t.solved} steps={t.steps} unsolved={t.unsolved} ({t.seconds:.0f}s)",
+              flush=True)
+    out = pathlib.Path(args.out)
+    _write_json_atomic(out, {"command": _command(), "commit": _git_commit(), "d": args.d,
+                             "settings": _optimizer_settings(args) | {"seed": args.seed}, "runs": runs})
+    print(json.dumps({"out": str(out), "runs": [(r["n"], r["solved"], r["unsolved"]) for r in runs]}))
+
+
+def _plot(summary: dict, path: pathlib.Path) -> None:
     try:
         import matplotlib
 
@@ -187,44 +271,61 @@ def _plot(dims, crit, coeffs, path: pathlib.Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise SystemExit(f"the plot needs matplotlib ({err}); install it or pass --no_plot") from err
-    grid = np.linspace(min(dims), max(dims), 200)
+    rows = summary["rows"]
+    dims = np.array([r["d"] for r in rows], dtype=np.float64)
+    coeffs = summary["cubic_fit_of_mean"]["coefficients"]
+    grid = np.linspace(dims.min(), dims.max(), 200)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(dims, crit, "o", label="critical n (free embeddings, ours)")
-    ax.plot(grid, np.polynomial.polynomial.polyval(grid, coeffs), "-", label="cubic fit (ours)")
+    for r in rows:
+        ax.plot([r["d"]] * len(r["critical_n_per_seed"]), r["critical_n_per_seed"], ".", color="0.6")
+    ax.errorbar(dims, [r["critical_n_mean"] for r in rows], yerr=[r["critical_n_std"] for r in rows], fmt="o",
+                label="critical n, mean ± std over seeds (grey: each seed)")
+    ax.plot(grid, np.polynomial.polynomial.polyval(grid, coeffs), "-", label="cubic fit of the means")
     ax.plot(grid, np.polynomial.polynomial.polyval(grid, PAPER_CUBIC), "--", label="cubic fit (Weller et al. 2025)")
     ax.set_xlabel("embedding dimension d")
     ax.set_ylabel("largest n with every top-2 pair realised")
     ax.set_title("LIMIT free-embedding experiment (k = 2)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def _add_optimizer_arguments(p) -> None:
+    p.add_argument("--learning_rate", type=float, default=0.01)
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--max_steps", type=int, default=5000)
+    p.add_argument("--patience", type=int, default=1000)
+    p.add_argument("--check_every", type=int, default=50)
+    p.add_argument("--restarts", type=int, default=1)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sweep", help="find the critical n for each d (resumable)")
+    s = sub.add_parser("sweep", help="find the critical n for each (seed, d) (resumable)")
     s.add_argument("--dims", default="4-32")
+    s.add_argument("--seeds", default="0,1,2")
     s.add_argument("--results", default=str(HERE / "results.json"))
-    s.add_argument("--learning_rate", type=float, default=0.01)
-    s.add_argument("--temperature", type=float, default=0.1)
-    s.add_argument("--max_steps", type=int, default=5000)
-    s.add_argument("--patience", type=int, default=1000)
-    s.add_argument("--check_every", type=int, default=50)
-    s.add_argument("--restarts", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--time_budget_s", type=float, default=float("inf"), help="start no new d after this many seconds")
-    s.add_argument("--initial_step", type=int, default=1, help="first gallop step (coarse search for large d)")
-    s.add_argument("--resolution", type=int, default=1,
-                   help="stop bisecting at this bracket width: critical n is then a lower bound within it")
-    r = sub.add_parser("report", help="fit, table and plot from a results file")
+    _add_optimizer_arguments(s)
+    s.add_argument("--time_budget_s", type=float, default=float("inf"), help="start no new search after this many seconds")
+    s.add_argument("--initial_step", type=int, default=1, help="first gallop step")
+    r = sub.add_parser("report", help="summary.json, table.md and the plot from a results file")
     r.add_argument("--results", default=str(HERE / "results.json"))
+    r.add_argument("--summary", default=str(HERE / "summary.json"))
     r.add_argument("--plot", default=str(HERE / "critical_n.png"))
+    r.add_argument("--min_seeds", type=int, default=3, help="report only dimensions with at least this many seeds")
     r.add_argument("--no_plot", action="store_true")
+    c = sub.add_parser("patience", help="a few n at one d with a larger step budget")
+    c.add_argument("--d", type=int, default=20)
+    c.add_argument("--n", default="110,116")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=str(HERE / "patience_d20.json"))
+    _add_optimizer_arguments(c)
+    c.set_defaults(max_steps=20000, patience=5000)
     args = parser.parse_args(argv)
-    {"sweep": sweep, "report": report}[args.command](args)
+    {"sweep": sweep, "report": report, "patience": patience_check}[args.command](args)
 
 
 if __name__ == "__main__":
