@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embedjax.eval import analysis
-from embedjax.eval.metrics import retrieval_metrics
+from embedjax.eval.metrics import retrieval_metrics, tie_order
 from embedjax.eval.querybank import bank_log_partition
 
 __all__ = [
@@ -236,7 +236,10 @@ def inverted_softmax_retrieval(q_qd, d_nd, query_ids: Sequence[str], doc_ids: Se
         log_z_qn = np.asarray(bank_log_partition(bank_bd, d_nd, temperature), np.float64)[None, :]
     normalized_qn = (scores_qn / temperature - log_z_qn).astype(np.float32)
     k = min(max(k_values), len(doc_ids))
-    top_qk = np.argsort(-normalized_qn, axis=1, kind="stable")[:, :k]
+    # The library's tie order (score, then id descending; see eval.metrics): a stable sort of the
+    # columns taken in descending-id order keeps that order within ties.
+    order = tie_order(doc_ids)
+    top_qk = order[np.argsort(-normalized_qn[:, order], axis=1, kind="stable")[:, :k]]
     run = {q: {doc_ids[j]: float(normalized_qn[i, j]) for j in top_qk[i]} for i, q in enumerate(query_ids)}
     metrics = retrieval_metrics(run, qrels, k_values)
     return (metrics, normalized_qn) if return_scores else metrics

@@ -5,15 +5,33 @@
 - recall@k, MRR@k and MAP@k count a document as relevant when its grade is > 0; MAP@k
   divides by the number of relevant documents (not by min(k, R)), as ``map_cut`` does.
 - Queries without any relevant document are left out (trec_eval's default).
-- Ranked lists are ordered by score, ties by document id descending (trec_eval's order).
+
+Tie order, the one rule of the whole library: score descending, then document id descending
+(trec_eval's order; ids compare as strings). The metrics here sort by it, and every search that
+feeds them returns candidates in it: ``eval.retrieval`` permutes the corpus into descending-id
+order (``tie_order``) before searching, so the search kernels' "ties -> smaller index" rule
+picks the larger id. A metric at cutoff k is therefore the same whatever other cutoffs are
+requested; two-stage searches (``binary+rescore``) run once per cutoff, so that cutoff k sees
+exactly the candidates of a search for k.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
 
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
+
+
+def tie_order(doc_ids: Sequence[str]) -> np.ndarray:
+    """Permutation int64 [N] putting ``doc_ids`` in descending id order.
+
+    A corpus searched in this order with "ties -> smaller index" returns ties by id
+    descending, the order ``rank_documents`` uses.
+    """
+    return np.asarray(sorted(range(len(doc_ids)), key=doc_ids.__getitem__, reverse=True), dtype=np.int64)
 
 
 def rank_documents(doc_scores: Mapping[str, float]) -> list[str]:

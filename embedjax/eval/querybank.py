@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embedjax.eval.metrics import retrieval_metrics
+from embedjax.eval.metrics import retrieval_metrics, tie_order
 from embedjax.eval.retrieval import document_text
 
 __all__ = [
@@ -134,6 +134,12 @@ def querybank_retrieval_from_embeddings(
     if len(query_ids) != q_qd.shape[0] or len(doc_ids) != d_nd.shape[0]:
         raise ValueError(f"{len(query_ids)} query ids / {len(doc_ids)} doc ids do not match embeddings "
                          f"{q_qd.shape} / {d_nd.shape}")
+    # The library's tie order (score, then id descending; see eval.metrics): top_k keeps the
+    # smaller index on ties, so search the corpus in descending-id order.
+    order = tie_order(doc_ids)
+    d_nd, doc_ids = d_nd[order], [doc_ids[j] for j in order]
+    if log_partition_n is not None:
+        log_partition_n = jnp.asarray(log_partition_n)[order]
     log_z = bank_log_partition(bank_emb, d_nd, temperature) if log_partition_n is None else log_partition_n
     active = activation_mask(bank_emb, d_nd, activation_k) if dynamic else None
     k = min(max(k_values), d_nd.shape[0])

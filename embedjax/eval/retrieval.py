@@ -5,7 +5,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from embedjax.eval.metrics import retrieval_metrics
+from embedjax.eval.metrics import retrieval_metrics, tie_order
 from embedjax.index.exact import exact_search
 
 
@@ -34,15 +34,41 @@ def search(q_qd: np.ndarray, d_nd: np.ndarray, k: int, *, quantization: str | No
 def retrieval_from_embeddings(q_emb, d_emb, query_ids: Sequence[str], doc_ids: Sequence[str], qrels,
                               k_values: Iterable[int] = (1, 10, 100), *, quantization: str | None = None,
                               dims: int | None = None, per_query: bool = False) -> dict:
-    """Metrics x100 from precomputed embeddings [Q, D] and [N, D] (rows aligned with the id lists)."""
-    k_values = tuple(k_values)
+    """Metrics x100 from precomputed embeddings [Q, D] and [N, D] (rows aligned with the id lists).
+
+    Ties follow the library's one rule (score, then document id, descending; see
+    ``eval.metrics``), and each cutoff's metrics are those of a search for exactly that
+    cutoff: one search to the deepest cutoff serves them all when the search is
+    prefix-consistent, and two-stage settings (``binary+rescore``: a deeper first stage,
+    then rescoring) search once per distinct cutoff.
+    """
+    k_values = sorted({int(k) for k in k_values})
+    if not k_values or k_values[0] < 1:
+        raise ValueError(f"k_values={k_values} must be positive integers")
     if len(query_ids) != q_emb.shape[0] or len(doc_ids) != d_emb.shape[0]:
         raise ValueError(f"{len(query_ids)} query ids / {len(doc_ids)} doc ids do not match embeddings "
                          f"{q_emb.shape} / {d_emb.shape}")
-    k = min(max(k_values), len(doc_ids))
-    scores, idx = search(q_emb, d_emb, k, quantization=quantization, dims=dims)
-    run = {qid: {doc_ids[j]: float(s) for s, j in zip(scores[i], idx[i])} for i, qid in enumerate(query_ids)}
-    return retrieval_metrics(run, qrels, k_values, per_query=per_query)
+    from embedjax.index.compressed import depth_dependent
+
+    order = tie_order(doc_ids)
+    d_sorted = np.asarray(d_emb)[order]
+    ids_sorted = [doc_ids[j] for j in order]
+
+    def run_at(depth: int) -> dict:
+        scores, idx = search(q_emb, d_sorted, min(depth, len(doc_ids)), quantization=quantization, dims=dims)
+        return {qid: {ids_sorted[j]: float(s) for s, j in zip(scores[i], idx[i])} for i, qid in enumerate(query_ids)}
+
+    if not depth_dependent(quantization):
+        return retrieval_metrics(run_at(k_values[-1]), qrels, k_values, per_query=per_query)
+    out: dict = {}
+    for k in k_values:
+        part = retrieval_metrics(run_at(k), qrels, (k,), per_query=per_query)
+        for name, value in part.items():
+            if name == "per_query":
+                out.setdefault("per_query", {}).update(value)
+            else:
+                out[name] = value
+    return out
 
 
 def retrieval(encoder, corpus, queries, qrels, k_values: Iterable[int] = (1, 10, 100), *,

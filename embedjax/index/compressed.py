@@ -73,6 +73,15 @@ def describe_settings() -> str:
     return ", ".join(FIXED_SETTINGS) + ", residualP[+sym|+trained] (P in 1..8), pcaK, lshB[+asym]"
 
 
+def depth_dependent(quantization) -> bool:
+    """Whether the top-k of a setting can differ from the first k of its top-k' (k' > k).
+
+    Two-stage settings shortlist k * rescore_multiplier candidates, so a deeper search rescores
+    more of them; every other setting is one exact top-k under one total order.
+    """
+    return quantization in ("binary+rescore", "binary+int8rescore")
+
+
 def check_quantization(quantization) -> None:
     if quantization is None or quantization in FIXED_SETTINGS:
         return
