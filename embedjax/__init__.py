@@ -26,13 +26,13 @@ _SUBMODULES = (
     "train",
 )
 _ATTRIBUTES = {
-    "Encoder": "embedjax.models.encoder",
+    "Encoder": "embedjax.encoder",
 }
 
 __all__ = ["Encoder", "__version__", *_SUBMODULES]
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
-    from embedjax.models.encoder import Encoder  # noqa: F401
+    from embedjax.encoder import Encoder  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -23,6 +23,8 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", default=None, help="override the folder's pooling (cls, mean, max, lasttoken, ...)")
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", default=None, choices=["causal", "bidirectional"],
+                   help="decoder LLMs: override the model's attention (default: as trained, causal)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--progress", action="store_true", help="show tqdm progress bars")
 
@@ -30,7 +32,18 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 def _load_encoder(args):
     import embedjax as ej
 
-    return ej.Encoder.from_pretrained(args.model, pooling=args.pooling, max_length=args.max_length, dtype=args.dtype)
+    return ej.Encoder.from_pretrained(args.model, pooling=args.pooling, max_length=args.max_length, dtype=args.dtype,
+                                      attention=args.attention)
+
+
+def cmd_convert_gguf(args) -> dict:
+    """A GGUF file -> a transformers folder embedjax and transformers load."""
+    from embedjax.convert.gguf import convert_gguf
+
+    out = convert_gguf(args.input, args.output, overwrite=args.overwrite)
+    config = json.loads((out / "config.json").read_text())
+    return {"command": "convert gguf", "output": str(out), "model_type": config["model_type"],
+            "num_hidden_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"]}
 
 
 def cmd_encode(args) -> dict:
@@ -128,6 +141,14 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--document-prompt", default=None)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("convert", help="convert a checkpoint into a transformers folder embedjax loads")
+    formats = p.add_subparsers(dest="format", required=True)
+    g = formats.add_parser("gguf", help="a llama.cpp GGUF file (dequantized to float32)")
+    g.add_argument("--input", required=True, help="the .gguf file")
+    g.add_argument("--output", required=True, help="the folder to write (config.json, model.safetensors, tokenizer)")
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(func=cmd_convert_gguf)
+
     p = sub.add_parser("demo", help="evaluate the packaged MiniLM on the shared data")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_demo)
@@ -175,7 +196,7 @@ def main(argv=None) -> int:
         args.overrides = list(getattr(args, "overrides", None) or []) + extra
     try:
         result = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         print(json.dumps({"command": args.command, "error": str(err)}))
         return 2

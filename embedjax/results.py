@@ -157,7 +157,7 @@ def score_run(run: Mapping, beir: str, settings: Sequence[tuple], split: str = "
     from embedjax.data.builders import resolve_source
     from embedjax.data.readers import read_beir
     from embedjax.eval.retrieval import document_text, retrieval_from_embeddings
-    from embedjax.models.encoder import Encoder
+    from embedjax.encoder import Encoder
 
     export = run["summary"].get("export")
     if not export or not pathlib.Path(export).is_dir():

@@ -58,9 +58,9 @@ def _code_fingerprint() -> str:
 
     root = pathlib.Path(__file__).resolve().parents[1] / "embedjax"
     digest = hashlib.sha256()
-    for rel in ("models/bert.py", "models/poolers.py", "models/encoder.py", "convert/hf.py",
-                "data/tokenization.py", "eval/retrieval.py"):
-        digest.update((root / rel).read_bytes())
+    for path in sorted(root.rglob("*.py")):  # the whole package: modules move, embeddings must not go stale
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

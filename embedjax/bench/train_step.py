@@ -69,19 +69,21 @@ def _embedjax_step_seconds(args, ids, mask) -> tuple[float, float]:
 
     from embedjax.bench.timing import median_seconds
     from embedjax.losses import infonce
-    from embedjax.models.bert import BertConfig, BertModel, parse_dtype
+    from embedjax.models.registry import get_family
+    from embedjax.models.towers.bert import BertConfig
     from embedjax.models.poolers import l2_normalize, mean_pool
 
     cfg = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                      intermediate_size=args.intermediate, max_position_embeddings=max(512, args.seq))
-    model = BertModel(cfg, dtype=parse_dtype(args.dtype))
+    model = get_family("bert").build(cfg, dtype=args.dtype)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    params = model.init(jax.random.key(0), ids[:2], mask[:2])["params"]
+    params = model.init(jax.random.key(0), {"input_ids": ids[:2], "attention_mask": mask[:2]})["params"]
     tx = optax.adamw(2e-5, weight_decay=0.01)
     opt_state = tx.init(params)
 
     def loss_fn(p, rng):
-        hidden, _ = model.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": rng})
+        hidden, _ = model.apply({"params": p}, {"input_ids": ids, "attention_mask": mask}, deterministic=False,
+                                rngs={"dropout": rng})
         emb = l2_normalize(mean_pool(hidden, mask).astype(jnp.float32))
         return infonce(emb[: args.batch], emb[args.batch:], temperature=TEMPERATURE)
 

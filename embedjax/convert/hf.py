@@ -1,10 +1,10 @@
-"""transformers / sentence-transformers folders <-> embedjax BERT params, without torch.
+"""transformers / sentence-transformers folders <-> embedjax configs and params, without torch.
 
-The mapping between the two naming schemes is one explicit table
-(``bert_name_map``): each row names the safetensors tensor, the path in the
-Flax params tree and the layout transform between them. Import checks the table
-against the file and reports every missing, unexpected and mis-shaped tensor at
-once; export walks the same table backwards, so the two can never disagree.
+The family comes from ``config.json``'s ``model_type`` through the registry
+(`embedjax.models.registry`); its name-map table (`embedjax.convert.tables`) moves the tensors.
+Weights are read from ``model.safetensors`` or a sharded index, in float32, float16 or bfloat16
+(`embedjax.convert.safetensors_io`), and held as float32. Export assembles the whole folder in a
+temporary sibling and renames it into place, so a crash never leaves a half-written model.
 """
 from __future__ import annotations
 
@@ -14,202 +14,79 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
-
 import numpy as np
 
-from embedjax.models.bert import BertConfig
+from embedjax.convert import safetensors_io, tables
+from embedjax.models.registry import family_for_config, family_for_hf_config
 
-# Tensors a checkpoint may carry that the encoder does not use: the position-id buffer
-# and the next-sentence pooler head (not used by sentence embeddings).
-IGNORED_TENSOR_PREFIXES = ("embeddings.position_ids", "pooler.")
-# Checkpoints saved from task models (BertForMaskedLM, ...) prefix the encoder's names.
-STRIPPED_PREFIXES = ("bert.", "model.")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "tokenizer.model")
+EXPORT_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": safetensors_io.DTYPES["BF16"]}
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorRule:
-    """One row of the name map: hf tensor name, Flax path, and how the layout changes."""
-
-    hf_name: str
-    flax_path: tuple[str, ...]
-    layout: str  # "copy" | "dense" | "qkv_kernel" | "qkv_bias" | "attn_out_kernel"
-
-
-def bert_name_map(config: BertConfig) -> list[TensorRule]:
-    """The full table for a BERT encoder of this config."""
-    rules = [
-        TensorRule("embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"), "copy"),
-        TensorRule("embeddings.position_embeddings.weight", ("embeddings", "position_embeddings", "embedding"),
-                   "copy"),
-        TensorRule("embeddings.token_type_embeddings.weight", ("embeddings", "token_type_embeddings", "embedding"),
-                   "copy"),
-        TensorRule("embeddings.LayerNorm.weight", ("embeddings", "layer_norm", "norm", "scale"), "copy"),
-        TensorRule("embeddings.LayerNorm.bias", ("embeddings", "layer_norm", "norm", "bias"), "copy"),
-    ]
-    for i in range(config.num_layers):
-        hf, fx = f"encoder.layer.{i}.", f"layer_{i}"
-        for proj in ("query", "key", "value"):
-            rules.append(TensorRule(f"{hf}attention.self.{proj}.weight", (fx, "attention", proj, "kernel"),
-                                    "qkv_kernel"))
-            rules.append(TensorRule(f"{hf}attention.self.{proj}.bias", (fx, "attention", proj, "bias"), "qkv_bias"))
-        rules += [
-            TensorRule(f"{hf}attention.output.dense.weight", (fx, "attention", "out", "kernel"), "attn_out_kernel"),
-            TensorRule(f"{hf}attention.output.dense.bias", (fx, "attention", "out", "bias"), "copy"),
-            TensorRule(f"{hf}attention.output.LayerNorm.weight", (fx, "attention_norm", "norm", "scale"), "copy"),
-            TensorRule(f"{hf}attention.output.LayerNorm.bias", (fx, "attention_norm", "norm", "bias"), "copy"),
-            TensorRule(f"{hf}intermediate.dense.weight", (fx, "mlp_in", "kernel"), "dense"),
-            TensorRule(f"{hf}intermediate.dense.bias", (fx, "mlp_in", "bias"), "copy"),
-            TensorRule(f"{hf}output.dense.weight", (fx, "mlp_out", "kernel"), "dense"),
-            TensorRule(f"{hf}output.dense.bias", (fx, "mlp_out", "bias"), "copy"),
-            TensorRule(f"{hf}output.LayerNorm.weight", (fx, "output_norm", "norm", "scale"), "copy"),
-            TensorRule(f"{hf}output.LayerNorm.bias", (fx, "output_norm", "norm", "bias"), "copy"),
-        ]
-    return rules
-
-
-def _hf_shape(rule: TensorRule, config: BertConfig) -> tuple[int, ...]:
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    name = rule.hf_name
-    if "word_embeddings" in name:
-        return (v, d)
-    if "position_embeddings" in name:
-        return (config.max_position_embeddings, d)
-    if "token_type_embeddings" in name:
-        return (config.type_vocab_size, d)
-    if name.endswith("intermediate.dense.weight"):
-        return (f, d)
-    if name.endswith("intermediate.dense.bias"):
-        return (f,)
-    if name.endswith("output.dense.weight") and "attention" not in name:
-        return (d, f)
-    if name.endswith(".weight") and "LayerNorm" not in name:
-        return (d, d)
-    return (d,)
-
-
-def _to_flax(array: np.ndarray, layout: str, config: BertConfig) -> np.ndarray:
-    h, k, d = config.num_heads, config.head_dim, config.hidden_size
-    if layout == "copy":
-        return array
-    if layout == "dense":  # torch Linear stores [out, in]; Flax Dense wants [in, out]
-        return array.T
-    if layout == "qkv_kernel":
-        return array.T.reshape(d, h, k)
-    if layout == "qkv_bias":
-        return array.reshape(h, k)
-    if layout == "attn_out_kernel":
-        return array.T.reshape(h, k, d)
-    raise ValueError(f"unknown layout {layout!r}")
-
-
-def _to_hf(array: np.ndarray, layout: str, config: BertConfig) -> np.ndarray:
-    h, k, d = config.num_heads, config.head_dim, config.hidden_size
-    if layout == "copy":
-        return array
-    if layout == "dense":
-        return array.T
-    if layout == "qkv_kernel":
-        return array.reshape(d, h * k).T
-    if layout == "qkv_bias":
-        return array.reshape(h * k)
-    if layout == "attn_out_kernel":
-        return array.reshape(h * k, d).T
-    raise ValueError(f"unknown layout {layout!r}")
-
-
-def read_config(folder: str | os.PathLike) -> BertConfig:
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    """The folder's ``config.json`` as a dict (a missing or broken file is a clear error)."""
     path = pathlib.Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a model folder needs the transformers config.json")
     try:
-        return BertConfig.from_hf_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{path} is not a valid transformers BERT config: {err}") from err
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return hf
+
+
+def read_config(folder: str | os.PathLike, **options):
+    """The family config of a folder; ``options`` (e.g. ``attention="bidirectional"``) replace fields."""
+    path = pathlib.Path(folder) / "config.json"
+    hf = read_hf_config(folder)
+    family = family_for_hf_config(hf, str(path))
+    try:
+        return family.config_cls.from_hf(hf, **options)
+    except KeyError as err:
+        raise ValueError(f"{path} is not a valid {family.name} config: missing key {err}") from err
 
 
 def read_safetensors(folder: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of ``model.safetensors`` as numpy arrays, with task-model prefixes stripped."""
-    from safetensors.numpy import load_file
-
-    folder = pathlib.Path(folder)
-    path = folder / "model.safetensors"
-    if not path.is_file():
-        hint = " (found pytorch_model.bin: convert it to safetensors first)" if (folder / "pytorch_model.bin").exists() \
-            else ""
-        raise FileNotFoundError(f"{path} is missing{hint}: embedjax reads weights from model.safetensors")
-    try:
-        tensors = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for corrupt headers/data
-        raise ValueError(f"{path} could not be read as safetensors ({err}); the file is corrupt or truncated: "
-                         "re-export or re-download it") from err
-    out = {}
-    for name, array in tensors.items():
-        for prefix in STRIPPED_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                break
-        out[name] = array
-    return out
+    """All tensors of the folder's weights (single file or shards), names as stored."""
+    return safetensors_io.read_folder(folder)
 
 
-def params_from_tensors(tensors: dict[str, np.ndarray], config: BertConfig, source: str = "checkpoint"):
-    """Build the Flax params tree from HF-named tensors, reporting every problem at once."""
-    rules = bert_name_map(config)
-    expected = {r.hf_name for r in rules}
-    missing = [r.hf_name for r in rules if r.hf_name not in tensors]
-    unexpected = sorted(n for n in tensors if n not in expected and not n.startswith(IGNORED_TENSOR_PREFIXES))
-    misshaped = [
-        f"{r.hf_name}: file {tuple(tensors[r.hf_name].shape)} vs config {_hf_shape(r, config)}"
-        for r in rules
-        if r.hf_name in tensors and tuple(tensors[r.hf_name].shape) != _hf_shape(r, config)
-    ]
-    if missing or unexpected or misshaped:
-        lines = [f"{source} does not match the BERT config:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}")
-        if misshaped:
-            lines.append(f"  mis-shaped ({len(misshaped)}): {'; '.join(misshaped)}")
-        raise ValueError("\n".join(lines))
-    params: dict[str, Any] = {}
-    for r in rules:
-        node = params
-        for key in r.flax_path[:-1]:
-            node = node.setdefault(key, {})
-        node[r.flax_path[-1]] = np.asarray(_to_flax(tensors[r.hf_name], r.layout, config), dtype=np.float32)
-    return params
+def params_from_tensors(tensors, config, source: str = "checkpoint"):
+    """The Flax params tree (float32) from HF-named tensors, every mismatch reported at once."""
+    family = family_for_config(config)
+    tensors = tables.strip_prefixes(tensors, family.hf_stripped_prefixes)
+    return tables.params_from_tensors(tensors, family.hf_table(config), source=source, family=family.name,
+                                      ignored=family.hf_ignored)
 
 
-def load_pretrained(folder: str | os.PathLike):
-    """Read ``config.json`` + ``model.safetensors`` -> ``(BertConfig, params)`` (numpy float32 leaves)."""
-    config = read_config(folder)
-    tensors = read_safetensors(folder)
-    return config, params_from_tensors(tensors, config, source=str(pathlib.Path(folder) / "model.safetensors"))
+def load_pretrained(folder: str | os.PathLike, **options):
+    """Read ``config.json`` + weights -> ``(config, params)`` (numpy float32 leaves)."""
+    config = read_config(folder, **options)
+    return config, params_from_tensors(read_safetensors(folder), config, source=str(pathlib.Path(folder)))
 
 
-def tensors_from_params(params, config: BertConfig) -> dict[str, np.ndarray]:
-    """The inverse of ``params_from_tensors``: HF-named float32 tensors from a Flax params tree."""
-    out = {}
-    for r in bert_name_map(config):
-        node = params
-        for key in r.flax_path:
-            node = node[key]
-        array = np.asarray(node, dtype=np.float32)
-        out[r.hf_name] = np.ascontiguousarray(_to_hf(array, r.layout, config))
-    return out
+def tensors_from_params(params, config, dtype=np.float32) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_tensors`: HF-named tensors in ``dtype``."""
+    return tables.tensors_from_params(params, family_for_config(config).hf_table(config), dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class PoolingSettings:
-    """What ``1_Pooling/config.json``, ``modules.json`` and ``sentence_bert_config.json`` say."""
+    """What a sentence-transformers folder declares about pooling and prompts."""
 
     pooling: str = "mean"
     normalize: bool = False
     max_length: int | None = None
-    layers: Any = None
+    include_prompt: bool = True
+    prompts: tuple = ()  # (name, prompt) pairs from config_sentence_transformers.json
+    default_prompt_name: str | None = None
+
+    @property
+    def prompt_dict(self) -> dict[str, str]:
+        return dict(self.prompts)
 
 
 _POOLING_KEYS = {
@@ -222,21 +99,28 @@ _POOLING_KEYS = {
 }
 
 
-def read_pooling_settings(folder: str | os.PathLike) -> PoolingSettings:
-    """Pooling, normalisation and max length as a sentence-transformers folder declares them.
+def _read_json(path: pathlib.Path, default):
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
 
-    A plain transformers folder (no sentence-transformers files) defaults to mean pooling,
-    no normalisation and the model's position limit.
-    """
+
+def read_pooling_settings(folder: str | os.PathLike) -> PoolingSettings:
+    """Pooling, normalisation, max length, ``include_prompt`` and prompts as a sentence-transformers
+    folder declares them. A plain transformers folder defaults to mean pooling, no normalisation,
+    the model's position limit and no prompts."""
     folder = pathlib.Path(folder)
-    pooling = "mean"
+    pooling, include_prompt = "mean", True
     pool_cfg = folder / "1_Pooling" / "config.json"
-    modules = _read_modules(folder)
+    modules = _read_json(folder / "modules.json", [])
     for module in modules:
         if module.get("type", "").endswith("Pooling"):
             pool_cfg = folder / module.get("path", "1_Pooling") / "config.json"
-    if pool_cfg.is_file():
-        cfg = json.loads(pool_cfg.read_text())
+    cfg = _read_json(pool_cfg, None)
+    if cfg is not None:
         if "pooling_mode" in cfg:
             pooling = cfg["pooling_mode"]
         else:
@@ -244,34 +128,56 @@ def read_pooling_settings(folder: str | os.PathLike) -> PoolingSettings:
             if len(chosen) != 1:
                 raise ValueError(f"{pool_cfg} enables {chosen or 'no'} pooling modes; embedjax needs exactly one")
             pooling = chosen[0]
+        include_prompt = bool(cfg.get("include_prompt", True))
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
-    max_length = None
-    sbert = folder / "sentence_bert_config.json"
-    if sbert.is_file():
-        max_length = json.loads(sbert.read_text()).get("max_seq_length")
-    return PoolingSettings(pooling=pooling, normalize=normalize, max_length=max_length)
+    sbert = _read_json(folder / "sentence_bert_config.json", {})
+    st_config = _read_json(folder / "config_sentence_transformers.json", {})
+    prompts = st_config.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ValueError(f"{folder / 'config_sentence_transformers.json'}: 'prompts' must map names to strings")
+    return PoolingSettings(pooling=pooling, normalize=normalize, max_length=sbert.get("max_seq_length"),
+                           include_prompt=include_prompt, prompts=tuple(sorted(prompts.items())),
+                           default_prompt_name=st_config.get("default_prompt_name"))
 
 
-def _read_modules(folder: pathlib.Path) -> list[dict]:
-    path = folder / "modules.json"
-    if not path.is_file():
-        return []
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
-def _pooling_config(pooling: str, dim: int) -> dict:
+def _pooling_config(pooling: str, dim: int, include_prompt: bool) -> dict:
     config = {"word_embedding_dimension": dim}
     config.update({key: (name == pooling) for key, name in _POOLING_KEYS.items()})
-    config["include_prompt"] = True
+    config["include_prompt"] = include_prompt
     return config
+
+
+def _write_folder(tmp: pathlib.Path, config, params, src: pathlib.Path, *, pooling, normalize, max_length, dtype,
+                  max_shard_bytes, prompts, include_prompt):
+    (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
+    safetensors_io.write_folder(tmp, tensors_from_params(params, config, EXPORT_DTYPES[dtype]),
+                                max_shard_bytes=max_shard_bytes)
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if "tokenizer.json" not in copied and "vocab.txt" not in copied:
+        raise FileNotFoundError(f"{src} has no tokenizer.json or vocab.txt to export with the model")
+    for name in copied:
+        shutil.copy2(src / name, tmp / name)
+    (tmp / "1_Pooling").mkdir()
+    (tmp / "1_Pooling" / "config.json").write_text(
+        json.dumps(_pooling_config(pooling, config.hidden_size, include_prompt), indent=2))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (tmp / "2_Normalize").mkdir()
+    (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
+    (tmp / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_length, "do_lower_case": False}, indent=2))
+    st_config = {"prompts": dict(prompts or {}), "default_prompt_name": None, "similarity_fn_name": "cosine",
+                 "model_type": "SentenceTransformer"}
+    (tmp / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
 
 
 def export_pretrained(
     out_dir: str | os.PathLike,
-    config: BertConfig,
+    config,
     params,
     tokenizer_src: str | os.PathLike,
     *,
@@ -279,19 +185,24 @@ def export_pretrained(
     normalize: bool = True,
     max_length: int = 256,
     overwrite: bool = False,
+    dtype: str = "float32",
+    max_shard_bytes: int | None = None,
+    prompts: dict[str, str] | None = None,
+    include_prompt: bool = True,
 ) -> pathlib.Path:
     """Write a folder that ``transformers.AutoModel`` and ``SentenceTransformer`` load unchanged.
 
-    The folder is assembled in a temporary sibling and renamed into place, so a crash never
-    leaves a half-written model; an existing non-empty ``out_dir`` is an error unless
-    ``overwrite=True``.
+    ``dtype`` is the weights' dtype on disk (float32, float16, bfloat16); ``max_shard_bytes`` splits
+    them into transformers-style shards with an index. ``prompts`` and ``include_prompt`` go into
+    ``config_sentence_transformers.json`` and ``1_Pooling/config.json``. An existing non-empty
+    ``out_dir`` is an error unless ``overwrite=True``.
     """
-    from safetensors.numpy import save_file
-
     from embedjax.models.poolers import POOLERS
 
     if pooling not in POOLERS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLERS)}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: use one of {sorted(EXPORT_DTYPES)}")
     out = pathlib.Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder or pass overwrite=True")
@@ -299,35 +210,23 @@ def export_pretrained(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-        save_file(tensors_from_params(params, config), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-        if "tokenizer.json" not in copied and "vocab.txt" not in copied:
-            raise FileNotFoundError(f"{src} has no tokenizer.json or vocab.txt to export with the model")
-        for name in copied:
-            shutil.copy2(src / name, tmp / name)
-        (tmp / "1_Pooling").mkdir()
-        (tmp / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(pooling, config.hidden_size),
-                                                                   indent=2))
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ]
-        if normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                            "type": "sentence_transformers.models.Normalize"})
-            (tmp / "2_Normalize").mkdir()
-        (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
-        (tmp / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": max_length, "do_lower_case": False}, indent=2))
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(out)
+        _write_folder(tmp, config, params, src, pooling=pooling, normalize=normalize, max_length=max_length,
+                      dtype=dtype, max_shard_bytes=max_shard_bytes, prompts=prompts, include_prompt=include_prompt)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def replace_folder(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Move a finished folder ``tmp`` to ``out``, replacing an old ``out`` only after the move is ready."""
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        out.rename(backup)
+        tmp.rename(out)
+        shutil.rmtree(backup)
+    else:
+        tmp.rename(out)
+

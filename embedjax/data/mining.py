@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--depth", type=int, default=100)
     parser.add_argument("--max-queries", type=int, default=0)
     args = parser.parse_args(argv)
-    from embedjax.models.encoder import Encoder
+    from embedjax.encoder import Encoder
 
     encoder = Encoder.from_pretrained(args.model)
     ceiling = args.max_relative_score if args.max_relative_score > 0 else None

@@ -57,7 +57,7 @@ except ImportError as err:  # pragma: no cover - exercised by a test that hides 
         f"(or `pip install -e .[dev]`); the import failed with: {err}"
     ) from err
 
-from embedjax.models.encoder import Encoder
+from embedjax.encoder import Encoder
 
 __all__ = ["MTEBEncoder", "dataloader_texts", "model_meta", "resolve_prompt", "retrieval_task", "sts_task",
            "weights_fingerprint"]

@@ -1,6 +1,8 @@
-"""Models: the BERT encoder, poolers and the ``Encoder`` wrapper."""
-from embedjax.models.bert import BertConfig, BertModel
-from embedjax.models.encoder import Encoder, embed_batch
-from embedjax.models.poolers import POOLERS, pool, select_layers
+"""Models: the family registry, shared layers, towers (one module per family) and poolers.
 
-__all__ = ["BertConfig", "BertModel", "Encoder", "embed_batch", "POOLERS", "pool", "select_layers"]
+The application object, ``Encoder``, lives in `embedjax.encoder`.
+"""
+from embedjax.models.poolers import POOLERS, pool, select_layers
+from embedjax.models.registry import Family, TokenizerNeeds, families, get_family
+
+__all__ = ["Family", "TokenizerNeeds", "families", "get_family", "POOLERS", "pool", "select_layers"]

@@ -1,7 +1,9 @@
 """Logical-axis rule presets: logical parameter/activation names -> mesh axes.
 
-Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``,
-``vocab``, ``position``, ``type``); activations use ``batch`` and ``length``.
+Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv_heads`` (GQA key/value
+heads), ``kv`` (head dim), ``layers`` (the stacked axis of scanned layers), ``vocab``, ``position``,
+``token_type``); activations use ``batch`` and ``length``. ``layers`` is never sharded by the
+presets: a scan reads one layer per step, and splitting the stack would gather it every step.
 A rules table is a tuple of ``(logical_name, mesh_axis_or_axes_or_None)`` pairs,
 the format ``flax.linen`` uses. Names absent from a table are replicated.
 """
@@ -21,6 +23,7 @@ DATA_PARALLEL: Rules = (
 FSDP: Rules = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
+    ("layers", None),
 )
 
 # FSDP + tensor (Megatron-style) parallelism: wide dimensions over `tensor`.
@@ -29,7 +32,9 @@ FSDP_TENSOR: Rules = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # replicated when the KV heads are fewer than the tensor axis
     ("vocab", "tensor"),
+    ("layers", None),
 )
 
 PRESETS: dict[str, Rules] = {

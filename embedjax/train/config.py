@@ -28,13 +28,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.normalize = True
     c.model.max_length = 256
     c.model.dtype = "float32"
-    c.model.remat = False
-    # Architecture of a randomly initialised BERT (model.init="random"); vocab from the tokenizer.
-    c.model.hidden_size = 384
-    c.model.num_layers = 6
-    c.model.num_heads = 12
-    c.model.intermediate_size = 1536
-    c.model.dropout = 0.1
+    c.model.remat = "none"  # "none", "full", "dots", "dots_no_batch" (embedjax.models.layers.REMAT_POLICIES)
+    c.model.scan_unroll = 1  # layers per scan step (model.config's num_layers: fully unrolled)
+    # "" = the family model.path's config.json names; else a registered family (bert, llama, qwen2, ...).
+    c.model.family = ""
+    # The family's own config fields, checked by its dataclass: the architecture of a randomly
+    # initialised model (model.init="random"; vocab and positions default from the tokenizer and
+    # max_length), or fields replaced in the pretrained config (e.g. attention="bidirectional",
+    # hidden_dropout=0.0). A field the family does not have is an error.
+    c.model.config = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
     # Comma-separated sources "kind:path[@weight]", kind in {sts, beir, jsonl}; paths may be
@@ -142,10 +144,21 @@ def _unknown_key_error(key: str, known: Iterable[str], where: str) -> ValueError
     return ValueError(f"unknown config key {key!r} in {where}{hint}")
 
 
+# Sections whose keys the schema does not list: a model family's dataclass checks them.
+OPEN_SECTIONS = ("model.config.",)
+
+
+def _is_open(key: str) -> bool:
+    return key.startswith(OPEN_SECTIONS)
+
+
 def validate(cfg: ml_collections.ConfigDict, where: str = "the config") -> None:
-    """Every key of ``cfg`` must be a schema key, with a value of the schema's type."""
+    """Every key of ``cfg`` must be a schema key, with a value of the schema's type (keys of the
+    open sections are checked later by the model family's config dataclass)."""
     schema = _flatten(default_config())
     for key, value in _flatten(cfg).items():
+        if _is_open(key):
+            continue
         if key not in schema:
             raise _unknown_key_error(key, schema, where)
         expected = schema[key]
@@ -187,6 +200,14 @@ def _parse_value(raw: str, default: Any, key: str) -> Any:
     return value
 
 
+def _parse_open_value(raw: str) -> Any:
+    """A Python literal when it parses as one (64, 0.1, True, (1, 2)), else the string itself."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
     """Apply ``key=value`` strings (dotted keys, without the ``--config.`` prefix)."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -195,13 +216,13 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
         if "=" not in item:
             raise ValueError(f"config override {item!r} must look like --config.KEY=VALUE")
         key, raw = item.split("=", 1)
-        if key not in flat:
+        if key not in flat and not _is_open(key):
             raise _unknown_key_error(key, flat, "the command-line overrides")
         node = cfg
         *parents, leaf = key.split(".")
         for part in parents:
             node = node[part]
-        node[leaf] = _parse_value(raw, flat[key], key)
+        node[leaf] = _parse_value(raw, flat[key], key) if key in flat else _parse_open_value(raw)
     validate(cfg, "the command-line overrides")
     return cfg
 

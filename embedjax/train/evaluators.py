@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
-
 from embedjax.data.builders import resolve_source
 from embedjax.data.readers import read_beir, read_sts
 from embedjax.eval.retrieval import retrieval
@@ -41,8 +39,8 @@ class Evaluators:
         return [n for n in self.sets if include_test or n not in self.test_names]
 
     def run(self, params, names=None) -> dict[str, float]:
-        """Evaluate ``params`` (any placement; fully replicated or host arrays) on the named sets."""
-        self.encoder.params = jax.device_put(params, jax.local_devices()[0])
+        """Evaluate ``params`` on the named sets; the encoder places them (sharded on its mesh)."""
+        self.encoder.params = params
         out: dict[str, float] = {}
         for name in self.names() if names is None else names:
             kind, payload = self.sets[name]

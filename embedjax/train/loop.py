@@ -93,32 +93,42 @@ def check_batch_split(batch_size: int, mesh: jax.sharding.Mesh) -> None:
         raise ValueError(f"per-process batch {local} does not split over this process's {local_devices} devices")
 
 
-def _model(cfg, tokenizer):
-    """-> (BertConfig, numpy params or None for random init, model folder)."""
+def model_family(cfg, folder: pathlib.Path):
+    """The family the run trains: ``model.family``, else the one the folder's config.json names."""
     from embedjax.convert import hf
-    from embedjax.models.bert import BertConfig
+    from embedjax.models.registry import family_for_hf_config, get_family
 
-    folder = _model_folder(cfg.model.path)
+    if cfg.model.family:
+        return get_family(cfg.model.family)
+    return family_for_hf_config(hf.read_hf_config(folder), str(folder / "config.json"))
+
+
+def model_config_and_params(cfg, family, folder: pathlib.Path, tokenizer):
+    """-> (family config, numpy params or None for random init).
+
+    ``model.config`` holds the family's own fields: replacements of the pretrained config, or the
+    architecture of a random one (vocabulary size from the tokenizer, positions from max_length,
+    unless given). The family's dataclass rejects fields it does not have.
+    """
+    from embedjax.convert import hf
+    from embedjax.models.registry import family_for_config
+
+    fields = cfg.model.config.to_dict()
     if cfg.model.init == "pretrained":
-        config, params = hf.load_pretrained(folder)
-        if cfg.model.max_length > config.max_position_embeddings:
-            raise ValueError(
-                f"model.max_length={cfg.model.max_length} exceeds the model's {config.max_position_embeddings} positions"
-            )
-        return config, params
-    if cfg.model.init != "random":
+        config, params = hf.load_pretrained(folder, **fields)
+        if family_for_config(config) is not family:
+            raise ValueError(f"model.family={family.name!r} but {folder} holds a {family_for_config(config).name} "
+                             "model; leave model.family empty to take the folder's")
+    elif cfg.model.init == "random":
+        fields = {"vocab_size": tokenizer.backend.get_vocab_size(),
+                  "max_position_embeddings": max(cfg.model.max_length, 8), **fields}
+        config, params = family.config_from_fields(**fields), None
+    else:
         raise ValueError(f"model.init={cfg.model.init!r}: use 'pretrained' or 'random'")
-    config = BertConfig(
-        vocab_size=tokenizer.backend.get_vocab_size(),
-        hidden_size=cfg.model.hidden_size,
-        num_layers=cfg.model.num_layers,
-        num_heads=cfg.model.num_heads,
-        intermediate_size=cfg.model.intermediate_size,
-        max_position_embeddings=max(cfg.model.max_length, 8),
-        hidden_dropout=cfg.model.dropout,
-        attention_dropout=cfg.model.dropout,
-    )
-    return config, None
+    if cfg.model.max_length > config.max_supported_length:
+        raise ValueError(f"model.max_length={cfg.model.max_length} exceeds the {config.max_supported_length} "
+                         "positions the model supports")
+    return config, params
 
 
 def _model_folder(path: str) -> pathlib.Path:
@@ -211,8 +221,7 @@ def prepare_data(cfg, tokenizer):
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=print) -> dict:
     """Run (or resume) the training described by ``cfg`` in ``workdir``; returns the summary dict."""
     from embedjax.convert import hf
-    from embedjax.models.bert import BertModel, parse_dtype
-    from embedjax.models.encoder import Encoder
+    from embedjax.encoder import Encoder
 
     validate(cfg)
     init_distributed(cfg.distributed)
@@ -226,10 +235,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         raise ValueError("train.ring runs over the data axis only; use mesh.fsdp=1 with the ring loss")
     folder = _model_folder(cfg.model.path)
     buckets = tuple(b for b in cfg.data.length_buckets if b < cfg.model.max_length) + (cfg.model.max_length,)
-    tokenizer = Tokenizer.from_folder(folder, cfg.model.max_length, buckets if cfg.data.length_buckets else None)
+    family = model_family(cfg, folder)
+    tokenizer = Tokenizer.from_folder(folder, cfg.model.max_length, buckets if cfg.data.length_buckets else None,
+                                      needs=family.tokenizer)
     pooling = cfg.model.pooling or hf.read_pooling_settings(folder).pooling
-    model_config, pretrained_params = _model(cfg, tokenizer)
-    model = BertModel(model_config, dtype=parse_dtype(cfg.model.dtype), remat=cfg.model.remat)
+    model_config, pretrained_params = model_config_and_params(cfg, family, folder, tokenizer)
+    model = family.build(model_config, dtype=cfg.model.dtype, remat=cfg.model.remat,
+                         scan_unroll=cfg.model.scan_unroll)
     data = prepare_data(cfg, tokenizer)
     num_steps = data.num_steps
     warmup = optim.warmup_steps_for(num_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_steps)
@@ -245,8 +257,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         layer_dims=cfg.train.layer_dims, layer_dims_weights=cfg.train.layer_dims_weights,
         num_layers=model_config.num_layers, hidden_size=model_config.hidden_size, ring=cfg.train.ring, mesh=mesh,
     )
-    dummy = jnp.ones((1, 8), jnp.int32)
-    abstract_boxed = jax.eval_shape(lambda k: model.init({"params": k}, dummy, dummy), jax.random.PRNGKey(0))["params"]
+    dummy = {"input_ids": jnp.ones((1, 8), jnp.int32), "attention_mask": jnp.ones((1, 8), jnp.int32)}
+    abstract_boxed = jax.eval_shape(lambda k: model.init({"params": k}, dummy), jax.random.PRNGKey(0))["params"]
     shardings = state_shardings(abstract_boxed, tx, mesh, cfg.mesh.rules)
     abstract_state = unbox(jax.eval_shape(lambda p: create_state(p, tx, cfg.seed), abstract_boxed))
     # Trace the objective on the first batch's shapes: loss options the loss rejects fail here.
@@ -270,14 +282,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
             state = jax.jit(lambda p: create_state(p, tx, cfg.seed), out_shardings=shardings)(pretrained_params)
         else:
             state = jax.jit(
-                lambda k: create_state(unbox(model.init({"params": k}, dummy, dummy)["params"]), tx, cfg.seed),
+                lambda k: create_state(unbox(model.init({"params": k}, dummy)["params"]), tx, cfg.seed),
                 out_shardings=shardings,
             )(jax.random.PRNGKey(cfg.seed))
         data_state, start = None, 0
 
     metric_log = MetricLog(workdir, enabled=is_main)
-    encoder = Encoder(model, jax.tree.map(np.asarray, _host_params(state.params)), tokenizer, pooling=pooling,
-                      normalize=cfg.model.normalize, source=str(folder))
+    # Evaluation runs on the training mesh with the parameters sharded as the state holds them.
+    encoder = Encoder(model, state.params, tokenizer, pooling=pooling, normalize=cfg.model.normalize,
+                      source=str(folder), mesh=mesh, rules=cfg.mesh.rules)
     from embedjax.train.evaluators import Evaluators
 
     evaluators = Evaluators(encoder, sts_dev=cfg.eval.sts, sts_test=cfg.eval.sts_test, beir=cfg.eval.beir,
@@ -287,7 +300,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         names = evaluators.names(include_test=include_test)
         if not names:
             return {}
-        results = evaluators.run(_host_params(state.params), names)
+        results = evaluators.run(state.params, names)
         if is_main:
             metric_log.write(step, results, prefix="eval")
             _write_json_atomic(workdir / "evals" / f"step_{step}.json", results)
@@ -391,6 +404,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         "train_pairs_per_s_steady": cfg.train.batch_size * steady_steps / steady_seconds if steady_seconds else None,
         "compiled_shapes": len(seen_shapes),
         "train_tokens_per_s_per_device": (tokens_seen / train_seconds / mesh.size) if train_seconds else None,
+        "family": family.name,
         "devices": mesh.size,
         "processes": jax.process_count(),
         "checkpoint": str(checkpointer.directory / str(saved_step)) if saved_step is not None else None,

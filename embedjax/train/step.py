@@ -35,7 +35,7 @@ def _flatten_negatives(tokens_bkl: dict) -> dict:
 
 
 def make_embed(model, *, pooling: str, normalize: bool) -> Callable:
-    """The training embedding function of a `BertModel`, with dropout keyed by ``rng``.
+    """The training embedding function of a family's model, with dropout keyed by ``rng``.
 
     ``embed(params, tokens, rng) -> float32 [B, D]`` pools the last layer (`embed_batch`);
     ``embed(params, tokens, rng, layers=(l1, l2, ...)) -> float32 [B, n, D]`` runs the
@@ -43,7 +43,7 @@ def make_embed(model, *, pooling: str, normalize: bool) -> Callable:
     transformer layer) with the same pooler (and normalisation) — what ``train.layer_dims``
     needs, at the cost of one forward pass instead of one per layer.
     """
-    from embedjax.models.encoder import embed_batch
+    from embedjax.encoder import embed_batch
     from embedjax.models.poolers import l2_normalize, pool
 
     def embed(params, tokens, rng, layers=None):
@@ -51,10 +51,10 @@ def make_embed(model, *, pooling: str, normalize: bool) -> Callable:
         if layers is None:
             return embed_batch(model, params, tokens, pooling=pooling, normalize=normalize,
                                deterministic=False, rngs=rngs)
-        _, hidden = model.apply({"params": params}, tokens["input_ids"], tokens["attention_mask"],
-                                tokens.get("token_type_ids"), deterministic=False,
-                                output_hidden_states=True, rngs=rngs)
-        pooled = [pool(hidden[layer], tokens["attention_mask"], pooling) for layer in layers]
+        _, extras = model.apply({"params": params}, tokens, deterministic=False, output_hidden_states=True,
+                                rngs=rngs)
+        mask = tokens.get("pool_mask", tokens["attention_mask"])
+        pooled = [pool(extras["hidden_states"][layer], mask, pooling) for layer in layers]
         return jnp.stack([l2_normalize(e) if normalize else e for e in pooled], axis=1)
 
     return embed

@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -17,12 +18,9 @@ def test_export_reloads_in_sentence_transformers(tmp_path, minilm_dir, minilm_en
     enc = minilm_encoder
     # Perturb the weights so the test cannot pass by re-reading the original files.
     rng = np.random.default_rng(0)
-    params = {k: v for k, v in enc.params.items()}
-    layer = dict(params["layer_0"])
-    mlp_in = dict(layer["mlp_in"])
-    mlp_in["kernel"] = np.asarray(mlp_in["kernel"]) + 0.02 * rng.standard_normal(mlp_in["kernel"].shape,
-                                                                                   dtype=np.float32)
-    layer["mlp_in"], params["layer_0"] = mlp_in, layer
+    params = jax.tree.map(np.array, enc.params)
+    kernel = params["layers"]["mlp"]["mlp_in"]["kernel"]  # [layers, in, out]: perturb layer 0 only
+    kernel[0] += 0.02 * rng.standard_normal(kernel.shape[1:], dtype=np.float32)
     out = hf.export_pretrained(tmp_path / "export", enc.config, params, minilm_dir, pooling="mean",
                                normalize=True, max_length=enc.max_length)
     ours = ej.Encoder(enc.model, params, enc.tokenizer, pooling="mean", normalize=True).encode(TEXTS)

@@ -44,7 +44,7 @@ def test_mined_limit_small_file_feeds_the_training_pipeline(tmp_path, minilm_dir
     from embedjax.data.pipeline import DatasetSpec, build_train_data
     from embedjax.data.readers import read_beir
     from embedjax.data.tokenization import Tokenizer
-    from embedjax.models.encoder import Encoder
+    from embedjax.encoder import Encoder
 
     encoder = Encoder.from_pretrained(minilm_dir, max_length=64)
     out = tmp_path / "mined.jsonl"

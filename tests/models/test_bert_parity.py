@@ -29,8 +29,8 @@ def test_hidden_states_match_transformers(minilm_dir):
 
     enc = ej.Encoder.from_pretrained(minilm_dir)
     batch = enc.tokenizer(["A man is playing a flute.", "", "Short", "x " * 300])
-    _, hidden = enc.model.apply({"params": enc.params}, batch["input_ids"], batch["attention_mask"],
-                                output_hidden_states=True)
+    _, extras = enc.model.apply({"params": enc.params}, batch, output_hidden_states=True)
+    hidden = extras["hidden_states"]
     ref = AutoModel.from_pretrained(str(minilm_dir)).eval()
     with torch.no_grad():
         out = ref(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),

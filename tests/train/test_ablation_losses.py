@@ -118,8 +118,8 @@ def test_layer_dims_objective_sums_the_weighted_prefix_losses_of_each_layer():
 
 
 def test_layer_embeddings_come_from_one_pass_and_the_last_full_pair_is_plain_infonce():
-    from embedjax.models.bert import BertConfig, BertModel
-    from embedjax.models.encoder import embed_batch
+    from embedjax.encoder import embed_batch
+    from embedjax.models.towers.bert import BertConfig, BertModel
 
     config = BertConfig(vocab_size=40, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=16,
                         max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0)
@@ -133,8 +133,7 @@ def test_layer_embeddings_come_from_one_pass_and_the_last_full_pair_is_plain_inf
     _, ids = _retrieval_batch()
     batch = {"query": tokens(B), "positive": tokens(B), **{k: v for k, v in ids.items() if k != "negative_ids"}}
     # Random parameters of the right shapes from NumPy: jit-compiling flax's init costs ~5 s on 2 cores.
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch["query"]["input_ids"],
-                            batch["query"]["attention_mask"])["params"]
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch["query"])["params"]
     params = jax.tree.map(lambda x: rng.normal(scale=0.3, size=x.shape).astype(x.dtype), shapes)
     embed = make_embed(model, pooling="mean", normalize=True)
     shape = dict(kind="retrieval", loss="infonce", bidirectional=True, num_layers=2, hidden_size=8)

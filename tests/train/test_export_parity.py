@@ -11,7 +11,7 @@ def test_exported_run_loads_in_sentence_transformers_with_the_same_embeddings(re
     from sentence_transformers import SentenceTransformer
 
     from embedjax.convert.hf import load_pretrained
-    from embedjax.models.encoder import Encoder
+    from embedjax.encoder import Encoder
     from embedjax.train.checkpoint import Checkpointer
 
     workdir, summary, _ = reference_run

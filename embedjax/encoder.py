@@ -1,0 +1,234 @@
+"""``Encoder``: the application object. Tokenizer + a family's model + pooler + optional
+normalisation, jitted, with batching that keeps compiled shapes few and padding small.
+
+It never asks which family it holds: the registry builds the model from the folder's
+``config.json`` and the family's tokenizer needs shape the inputs.
+
+``encode`` sorts texts by token count (longest first, as sentence-transformers does), cuts them
+into batches, pads each batch to its length bucket and its row count to a power of two (at most
+``batch_size``, and a multiple of the data-parallel size on a mesh), dispatches every batch before
+reading any result back (so host-side padding overlaps device compute) and returns rows in input
+order. With a ``mesh``, parameters stay sharded by the logical-axis rules (an 8B encoder is
+evaluated across a pod without gathering it on one device) and batches are split over the data
+axes; embeddings come back replicated.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embedjax.convert import hf
+from embedjax.data.tokenization import Tokenizer, validate_texts
+from embedjax.models.poolers import get_pooler, l2_normalize, select_layers
+from embedjax.models.pretrained import resolve_model_dir
+from embedjax.models.registry import family_for_config
+
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")  # the names sentence-transformers tries, in order
+
+
+def embed_batch(model, params, batch: dict, *, pooling: str, normalize: bool, layers=None,
+                deterministic: bool = True, rngs=None):
+    """Pure embedding function: token batch -> float32 [B, D] sentence embeddings.
+
+    Pools over ``batch["pool_mask"]`` when present (tokens left out of pooling, e.g. a prompt with
+    ``include_prompt=False``), else over the attention mask.
+    """
+    pooler = get_pooler(pooling)
+    need_all = layers is not None
+    last_bld, extras = model.apply({"params": params}, batch, deterministic=deterministic,
+                                   output_hidden_states=need_all, rngs=rngs)
+    states_bld = select_layers(extras["hidden_states"], layers) if need_all else last_bld
+    emb_bd = pooler(states_bld, batch.get("pool_mask", batch["attention_mask"])).astype(jnp.float32)
+    return l2_normalize(emb_bd) if normalize else emb_bd
+
+
+def auto_axes(mesh):
+    """The same devices and axis names with every axis ``Auto``."""
+    auto = jax.sharding.AxisType.Auto
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
+
+
+def _row_bucket(rows: int, batch_size: int, multiple: int = 1) -> int:
+    rows = min(batch_size, 1 << max(rows - 1, 0).bit_length())
+    return -(-rows // multiple) * multiple
+
+
+class Encoder:
+    """A sentence encoder: ``Encoder.from_pretrained(folder).encode(texts) -> [N, D] float32``."""
+
+    def __init__(self, model, params, tokenizer: Tokenizer, *, pooling: str = "mean", normalize: bool = True,
+                 layers=None, source: str | None = None, include_prompt: bool = True,
+                 prompts: dict[str, str] | None = None, mesh=None, rules: Any = "fsdp"):
+        get_pooler(pooling)  # fail early on an unknown name
+        self.model = model
+        self.config = model.config
+        self.family = family_for_config(model.config)
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = bool(normalize)
+        self.layers = layers
+        self.source = source
+        self.include_prompt = bool(include_prompt)
+        self.prompts = dict(prompts or {})
+        # Auto axes: XLA propagates shardings through the model (explicit axes would make every
+        # gather, e.g. the embedding lookup of sharded ids, state its output sharding).
+        self.mesh = auto_axes(mesh) if mesh is not None else None
+        self.rules = rules
+        self._param_shardings = self._shardings_for_params() if mesh is not None else None
+        self.params = params
+        self._jitted = self._compile()
+
+    # ---- construction ----
+    @classmethod
+    def from_pretrained(cls, path_or_dir: str | os.PathLike, pooling: str | None = None,
+                        normalize: bool | None = None, max_length: int | None = None, dtype: Any = "float32",
+                        layers=None, attention: str | None = None, include_prompt: bool | None = None,
+                        rope_scaling: dict | None = None, mesh=None, rules: Any = "fsdp", remat: str = "none",
+                        scan_unroll: int = 1) -> "Encoder":
+        """Load a transformers / sentence-transformers folder (or a packaged alias: ``all-MiniLM-L6-v2``,
+        ``SmolLM2-135M-Instruct``).
+
+        Pooling, normalisation, max length, ``include_prompt`` and prompts default to what the folder
+        declares (``1_Pooling/config.json``, ``modules.json``, ``sentence_bert_config.json``,
+        ``config_sentence_transformers.json``). ``attention`` ("causal" / "bidirectional") and
+        ``rope_scaling`` replace the model config's fields for families that have them; anything a
+        family cannot take is an error naming the family.
+        """
+        folder = resolve_model_dir(path_or_dir)
+        config, params = hf.load_pretrained(folder, attention=attention, rope_scaling=rope_scaling)
+        settings = hf.read_pooling_settings(folder)
+        max_length = max_length or settings.max_length or config.max_position_embeddings
+        if max_length > config.max_supported_length:
+            raise ValueError(f"max_length={max_length} exceeds the {config.max_supported_length} positions this "
+                             f"model supports as configured (max_position_embeddings="
+                             f"{config.max_position_embeddings}); lower max_length")
+        family = family_for_config(config)
+        model = family.build(config, dtype=dtype, remat=remat, scan_unroll=scan_unroll)
+        tokenizer = Tokenizer.from_folder(folder, max_length, needs=family.tokenizer)
+        return cls(model, params, tokenizer,
+                   pooling=pooling or settings.pooling,
+                   normalize=settings.normalize if normalize is None else normalize,
+                   layers=layers, source=str(folder),
+                   include_prompt=settings.include_prompt if include_prompt is None else include_prompt,
+                   prompts=settings.prompt_dict, mesh=mesh, rules=rules)
+
+    def _shardings_for_params(self):
+        from embedjax.sharding.partition import param_shardings
+
+        dummy = {"input_ids": jnp.ones((1, 8), jnp.int32), "attention_mask": jnp.ones((1, 8), jnp.int32)}
+        boxed = jax.eval_shape(lambda k: self.model.init({"params": k}, dummy), jax.random.PRNGKey(0))["params"]
+        return param_shardings(boxed, self.mesh, self.rules)
+
+    def _compile(self):
+        embed = functools.partial(self.embed_fn, deterministic=True)
+        if self.mesh is None:
+            return jax.jit(embed)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return jax.jit(embed, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+
+    @property
+    def params(self):
+        return self._params
+
+    @params.setter
+    def params(self, params):
+        """Place new parameters: one device, or sharded over the mesh (already-placed arrays stay put)."""
+        if self._param_shardings is None:
+            self._params = jax.device_put(params)
+        else:
+            self._params = jax.device_put(params, self._param_shardings)
+
+    # ---- properties ----
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.max_length
+
+    def _data_parallel(self) -> int:
+        if self.mesh is None:
+            return 1
+        return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
+
+    # ---- embedding ----
+    def embed_fn(self, params, batch: dict, deterministic: bool = True, rngs=None):
+        """Pure, jittable: params + token batch -> float32 [B, D] (for training and GradCache)."""
+        return embed_batch(self.model, params, batch, pooling=self.pooling, normalize=self.normalize,
+                           layers=self.layers, deterministic=deterministic, rngs=rngs)
+
+    def _place_batch(self, batch: dict):
+        if self.mesh is None:
+            return batch
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        axes = tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1) or None
+        sharding = NamedSharding(self.mesh, PartitionSpec(axes))
+        # Every process holds the whole batch; each device takes its rows.
+        return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, prompt: str | None = None,
+               show_progress: bool = False, prompt_name: str | None = None) -> np.ndarray:
+        """Embed ``texts`` -> float32 [N, D], rows in input order.
+
+        ``prompt`` (or ``prompt_name``, a key of the folder's prompts) is put before every text,
+        tokenized separately so its boundary is exact; with ``include_prompt=False`` its tokens
+        (and the leading special tokens) are attended to but left out of pooling.
+        """
+        texts = validate_texts(texts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if prompt_name is not None:
+            if prompt is not None:
+                raise ValueError("pass prompt or prompt_name, not both")
+            if prompt_name not in self.prompts:
+                raise ValueError(f"prompt_name={prompt_name!r} is not one of the folder's prompts {sorted(self.prompts)}")
+            prompt = self.prompts[prompt_name]
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        ids = self.tokenizer.token_ids(texts, prompt=prompt)
+        pool_skip = self.tokenizer.pool_skip(prompt) if (prompt and not self.include_prompt) else 0
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        multiple = self._data_parallel()
+        pending = []
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = self.tokenizer.pad([ids[i] for i in rows], rows=_row_bucket(len(rows), batch_size, multiple),
+                                       pool_skip=pool_skip)
+            pending.append((rows, self._jitted(self.params, self._place_batch(batch))))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        progress = _progress(len(texts), show_progress)
+        for rows, emb in pending:
+            local = emb if self.mesh is None else emb.addressable_data(0)
+            out[rows] = np.asarray(local)[: len(rows)]
+            progress.update(len(rows))
+        progress.close()
+        return out
+
+    def encode_query(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+        """``encode`` with the folder's ``query`` prompt (none when it declares none), as
+        sentence-transformers' ``encode_query`` does."""
+        return self.encode(texts, prompt=self.prompts.get("query"), **kwargs)
+
+    def encode_document(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+        """``encode`` with the folder's ``document`` (else ``passage``, else ``corpus``) prompt."""
+        name = next((n for n in DOCUMENT_PROMPT_NAMES if n in self.prompts), None)
+        return self.encode(texts, prompt=self.prompts.get(name) if name else None, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"Encoder(source={self.source!r}, family={self.family.name!r}, dim={self.dim}, "
+                f"layers={self.config.num_layers}, pooling={self.pooling!r}, normalize={self.normalize}, "
+                f"max_length={self.max_length})")
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="encode", unit="text")

@@ -1,0 +1,323 @@
+"""Transformer layers shared by every model family: norms, attention, MLPs, the block and the
+scanned layer stack.
+
+A family describes its block with a `BlockSpec` (data, no code) and gets the rest from here:
+
+- `Norm`: LayerNorm or RMSNorm, computed in float32 and cast back (their reductions lose too
+  much precision in bfloat16 to keep parity with float32 models).
+- `Attention`: ``num_heads`` query heads over ``num_kv_heads`` key/value heads (GQA: query head
+  ``h`` reads KV head ``h // (num_heads / num_kv_heads)``), optional per-head q/k RMSNorm (Qwen3),
+  optional RoPE, and a mask kind: padding-only bidirectional, or causal, optionally within a
+  sliding window. Scores and softmax are float32. Without attention dropout it calls
+  `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs); with dropout active (training)
+  an explicit softmax path with the same masking.
+- `MLP`: GELU (exact, tanh or quick) or gated (SwiGLU: ``down(act(gate(x)) * up(x))``).
+- `Block`: attention + MLP with residuals, norms before (pre-LN: Llama, ViT) or after (post-LN: BERT).
+- `layer_stack`: ``nn.scan`` over identical blocks (parameters stacked on a leading ``layers``
+  axis), so compile time does not grow with depth, with optional ``nn.remat`` policies.
+
+Every parameter carries logical axis names (``embed``, ``heads``, ``kv_heads``, ``kv``, ``mlp``,
+``layers``) for the sharding rules. Shape suffixes: b batch, l length, d hidden, h query heads,
+g KV heads, k head dim, f MLP width.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from embedjax.models.rope import apply_rope
+
+Dtype = Any
+
+MASK_KINDS = ("bidirectional", "causal")
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",  # recompute the whole block in the backward pass
+    "dots": "dots_saveable",  # keep matmul outputs, recompute the element-wise rest
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+}
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT's "gelu" is the exact erf form
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+}
+
+
+def logical(init, names: tuple[str | None, ...]):
+    """An initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def check_remat(policy: str) -> str:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat={policy!r} is not a remat policy; choose one of {sorted(REMAT_POLICIES)}")
+    return policy
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    kind: str = "layernorm"  # "layernorm" | "rmsnorm"
+    eps: float = 1e-12
+    bias: bool = True  # LayerNorm's bias (RMSNorm has none)
+
+    def __post_init__(self):
+        if self.kind not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm kind {self.kind!r}: use 'layernorm' or 'rmsnorm'")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool = True
+    out_bias: bool = True
+    qk_norm: bool = False  # RMSNorm over head_dim of q and k after projection, before RoPE (Qwen3)
+    qk_norm_eps: float = 1e-6
+    mask: str = "bidirectional"  # "bidirectional" (padding only) | "causal"
+    sliding_window: int | None = None  # causal only: query i sees keys i - window < j <= i
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.mask not in MASK_KINDS:
+            raise ValueError(f"attention mask kind {self.mask!r}: use one of {MASK_KINDS}")
+        if self.sliding_window is not None and self.mask != "causal":
+            raise ValueError("a sliding window is defined for causal attention only")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPSpec:
+    width: int
+    kind: str = "plain"  # "plain": out(act(in(x))); "gated": down(act(gate(x)) * up(x))
+    activation: str = "gelu"
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ("plain", "gated"):
+            raise ValueError(f"MLP kind {self.kind!r}: use 'plain' or 'gated'")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r}: use one of {sorted(ACTIVATIONS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    hidden_size: int
+    attention: AttentionSpec
+    mlp: MLPSpec
+    norm: NormSpec
+    norm_placement: str = "post"  # "post" (BERT) | "pre" (Llama, ViT)
+    hidden_dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.norm_placement not in ("pre", "post"):
+            raise ValueError(f"norm_placement {self.norm_placement!r}: use 'pre' or 'post'")
+
+
+class Norm(nn.Module):
+    """LayerNorm / RMSNorm over the last axis, in float32, cast back to ``dtype``."""
+
+    spec: NormSpec
+    dtype: Dtype = jnp.float32
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        width = x.shape[-1]
+        scale = self.param("scale", logical(nn.initializers.ones, (self.axis_name,)), (width,), jnp.float32)
+        if self.spec.kind == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.spec.eps)
+            return (y * scale).astype(self.dtype)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        # Two-pass variance (as torch computes it), not E[x^2] - E[x]^2, which cancels badly.
+        y = centered * jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + self.spec.eps)
+        y = y * scale
+        if self.spec.bias:
+            y = y + self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (width,), jnp.float32)
+        return y.astype(self.dtype)
+
+
+def attention_weights_mask(key_mask_bl, length: int, *, causal: bool, window: int | None):
+    """bool [B, 1, L, L]: which keys each query may read (the explicit path's mask)."""
+    allowed = key_mask_bl.astype(bool)[:, None, None, :]
+    if causal:
+        q = jnp.arange(length)[:, None]
+        k = jnp.arange(length)[None, :]
+        visible = k <= q
+        if window is not None:
+            visible &= k > q - window
+        allowed = allowed & visible[None, None]
+    return allowed
+
+
+def attend(q_blhk, k_blgk, v_blgk, key_mask_bl, *, causal: bool, window: int | None = None,
+           dropout_rate: float = 0.0, dropout_rng=None):
+    """Scaled dot-product attention with GQA -> [B, L, H, K] in q's dtype.
+
+    ``dropout_rng`` None means no attention dropout: `jax.nn.dot_product_attention` (fused where
+    the backend has a kernel). With dropout, the explicit float32 softmax path; both mask the
+    same keys. Masked scores take a large finite negative, so a fully masked row (a padding
+    query under causal masking) stays finite instead of NaN.
+    """
+    if dropout_rng is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(
+            q_blhk, k_blgk, v_blgk, mask=key_mask_bl.astype(bool)[:, None, None, :], is_causal=causal,
+            local_window_size=(window - 1, 0) if window is not None else None)
+    b, length, h, k = q_blhk.shape
+    g = k_blgk.shape[2]
+    q_blgrk = q_blhk.reshape(b, length, g, h // g, k)
+    scores = jnp.einsum("bqgrk,bvgk->bgrqv", q_blgrk, k_blgk, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(k ** -0.5)
+    allowed = attention_weights_mask(key_mask_bl, length, causal=causal, window=window)[:, :, None]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    ctx = jnp.einsum("bgrqv,bvgk->bqgrk", probs.astype(v_blgk.dtype), v_blgk)
+    return ctx.reshape(b, length, h, k)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: params ``q``, ``k``, ``v``, ``o`` (and ``q_norm``/``k_norm``)."""
+
+    spec: AttentionSpec
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_bld, key_mask_bl, rope, deterministic: bool):
+        s = self.spec
+        init = nn.initializers.normal(self.init_std)
+
+        def project(name, heads, head_axis):
+            return nn.DenseGeneral(
+                (heads, s.head_dim), dtype=self.dtype, use_bias=s.qkv_bias,
+                kernel_init=logical(init, ("embed", head_axis, "kv")),
+                bias_init=logical(nn.initializers.zeros, (head_axis, "kv")), name=name)(x_bld)
+
+        q = project("q", s.num_heads, "heads")
+        k = project("k", s.num_kv_heads, "kv_heads")
+        v = project("v", s.num_kv_heads, "kv_heads")
+        if s.qk_norm:
+            norm = NormSpec("rmsnorm", s.qk_norm_eps, bias=False)
+            q = Norm(norm, self.dtype, axis_name="kv", name="q_norm")(q)
+            k = Norm(norm, self.dtype, axis_name="kv", name="k_norm")(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        use_dropout = s.dropout > 0.0 and not deterministic
+        ctx = attend(q, k, v, key_mask_bl, causal=s.mask == "causal", window=s.sliding_window,
+                     dropout_rate=s.dropout, dropout_rng=self.make_rng("dropout") if use_dropout else None)
+        return nn.DenseGeneral(
+            self.hidden_size, axis=(-2, -1), dtype=self.dtype, use_bias=s.out_bias,
+            kernel_init=logical(init, ("heads", "kv", "embed")),
+            bias_init=logical(nn.initializers.zeros, ("embed",)), name="o")(ctx)
+
+
+class MLP(nn.Module):
+    """Plain (``mlp_in`` -> act -> ``mlp_out``) or gated (``gate``, ``up`` -> ``down``) feed-forward."""
+
+    spec: MLPSpec
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_bld):
+        s = self.spec
+        init = nn.initializers.normal(self.init_std)
+
+        def dense(name, width, axes):
+            return nn.Dense(width, dtype=self.dtype, use_bias=s.bias, kernel_init=logical(init, axes),
+                            bias_init=logical(nn.initializers.zeros, axes[-1:]), name=name)
+
+        act = ACTIVATIONS[s.activation]
+        if s.kind == "gated":
+            h_blf = act(dense("gate", s.width, ("embed", "mlp"))(x_bld)) * dense("up", s.width, ("embed", "mlp"))(x_bld)
+            return dense("down", self.hidden_size, ("mlp", "embed"))(h_blf)
+        h_blf = act(dense("mlp_in", s.width, ("embed", "mlp"))(x_bld))
+        return dense("mlp_out", self.hidden_size, ("mlp", "embed"))(h_blf)
+
+
+class Block(nn.Module):
+    """One transformer block; ``(x, key_mask, rope) -> (x, x or None)`` so that it scans.
+
+    Post-LN (BERT): ``x = norm1(x + attn(x)); x = norm2(x + mlp(x))``.
+    Pre-LN (Llama): ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``.
+    """
+
+    spec: BlockSpec
+    dtype: Dtype = jnp.float32
+    deterministic: bool = True
+    collect: bool = False  # also return the block's output as the scan's per-layer output
+
+    @nn.compact
+    def __call__(self, x_bld, key_mask_bl, rope):
+        s = self.spec
+        attention = Attention(s.attention, s.hidden_size, self.dtype, s.init_std, name="attention")
+        mlp = MLP(s.mlp, s.hidden_size, self.dtype, s.init_std, name="mlp")
+        norm1 = Norm(s.norm, self.dtype, name="attention_norm")
+        norm2 = Norm(s.norm, self.dtype, name="mlp_norm")
+        dropout = nn.Dropout(s.hidden_dropout)
+
+        def residual(branch):
+            return dropout(branch, deterministic=self.deterministic)
+
+        if s.norm_placement == "post":
+            x_bld = norm1(x_bld + residual(attention(x_bld, key_mask_bl, rope, self.deterministic)))
+            x_bld = norm2(x_bld + residual(mlp(x_bld)))
+        else:
+            x_bld = x_bld + residual(attention(norm1(x_bld), key_mask_bl, rope, self.deterministic))
+            x_bld = x_bld + residual(mlp(norm2(x_bld)))
+        return x_bld, (x_bld if self.collect else None)
+
+
+def layer_stack(spec: BlockSpec, num_layers: int, *, dtype: Dtype = jnp.float32, remat: str = "none",
+                unroll: int = 1, deterministic: bool = True, collect: bool = False, name: str = "layers"):
+    """``num_layers`` blocks as one ``nn.scan`` module (params stacked on a leading ``layers`` axis).
+
+    Call it inside a compact ``__call__``: ``x_bld, per_layer = layer_stack(...)(x_bld, key_mask_bl,
+    rope)``, where ``per_layer`` is [num_layers, B, L, D] when ``collect`` else None. ``unroll`` > 1
+    unrolls that many layers per loop iteration (``num_layers``: a fully unrolled program, for
+    comparing compile and run time); ``remat`` names a policy of ``REMAT_POLICIES``.
+    """
+    block = Block
+    policy = REMAT_POLICIES[check_remat(remat)]
+    if policy is not None:
+        block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=num_layers,
+        unroll=max(1, min(unroll, num_layers)),
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(spec, dtype, deterministic, collect, name=name)
+
+
+def check_token_batch(tokens: Mapping[str, Any]):
+    """``(input_ids_bl, attention_mask_bl)`` of a token batch, or a clear error."""
+    if "input_ids" not in tokens or "attention_mask" not in tokens:
+        raise ValueError(f"a token batch needs input_ids and attention_mask, got keys {sorted(tokens)}")
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [B, L]")
+    return ids, mask
+
+
+def hidden_states_tuple(embedded_bld, per_layer_nbld, last_bld) -> tuple:
+    """(embeddings, layer 1, ..., layer n) with the last entry replaced by ``last_bld`` (the final
+    output after any closing norm), as transformers reports ``hidden_states``."""
+    layers = [per_layer_nbld[i] for i in range(per_layer_nbld.shape[0])]
+    return (embedded_bld, *layers[:-1], last_bld)
