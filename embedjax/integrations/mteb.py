@@ -58,6 +58,7 @@ except ImportError as err:  # pragma: no cover - exercised by a test that hides 
     ) from err
 
 from embedjax.encoder import Encoder
+from embedjax.eval.embedding_cache import hash_params
 
 __all__ = ["MTEBEncoder", "dataloader_texts", "model_meta", "resolve_prompt", "retrieval_task", "sts_task",
            "weights_fingerprint"]
@@ -124,11 +125,7 @@ def _encoding_settings(encoder: Encoder, prompts: Mapping[str, str], similarity:
 def weights_fingerprint(encoder: Encoder, settings: Mapping[str, Any]) -> str:
     """12 hex digits of SHA-256 over every parameter (path, dtype, shape, bytes) and ``settings``."""
     digest = hashlib.sha256()
-    leaves, _ = jax.tree_util.tree_flatten_with_path(encoder.params)
-    for path, leaf in leaves:
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
-        digest.update(array.reshape(-1).view(np.uint8))  # raw bytes without a copy, any dtype (bfloat16 too)
+    hash_params(digest, encoder.params)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:12]
 

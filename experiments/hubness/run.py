@@ -1,6 +1,6 @@
 """Hubness of all-MiniLM-L6-v2 on the msmarco subset, before and after query-bank normalisation.
 
-    python experiments/hubness/run.py [--data_dir ../shared/data] [--cache /tmp/embedjax-hubness]
+    python experiments/hubness/run.py [--data_dir ../shared/data] [--cache /tmp/embedjax-embeddings]
 
 Prints a Markdown table (nDCG@10, recall@100, MRR@10 before/after the inverted
 softmax for several query banks and temperatures, with paired permutation tests
@@ -21,35 +21,22 @@ train sentences (stsb-train-B), as the skewness of N_10 over the 5,000 passages.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pathlib
 import sys
-import time
 
 import numpy as np
 
 import embedjax as ej
+from embedjax import provenance
 from embedjax.eval import analysis, querybank, significance
+from embedjax.eval.embedding_cache import cached_encode
 from embedjax.eval.retrieval import document_text
 from embedjax.models.pretrained import minilm_path
 
 HERE = pathlib.Path(__file__).resolve().parent
 K_VALUES = (10, 100)
-
-
-def cached_encode(enc, texts: list[str], cache: pathlib.Path, name: str) -> np.ndarray:
-    key = hashlib.sha256(("\n".join(texts) + f"|{enc.source}|{enc.pooling}|{enc.normalize}").encode()).hexdigest()[:16]
-    path = cache / f"{name}-{key}.npy"
-    if path.exists():
-        return np.load(path)
-    t0 = time.perf_counter()
-    emb = enc.encode(texts, batch_size=64)
-    print(f"encoded {len(texts)} {name} texts in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    np.save(path, emb)
-    return emb
 
 
 def loo_metrics(q_emb, d_emb, judged, doc_ids, qrels, temperature):
@@ -78,7 +65,7 @@ def own_prefix_excluded_log_partition(prefix_emb, d_emb, temperature):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=os.environ.get("EMBEDJAX_DATA_DIR", str(HERE.parents[2] / "shared" / "data")))
-    parser.add_argument("--cache", default="/tmp/embedjax-hubness")
+    parser.add_argument("--cache", default="/tmp/embedjax-embeddings")
     parser.add_argument("--temperatures", default="0.02,0.05,0.1")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args(argv)
@@ -90,17 +77,17 @@ def main(argv=None) -> None:
     corpus, queries, qrels = ej.data.read_beir(data / "msmarco")
     judged = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())]
     doc_ids = list(corpus)
-    d_emb = cached_encode(enc, [document_text(corpus[d]) for d in doc_ids], cache, "msmarco-corpus")
-    q_emb = cached_encode(enc, [queries[q] for q in judged], cache, "msmarco-queries")
+    d_emb = cached_encode(enc, [document_text(corpus[d]) for d in doc_ids], cache, name="msmarco-corpus")
+    q_emb = cached_encode(enc, [queries[q] for q in judged], cache, name="msmarco-queries")
     s1, s2, _ = ej.data.read_sts(data / "stsb" / "sts-train.csv")
     sts_sentences = sorted(set(s1) | set(s2))
     rng = np.random.default_rng(0)
     order = rng.permutation(len(sts_sentences))
     half = len(order) // 2
-    sts_emb = cached_encode(enc, sts_sentences, cache, "stsb-train")
+    sts_emb = cached_encode(enc, sts_sentences, cache, name="stsb-train")
     bank_a, probe_b = sts_emb[order[:half]], sts_emb[order[half:]]
     prefixes = [" ".join(document_text(corpus[d]).split()[:12]) for d in doc_ids]
-    prefix_emb = cached_encode(enc, prefixes, cache, "msmarco-prefixes")
+    prefix_emb = cached_encode(enc, prefixes, cache, name="msmarco-prefixes")
 
     baseline = ej.eval.retrieval_from_embeddings(q_emb, d_emb, judged, doc_ids, qrels, K_VALUES, per_query=True)
     rows = [{"bank": "none (baseline)", "temperature": None, "dynamic": False, **_strip(baseline)}]
@@ -133,16 +120,16 @@ def main(argv=None) -> None:
 
     # hubness of the corpus seen from held-out probe queries
     probe_scores = probe_b @ d_emb.T
-    hubness = {"probe": f"stsb-train-B ({probe_b.shape[0]} sentences)", "k": 10,
-               "skewness_before": float(analysis.hubness_skewness(probe_scores, 10)),
-               "max_k_occurrence_before": int(np.max(np.asarray(analysis.k_occurrence(probe_scores, 10))))}
+    hubness = [{"scores": "cosine (no normalisation)", "bank": None, "temperature": None,
+                "skewness": float(analysis.hubness_skewness(probe_scores, 10)),
+                "max_k_occurrence": int(np.max(np.asarray(analysis.k_occurrence(probe_scores, 10))))}]
     for temperature in temperatures:
         for bank_name, _ in banks:
             log_z = log_partition(bank_name, temperature)
             normed = querybank.querybank_scores(probe_b, d_emb, log_z, temperature)
-            occ = np.asarray(analysis.k_occurrence(normed, 10))
-            hubness[f"skewness_after[{bank_name}, T={temperature}]"] = float(analysis.hubness_skewness(normed, 10))
-            hubness[f"max_k_occurrence_after[{bank_name}, T={temperature}]"] = int(occ.max())
+            hubness.append({"scores": "inverted softmax", "bank": bank_name, "temperature": temperature,
+                            "skewness": float(analysis.hubness_skewness(normed, 10)),
+                            "max_k_occurrence": int(np.asarray(analysis.k_occurrence(normed, 10)).max())})
     geometry = {
         "corpus_mean_cosine": float(analysis.mean_cosine(d_emb)),
         "corpus_rankme": float(analysis.rankme(d_emb)),
@@ -150,19 +137,27 @@ def main(argv=None) -> None:
         "corpus_uniformity(sample 2000)": float(analysis.uniformity(d_emb[rng.permutation(len(d_emb))[:2000]])),
     }
 
-    lines = ["| bank | T | dynamic | nDCG@10 | Δ nDCG@10 | p (perm.) | d_z | recall@100 | MRR@10 |",
-             "|---|---:|:---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    out = pathlib.Path(args.out)
+    lines = ["| bank | T | dynamic | nDCG@10 | Δ nDCG@10 | p (perm.) | d_z | recall@100 | MRR@10 | artifact |",
+             "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---|"]
+    for i, r in enumerate(rows):
         t = "" if r["temperature"] is None else f"{r['temperature']:g}"
         delta = "" if "delta_ndcg@10" not in r else f"{r['delta_ndcg@10']:+.2f}"
         p = "" if "p_value" not in r else f"{r['p_value']:.3f}"
         dz = "" if "effect_size" not in r else f"{r['effect_size']:+.2f}"
         lines.append(f"| {r['bank']} | {t} | {'yes' if r['dynamic'] else ''} | {r['ndcg@10']:.2f} | {delta} | {p} | {dz} | "
-                     f"{r['recall@100']:.2f} | {r['mrr@10']:.2f} |")
+                     f"{r['recall@100']:.2f} | {r['mrr@10']:.2f} | [json]({out.name}#/rows/{i}) |")
+    lines += ["", "| scores | bank | T | skewness of N_10 | largest N_10 | artifact |", "|---|---|---:|---:|---:|---|"]
+    for i, h in enumerate(hubness):
+        t = "" if h["temperature"] is None else f"{h['temperature']:g}"
+        lines.append(f"| {h['scores']} | {h['bank'] or ''} | {t} | {h['skewness']:.2f} | {h['max_k_occurrence']} | "
+                     f"[json]({out.name}#/hubness/{i}) |")
     print("\n".join(lines))
-    print(json.dumps({"hubness": hubness, "geometry": geometry}, indent=1))
-    pathlib.Path(args.out).write_text(json.dumps({"rows": rows, "hubness": hubness, "geometry": geometry,
-                                                  "num_queries": len(judged), "num_docs": len(doc_ids)}, indent=1))
+    print(json.dumps({"geometry": geometry}, indent=1))
+    probe = f"stsb-train-B ({probe_b.shape[0]} sentences), k = 10"
+    provenance.write_artifact(out, {"rows": rows,
+                                   "hubness_probe": probe, "hubness": hubness, "geometry": geometry,
+                                   "num_queries": len(judged), "num_docs": len(doc_ids)})
 
 
 def _strip(metrics: dict) -> dict:

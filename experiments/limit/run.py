@@ -21,12 +21,12 @@ import json
 import math
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+from embedjax import provenance
 from embedjax.eval import limit
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -79,18 +79,11 @@ def next_start(done: dict[int, dict], d: int, other_seeds: list[int] | None = No
 
 
 def _git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "embedjax", str(HERE / "run.py")],
-                               capture_output=True, text=True, cwd=HERE.parents[1], check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return provenance.git_commit() + ("+dirty" if provenance.git_dirty() else "")
 
 
 def _command() -> str:
-    return "python experiments/limit/run.py " + " ".join(sys.argv[1:])
+    return provenance.command_line()
 
 
 def _write_json_atomic(path: pathlib.Path, data) -> None:
@@ -235,9 +228,9 @@ def markdown(summary: dict, artifact: str) -> str:
 
 def report(args) -> None:
     data = json.loads(pathlib.Path(args.results).read_text())
-    summary = {"command": _command(), "commit": _git_commit(), **summarize(data, args.min_seeds)}
+    summary = summarize(data, args.min_seeds)
     out = pathlib.Path(args.summary)
-    _write_json_atomic(out, summary)
+    provenance.write_artifact(out, summary)
     table = markdown(summary, out.name)
     (HERE / "table.md").write_text(table + "\n")
     print(table)
@@ -258,8 +251,8 @@ def patience_check(args) -> None:
         print(f"d={args.d} n={n} solved={t.solved} steps={t.steps} unsolved={t.unsolved} ({t.seconds:.0f}s)",
               flush=True)
     out = pathlib.Path(args.out)
-    _write_json_atomic(out, {"command": _command(), "commit": _git_commit(), "d": args.d,
-                             "settings": _optimizer_settings(args) | {"seed": args.seed}, "runs": runs})
+    provenance.write_artifact(out, {"d": args.d, "settings": _optimizer_settings(args) | {"seed": args.seed},
+                                    "runs": runs})
     print(json.dumps({"out": str(out), "runs": [(r["n"], r["solved"], r["unsolved"]) for r in runs]}))
 
 
