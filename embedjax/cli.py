@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import pkgutil
+import shlex
 import sys
 
 BENCH_SKIP = {"report", "timing"}  # helpers, not benchmarks
@@ -188,14 +189,22 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
+    args.command_line = "python -m embedjax " + shlex.join(argv)  # provenance of bench rows
     if extra:
         if not getattr(args, "accepts_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(getattr(args, "overrides", None) or []) + extra
     try:
         result = args.func(args)
+    except RuntimeError as err:
+        if not hasattr(err, "bench_result"):  # bench.report.BenchFailed: a bench that finished with errors
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        print(json.dumps(err.bench_result, default=float))
+        return 1
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         print(json.dumps({"command": args.command, "error": str(err)}))

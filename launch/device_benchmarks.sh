@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The accelerator benchmarks in one call, for a lent GPU (or any machine with one):
 # ceilings, Pallas kernels compiled for the device vs their XLA twins, the ring loss,
-# and a training step against PyTorch. Each bench appends its rows to BENCHMARKS.md;
+# and a training step against PyTorch. Each bench records its rows (--record: BENCHMARKS.md rows
+# linking their JSON records in benchmarks/NAME.jsonl, with commit, load, device and versions);
 # a failed bench is reported and the others still run.
 #
 #   EMBEDJAX_COMMIT=$(git rev-parse --short HEAD) launch/device_benchmarks.sh [OUT_DIR]
 #
 # With MODEL_DIR (a sentence-transformers folder) and STS_FILE (STS-B format) set, the
 # encode comparison with sentence-transformers runs too. OUT_DIR (default: bench_out) receives each bench's JSON line, its log and a copy of
-# BENCHMARKS.md. Runs with the python3 on PATH and the repo on PYTHONPATH (no install:
+# BENCHMARKS.md and benchmarks/ (set EMBEDJAX_DIRTY=0/1 with EMBEDJAX_COMMIT where the tree travels without .git). Runs with the python3 on PATH and the repo on PYTHONPATH (no install:
 # the modules used need only jax, flax, optax, numpy, torch and transformers).
 set -uo pipefail
 out="${1:-bench_out}"
@@ -22,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time limit, keep its JSON line and log
   local name="$1" limit="$2" module="$3"; shift 3
   local start=$SECONDS
-  if timeout "$limit" "$py" -m "embedjax.bench.$module" "$@" >"$out/$name.json" 2>"$out/$name.log"; then
+  if timeout "$limit" "$py" -m "embedjax.bench.$module" "$@" --record >"$out/$name.json" 2>"$out/$name.log"; then
     echo "== $name ok ($((SECONDS - start)) s)"
   else
     echo "== $name FAILED ($((SECONDS - start)) s); last lines of its log:"; tail -n 15 "$out/$name.log"
@@ -37,6 +38,7 @@ if [[ -n "${MODEL_DIR:-}" && -n "${STS_FILE:-}" ]]; then
   bench encode_b64 110 encode --model "$MODEL_DIR" --data "$STS_FILE" --batch-size 64 --repeats 5
 fi
 cp BENCHMARKS.md "$out/BENCHMARKS.md"
+cp -r benchmarks "$out/benchmarks" 2>/dev/null || true
 "$py" - "$out" <<'PY'
 import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):

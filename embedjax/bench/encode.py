@@ -1,9 +1,13 @@
 """``python -m embedjax bench encode``: embedjax vs sentence-transformers encode throughput.
 
-Both encode the STS-B test sentences in the same process, with the same batch size, after
+Both encode the same texts in the same process, with the same batch size and truncation, after
 one untimed warm-up each (compilation for JAX, allocator warm-up for torch). Timed runs
 alternate between the two so that background load hits both alike; the median of each is
-reported with the ratio.
+reported with the ratio. Texts (``--corpus``):
+
+* ``stsb``: the 2,758 STS-B test sentences (short: ~15 word pieces);
+* ``scifact``: the first 384 scifact abstracts (title + text), truncated at 256 word pieces:
+  long documents, where attention and padding cost more.
 """
 from __future__ import annotations
 
@@ -12,16 +16,47 @@ import os
 import statistics
 import time
 
-SECTION = "Encode throughput (issue 2)"
+from embedjax.bench import report
+
+SECTION = "Encode throughput"
+CORPORA = ("stsb", "scifact")
+SCIFACT_TEXTS = 384
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="model folder (default: the packaged MiniLM)")
-    parser.add_argument("--data", default=None, help="STS file (default: $EMBEDJAX_DATA_DIR/stsb/sts-test.csv)")
+    parser.add_argument("--corpus", choices=CORPORA, default="stsb",
+                        help="stsb: STS-B test sentences; scifact: scifact abstracts (long documents)")
+    parser.add_argument("--data", default=None,
+                        help="the corpus file or folder (default: $EMBEDJAX_DATA_DIR/stsb/sts-test.csv or "
+                             "$EMBEDJAX_DATA_DIR/scifact)")
+    parser.add_argument("--num-texts", type=int, default=None,
+                        help="encode only the first N texts (default: all STS-B sentences, 384 scifact abstracts)")
+    parser.add_argument("--max-length", type=int, default=256, help="truncation in word pieces, both libraries")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median reported)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--no-report", action="store_true", help="do not append the row to BENCHMARKS.md")
+    report.add_arguments(parser)
+
+
+def load_texts(corpus: str, data: str | None, num_texts: int | None) -> list[str]:
+    """The benchmark's texts, in file order."""
+    import embedjax as ej
+    from embedjax.eval.retrieval import document_text
+
+    root = os.environ.get("EMBEDJAX_DATA_DIR", "../shared/data")
+    if corpus == "stsb":
+        s1, s2, _ = ej.data.read_sts(data or os.path.join(root, "stsb", "sts-test.csv"))
+        texts = s1 + s2
+    else:
+        docs, _, _ = ej.data.read_beir(data or os.path.join(root, "scifact"))
+        texts = [document_text(d) for d in docs.values()]
+        num_texts = num_texts or SCIFACT_TEXTS
+    if num_texts is not None:
+        if not 1 <= num_texts <= len(texts):
+            raise ValueError(f"--num-texts must be in [1, {len(texts)}] for --corpus {corpus}; got {num_texts}")
+        texts = texts[:num_texts]
+    return texts
 
 
 def _timed(fn) -> float:
@@ -35,19 +70,18 @@ def run(args: argparse.Namespace) -> dict:
     from sentence_transformers import SentenceTransformer
 
     import embedjax as ej
-    from embedjax.bench.report import append_row, device_description
     from embedjax.models.pretrained import resolve_model_dir
 
-    data = args.data or os.path.join(os.environ.get("EMBEDJAX_DATA_DIR", "../shared/data"), "stsb", "sts-test.csv")
-    s1, s2, _ = ej.data.read_sts(data)
-    sentences = s1 + s2
+    sentences = load_texts(args.corpus, args.data, args.num_texts)
     folder = resolve_model_dir(args.model)
-    enc = ej.Encoder.from_pretrained(folder, dtype=args.dtype)
+    enc = ej.Encoder.from_pretrained(folder, dtype=args.dtype, max_length=args.max_length)
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch_device == "cuda":
         # JAX's default float32 matmul precision on GPUs is TF32; give PyTorch the same.
         torch.set_float32_matmul_precision("high")
     st = SentenceTransformer(str(folder), device=torch_device)
+    st.max_seq_length = args.max_length
+    started = report.start(args)
 
     def run_embedjax():
         enc.encode(sentences, batch_size=args.batch_size)
@@ -64,23 +98,22 @@ def run(args: argparse.Namespace) -> dict:
     n = len(sentences)
     ej_rate, st_rate = n / statistics.median(times_ej), n / statistics.median(times_st)
     result = {
-        "benchmark": "encode",
         "model": os.path.basename(str(folder).rstrip("/")) if args.model != "all-MiniLM-L6-v2" else args.model,
-        "sentences": n,
+        "corpus": args.corpus,
+        "texts": n,
+        "max_length": args.max_length,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
-        "embedjax_sent_per_s": round(ej_rate, 1),
-        "st_sent_per_s": round(st_rate, 1),
+        "embedjax_texts_per_s": round(ej_rate, 1),
+        "st_texts_per_s": round(st_rate, 1),
         "ratio": round(ej_rate / st_rate, 3),
         "repeats": args.repeats,
         "embedjax_first_call_s": round(warmup_ej, 2),
         "torch_threads": torch.get_num_threads(),
         "torch_device": torch_device,
-        "device": device_description(),
+        "device": report.device_description(),
     }
-    if not args.no_report:
-        append_row(SECTION, result)
-    return result
+    return report.finish(args, "encode", SECTION, [result], started)[0]
 
 
 if __name__ == "__main__":  # `python -m embedjax.bench.encode` runs without the CLI's optional imports

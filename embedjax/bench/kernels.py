@@ -14,7 +14,7 @@ Triton; on CPU they run in interpret mode, so keep ``--n`` tiny there) it:
   streamed per second as a fraction of the measured bandwidth, and the arithmetic
   rate (word XOR+popcounts per second for Hamming, int8 TOPS for int8).
 
-Rows go to BENCHMARKS.md ("Kernels on an accelerator (issue 5)") unless --no-report.
+With --record, rows go to BENCHMARKS.md ("Kernels on an accelerator") and benchmarks/kernels.jsonl.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embedjax.bench import report
 from embedjax.bench.timing import copy_bandwidth_gbs, matmul_tflops, median_seconds, sig
 
-SECTION = "Kernels on an accelerator (issue 5)"
+SECTION = "Kernels on an accelerator"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per cell (median reported)")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="buffer size of the bandwidth ceiling")
     parser.add_argument("--matmul-size", type=int, default=8192, help="size of the bf16 matmul ceiling")
-    parser.add_argument("--no-report", action="store_true", help="do not append rows to BENCHMARKS.md")
+    report.add_arguments(parser)
 
 
 def parse_blocks(text: str) -> list[tuple[int, int]]:
@@ -125,8 +126,6 @@ def _cells(kind, searches, qs, ks, blocks, corpus_bytes, ops_per_query, repeats,
 
 
 def run(args: argparse.Namespace) -> dict:
-    from embedjax.bench.report import append_row, device_description
-
     qs = [int(v) for v in args.queries.split(",")]
     ks = [int(v) for v in args.k.split(",")]
     blocks = parse_blocks(args.blocks)
@@ -138,6 +137,7 @@ def run(args: argparse.Namespace) -> dict:
     if max(ks) > args.n:
         raise ValueError(f"k={max(ks)} is larger than --n={args.n}")
 
+    started = report.start(args)
     ceilings = dict(bandwidth_GBps=sig(copy_bandwidth_gbs(args.bandwidth_mib << 20)),
                     bf16_matmul_TFLOPs=sig(matmul_tflops(args.matmul_size)))
     key = jax.random.key(0)
@@ -163,14 +163,17 @@ def run(args: argparse.Namespace) -> dict:
         rows += _cells("int8", searches, qs, ks, blocks, x.nbytes, 2 * args.n * args.dim, args.repeats, ceilings)
         del x, searches
 
-    device = device_description()
+    device = report.device_description()
     for row in rows:
         row.update(device=device, n=args.n, **ceilings)
-        if not args.no_report:
-            append_row(SECTION, row)
+    records = report.finish(args, "kernels", SECTION, rows, started)
     bad = [r for r in rows if r.get("rows_differing_from_xla")]
-    return dict(bench="kernels", device=device, n=args.n, bits=args.bits, dim=args.dim, **ceilings,
-                all_match_xla=not bad and not any(r["error"] for r in rows), rows=rows)
+    failed = [r for r in rows if r["error"]]
+    result = dict(bench="kernels", device=device, n=args.n, bits=args.bits, dim=args.dim, **ceilings,
+                  all_match_xla=not bad and not failed, rows=records)
+    if bad or failed:
+        raise report.BenchFailed(f"{len(failed)} cells failed and {len(bad)} differ from the XLA twin", result)
+    return result
 
 
 if __name__ == "__main__":  # `python -m embedjax.bench.kernels` runs without the CLI's optional imports

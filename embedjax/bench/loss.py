@@ -27,10 +27,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from embedjax.bench import report  # noqa: E402
 from embedjax.bench.timing import median_seconds  # noqa: E402
 from embedjax.losses import allgather, ring  # noqa: E402
 
-SECTION = "Loss (issue 3)"
+SECTION = "Loss: ring vs all-gather InfoNCE"
 GIB = 2 ** 30
 
 
@@ -46,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--skip-max-batch", action="store_true",
                         help="skip the largest-batch search (dozens of compiles: minutes on a GPU)")
-    parser.add_argument("--no-report", action="store_true", help="do not append a row to BENCHMARKS.md")
+    report.add_arguments(parser)
 
 
 def _loss_fns(mesh, temperature, tile):
@@ -114,6 +115,7 @@ def _grad_error(loss_fn, q, d, temperature):
 
 
 def run(args) -> dict:
+    started = report.start(args)
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices),), ("data",))
     n = len(devices)
@@ -122,10 +124,11 @@ def run(args) -> dict:
                   batch=args.batch, dim=args.dim)
 
     # 1. Compiled memory at the headline size.
-    for name, fn in fns.items():
-        result[f"{name}_temp_mib_per_device"] = round(_footprint(_compile(fn, args.batch, args.dim))["temp"] / 2 ** 20, 1)
-    result["temp_ratio_allgather_over_ring"] = round(
-        result["allgather_temp_mib_per_device"] / result["ring_temp_mib_per_device"], 1)
+    temp = {name: _footprint(_compile(fn, args.batch, args.dim))["temp"] for name, fn in fns.items()}
+    for name, nbytes in temp.items():
+        result[f"{name}_temp_mib_per_device"] = round(nbytes / 2 ** 20, 1)
+    # From bytes, not the rounded MiB (tiny smoke sizes round to 0); None when the ring needs no temp.
+    result["temp_ratio_allgather_over_ring"] = round(temp["allgather"] / temp["ring"], 1) if temp["ring"] else None
 
     # 2. Largest global batch under the per-device budget (compiled, not executed).
     budget = int(args.budget_gib * GIB)
@@ -164,21 +167,12 @@ def run(args) -> dict:
         result["allgather_xla_flops_over_6B2d"] = round(n * float(cost["flops"]) / reference, 3)
     result["ring_achieved_gflops"] = round(ring_flops / (result["ring_step_ms"] / 1e3) / 1e9, 2)
 
-    if not args.no_report:
-        _append(result)
-    return result
-
-
-def _append(result: dict) -> None:
-    row = {k: result[k] for k in (
-        "device", "batch", "dim", "ring_temp_mib_per_device", "allgather_temp_mib_per_device",
-        "temp_ratio_allgather_over_ring") if k in result}
-    row.update({k: v for k, v in result.items() if "max_batch_16" in k or k.endswith("_step_ms")
-                or "grad_rel_err" in k or "over_6B2d" in k})
-    row["time_shape"] = f"{result['time_batch']}x{result['time_dim']}"
-    from embedjax.bench.report import append_row
-
-    append_row(SECTION, row)
+    result["time_shape"] = f"{result['time_batch']}x{result['time_dim']}"
+    shown = [k for k in result if k in ("device", "batch", "dim", "ring_temp_mib_per_device",
+                                          "allgather_temp_mib_per_device", "temp_ratio_allgather_over_ring",
+                                          "time_shape")
+             or "max_batch_16" in k or k.endswith("_step_ms") or "grad_rel_err" in k or "over_6B2d" in k]
+    return report.finish(args, "loss", SECTION, [result], started, shown=shown)[0]
 
 
 if __name__ == "__main__":

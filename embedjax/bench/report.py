@@ -1,17 +1,86 @@
-"""Append benchmark rows to the Markdown tables of ``BENCHMARKS.md``.
+"""What every bench shares: the provenance of its numbers, waiting for an idle machine, recording.
 
-Each benchmark owns one section (``## <section>``) holding one table; a new row goes
-under the table's last row, in the table's column order (new keys add no columns:
-they are left out, so keep a benchmark's keys stable). The file is rewritten through a
-temporary file and ``os.replace`` so a crash never leaves it half-written.
+A bench prints its JSON line and changes no file. With ``--record`` it also appends, per row,
+
+* the full record (the row plus commit, dirty flag, 1-minute load average at the start, device,
+  library versions and the command) to ``benchmarks/<bench>.jsonl``: the row's artifact;
+* a Markdown row linking that record to the table under ``## <section>`` of ``BENCHMARKS.md``
+  (``tests/docs/test_figure_artifacts.py`` checks that the row's figures are in the record).
+
+Both paths are relative to the working directory (run benches from the repository root).
+Speed ratios are only meaningful on an idle machine: ``--wait-idle [LOAD]`` waits (up to
+``--wait-timeout`` seconds, else the bench fails) until the 1-minute load average is below LOAD,
+and every row says whether it was measured idle or under load. Files are rewritten through a
+temporary file and ``os.replace``, so a crash never leaves one half-written.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import os
 import pathlib
 import platform
-import subprocess
+import sys
+import time
+
+from embedjax import provenance
+
+DEFAULT_IDLE_LOAD = 0.5  # 1-minute load average below which a 2-core machine counts as idle
+BENCHMARKS_MD = "BENCHMARKS.md"
+RECORDS_DIR = "benchmarks"
+HISTORY_HEADING = "## Earlier rows (before provenance was recorded)"
+# Short names of the versions shown in a row (the record holds all of them).
+_SHOWN_VERSIONS = {"jax": "jax", "torch": "torch", "sentence-transformers": "st", "faiss-cpu": "faiss"}
+
+
+class BenchFailed(RuntimeError):
+    """A bench finished but found an error (a failed cell, a mismatch): the CLI prints its result, exits 1."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.bench_result = {**result, "error": message}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every bench takes: --record, --wait-idle, --wait-timeout."""
+    parser.add_argument("--record", action="store_true",
+                        help=f"append the rows to {BENCHMARKS_MD} and their records to {RECORDS_DIR}/NAME.jsonl "
+                             "(default: only print the JSON line)")
+    parser.add_argument("--wait-idle", type=float, nargs="?", const=DEFAULT_IDLE_LOAD, default=None, metavar="LOAD",
+                        help=f"wait until the 1-minute load average is below LOAD (default {DEFAULT_IDLE_LOAD}) "
+                             "before measuring")
+    parser.add_argument("--wait-timeout", type=float, default=3600.0,
+                        help="seconds --wait-idle may wait before the bench fails (default 3600)")
+
+
+def wait_for_idle(threshold: float, timeout_s: float, *, poll_s: float = 15.0, load=provenance.load_average_1min,
+                  sleep=time.sleep, clock=time.monotonic) -> float:
+    """Block until ``load() < threshold``; return that load. TimeoutError after ``timeout_s``."""
+    if not threshold > 0:
+        raise ValueError(f"--wait-idle LOAD must be > 0; got {threshold}")
+    deadline = clock() + timeout_s
+    while True:
+        now = load()
+        if now < threshold:
+            return now
+        if clock() >= deadline:
+            raise TimeoutError(f"the 1-minute load average stayed at or above {threshold} for {timeout_s:.0f} s "
+                               f"(last {now}); not measuring. Stop other jobs or raise --wait-timeout")
+        print(f"waiting for an idle machine: load {now} >= {threshold}", file=sys.stderr, flush=True)
+        sleep(min(poll_s, max(0.0, deadline - clock())))
+
+
+def start(args: argparse.Namespace) -> dict:
+    """Call before measuring: waits for idle if asked; returns the provenance of this run's rows."""
+    threshold = args.wait_idle if args.wait_idle is not None else DEFAULT_IDLE_LOAD
+    if args.wait_idle is not None:
+        wait_for_idle(args.wait_idle, args.wait_timeout)
+    info = provenance.provenance()
+    info["command"] = getattr(args, "command_line", None) or info["command"]  # set by the CLI
+    info["measured"] = "idle" if info["load_1min"] < threshold else "under load"
+    info["idle_threshold"] = threshold
+    return info
 
 
 def device_description() -> str:
@@ -32,49 +101,83 @@ def device_description() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def git_commit() -> str:
-    """Short hash of HEAD; ``EMBEDJAX_COMMIT`` names it where the tree travels without .git (a lent GPU)."""
-    if os.environ.get("EMBEDJAX_COMMIT"):
-        return os.environ["EMBEDJAX_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def _shown_versions(versions: dict) -> str:
+    return ", ".join(f"{short} {versions[name]}" for name, short in _SHOWN_VERSIONS.items() if name in versions)
 
 
 def _format(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value).lower()
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     return str(value).replace("|", "/")
 
 
-def append_row(section: str, row: dict, path: str | os.PathLike = "BENCHMARKS.md") -> pathlib.Path:
-    """Add ``row`` (plus date and commit) to the table under ``## {section}``, creating either if needed."""
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def append_record(name: str, record: dict, directory: str | os.PathLike = RECORDS_DIR) -> tuple[pathlib.Path, int]:
+    """Append ``record`` to ``directory/name.jsonl``; returns the file and the record's index in it."""
+    path = pathlib.Path(directory) / f"{name}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    lines = [line for line in lines if line.strip()]
+    _atomic_write(path, "\n".join([*lines, json.dumps(record, default=float)]) + "\n")
+    return path, len(lines)
+
+
+def append_row(section: str, row: dict, path: str | os.PathLike = BENCHMARKS_MD) -> pathlib.Path:
+    """Add ``row`` to the table under ``## {section}`` (created before the history section if missing).
+
+    A new row follows the table's column order; keys the table lacks are not shown (they stay in
+    the record), so keep a bench's keys stable.
+    """
     path = pathlib.Path(path)
-    row = {"date": datetime.date.today().isoformat(), "commit": git_commit(), **row}
-    lines = path.read_text().splitlines() if path.exists() else ["# Benchmarks", "",
-                                                                 "Rows are appended by `python -m embedjax bench ...`."]
+    lines = path.read_text().splitlines() if path.exists() else ["# Benchmarks", ""]
     heading = f"## {section}"
     if heading not in lines:
         columns = list(row)
-        lines += ["", heading, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        insert_at = len(lines)
-    else:
-        start = lines.index(heading)
-        header_at = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("|")), None)
-        next_heading = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        if header_at is None or header_at > next_heading:
-            columns = list(row)
-            lines[start + 1:start + 1] = ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            insert_at = start + 4
+        block = [heading, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        if HISTORY_HEADING in lines:
+            at = lines.index(HISTORY_HEADING)
+            lines[at:at] = [*block, ""]
         else:
-            columns = [c.strip() for c in lines[header_at].strip("|").split("|")]
-            insert_at = header_at + 2
-            while insert_at < len(lines) and lines[insert_at].startswith("|"):
-                insert_at += 1
+            lines += ["", *block]
+        insert_at = lines.index(heading) + len(block)
+    else:
+        start_at = lines.index(heading)
+        header_at = next(i for i in range(start_at + 1, len(lines)) if lines[i].startswith("|"))
+        columns = [c.strip() for c in lines[header_at].strip("|").split("|")]
+        insert_at = header_at + 2
+        while insert_at < len(lines) and lines[insert_at].startswith("|"):
+            insert_at += 1
     lines.insert(insert_at, "| " + " | ".join(_format(row.get(c, "")) for c in columns) + " |")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    _atomic_write(path, "\n".join(lines) + "\n")
     return path
+
+
+def finish(args: argparse.Namespace, name: str, section: str, rows: list[dict], started: dict,
+           shown: list[str] | None = None) -> list[dict]:
+    """Attach the run's provenance to each row; with ``--record`` append records and Markdown rows.
+
+    ``shown`` names the row keys the Markdown table shows (default: all); the record keeps all.
+    """
+    records = []
+    for row in rows:
+        record = {"date": datetime.date.today().isoformat(), "bench": name, **row,
+                  "commit": started["commit"], "dirty": started["dirty"], "load_1min": started["load_1min"],
+                  "measured": started["measured"], "idle_threshold": started["idle_threshold"],
+                  "versions": started["versions"], "command": started["command"]}
+        records.append(record)
+        if args.record:
+            jsonl, index = append_record(name, record)
+            shown = {"date": record["date"], "commit": record["commit"], "dirty": record["dirty"],
+                     "load_1min": record["load_1min"], "measured": record["measured"],
+                     **{k: v for k, v in row.items() if shown is None or k in shown},
+                     "versions": _shown_versions(record["versions"]),
+                     "artifact": f"[json]({jsonl.as_posix()}#/{index})"}
+            append_row(section, shown)
+    return records

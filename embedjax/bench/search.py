@@ -13,11 +13,13 @@ chunked XLA Hamming search (bounded by Q x chunk_size, independent of N).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
+
+from embedjax.bench import report
+
+SECTION = "Search: XLA paths vs FAISS on CPU"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=32768, help="XLA corpus chunk (rows)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best is kept)")
     parser.add_argument("--paths", default="hamming,float,int8", help="which searches to run")
-    parser.add_argument("--no-report", action="store_true", help="do not append rows to BENCHMARKS.md")
+    parser.add_argument("--bandwidth-mib", type=int, default=512, help="buffer size of the copy-bandwidth ceiling")
+    report.add_arguments(parser)
 
 
 def _best_time(fn, repeats):
@@ -81,10 +84,16 @@ def _hamming_cells(args, rng, qs, ks, bandwidth):
             run = lambda: jax.block_until_ready(hamming_topk_xla(qj, xj, k, args.n, chunk_size=args.chunk_size))
             run()  # compile
             t_ours = _best_time(run, args.repeats)
+            # The same search fed numpy arrays: what a caller pays who does not keep codes on the device.
+            t_numpy = _best_time(
+                lambda: jax.block_until_ready(hamming_topk_xla(qc, x, k, args.n, chunk_size=args.chunk_size)),
+                args.repeats)
             t_flat = _best_time(lambda: index.search(qb, k), args.repeats)
             t_knn = _best_time(lambda: faiss.knn_hamming(qb, x_bytes, k), args.repeats)
-            rows.append(_row("hamming", "IndexBinaryFlat", q, k, args.n, x.nbytes, t_ours, t_flat, bandwidth))
-            rows.append(_row("hamming", "knn_hamming", q, k, args.n, x.nbytes, t_ours, t_knn, bandwidth))
+            for ref_name, t_ref in (("IndexBinaryFlat", t_flat), ("knn_hamming", t_knn)):
+                row = _row("hamming", ref_name, q, k, args.n, x.nbytes, t_ours, t_ref, bandwidth)
+                row.update(embedjax_numpy_qps=round(q / t_numpy, 2), ratio_numpy_vs_faiss=round(t_ref / t_numpy, 3))
+                rows.append(row)
             d_ours, _ = hamming_topk_xla(qj, xj, k, args.n, chunk_size=args.chunk_size)
             d_ref, _ = index.search(qb, k)
             if not np.array_equal(np.asarray(d_ours), d_ref):
@@ -128,8 +137,6 @@ def _float_cells(args, rng, qs, ks, bandwidth, kind):
 
 
 def run(args) -> dict:
-    import jax
-
     qs = [int(v) for v in args.queries.split(",")]
     ks = [int(v) for v in args.k.split(",")]
     if args.bits % 32:
@@ -137,14 +144,12 @@ def run(args) -> dict:
     if max(ks) > args.n:
         raise ValueError(f"k={max(ks)} is larger than --n={args.n}")
     paths = args.paths.split(",")
+    if unknown := set(paths) - {"hamming", "float", "int8"}:
+        raise ValueError(f"--paths may name hamming, float and int8; got {sorted(unknown)}")
     rng = np.random.default_rng(0)
-    bandwidth = memory_bandwidth_gbs()
-    try:
-        from embedjax.bench.report import device_description
-
-        device = device_description()
-    except ImportError:
-        device = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores ({jax.devices()[0].platform})"
+    started = report.start(args)
+    bandwidth = memory_bandwidth_gbs(args.bandwidth_mib << 20)
+    device = report.device_description()
     rows, memory = [], {}
     if "hamming" in paths:
         hamming_rows, memory = _hamming_cells(args, rng, qs, ks, bandwidth)
@@ -154,40 +159,16 @@ def run(args) -> dict:
             rows += _float_cells(args, rng, qs, ks, bandwidth, kind)
     for row in rows:
         row.update(device=device, copy_bw_GBps=round(bandwidth, 2), chunk_size=args.chunk_size)
-    if not args.no_report:
-        _report(rows)
+    records = report.finish(args, "search", SECTION, rows, started)
     summary = {
         "bench": "search", "device": device, "copy_bw_GBps": round(bandwidth, 2), "n": args.n,
         "hamming_temp_bytes_by_queries": memory,
-        "rows": rows,
+        "rows": records,
     }
-    at64 = [r for r in rows if r["path"] == "hamming" and r["queries"] == 64 and r["reference"] == "IndexBinaryFlat"]
+    at64 = [r for r in rows if r["path"] == "hamming" and r["queries"] == 64 and r["reference"] == "knn_hamming"]
     if at64:
-        summary["hamming_ratio_vs_faiss_at_64_queries"] = {r["k"]: r["ratio_vs_faiss"] for r in at64}
+        summary["hamming_ratio_vs_knn_hamming_at_64_queries"] = {r["k"]: r["ratio_vs_faiss"] for r in at64}
     return summary
-
-
-def _report(rows):
-    section = "Search (issue 5)"
-    try:
-        from embedjax.bench.report import append_row
-    except ImportError:
-        append_row = _append_row_fallback
-    for row in rows:
-        append_row(section, row)
-
-
-def _append_row_fallback(section, row, path="BENCHMARKS.md"):
-    """Used only while embedjax.bench.report is missing: a markdown table under ``## section``."""
-    header = "| " + " | ".join(row) + " |"
-    line = "| " + " | ".join(str(v) for v in row.values()) + " |"
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    title = f"## {section}"
-    if title not in text:
-        text = text.rstrip("\n") + f"\n\n{title}\n\n{header}\n|" + "---|" * len(row) + "\n"
-    text = text.rstrip("\n") + "\n" + line + "\n"
-    with open(path, "w") as f:
-        f.write(text)
 
 
 if __name__ == "__main__":

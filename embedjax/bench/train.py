@@ -16,17 +16,20 @@ in the same process, one after the other, on the same machine:
   installed here); pairs/s over steps 2..N, each step padded to its longest text as
   sentence-transformers does.
 
-The result row goes to BENCHMARKS.md; the machine's load average is recorded with it
-because other processes share the CPU.
+With ``--record`` the row goes to BENCHMARKS.md with its provenance (commit, load average at
+the start, versions; see ``embedjax.bench.report``); ``--wait-idle`` waits for an idle machine.
+``--batch-size`` and ``--model`` change the recipe's global batch and starting model (the smoke
+test runs 3 steps of 2 pairs on a 1-layer random BERT).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
-import platform
 import tempfile
 import time
+
+from embedjax.bench import report
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SECTION = "Training: STS-B CoSENT fine-tune, embedjax vs sentence-transformers"
@@ -34,11 +37,14 @@ SECTION = "Training: STS-B CoSENT fine-tune, embedjax vs sentence-transformers"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps timed on each side (>= 3)")
+    parser.add_argument("--model", default=None,
+                        help="sentence-transformers/BERT folder both sides start from (default: the recipe's MiniLM)")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the recipe's 16)")
     parser.add_argument("--workdir", default="", help="embedjax run folder (default: a temporary folder)")
-    parser.add_argument("--no-report", action="store_true", help="do not append the row to BENCHMARKS.md")
+    report.add_arguments(parser)
 
 
-def _embedjax_run(steps: int, workdir: str) -> tuple[dict, object]:
+def _embedjax_run(steps: int, workdir: str, batch_size: int | None, model: str | None) -> tuple[dict, object]:
     from embedjax.train.config import apply_overrides, load_config_file
     from embedjax.train.loop import prepare_data, train
     from embedjax.data.tokenization import Tokenizer
@@ -47,7 +53,9 @@ def _embedjax_run(steps: int, workdir: str) -> tuple[dict, object]:
     # One JAX device (XLA spreads its ops over all cores), as torch runs one device with all
     # cores; fake multi-device CPU setups would only split the same cores further.
     cfg = apply_overrides(load_config_file(f"{REPO / 'configs' / 'stsb_cosent.py'}:steps={steps}"),
-                          ["train.progress=False", "mesh.num_devices=1"])
+                          ["train.progress=False", "mesh.num_devices=1",
+                           *([f"train.batch_size={batch_size}"] if batch_size else []),
+                           *([f"model.path={model}"] if model else [])])
     summary = train(cfg, workdir, log=lambda m: None)
     buckets = tuple(cfg.data.length_buckets) + (cfg.model.max_length,)
     tokenizer = Tokenizer.from_folder(resolve_model_dir(cfg.model.path), cfg.model.max_length, buckets)
@@ -106,8 +114,12 @@ def _reference_run(cfg, data, steps: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
     if args.steps < 3:
         raise ValueError(f"--steps={args.steps}: time at least 3 steps (the first one is not timed)")
+    if args.batch_size is not None and args.batch_size < 2:
+        raise ValueError(f"--batch-size={args.batch_size}: CoSENT needs at least 2 pairs per batch")
+    started = report.start(args)
     with tempfile.TemporaryDirectory() as tmp:
-        summary, (cfg, data) = _embedjax_run(args.steps, args.workdir or os.path.join(tmp, "run"))
+        summary, (cfg, data) = _embedjax_run(args.steps, args.workdir or os.path.join(tmp, "run"), args.batch_size,
+                                             args.model)
         reference = _reference_run(cfg, data, args.steps)
     ours = summary["train_pairs_per_s_steady"]
     theirs = reference["pairs_per_s"]
@@ -122,11 +134,7 @@ def run(args: argparse.Namespace) -> dict:
         "ratio (incl. compiles)": round(summary["train_pairs_per_s"] / theirs, 3),
         "embedjax tokens/s/device": round(summary["train_tokens_per_s_per_device"], 1),
         "devices": summary["devices"],
-        "device": f"{platform.machine()} CPU x{os.cpu_count()}",
-        "load avg (1 min)": round(os.getloadavg()[0], 2),
+        "torch_threads": reference["torch_threads"],
+        "device": report.device_description(),
     }
-    if not args.no_report:
-        from embedjax.bench.report import append_row
-
-        append_row(SECTION, row)
-    return {"bench": "train", **row, "reference_torch_threads": reference["torch_threads"]}
+    return report.finish(args, "train", SECTION, [row], started)[0]

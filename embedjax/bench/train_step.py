@@ -21,7 +21,9 @@ import argparse
 
 import numpy as np
 
-SECTION = "Train step on an accelerator (issue 4)"
+from embedjax.bench import report
+
+SECTION = "Train step on an accelerator"
 TEMPERATURE = 0.05
 
 
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--no-torch", action="store_true", help="time embedjax only")
     parser.add_argument("--matmul-size", type=int, default=8192, help="size of the bf16 matmul ceiling")
-    parser.add_argument("--no-report", action="store_true", help="do not append the row to BENCHMARKS.md")
+    report.add_arguments(parser)
 
 
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
@@ -151,7 +153,6 @@ def _torch_step_seconds(args, ids, mask) -> tuple[float, float, str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from embedjax.bench.report import append_row, device_description
     from embedjax.bench.timing import matmul_tflops, sig
 
     if args.batch < 2 or args.seq < 2 or args.steps < 1:
@@ -159,10 +160,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.hidden % args.heads:
         raise ValueError(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
     ids, mask = random_batch(args.batch, args.seq, args.vocab)
+    started = report.start(args)
     flops = train_flops(args.batch, args.seq, args.layers, args.hidden, args.intermediate)
     ceiling = matmul_tflops(args.matmul_size)
     ours, our_loss = _embedjax_step_seconds(args, ids, mask)
-    result = dict(bench="train_step", device=device_description(), batch_pairs=args.batch, seq=args.seq,
+    result = dict(device=report.device_description(), batch_pairs=args.batch, seq=args.seq,
                   layers=args.layers, hidden=args.hidden, dtype=args.dtype,
                   embedjax_ms=sig(ours * 1e3), embedjax_pairs_per_s=sig(args.batch / ours),
                   embedjax_mfu=sig(flops / ours / 1e12 / ceiling), bf16_matmul_TFLOPs=sig(ceiling),
@@ -173,9 +175,7 @@ def run(args: argparse.Namespace) -> dict:
                       torch_pairs_per_s=sig(args.batch / theirs),
                       torch_mfu=sig(flops / theirs / 1e12 / ceiling), torch_final_loss=sig(their_loss),
                       speedup_vs_torch=sig(theirs / ours))
-    if not args.no_report:
-        append_row(SECTION, {k: v for k, v in result.items() if k != "bench"})
-    return result
+    return report.finish(args, "train_step", SECTION, [result], started)[0]
 
 
 if __name__ == "__main__":  # `python -m embedjax.bench.train_step` runs without the CLI's optional imports

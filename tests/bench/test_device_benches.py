@@ -15,7 +15,7 @@ from embedjax.bench import kernels, timing, train_step
 
 
 def _bench(*argv):
-    proc = subprocess.run([sys.executable, "-m", "embedjax", "bench", *argv, "--no-report"],
+    proc = subprocess.run([sys.executable, "-m", "embedjax", "bench", *argv],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -54,7 +54,7 @@ def test_non_bench_commands_do_not_import_bench_modules():
 def test_a_bench_command_imports_only_its_own_module():
     # bench.kernels imports JAX; were it imported before bench.loss, loss could no longer set
     # its 8 fake CPU devices (JAX reads XLA_FLAGS once).
-    code = ("import sys; from embedjax import cli; cli.build_parser(['bench', 'loss', '--no-report']); "
+    code = ("import sys; from embedjax import cli; cli.build_parser(['bench', 'loss']); "
             "print(sorted(m for m in sys.modules if m.startswith('embedjax.bench.') and m != 'embedjax.bench.report'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})

@@ -1,0 +1,135 @@
+"""Every ``python -m embedjax bench ...`` command runs end to end at tiny sizes (issue 10: benches can't rot).
+
+Each runs in-process through the CLI (the suite's 8 fake CPU devices serve bench loss), from a
+scratch working directory: by default a bench prints its JSON line and writes no file; with
+--record it writes BENCHMARKS.md rows whose figures the artifact checker finds in the JSONL
+records. Sizes are tiny: the numbers mean nothing, the code paths are the point.
+"""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from embedjax import cli
+from embedjax.bench import report
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "docs"))
+import figure_artifacts  # noqa: E402  (the README/BENCHMARKS artifact checker)
+
+TINY = {
+    "search": ["--n", "2000", "--bits", "64", "--dim", "16", "--queries", "3", "--k", "5", "--repeats", "1",
+               "--bandwidth-mib", "8"],
+    "kernels": ["--n", "300", "--bits", "64", "--dim", "20", "--queries", "7", "--k", "5", "--blocks", "8x128",
+                "--repeats", "1", "--bandwidth-mib", "4", "--matmul-size", "64"],
+    "loss": ["--batch", "64", "--dim", "16", "--time-batch", "512", "--time-dim", "64", "--repeats", "1",
+             "--budget-gib", "0.0005", "--max-search-batch", "4096"],
+    "train_step": ["--layers", "1", "--hidden", "16", "--heads", "2", "--intermediate", "32", "--vocab", "1200",
+                   "--batch", "4", "--seq", "8", "--steps", "2", "--matmul-size", "64"],
+    "encode": ["--num-texts", "6", "--batch-size", "4", "--repeats", "1"],
+    "encode_scifact": ["--corpus", "scifact", "--num-texts", "3", "--batch-size", "4", "--repeats", "1"],
+    "train": ["--steps", "3", "--batch-size", "2"],
+}
+NEEDS_MODEL = ("encode", "encode_scifact", "train")  # run on the tiny random BERT folder
+
+
+def _bench(capsys, name, *extra):
+    argv = ["bench", name.split("_scifact")[0], *TINY[name], *extra]
+    code = cli.main(argv)
+    out = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(out[-1])
+
+
+def test_every_bench_module_has_a_smoke_test():
+    assert {n.split("_scifact")[0] for n in TINY} == set(cli._bench_modules())
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkeypatch, data_dir, request):
+    extra = ["--model", str(request.getfixturevalue("tiny_st_model"))] if name in NEEDS_MODEL else []
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, result = _bench(capsys, name, *extra)
+    assert code == 0, result
+    assert list(work.iterdir()) == [], "a bench without --record must not write files"
+    records = result["rows"] if "rows" in result else [result]
+    for record in records:
+        assert record["commit"] and record["load_1min"] >= 0 and "jax" in record["versions"]
+        assert record["measured"] in ("idle", "under load") and record["command"].startswith("python -m embedjax")
+    if name == "kernels":
+        assert result["all_match_xla"] is True
+    if name.startswith("encode"):
+        assert result["texts"] == int(TINY[name][TINY[name].index("--num-texts") + 1]) and result["ratio"] > 0
+    if name == "train":
+        assert result["batch"] == 2 and result["steps"] == 3 and result["sentence-transformers pairs/s"] > 0
+
+
+def test_record_appends_rows_whose_figures_are_in_their_records(capsys, tmp_path, monkeypatch):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "BENCHMARKS.md").write_text(f"# Benchmarks\n\n{report.HISTORY_HEADING}\n\nold text\n")
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        code, result = _bench(capsys, "search", "--paths", "hamming", "--record")
+        assert code == 0
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert text.index("## Search") < text.index(report.HISTORY_HEADING), "new sections go above the history"
+    records = [json.loads(line) for line in (tmp_path / "benchmarks" / "search.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and records[3]["ratio_numpy_vs_faiss"] > 0  # 2 runs x (IndexBinaryFlat, knn_hamming)
+    assert "[json](benchmarks/search.jsonl#/3)" in text
+    subprocess.run(["git", "-C", str(tmp_path), "add", "-A"], check=True)
+    figure_artifacts.tracked_files.cache_clear()
+    assert figure_artifacts.check_markdown(tmp_path / "BENCHMARKS.md", tmp_path) == []
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| date |"))
+    column = [c.strip() for c in lines[header].strip("|").split("|")].index("embedjax_qps")
+    cells = lines[header + 2].strip("|").split("|")
+    cells[column] = " 123456 "  # a figure edited without its record
+    lines[header + 2] = "|" + "|".join(cells) + "|"
+    (tmp_path / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
+    assert len(figure_artifacts.check_markdown(tmp_path / "BENCHMARKS.md", tmp_path)) == 1
+
+
+def test_a_failing_bench_exits_non_zero_with_its_json(capsys, monkeypatch):
+    code, result = _bench(capsys, "search", "--k", "5000")  # k larger than the corpus
+    assert code == 2 and "larger than --n" in result["error"]
+    from embedjax.bench import search
+
+    def finished_with_errors(args):
+        raise report.BenchFailed("2 cells failed", {"bench": "search", "rows": []})
+
+    monkeypatch.setattr(search, "run", finished_with_errors)
+    code, result = _bench(capsys, "search")
+    assert code == 1 and result["error"] == "2 cells failed" and result["bench"] == "search"
+
+
+def test_a_bench_subprocess_exits_non_zero_on_bad_input(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "embedjax", "bench", "search", "--n", "10", "--k", "50"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "error" in json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_wait_for_idle_waits_then_measures_or_times_out():
+    loads = iter([3.0, 2.0, 0.2])
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    assert report.wait_for_idle(0.5, 100, poll_s=10, load=lambda: next(loads), sleep=sleep,
+                                clock=lambda: now[0]) == 0.2
+    assert now[0] == 20
+    with pytest.raises(TimeoutError, match="stayed at or above 0.5 for 30 s"):
+        report.wait_for_idle(0.5, 30, poll_s=10, load=lambda: 4.0, sleep=sleep, clock=lambda: now[0])
+
+
+def test_rows_say_whether_they_were_measured_under_load(monkeypatch):
+    import argparse
+
+    args = argparse.Namespace(wait_idle=None, wait_timeout=1.0, record=False)
+    monkeypatch.setattr(report.provenance, "load_average_1min", lambda: 7.5)
+    assert report.start(args)["measured"] == "under load"
+    monkeypatch.setattr(report.provenance, "load_average_1min", lambda: 0.1)
+    assert report.start(args)["measured"] == "idle"
