@@ -241,18 +241,35 @@ def report(args) -> None:
 
 
 def patience_check(args) -> None:
-    """A few n at one d with a larger step budget: how much does the budget move the boundary?"""
+    """Given n at one d with a larger step budget, then (--bisect) bisection between the largest
+    solved and the smallest failed n: how much does the budget move the boundary?"""
     runs = []
-    for n in (int(v) for v in args.n.split(",")):
+
+    def attempt(n: int) -> bool:
         t = limit.optimize_free_embeddings(n, args.d, learning_rate=args.learning_rate, temperature=args.temperature,
                                            max_steps=args.max_steps, patience=args.patience,
                                            check_every=args.check_every, seed=args.seed)
         runs.append(_trial_record(t))
         print(f"d={args.d} n={n} solved={t.solved} steps={t.steps} unsolved={t.unsolved} ({t.seconds:.0f}s)",
               flush=True)
+        return t.solved
+
+    for n in (int(v) for v in args.n.split(",")):
+        attempt(n)
+    if args.bisect:
+        lo = max((r["n"] for r in runs if r["solved"]), default=None)
+        hi = min((r["n"] for r in runs if not r["solved"]), default=None)
+        if lo is None or hi is None or lo > hi:
+            raise SystemExit(f"--bisect needs a solved n below a failed n; got solved {lo}, failed {hi}")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if attempt(mid) else (lo, mid)
     out = pathlib.Path(args.out)
+    solved = [r["n"] for r in runs if r["solved"]]
+    failed = [r["n"] for r in runs if not r["solved"]]
     provenance.write_artifact(out, {"d": args.d, "settings": _optimizer_settings(args) | {"seed": args.seed},
-                                    "runs": runs})
+                                    "largest_solved": max(solved, default=None),
+                                    "smallest_failed": min(failed, default=None), "runs": runs})
     print(json.dumps({"out": str(out), "runs": [(r["n"], r["solved"], r["unsolved"]) for r in runs]}))
 
 
@@ -315,6 +332,7 @@ def main(argv=None) -> None:
     c.add_argument("--n", default="110,116")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=str(HERE / "patience_d20.json"))
+    c.add_argument("--bisect", action="store_true", help="then bisect between the largest solved and smallest failed n")
     _add_optimizer_arguments(c)
     c.set_defaults(max_steps=20000, patience=5000)
     args = parser.parse_args(argv)
