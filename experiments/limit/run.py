@@ -174,8 +174,6 @@ def summarize(data: dict, min_seeds: int) -> dict:
     """Per-d statistics over seeds, the cubic fit of the seed means and its extrapolations."""
     rows = []
     for d, by_seed in seed_table(data).items():
-        if len(by_seed) < min_seeds:
-            continue
         crit = np.array([by_seed[s]["critical_n"] for s in sorted(by_seed)], dtype=np.float64)
         rows.append({
             "d": d,
@@ -189,9 +187,10 @@ def summarize(data: dict, min_seeds: int) -> dict:
             "seconds": float(sum(by_seed[s]["seconds"] for s in by_seed)),
             "queries_at_max": math.comb(int(crit.max()), 2),
             "paper_cubic_at_d": float(np.polynomial.polynomial.polyval(d, PAPER_CUBIC)),
+            "in_fit": len(by_seed) >= min_seeds,
         })
-    dims = [r["d"] for r in rows]
-    means = [r["critical_n_mean"] for r in rows]
+    dims = [r["d"] for r in rows if r["in_fit"]]
+    means = [r["critical_n_mean"] for r in rows if r["in_fit"]]
     coeffs, r2 = limit.fit_polynomial(dims, means, degree=3)
     extrap = [{"d": d, "ours": float(np.polynomial.polynomial.polyval(d, coeffs)),
                "paper": float(np.polynomial.polynomial.polyval(d, PAPER_CUBIC))} for d in (64, 128, 512, 1024, 4096)]
@@ -202,12 +201,13 @@ def summarize(data: dict, min_seeds: int) -> dict:
 
 def markdown(summary: dict, artifact: str) -> str:
     lines = [
-        "| d | critical n per seed | mean ± std | max | runs | seconds | paper's cubic at d | artifact |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| d | seeds | critical n per seed | mean ± std | max | runs | seconds | paper's cubic at d | artifact |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for i, r in enumerate(summary["rows"]):
         per_seed = ", ".join(str(c) for c in r["critical_n_per_seed"])
-        lines.append(f"| {r['d']} | {per_seed} | {r['critical_n_mean']:.1f} ± {r['critical_n_std']:.1f} | "
+        seeds = ", ".join(str(x) for x in r["seeds"]) + ("" if r["in_fit"] else " (not in the fit)")
+        lines.append(f"| {r['d']} | {seeds} | {per_seed} | {r['critical_n_mean']:.1f} ± {r['critical_n_std']:.1f} | "
                      f"{r['critical_n_max']} | {r['runs']} | {r['seconds']:.0f} | {r['paper_cubic_at_d']:.1f} | "
                      f"[json]({artifact}#/rows/{i}) |")
     fit = summary["cubic_fit_of_mean"]
@@ -325,7 +325,7 @@ def main(argv=None) -> None:
     r.add_argument("--results", default=str(HERE / "results.json"))
     r.add_argument("--summary", default=str(HERE / "summary.json"))
     r.add_argument("--plot", default=str(HERE / "critical_n.png"))
-    r.add_argument("--min_seeds", type=int, default=3, help="report only dimensions with at least this many seeds")
+    r.add_argument("--min_seeds", type=int, default=3, help="fit only dimensions with at least this many seeds")
     r.add_argument("--no_plot", action="store_true")
     c = sub.add_parser("patience", help="a few n at one d with a larger step budget")
     c.add_argument("--d", type=int, default=20)
