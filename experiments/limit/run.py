@@ -290,10 +290,16 @@ def _plot(summary: dict, path: pathlib.Path) -> None:
     coeffs = summary["cubic_fit_of_mean"]["coefficients"]
     grid = np.linspace(dims.min(), dims.max(), 200)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fitted = [r for r in rows if r["in_fit"]]
+    ax.errorbar([r["d"] for r in fitted], [r["critical_n_mean"] for r in fitted],
+                yerr=[r["critical_n_std"] for r in fitted], fmt="o", ms=4, label="critical n, mean ± std over seeds")
+    others = [r for r in rows if not r["in_fit"]]
+    if others:
+        ax.plot([r["d"] for r in others], [r["critical_n_mean"] for r in others], "o", mfc="none", color="C0",
+                label="fewer seeds (not in the fit)")
     for r in rows:
-        ax.plot([r["d"]] * len(r["critical_n_per_seed"]), r["critical_n_per_seed"], ".", color="0.6")
-    ax.errorbar(dims, [r["critical_n_mean"] for r in rows], yerr=[r["critical_n_std"] for r in rows], fmt="o",
-                label="critical n, mean ± std over seeds (grey: each seed)")
+        ax.plot([r["d"]] * len(r["critical_n_per_seed"]), r["critical_n_per_seed"], "_", color="0.25", ms=7,
+                label="each seed" if r is rows[0] else None)
     ax.plot(grid, np.polynomial.polynomial.polyval(grid, coeffs), "-", label="cubic fit of the means")
     ax.plot(grid, np.polynomial.polynomial.polyval(grid, PAPER_CUBIC), "--", label="cubic fit (Weller et al. 2025)")
     ax.set_xlabel("embedding dimension d")
