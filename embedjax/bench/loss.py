@@ -132,6 +132,7 @@ def run(args) -> dict:
 
     # 2. Largest global batch under the per-device budget (compiled, not executed).
     budget = int(args.budget_gib * GIB)
+    result["budget_gib"] = args.budget_gib
     tile = args.tile or ring.DEFAULT_TILE
     for name, fn in ({} if args.skip_max_batch else fns).items():
         step = n * tile
