@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from embedjax.bench import report
+
 SECTION = "Scanned vs unrolled layers (issue 11)"
 
 
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=int, default=64, help="padded tokens per text")
     parser.add_argument("--repeats", type=int, default=3, help="compiles and timed runs per variant (medians)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--no-report", action="store_true", help="do not append the row to BENCHMARKS.md")
+    report.add_arguments(parser)
 
 
 def _compile_seconds(encoder, params, batch) -> tuple[float, object]:
@@ -38,7 +40,6 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
 
     import embedjax as ej
-    from embedjax.bench.report import append_row, device_description
     from embedjax.bench.timing import median_seconds
     from embedjax.models.registry import family_for_config
 
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> dict:
              "attention_mask": np.ones((args.batch_size, args.length), np.int32)}
     if scanned.family.tokenizer.token_type_ids:
         batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+    started = report.start(args)
     compile_times = {"scan": [], "unrolled": []}
     programs = {}
     for _ in range(max(1, args.repeats)):
@@ -78,14 +80,14 @@ def run(args: argparse.Namespace) -> dict:
         "scan_run_ms": 1e3 * run_times["scan"],
         "unrolled_run_ms": 1e3 * run_times["unrolled"],
         "max_abs_embedding_diff": float(np.abs(emb["scan"] - emb["unrolled"]).max()),
-        "device": device_description(),
+        "device": report.device_description(),
     }
-    if not args.no_report:
-        append_row(SECTION, row)
-    return {"bench": "scan", **row}
+    return report.finish(args, "scan", SECTION, [row], started)[0]
 
 
 if __name__ == "__main__":  # runnable without the CLI's optional imports
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    print(run(parser.parse_args()))
+    import json
+
+    print(json.dumps(run(parser.parse_args())))

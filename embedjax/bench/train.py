@@ -19,7 +19,7 @@ in the same process, one after the other, on the same machine:
 With ``--record`` the row goes to BENCHMARKS.md with its provenance (commit, load average at
 the start, versions; see ``embedjax.bench.report``); ``--wait-idle`` waits for an idle machine.
 ``--batch-size`` and ``--model`` change the recipe's global batch and starting model (the smoke
-test runs 3 steps of 2 pairs on a 1-layer random BERT).
+test runs 3 steps of 2 pairs on a 2-layer random BERT).
 """
 from __future__ import annotations
 

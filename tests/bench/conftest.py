@@ -1,5 +1,5 @@
 """A tiny sentence-transformers folder for the bench smoke tests: MiniLM's tokenizer and modules
-on a 1-layer, 16-wide random BERT, so that both libraries load, encode and train it in seconds."""
+on a 2-layer, 16-wide random BERT, so that both libraries load, encode and train it in seconds."""
 import json
 import shutil
 
@@ -17,7 +17,7 @@ def tiny_st_model(tmp_path_factory, minilm_dir):
             continue
         (shutil.copytree if item.is_dir() else shutil.copy)(item, folder / item.name)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=512)
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())

@@ -31,8 +31,9 @@ TINY = {
     "encode": ["--num-texts", "6", "--batch-size", "4", "--repeats", "1"],
     "encode_scifact": ["--corpus", "scifact", "--num-texts", "3", "--batch-size", "4", "--repeats", "1"],
     "train": ["--steps", "3", "--batch-size", "2"],
+    "scan": ["--batch-size", "2", "--length", "8", "--repeats", "1"],
 }
-NEEDS_MODEL = ("encode", "encode_scifact", "train")  # run on the tiny random BERT folder
+NEEDS_MODEL = ("encode", "encode_scifact", "train", "scan")  # run on the tiny random BERT folder
 
 
 def _bench(capsys, name, *extra):
@@ -65,6 +66,8 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
         assert result["texts"] == int(TINY[name][TINY[name].index("--num-texts") + 1]) and result["ratio"] > 0
     if name == "train":
         assert result["batch"] == 2 and result["steps"] == 3 and result["sentence-transformers pairs/s"] > 0
+    if name == "scan":
+        assert result["layers"] == 2 and result["max_abs_embedding_diff"] < 1e-5
 
 
 def test_record_appends_rows_whose_figures_are_in_their_records(capsys, tmp_path, monkeypatch):
