@@ -31,20 +31,73 @@ from embedjax.models.registry import family_for_config
 DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")  # the names sentence-transformers tries, in order
 
 
-def embed_batch(model, params, batch: dict, *, pooling: str, normalize: bool, layers=None,
+def embed_batch(model, params, batch: dict, *, pooling: str, normalize: bool, layers=None, head=None,
                 deterministic: bool = True, rngs=None):
     """Pure embedding function: token batch -> float32 [B, D] sentence embeddings.
 
-    Pools over ``batch["pool_mask"]`` when present (tokens left out of pooling, e.g. a prompt with
-    ``include_prompt=False``), else over the attention mask.
+    ``params`` is the encoder's tree ``{"backbone": ..., "head": ...}``. The backbone's token states
+    go through ``head`` (a trainable head of `embedjax.models.heads`) when given, else through the
+    ``pooling`` pooler of the last layer (or of ``layers``). Pooling covers ``batch["pool_mask"]``
+    when present (tokens left out of pooling, e.g. a prompt with ``include_prompt=False``), else
+    the attention mask.
     """
-    pooler = get_pooler(pooling)
-    need_all = layers is not None
-    last_bld, extras = model.apply({"params": params}, batch, deterministic=deterministic,
+    need_all = layers is not None or (head is not None and head.needs_hidden_states)
+    last_bld, extras = model.apply({"params": params["backbone"]}, batch, deterministic=deterministic,
                                    output_hidden_states=need_all, rngs=rngs)
-    states_bld = select_layers(extras["hidden_states"], layers) if need_all else last_bld
-    emb_bd = pooler(states_bld, batch.get("pool_mask", batch["attention_mask"])).astype(jnp.float32)
+    mask = batch.get("pool_mask", batch["attention_mask"])
+    if head is not None:
+        emb_bd = head.apply({"params": params["head"]}, last_bld, mask, extras["hidden_states"],
+                            deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+    else:
+        states_bld = select_layers(extras["hidden_states"], layers) if layers is not None else last_bld
+        emb_bd = get_pooler(pooling)(states_bld, mask).astype(jnp.float32)
     return l2_normalize(emb_bd) if normalize else emb_bd
+
+
+def encoder_params(backbone, head=None) -> dict:
+    """The encoder's parameter tree from a backbone's params (as `hf.load_pretrained` returns them)
+    and, optionally, a head's."""
+    return {"backbone": backbone, "head": head if head is not None else {}}
+
+
+def dummy_tokens(family, length: int = 8) -> dict:
+    """A one-row token batch of ``family``'s layout, for shape-only initialisation."""
+    batch = {"input_ids": jnp.ones((1, length), jnp.int32), "attention_mask": jnp.ones((1, length), jnp.int32)}
+    if family.tokenizer.token_type_ids:
+        batch["token_type_ids"] = jnp.zeros((1, length), jnp.int32)
+    return batch
+
+
+def init_encoder_params(model, head, family, key, backbone=None) -> dict:
+    """Fresh encoder params (unboxed): the given pretrained ``backbone`` (or a random one), and a
+    random head. Jit it with output shardings to build them in place on a mesh."""
+    from flax.linen import meta
+
+    tokens = dummy_tokens(family)
+    backbone_key, head_key = jax.random.split(key)
+    if backbone is None:
+        backbone = meta.unbox(model.init({"params": backbone_key}, tokens)["params"])
+    if head is None:
+        return encoder_params(backbone)
+    last, extras = model.apply({"params": backbone}, tokens, output_hidden_states=head.needs_hidden_states)
+    head_params = head.init({"params": head_key}, last, tokens["attention_mask"], extras["hidden_states"])["params"]
+    return encoder_params(backbone, meta.unbox(head_params))
+
+
+def abstract_params(model, head, family):
+    """Shapes and logical axis names (boxed) of the encoder's tree, without allocating it."""
+    import jax.random as jr
+
+    def init(key):
+        tokens = dummy_tokens(family)
+        backbone = model.init({"params": key}, tokens)["params"]
+        if head is None:
+            return encoder_params(backbone)
+        last, extras = model.apply({"params": backbone}, tokens, output_hidden_states=head.needs_hidden_states)
+        mask = tokens["attention_mask"]
+        return encoder_params(backbone, head.init({"params": key}, last, mask, extras["hidden_states"])["params"])
+
+    return jax.eval_shape(init, jr.PRNGKey(0))
 
 
 def auto_axes(mesh):
@@ -63,9 +116,13 @@ class Encoder:
 
     def __init__(self, model, params, tokenizer: Tokenizer, *, pooling: str = "mean", normalize: bool = True,
                  layers=None, source: str | None = None, include_prompt: bool = True,
-                 prompts: dict[str, str] | None = None, mesh=None, rules: Any = "fsdp"):
+                 prompts: dict[str, str] | None = None, mesh=None, rules: Any = "fsdp", head=None):
         get_pooler(pooling)  # fail early on an unknown name
+        if not isinstance(params, dict) or "backbone" not in params:
+            raise ValueError("Encoder params must be the tree {'backbone': ..., 'head': ...}; wrap a backbone's "
+                             "params with embedjax.encoder.encoder_params(params)")
         self.model = model
+        self.head = head
         self.config = model.config
         self.family = family_for_config(model.config)
         self.tokenizer = tokenizer
@@ -82,6 +139,8 @@ class Encoder:
         self._param_shardings = self._shardings_for_params() if mesh is not None else None
         self.params = params
         self._jitted = self._compile()
+        out = jax.eval_shape(self.embed_fn, self.params, dummy_tokens(self.family))
+        self.dim = int(out.shape[-1])
 
     # ---- construction ----
     @classmethod
@@ -110,8 +169,10 @@ class Encoder:
         family = family_for_config(config)
         model = family.build(config, dtype=dtype, remat=remat, scan_unroll=scan_unroll)
         tokenizer = Tokenizer.from_folder(folder, max_length, needs=family.tokenizer)
-        return cls(model, params, tokenizer,
-                   pooling=pooling or settings.pooling,
+        pooling = pooling or settings.pooling
+        head, head_params = hf.read_head(folder, pooling)
+        return cls(model, encoder_params(params, head_params), tokenizer, head=head,
+                   pooling=pooling,
                    normalize=settings.normalize if normalize is None else normalize,
                    layers=layers, source=str(folder),
                    include_prompt=settings.include_prompt if include_prompt is None else include_prompt,
@@ -120,9 +181,7 @@ class Encoder:
     def _shardings_for_params(self):
         from embedjax.sharding.partition import param_shardings
 
-        dummy = {"input_ids": jnp.ones((1, 8), jnp.int32), "attention_mask": jnp.ones((1, 8), jnp.int32)}
-        boxed = jax.eval_shape(lambda k: self.model.init({"params": k}, dummy), jax.random.PRNGKey(0))["params"]
-        return param_shardings(boxed, self.mesh, self.rules)
+        return param_shardings(abstract_params(self.model, self.head, self.family), self.mesh, self.rules)
 
     def _compile(self):
         embed = functools.partial(self.embed_fn, deterministic=True)
@@ -146,10 +205,6 @@ class Encoder:
 
     # ---- properties ----
     @property
-    def dim(self) -> int:
-        return self.config.hidden_size
-
-    @property
     def max_length(self) -> int:
         return self.tokenizer.max_length
 
@@ -162,7 +217,7 @@ class Encoder:
     def embed_fn(self, params, batch: dict, deterministic: bool = True, rngs=None):
         """Pure, jittable: params + token batch -> float32 [B, D] (for training and GradCache)."""
         return embed_batch(self.model, params, batch, pooling=self.pooling, normalize=self.normalize,
-                           layers=self.layers, deterministic=deterministic, rngs=rngs)
+                           layers=self.layers, head=self.head, deterministic=deterministic, rngs=rngs)
 
     def _place_batch(self, batch: dict):
         if self.mesh is None:

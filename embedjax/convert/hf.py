@@ -140,6 +140,14 @@ def read_pooling_settings(folder: str | os.PathLike) -> PoolingSettings:
                            default_prompt_name=st_config.get("default_prompt_name"))
 
 
+def read_head(folder: str | os.PathLike, pooling: str):
+    """``(head, params)`` of the trainable head a sentence-transformers folder declares, or (None, None)."""
+    from embedjax.models.heads import read_st_head
+
+    folder = pathlib.Path(folder)
+    return read_st_head(folder, _read_json(folder / "modules.json", []), pooling)
+
+
 def _pooling_config(pooling: str, dim: int, include_prompt: bool) -> dict:
     config = {"word_embedding_dimension": dim}
     config.update({key: (name == pooling) for key, name in _POOLING_KEYS.items()})
@@ -148,7 +156,7 @@ def _pooling_config(pooling: str, dim: int, include_prompt: bool) -> dict:
 
 
 def _write_folder(tmp: pathlib.Path, config, params, src: pathlib.Path, *, pooling, normalize, max_length, dtype,
-                  max_shard_bytes, prompts, include_prompt):
+                  max_shard_bytes, prompts, include_prompt, head, head_params):
     (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
     safetensors_io.write_folder(tmp, tensors_from_params(params, config, EXPORT_DTYPES[dtype]),
                                 max_shard_bytes=max_shard_bytes)
@@ -164,9 +172,15 @@ def _write_folder(tmp: pathlib.Path, config, params, src: pathlib.Path, *, pooli
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
+    if head is not None:
+        if not hasattr(head, "write_st"):
+            raise ValueError(f"head {type(head).__name__} has no sentence-transformers form to export")
+        modules.append(head.write_st(head_params, tmp, len(modules)))
     if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (tmp / "2_Normalize").mkdir()
+        index = len(modules)
+        modules.append({"idx": index, "name": str(index), "path": f"{index}_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (tmp / f"{index}_Normalize").mkdir()
     (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
     (tmp / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": max_length, "do_lower_case": False}, indent=2))
@@ -189,12 +203,16 @@ def export_pretrained(
     max_shard_bytes: int | None = None,
     prompts: dict[str, str] | None = None,
     include_prompt: bool = True,
+    head=None,
+    head_params=None,
 ) -> pathlib.Path:
     """Write a folder that ``transformers.AutoModel`` and ``SentenceTransformer`` load unchanged.
 
     ``dtype`` is the weights' dtype on disk (float32, float16, bfloat16); ``max_shard_bytes`` splits
     them into transformers-style shards with an index. ``prompts`` and ``include_prompt`` go into
-    ``config_sentence_transformers.json`` and ``1_Pooling/config.json``. An existing non-empty
+    ``config_sentence_transformers.json`` and ``1_Pooling/config.json``. A trainable ``head`` (with
+    ``head_params``) is written as the sentence-transformers module after Pooling (a projection
+    head as ``Dense``). An existing non-empty
     ``out_dir`` is an error unless ``overwrite=True``.
     """
     from embedjax.models.poolers import POOLERS
@@ -211,7 +229,8 @@ def export_pretrained(
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _write_folder(tmp, config, params, src, pooling=pooling, normalize=normalize, max_length=max_length,
-                      dtype=dtype, max_shard_bytes=max_shard_bytes, prompts=prompts, include_prompt=include_prompt)
+                      dtype=dtype, max_shard_bytes=max_shard_bytes, prompts=prompts, include_prompt=include_prompt,
+                      head=head, head_params=head_params)
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

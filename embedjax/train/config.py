@@ -37,6 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
     # max_length), or fields replaced in the pretrained config (e.g. attention="bidirectional",
     # hidden_dropout=0.0). A field the family does not have is an error.
     c.model.config = ml_collections.ConfigDict()
+    # A trainable head (embedjax.models.heads): {} = none (the pooler alone), else e.g.
+    # type="projection", dim=256. Its options are checked by the head.
+    c.model.head = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
     # Comma-separated sources "kind:path[@weight]", kind in {sts, beir, jsonl}; paths may be
@@ -145,7 +148,7 @@ def _unknown_key_error(key: str, known: Iterable[str], where: str) -> ValueError
 
 
 # Sections whose keys the schema does not list: a model family's dataclass checks them.
-OPEN_SECTIONS = ("model.config.",)
+OPEN_SECTIONS = ("model.config.", "model.head.")
 
 
 def _is_open(key: str) -> bool:

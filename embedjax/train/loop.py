@@ -27,7 +27,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -221,7 +220,8 @@ def prepare_data(cfg, tokenizer):
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=print) -> dict:
     """Run (or resume) the training described by ``cfg`` in ``workdir``; returns the summary dict."""
     from embedjax.convert import hf
-    from embedjax.encoder import Encoder
+    from embedjax.encoder import Encoder, abstract_params, init_encoder_params
+    from embedjax.models.heads import build_head
 
     validate(cfg)
     init_distributed(cfg.distributed)
@@ -242,6 +242,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     model_config, pretrained_params = model_config_and_params(cfg, family, folder, tokenizer)
     model = family.build(model_config, dtype=cfg.model.dtype, remat=cfg.model.remat,
                          scan_unroll=cfg.model.scan_unroll)
+    head = build_head(cfg.model.head.to_dict(), pooling=pooling)
     data = prepare_data(cfg, tokenizer)
     num_steps = data.num_steps
     warmup = optim.warmup_steps_for(num_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_steps)
@@ -250,15 +251,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                      eps=cfg.optim.eps, grad_clip=cfg.optim.grad_clip)
 
     objective = make_objective(
-        make_embed(model, pooling=pooling, normalize=cfg.model.normalize), kind=data.kind, loss=cfg.train.loss,
+        make_embed(model, pooling=pooling, normalize=cfg.model.normalize, head=head), kind=data.kind,
+        loss=cfg.train.loss,
         cosent_scale=cfg.train.cosent_scale, temperature=cfg.train.temperature, siglip_bias=cfg.train.siglip_bias,
         bidirectional=cfg.train.bidirectional, mask_false_negatives=cfg.train.mask_false_negatives,
         matryoshka_dims=cfg.train.matryoshka_dims, matryoshka_weights=cfg.train.matryoshka_weights,
         layer_dims=cfg.train.layer_dims, layer_dims_weights=cfg.train.layer_dims_weights,
         num_layers=model_config.num_layers, hidden_size=model_config.hidden_size, ring=cfg.train.ring, mesh=mesh,
     )
-    dummy = {"input_ids": jnp.ones((1, 8), jnp.int32), "attention_mask": jnp.ones((1, 8), jnp.int32)}
-    abstract_boxed = jax.eval_shape(lambda k: model.init({"params": k}, dummy), jax.random.PRNGKey(0))["params"]
+    abstract_boxed = abstract_params(model, head, family)
     shardings = state_shardings(abstract_boxed, tx, mesh, cfg.mesh.rules)
     abstract_state = unbox(jax.eval_shape(lambda p: create_state(p, tx, cfg.seed), abstract_boxed))
     # Trace the objective on the first batch's shapes: loss options the loss rejects fail here.
@@ -278,19 +279,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         start = latest
         log(f"resuming from step {latest} of {num_steps} ({checkpointer.directory / str(latest)})")
     else:
-        if pretrained_params is not None:
-            state = jax.jit(lambda p: create_state(p, tx, cfg.seed), out_shardings=shardings)(pretrained_params)
-        else:
-            state = jax.jit(
-                lambda k: create_state(unbox(model.init({"params": k}, dummy)["params"]), tx, cfg.seed),
-                out_shardings=shardings,
-            )(jax.random.PRNGKey(cfg.seed))
+        state = jax.jit(
+            lambda key, backbone: create_state(init_encoder_params(model, head, family, key, backbone), tx, cfg.seed),
+            out_shardings=shardings,
+        )(jax.random.PRNGKey(cfg.seed), pretrained_params)
         data_state, start = None, 0
 
     metric_log = MetricLog(workdir, enabled=is_main)
     # Evaluation runs on the training mesh with the parameters sharded as the state holds them.
     encoder = Encoder(model, state.params, tokenizer, pooling=pooling, normalize=cfg.model.normalize,
-                      source=str(folder), mesh=mesh, rules=cfg.mesh.rules)
+                      source=str(folder), mesh=mesh, rules=cfg.mesh.rules, head=head)
     from embedjax.train.evaluators import Evaluators
 
     evaluators = Evaluators(encoder, sts_dev=cfg.eval.sts, sts_test=cfg.eval.sts_test, beir=cfg.eval.beir,
@@ -421,8 +419,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
             export_dir = pathlib.Path(cfg.export.dir) if cfg.export.dir else workdir / "export"
             host_params = jax.tree.map(np.asarray, _host_params(state.params))
             if is_main:
-                hf.export_pretrained(export_dir, model_config, host_params, folder, pooling=pooling,
-                                     normalize=cfg.model.normalize, max_length=cfg.model.max_length, overwrite=True)
+                hf.export_pretrained(export_dir, model_config, host_params["backbone"], folder, pooling=pooling,
+                                     normalize=cfg.model.normalize, max_length=cfg.model.max_length, overwrite=True,
+                                     head=head, head_params=host_params["head"])
             summary["export"] = str(export_dir.absolute())
     metric_log.close()
     if is_main:

@@ -34,10 +34,11 @@ def _flatten_negatives(tokens_bkl: dict) -> dict:
     return {name: array.reshape(-1, array.shape[-1]) for name, array in tokens_bkl.items()}
 
 
-def make_embed(model, *, pooling: str, normalize: bool) -> Callable:
+def make_embed(model, *, pooling: str, normalize: bool, head=None) -> Callable:
     """The training embedding function of a family's model, with dropout keyed by ``rng``.
 
-    ``embed(params, tokens, rng) -> float32 [B, D]`` pools the last layer (`embed_batch`);
+    ``params`` is the encoder tree ``{"backbone", "head"}``.
+    ``embed(params, tokens, rng) -> float32 [B, D]`` pools the last layer or runs ``head`` (`embed_batch`);
     ``embed(params, tokens, rng, layers=(l1, l2, ...)) -> float32 [B, n, D]`` runs the
     encoder once, keeping every hidden state, and pools each listed layer (1 = the first
     transformer layer) with the same pooler (and normalisation) — what ``train.layer_dims``
@@ -49,10 +50,13 @@ def make_embed(model, *, pooling: str, normalize: bool) -> Callable:
     def embed(params, tokens, rng, layers=None):
         rngs = {"dropout": rng}
         if layers is None:
-            return embed_batch(model, params, tokens, pooling=pooling, normalize=normalize,
+            return embed_batch(model, params, tokens, pooling=pooling, normalize=normalize, head=head,
                                deterministic=False, rngs=rngs)
-        _, extras = model.apply({"params": params}, tokens, deterministic=False, output_hidden_states=True,
-                                rngs=rngs)
+        if head is not None:
+            raise ValueError("train.layer_dims pools transformer layers directly; it does not combine with a "
+                             "trainable head (model.head): set one of them")
+        _, extras = model.apply({"params": params["backbone"]}, tokens, deterministic=False,
+                                output_hidden_states=True, rngs=rngs)
         mask = tokens.get("pool_mask", tokens["attention_mask"])
         pooled = [pool(extras["hidden_states"][layer], mask, pooling) for layer in layers]
         return jnp.stack([l2_normalize(e) if normalize else e for e in pooled], axis=1)

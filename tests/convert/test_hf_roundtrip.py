@@ -19,9 +19,9 @@ def test_export_reloads_in_sentence_transformers(tmp_path, minilm_dir, minilm_en
     # Perturb the weights so the test cannot pass by re-reading the original files.
     rng = np.random.default_rng(0)
     params = jax.tree.map(np.array, enc.params)
-    kernel = params["layers"]["mlp"]["mlp_in"]["kernel"]  # [layers, in, out]: perturb layer 0 only
+    kernel = params["backbone"]["layers"]["mlp"]["mlp_in"]["kernel"]  # [layers, in, out]: perturb layer 0 only
     kernel[0] += 0.02 * rng.standard_normal(kernel.shape[1:], dtype=np.float32)
-    out = hf.export_pretrained(tmp_path / "export", enc.config, params, minilm_dir, pooling="mean",
+    out = hf.export_pretrained(tmp_path / "export", enc.config, params["backbone"], minilm_dir, pooling="mean",
                                normalize=True, max_length=enc.max_length)
     ours = ej.Encoder(enc.model, params, enc.tokenizer, pooling="mean", normalize=True).encode(TEXTS)
     reloaded = ej.Encoder.from_pretrained(out).encode(TEXTS)
@@ -36,7 +36,7 @@ def test_export_refuses_to_overwrite(tmp_path, minilm_dir, minilm_encoder):
     target.mkdir()
     (target / "keep.txt").write_text("precious")
     with pytest.raises(FileExistsError, match="not empty"):
-        hf.export_pretrained(target, minilm_encoder.config, minilm_encoder.params, minilm_dir)
+        hf.export_pretrained(target, minilm_encoder.config, minilm_encoder.params["backbone"], minilm_dir)
     assert (target / "keep.txt").read_text() == "precious"
 
 

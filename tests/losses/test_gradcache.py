@@ -109,11 +109,12 @@ def _minilm_setup(minilm_dir, data_dir, pairs=16, max_length=32):
     from embedjax.convert.hf import load_pretrained
     from embedjax.data import read_sts
     from embedjax.data.tokenization import Tokenizer
-    from embedjax.encoder import embed_batch
+    from embedjax.encoder import embed_batch, encoder_params
     from embedjax.models.towers.bert import BertModel
 
-    config, params = load_pretrained(minilm_dir)
+    config, backbone = load_pretrained(minilm_dir)
     model = BertModel(config)
+    params = encoder_params(backbone)
     s1, s2, _ = read_sts(data_dir / "stsb" / "sts-dev.csv")
     tok = Tokenizer.from_folder(minilm_dir, max_length=max_length)
     q, d = tok(s1[:pairs]), tok(s2[:pairs])

@@ -14,9 +14,9 @@ TEXTS = ["A man is playing a flute.", "A dog runs in the park with a ball", "Sho
 def test_minilm_on_eight_devices_equals_one(minilm_dir, minilm_encoder):
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded = ej.Encoder.from_pretrained(minilm_dir, mesh=mesh, rules="fsdp_tensor")
-    q_kernel = sharded.params["layers"]["attention"]["q"]["kernel"]  # [layers, embed, heads, kv]
+    q_kernel = sharded.params["backbone"]["layers"]["attention"]["q"]["kernel"]  # [layers, embed, heads, kv]
     assert q_kernel.sharding.spec == P(None, "fsdp", "tensor", None)
-    assert sharded.params["layers"]["mlp"]["mlp_in"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    assert sharded.params["backbone"]["layers"]["mlp"]["mlp_in"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
     single = minilm_encoder.encode(TEXTS, batch_size=3)
     np.testing.assert_allclose(sharded.encode(TEXTS, batch_size=3), single, atol=2e-6)
 
@@ -29,5 +29,5 @@ def test_a_decoder_on_eight_devices_equals_one(tmp_path):
     single = ej.Encoder.from_pretrained(folder, pooling="lasttoken").encode(texts)
     mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
     sharded = ej.Encoder.from_pretrained(folder, pooling="lasttoken", mesh=mesh, rules="fsdp")
-    assert sharded.params["layers"]["mlp"]["gate"]["kernel"].sharding.spec == P(None, "fsdp", None)
+    assert sharded.params["backbone"]["layers"]["mlp"]["gate"]["kernel"].sharding.spec == P(None, "fsdp", None)
     np.testing.assert_allclose(sharded.encode(texts), single, atol=2e-6)

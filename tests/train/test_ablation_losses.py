@@ -133,7 +133,7 @@ def test_layer_embeddings_come_from_one_pass_and_the_last_full_pair_is_plain_inf
     _, ids = _retrieval_batch()
     batch = {"query": tokens(B), "positive": tokens(B), **{k: v for k, v in ids.items() if k != "negative_ids"}}
     # Random parameters of the right shapes from NumPy: jit-compiling flax's init costs ~5 s on 2 cores.
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch["query"])["params"]
+    shapes = {"backbone": jax.eval_shape(model.init, jax.random.PRNGKey(0), batch["query"])["params"], "head": {}}
     params = jax.tree.map(lambda x: rng.normal(scale=0.3, size=x.shape).astype(x.dtype), shapes)
     embed = make_embed(model, pooling="mean", normalize=True)
     shape = dict(kind="retrieval", loss="infonce", bidirectional=True, num_layers=2, hidden_size=8)
@@ -182,7 +182,8 @@ def test_bad_loss_options_are_clear_errors(overrides, message):
 
 
 # The same 16 pairs every step (one batch per epoch), so the loss must fall; 1 device, dense loss.
-FIXED_BATCH = ("train.num_steps=6", "data.max_examples=16", "data.no_duplicates=False", "mesh.num_devices=1",
+# 10 steps (4 of them warm-up): over 6 the fall is within seed noise of the 10% the tests ask for.
+FIXED_BATCH = ("train.num_steps=10", "data.max_examples=16", "data.no_duplicates=False", "mesh.num_devices=1",
                "train.ring=False", "train.bidirectional=False", "train.matryoshka_dims=()",
                "checkpoint.every_steps=100")
 
@@ -206,9 +207,9 @@ def _train_losses(tmp_path, tfds_cache, *overrides):
 
     summary = train(tiny_config(*FIXED_BATCH, f"data.cache_dir={tfds_cache}", *overrides), tmp_path,
                     log=lambda m: None)
-    assert summary["status"] == "completed" and summary["step"] == 6
+    assert summary["status"] == "completed" and summary["step"] == 10
     losses = [values[-1] for _, values in sorted(read_losses(tmp_path).items())]
-    assert len(losses) == 6 and all(math.isfinite(x) for x in losses), losses
+    assert len(losses) == 10 and all(math.isfinite(x) for x in losses), losses
     return losses
 
 

@@ -1,0 +1,116 @@
+"""Trainable embedding heads: what turns a backbone's token states into the embedding when a
+parameter-free pooler is not enough.
+
+A head is a Linen module registered in ``HEADS`` and built from a plain spec dict
+(``{"type": "projection", "dim": 256}``) by `build_head`. Its call maps the backbone's output to
+the embedding::
+
+    head.apply({"params": p}, last_hidden_bld, pool_mask_bl, hidden_states, deterministic=True) -> [B, D']
+
+``hidden_states`` holds every layer's output when the head's ``needs_hidden_states`` is True (a
+layer mix), else None. The encoder's parameters are one tree ``{"backbone": ..., "head": ...}``
+(``head`` is ``{}`` without a head), so training, checkpoints and optimizers see one pytree and can
+select the parts by name. Matryoshka truncation and normalisation apply to the head's output.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from embedjax.models.layers import logical
+from embedjax.models.poolers import get_pooler
+
+
+class ProjectionHead(nn.Module):
+    """Pool with ``pooling``, then a linear map to ``dim`` (no bias, as sentence-transformers' Dense
+    heads of embedders usually are): changes the embedding width, e.g. 576 -> 256."""
+
+    dim: int
+    pooling: str = "mean"
+    use_bias: bool = False
+    needs_hidden_states = False
+
+    @nn.compact
+    def __call__(self, hidden_bld, mask_bl, hidden_states=None, *, deterministic: bool = True):
+        pooled_bd = get_pooler(self.pooling)(hidden_bld, mask_bl).astype(jnp.float32)
+        return nn.Dense(self.dim, use_bias=self.use_bias, dtype=jnp.float32,
+                        kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "head")),
+                        bias_init=logical(nn.initializers.zeros, ("head",)), name="dense")(pooled_bd)
+
+
+    # ---- sentence-transformers folders: a Dense module after Pooling ----
+    st_type = "sentence_transformers.models.Dense"
+
+    def write_st(self, params, folder: pathlib.Path, index: int) -> dict:
+        """Write the head as a sentence-transformers ``Dense`` module (``{index}_Dense/``); returns its
+        ``modules.json`` entry."""
+        from embedjax.convert import safetensors_io
+
+        kernel = np.asarray(params["dense"]["kernel"], np.float32)  # [in, out]
+        path = folder / f"{index}_Dense"
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({
+            "in_features": int(kernel.shape[0]), "out_features": int(kernel.shape[1]), "bias": self.use_bias,
+            "activation_function": "torch.nn.modules.linear.Identity"}, indent=2))
+        tensors = {"linear.weight": np.ascontiguousarray(kernel.T)}
+        if self.use_bias:
+            tensors["linear.bias"] = np.asarray(params["dense"]["bias"], np.float32)
+        safetensors_io.write_file(path / "model.safetensors", tensors)
+        return {"idx": index, "name": str(index), "path": path.name, "type": self.st_type}
+
+    @classmethod
+    def read_st(cls, path: pathlib.Path, pooling: str):
+        """``(head, params)`` from a sentence-transformers ``Dense`` module folder."""
+        from embedjax.convert import safetensors_io
+
+        config = json.loads((path / "config.json").read_text())
+        activation = config.get("activation_function", "torch.nn.modules.linear.Identity")
+        if not activation.endswith("Identity"):
+            raise ValueError(f"{path}: Dense activation {activation!r} is not implemented (only Identity)")
+        tensors = safetensors_io.read_file(path / "model.safetensors")
+        params = {"dense": {"kernel": np.asarray(tensors["linear.weight"], np.float32).T}}
+        if config.get("bias", False):
+            params["dense"]["bias"] = np.asarray(tensors["linear.bias"], np.float32)
+        return cls(dim=int(config["out_features"]), pooling=pooling, use_bias=bool(config.get("bias", False))), params
+
+
+HEADS: dict[str, type] = {"projection": ProjectionHead}
+
+
+def read_st_head(folder: pathlib.Path, modules: list[dict], pooling: str):
+    """The head a sentence-transformers folder declares after its Pooling module: ``(head, params)``,
+    or ``(None, None)``. A module type no head reads is an error naming it."""
+    readers = {cls.st_type: cls for cls in HEADS.values() if hasattr(cls, "st_type")}
+    known = {"sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+             "sentence_transformers.models.Normalize"}
+    found = [m for m in modules if m.get("type") not in known]
+    if not found:
+        return None, None
+    if len(found) > 1 or found[0].get("type") not in readers:
+        raise ValueError(f"{folder / 'modules.json'} declares modules {[m.get('type') for m in found]}; embedjax "
+                         f"reads one head of {sorted(readers)} after Pooling")
+    return readers[found[0]["type"]].read_st(folder / found[0]["path"], pooling)
+
+
+def build_head(spec: Mapping[str, Any] | None, *, pooling: str):
+    """The head a spec describes (None or ``{}``: no head). ``pooling`` is the encoder's pooler, the
+    default for heads that pool."""
+    if not spec:
+        return None
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in HEADS:
+        raise ValueError(f"head type {kind!r} is unknown; choose one of {sorted(HEADS)} (spec {dict(spec)})")
+    cls = HEADS[kind]
+    fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise ValueError(f"head {kind!r} has no option(s) {unknown}; its options are {sorted(fields)}")
+    if "pooling" in fields:
+        spec.setdefault("pooling", pooling)
+    return cls(**spec)
