@@ -160,6 +160,12 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     train_cli.add_arguments(p)
     p.set_defaults(func=train_cli.main, accepts_overrides=True)
 
+    p = sub.add_parser("train-ctr", help="train a CTR model on a (compressed) embedding table: configs/ctr_tables.py")
+    from embedjax.ctr import cli as ctr_cli
+
+    ctr_cli.add_arguments(p)
+    p.set_defaults(func=ctr_cli.main, accepts_overrides=True)
+
     p = sub.add_parser("bench", help="benchmarks; each prints one JSON line and appends to BENCHMARKS.md")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     # `bench NAME` imports only NAME: a module that imports JAX (kernels) must not start it before

@@ -155,12 +155,14 @@ def _is_open(key: str) -> bool:
     return key.startswith(OPEN_SECTIONS)
 
 
-def validate(cfg: ml_collections.ConfigDict, where: str = "the config") -> None:
-    """Every key of ``cfg`` must be a schema key, with a value of the schema's type (keys of the
-    open sections are checked later by the model family's config dataclass)."""
-    schema = _flatten(default_config())
+def validate(cfg: ml_collections.ConfigDict, where: str = "the config", schema=default_config) -> None:
+    """Every key of ``cfg`` must be a key of ``schema()`` (the text trainer's by default; the CTR trainer
+    passes its own), with a value of the schema's type (keys of the text schema's open sections are
+    checked later by the model family's config dataclass)."""
+    is_open = _is_open if schema is default_config else (lambda key: False)
+    schema = _flatten(schema())
     for key, value in _flatten(cfg).items():
-        if _is_open(key):
+        if is_open(key):
             continue
         if key not in schema:
             raise _unknown_key_error(key, schema, where)
@@ -211,22 +213,24 @@ def _parse_open_value(raw: str) -> Any:
         return raw
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str],
+                    schema=default_config) -> ml_collections.ConfigDict:
     """Apply ``key=value`` strings (dotted keys, without the ``--config.`` prefix)."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     flat = _flatten(cfg)
+    is_open = _is_open if schema is default_config else (lambda key: False)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"config override {item!r} must look like --config.KEY=VALUE")
         key, raw = item.split("=", 1)
-        if key not in flat and not _is_open(key):
+        if key not in flat and not is_open(key):
             raise _unknown_key_error(key, flat, "the command-line overrides")
         node = cfg
         *parents, leaf = key.split(".")
         for part in parents:
             node = node[part]
         node[leaf] = _parse_value(raw, flat[key], key) if key in flat else _parse_open_value(raw)
-    validate(cfg, "the command-line overrides")
+    validate(cfg, "the command-line overrides", schema)
     return cfg
 
 
@@ -242,15 +246,15 @@ def load_config_module(spec: str, prefix: str = "embedjax_config"):
     return module, path_str, arg
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """``FILE[:ARG]`` -> the file's ``get_config(ARG)`` (``get_config()`` without ARG), validated."""
+def load_config_file(spec: str, schema=default_config) -> ml_collections.ConfigDict:
+    """``FILE[:ARG]`` -> the file's ``get_config(ARG)`` (``get_config()`` without ARG), validated against ``schema()``."""
     module, path_str, arg = load_config_module(spec)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path_str!r} defines no get_config(arg) function")
     cfg = module.get_config(arg) if arg else module.get_config()
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise TypeError(f"{path_str}: get_config must return an ml_collections.ConfigDict")
-    validate(cfg, path_str)
+    validate(cfg, path_str, schema)
     return cfg
 
 
