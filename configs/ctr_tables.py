@@ -20,7 +20,7 @@ bytes) and seeds 0, 1, 2; budgets a method cannot meet (`embedjax.tables.build` 
 BudgetTooSmall) are left out and listed by the experiment report. ``all`` starts with the full
 table (budget 1), the baseline of the paired tests.
 """
-from embedjax.ctr.config import default_config
+from embedjax.ctr.config import TRAIN_COMMAND, default_config  # noqa: F401 (the sweep reads TRAIN_COMMAND)
 
 BUDGETS = (0.1, 0.01, 0.001)
 SEEDS = (0, 1, 2)

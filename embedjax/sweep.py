@@ -15,6 +15,10 @@ baseline value of every axis; `embedjax.results` reads it).
 
 Extra ``--config.KEY=VALUE`` flags apply to every run (after the sweep's own overrides
 they would conflict with, which is an error).
+
+Runs train with ``python -m embedjax train`` unless the config file names another trainer in a
+module-level ``TRAIN_COMMAND`` (one of `TRAIN_COMMANDS`, e.g. ``"train-ctr"`` for
+``configs/ctr_tables.py``); overrides are then checked against that trainer's schema.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ LAUNCHERS = ("local", "tpu_pod", "gpu_slurm")
 FINISHED_STATUSES = ("completed", "stopped_after")
 RUN_RECORD = "sweep_run.json"  # written into each run's workdir: its name and overrides
 MANIFEST = "sweep.json"
+# trainer command -> the module whose default_config() is its config schema
+TRAIN_COMMANDS = {"train": "embedjax.train.config", "train-ctr": "embedjax.ctr.config"}
 
 
 # ---------------------------------------------------------------- building grids
@@ -153,27 +159,28 @@ def override_flags(overrides: Mapping[str, Any]) -> list[str]:
 
 
 def train_command(config_spec: str, workdir: str, overrides: Mapping[str, Any], extra: Sequence[str] = (),
-                  python: str = "python", with_workdir: bool = True) -> list[str]:
-    """argv of ``python -m embedjax train`` for one run (``extra``: the sweep's common ``--config.*`` flags)."""
-    cmd = [python, "-m", "embedjax", "train", "--config", config_spec]
+                  python: str = "python", with_workdir: bool = True, command: str = "train") -> list[str]:
+    """argv of ``python -m embedjax COMMAND`` for one run (``extra``: the sweep's common ``--config.*`` flags)."""
+    cmd = [python, "-m", "embedjax", command, "--config", config_spec]
     if with_workdir:
         cmd += ["--workdir", workdir]
     return cmd + override_flags(overrides) + list(extra)
 
 
 def launch_command(launcher: str, run: Mapping[str, Any], root: str, config_spec: str,
-                   extra: Sequence[str] = (), launcher_args: Sequence[str] = ()) -> list[str]:
+                   extra: Sequence[str] = (), launcher_args: Sequence[str] = (), command: str = "train") -> list[str]:
     """argv that runs (local) or submits (tpu_pod, gpu_slurm) one run."""
     workdir = join_path(root, run["name"])
     if launcher == "local":
-        return train_command(config_spec, workdir, run["overrides"], extra, python=sys.executable)
+        return train_command(config_spec, workdir, run["overrides"], extra, python=sys.executable, command=command)
     if launcher == "tpu_pod":
         # tpu_pod.sh appends --workdir itself (it must be the bucket path every worker shares)
-        inner = train_command(config_spec, workdir, run["overrides"], extra, python="python3", with_workdir=False)
+        inner = train_command(config_spec, workdir, run["overrides"], extra, python="python3", with_workdir=False,
+                              command=command)
         return ["bash", str(REPO / "launch" / "tpu_pod.sh"), *launcher_args, "--workdir", workdir, "--", *inner]
     if launcher == "gpu_slurm":
         job = re.sub(r"[^A-Za-z0-9._-]+", "_", run["name"])[:120]
-        inner = train_command(config_spec, workdir, run["overrides"], extra)
+        inner = train_command(config_spec, workdir, run["overrides"], extra, command=command)
         script = join_path(root, run["name"], "job.sbatch") if is_local(root) else f"launch_logs/{job}.sbatch"
         return ["bash", str(REPO / "launch" / "gpu_slurm.sh"), *launcher_args, "--job_name", job,
                 "--script", script, "--", *inner]
@@ -232,15 +239,29 @@ def load_sweep(config_spec: str) -> list[dict]:
     return module.get_sweep(arg) if (takes_arg and arg) else module.get_sweep()
 
 
-def check_overrides(config_spec: str, runs: Sequence[Mapping], extra: Sequence[str]) -> None:
-    """Resolve every run's config once, so a typo in get_sweep() fails before anything starts."""
-    from embedjax.train.config import apply_overrides, load_config_file
+def train_entry(config_spec: str) -> tuple[str, Any]:
+    """-> (the trainer command of the config file, that trainer's schema function ``default_config``)."""
+    import importlib
 
-    base = load_config_file(config_spec)
+    from embedjax.train.config import load_config_module
+
+    module, path_str, _ = load_config_module(config_spec, prefix="embedjax_sweep_entry")
+    command = getattr(module, "TRAIN_COMMAND", "train")
+    if command not in TRAIN_COMMANDS:
+        raise ValueError(f"{path_str}: TRAIN_COMMAND={command!r} is not a trainer; use one of {sorted(TRAIN_COMMANDS)}")
+    return command, importlib.import_module(TRAIN_COMMANDS[command]).default_config
+
+
+def check_overrides(config_spec: str, runs: Sequence[Mapping], extra: Sequence[str], schema=None) -> None:
+    """Resolve every run's config once, so a typo in get_sweep() fails before anything starts."""
+    from embedjax.train.config import apply_overrides, default_config, load_config_file
+
+    schema = schema or default_config
+    base = load_config_file(config_spec, schema=schema)
     for run in runs:
         flags = [f[len("--config."):] for f in override_flags(run["overrides"])]
         try:
-            apply_overrides(base, flags + list(extra))
+            apply_overrides(base, flags + list(extra), schema=schema)
         except (ValueError, TypeError) as err:
             raise ValueError(f"sweep run {run['name']!r}: {err}") from None
 
@@ -270,7 +291,8 @@ def plan(args) -> tuple[list[dict], list[str]]:
         runs = [r for r in runs if args.only in r["name"]]
         if not runs:
             raise ValueError(f"--only {args.only!r} matches no run of the sweep")
-    check_overrides(args.config, runs, [e[len("--config."):] for e in extra])
+    command, schema = train_entry(args.config)
+    check_overrides(args.config, runs, [e[len("--config."):] for e in extra], schema=schema)
     clash = {e.split("=", 1)[0][len("--config."):] for e in extra} & {k for r in runs for k in r["overrides"]}
     if clash:
         raise ValueError(f"--config.{sorted(clash)[0]} is an axis of the sweep; change it in get_sweep() instead")
@@ -278,7 +300,8 @@ def plan(args) -> tuple[list[dict], list[str]]:
     for run in runs:
         run["workdir"] = join_path(args.workdir, run["name"])
         run["status"] = run_status(run["workdir"])
-        run["command"] = launch_command(args.launcher, run, args.workdir, args.config, extra, launcher_args)
+        run["command"] = launch_command(args.launcher, run, args.workdir, args.config, extra, launcher_args,
+                                        command=command)
     return runs, extra
 
 

@@ -14,7 +14,47 @@ import optax
 
 from embedjax.tables import step as table_step
 from embedjax.tables.base import TableMethod
+from embedjax.tables.module import EmbeddingTable
 from embedjax.tables.sparse import RowSharding, SparseOptimizer
+from embedjax.train.state import TrainState, unbox
+
+
+def make_init_state(method: TableMethod, model, sparse_opt: SparseOptimizer, dense_tx: optax.GradientTransformation,
+                    *, num_dense: int, seed: int):
+    """``init_state(key) -> TrainState`` at step 0 (jit it with `train_state_shardings` as out_shardings)."""
+    table = EmbeddingTable(method)
+
+    def init_state(key):
+        k_table, k_model = jax.random.split(key)
+        table_vars = unbox(table.init(k_table, jnp.zeros((1, method.num_fields), jnp.int32)))
+        model_params = model.init(k_model, jnp.zeros((1, method.num_fields, method.dim)),
+                                  jnp.zeros((1, num_dense)))["params"]
+        dense = {"table": table_vars.get("params", {}), "model": model_params}
+        return TrainState(step=jnp.zeros((), jnp.int32), params={"tables": table_vars["tables"], "dense": dense},
+                          opt_state={"rows": table_step.init_row_state(method, sparse_opt),
+                                     "dense": dense_tx.init(dense)},
+                          rng=jax.random.PRNGKey(seed))
+
+    return init_state
+
+
+def train_state_shardings(abstract_state, mesh, row_sharding: RowSharding | None):
+    """Row tables and their optimizer state split by ``row_sharding``; everything else replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = (lambda x: row_sharding.sharding(x.ndim)) if row_sharding else (lambda x: replicated)
+    rep = lambda x: replicated  # noqa: E731
+    return TrainState(step=replicated, rng=replicated,
+                      params={"tables": jax.tree.map(rows, abstract_state.params["tables"]),
+                              "dense": jax.tree.map(rep, abstract_state.params["dense"])},
+                      opt_state={"rows": jax.tree.map(rows, abstract_state.opt_state["rows"]),
+                                 "dense": jax.tree.map(rep, abstract_state.opt_state["dense"])})
+
+
+def batch_shardings(mesh) -> dict:
+    """The batch arrays split over the data-parallel axes (data, fsdp)."""
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
+    return {"ids": sharding, "dense": sharding, "label": sharding}
 
 
 def bce_loss(logits_b, labels_b):

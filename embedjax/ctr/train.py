@@ -28,17 +28,15 @@ import numpy as np
 from embedjax.ctr import metrics
 from embedjax.ctr.config import check_table_options, default_config
 from embedjax.ctr.model import DLRM
-from embedjax.ctr.step import make_predict, make_train_step
+from embedjax.ctr.step import batch_shardings, make_init_state, make_predict, make_train_step, train_state_shardings
 from embedjax.data.ctr import CtrData, load_ctr
-from embedjax.tables import EmbeddingTable, build, check_ids, device_bytes, memory_report
+from embedjax.tables import build, check_ids, device_bytes, memory_report
 from embedjax.tables.sparse import SparseOptimizer, row_sharding_from_rules
-from embedjax.tables.step import init_row_state
 from embedjax.train import optim
 from embedjax.train.checkpoint import Checkpointer
 from embedjax.train.config import validate
 from embedjax.train.loop import TrainingDiverged, _write_json_atomic, build_mesh, check_batch_split, sigterm_flag
 from embedjax.train.metrics_log import MetricLog
-from embedjax.train.state import TrainState, unbox
 
 VALIDATION_SEED = 1234  # the tuning hold-out of the training split never moves with the run's seed
 PREDICTIONS_FILE = "predictions.npz"
@@ -115,33 +113,11 @@ def train_ctr(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log
     sparse_opt = SparseOptimizer(cfg.optim.sparse, cfg.optim.sparse_learning_rate, eps=cfg.optim.eps)
     schedule = optim.learning_rate_schedule(cfg.optim.dense_learning_rate, num_steps, 0, "constant")
     dense_tx = optim.adamw(schedule, weight_decay=0.0, eps=cfg.optim.eps, grad_clip=0.0)
-    table_module = EmbeddingTable(method)
-    num_dense = data.num_dense
 
-    def init_state(key):
-        k_table, k_model = jax.random.split(key)
-        ids = jnp.zeros((1, method.num_fields), jnp.int32)
-        table_vars = unbox(table_module.init(k_table, ids))
-        model_params = model.init(k_model, jnp.zeros((1, method.num_fields, method.dim)),
-                                  jnp.zeros((1, num_dense)))["params"]
-        dense = {"table": table_vars.get("params", {}), "model": model_params}
-        return TrainState(step=jnp.zeros((), jnp.int32), params={"tables": table_vars["tables"], "dense": dense},
-                          opt_state={"rows": init_row_state(method, sparse_opt), "dense": dense_tx.init(dense)},
-                          rng=jax.random.PRNGKey(cfg.seed))
-
+    init_state = make_init_state(method, model, sparse_opt, dense_tx, num_dense=data.num_dense, seed=cfg.seed)
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(cfg.seed))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rows_sharded = (lambda x: row_sharding.sharding(x.ndim)) if row_sharding else (lambda x: replicated)
-    shardings = TrainState(step=replicated, rng=replicated,
-                           params={"tables": jax.tree.map(rows_sharded, abstract.params["tables"]),
-                                   "dense": jax.tree.map(lambda x: replicated, abstract.params["dense"])},
-                           opt_state={"rows": jax.tree.map(rows_sharded, abstract.opt_state["rows"]),
-                                      "dense": jax.tree.map(lambda x: replicated, abstract.opt_state["dense"])})
-    batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    batch_spec = jax.sharding.PartitionSpec(batch_axes or None)
-    batch_sharding = {"ids": jax.sharding.NamedSharding(mesh, batch_spec),
-                      "dense": jax.sharding.NamedSharding(mesh, batch_spec),
-                      "label": jax.sharding.NamedSharding(mesh, batch_spec)}
+    shardings = train_state_shardings(abstract, mesh, row_sharding)
+    batch_sharding = batch_shardings(mesh)
 
     # ---- the workdir ----
     workdir.mkdir(parents=True, exist_ok=True)

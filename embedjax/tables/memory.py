@@ -1,8 +1,10 @@
 """Memory of a table: what its parameters and optimizer state take, predicted and measured.
 
 `memory_report` predicts from the method's layout alone (no arrays); `device_bytes` measures what
-arrays actually hold on their devices (the sum over every addressable shard, so a replicated
-array counts once per device). Tests check the two agree.
+arrays actually hold on their devices: one copy of every array (``copies=False``: the shards with
+replica id 0, which together hold each element once) or every copy (``copies=True``: a replicated
+array counts once per device). Tests check prediction and measurement agree, and that row-sharded
+tables hold no second copy.
 """
 from __future__ import annotations
 
@@ -30,12 +32,12 @@ def memory_report(method: TableMethod, optimizer: SparseOptimizer, dense_slots: 
             "serve_bytes": serve, "full_bytes": full, "serve_fraction": serve / full}
 
 
-def device_bytes(tree) -> int:
-    """Bytes the leaves of ``tree`` occupy on their devices (every addressable shard counted)."""
+def device_bytes(tree, copies: bool = False) -> int:
+    """Bytes the leaves of ``tree`` occupy on their devices (one copy, or every copy)."""
     total = 0
     for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.Array):
-            total += sum(int(s.data.nbytes) for s in leaf.addressable_shards)
+            total += sum(int(s.data.nbytes) for s in leaf.addressable_shards if copies or s.replica_id == 0)
         else:
             total += int(np.asarray(leaf).nbytes)
     return total

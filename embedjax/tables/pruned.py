@@ -4,9 +4,9 @@ All three train a full float32 table with a frozen mask beside it (``mask`` row 
 entry, or per row for row pruning) and end with at most ``keep`` entries (rows) left:
 
 - ``magnitude``: gradual magnitude pruning (Zhu & Gupta 2017): at ``events`` evenly spaced steps
-  between ``start`` and ``end`` (fractions of training) the mask keeps the largest |w| of the
-  entries still alive, the density following the cubic ramp 1 -> keep / entries; the pruned
-  entries are zeroed.
+  after ``start`` up to ``end`` (fractions of training) the mask keeps the largest |w| of the
+  entries still alive, the density following the cubic ramp from 1 at ``start`` to keep / entries
+  at ``end``; the pruned entries are zeroed.
 - ``pep``: in the search phase every entry is soft-thresholded with a learned threshold per
   (field, dimension), ``sign(w) * relu(|w| - sigmoid(s))`` (Liu et al. 2021, "Learnable Embedding
   Sizes for Recommender Systems"); at the switch the entries the thresholds zeroed are pruned, then
@@ -180,7 +180,7 @@ class PrunedTable(TableMethod):
         final_density = self.keep / total
         out = {}
         for i in range(self.events):
-            frac = 1.0 if self.events == 1 else i / (self.events - 1)
+            frac = (i + 1) / self.events  # the ramp leaves density 1 at `start`; event i reaches frac
             step = int(round((self.start + (self.end - self.start) * frac) * num_steps))
             density = final_density + (1.0 - final_density) * (1.0 - frac) ** 3
             keep = self.keep if i == self.events - 1 else max(self.keep, int(round(density * total)))
