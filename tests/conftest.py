@@ -98,3 +98,26 @@ def msmarco_embeddings(data_dir, minilm_encoder, tmp_path_factory):
         assert json.loads(str(stored["ids"])) == [query_ids, doc_ids], "stale msmarco embedding cache"
         return {"q_emb": stored["q_emb"], "d_emb": stored["d_emb"], "query_ids": query_ids,
                 "doc_ids": doc_ids, "qrels": qrels}
+
+
+@pytest.fixture(scope="session")
+def ctr_cache_dir(data_dir):
+    """TFDS cache holding the prepared CTR datasets (movielens, frappe, criteo), built once and shared
+    by every test and xdist worker under ``.pytest_cache/embedjax`` (keyed by the builder code's hash;
+    the builders key each dataset by its source files too)."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from embedjax.data.ctr import load_ctr
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(b"".join((root / "embedjax" / "data" / name).read_bytes()
+                                     for name in ("ctr.py", "ctr_readers.py", "builders.py"))).hexdigest()[:16]
+    path = root / ".pytest_cache" / "embedjax" / f"ctr-{digest}"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("EMBEDJAX_DATA_DIR", str(data_dir))
+    with FileLock(str(path) + ".lock"):
+        for name in ("movielens", "frappe", "criteo"):
+            load_ctr(name, data_dir=data_dir, cache_dir=path)
+    return path

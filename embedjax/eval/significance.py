@@ -27,7 +27,8 @@ import math
 
 import numpy as np
 
-__all__ = ["paired_bootstrap_test", "paired_permutation_test", "paired_differences"]
+__all__ = ["paired_bootstrap_test", "paired_permutation_test", "paired_differences", "paired_bootstrap_auc",
+           "weighted_auc"]
 
 _CHUNK = 2048  # resamples per vectorised block: bounds memory at _CHUNK x n floats
 
@@ -148,3 +149,70 @@ def paired_permutation_test(scores_a, scores_b, *, num_samples: int = 10_000, se
         p_value = (count + 1) / (num_samples + 1)
     boot = _bootstrap_means(diff, num_samples, np.random.default_rng(seed + 1))
     return _summary(scores_a, scores_b, diff, min(p_value, 1.0), boot, num_samples, exact=exact)
+
+
+# ---------------------------------------------------------------- AUC (not a mean of per-item scores)
+
+
+def weighted_auc(labels, scores, weights_cn) -> np.ndarray:
+    """ROC AUC of ``scores`` [n] for each row of example weights ``weights_cn`` [c, n] (ties count 1/2).
+
+    Integer weights w_i mean "example i appears w_i times" (a bootstrap resample), so each row's
+    value equals the plain AUC of the resampled examples. float64 [c].
+    """
+    y = np.asarray(labels).astype(np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    w = np.asarray(weights_cn, dtype=np.float64)[:, order]
+    neg, pos = w * (1.0 - y_sorted), w * y_sorted
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+    group = np.cumsum(np.r_[True, s_sorted[1:] != s_sorted[:-1]]) - 1  # tie group of each sorted example
+    cum = np.cumsum(neg, axis=1)
+    before = np.where(starts > 0, cum[:, np.maximum(starts - 1, 0)], 0.0)  # negatives below each group
+    ends = np.r_[starts[1:], s.size] - 1
+    within = cum[:, ends] - before  # negatives tied with each group
+    credit = before[:, group] + 0.5 * within[:, group]
+    return (pos * credit).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def paired_bootstrap_auc(labels, scores_a, scores_b, *, num_samples: int = 2_000, seed: int = 0) -> dict:
+    """Paired bootstrap test of AUC(b) - AUC(a) = 0, two-sided, on one shared evaluation set.
+
+    ``scores_a`` / ``scores_b`` are [n] or [seeds, n] (several trained seeds of each system, scored on
+    the same n examples): the statistic is the mean over seeds of AUC(b) minus the mean over seeds of
+    AUC(a). Examples are resampled with replacement (the same resample for every system and seed);
+    p = (#{|diff* - diff| >= |diff|} + 1) / (num_samples + 1), as in `paired_bootstrap_test`. The
+    interval is the 95% percentile interval of diff*. ``effect_size`` is diff / std(diff*) (a z score);
+    ``num_queries`` counts examples. Same keys as the other tests.
+    """
+    y = np.asarray(labels)
+    a = np.atleast_2d(np.asarray(scores_a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(scores_b, dtype=np.float64))
+    if y.ndim != 1 or a.shape[1] != y.size or b.shape[1] != y.size:
+        raise ValueError(f"labels [n] and scores [seeds, n] must share n; got {y.shape}, {a.shape}, {b.shape}")
+    if not np.isin(y, (0, 1)).all() or y.min() == y.max():
+        raise ValueError("labels must be 0/1 with both classes present")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("scores contain NaN or inf")
+    num_samples = _check_samples(num_samples)
+    ones = np.ones((1, y.size))
+    auc_a = float(np.mean([weighted_auc(y, s, ones)[0] for s in a]))
+    auc_b = float(np.mean([weighted_auc(y, s, ones)[0] for s in b]))
+    observed = auc_b - auc_a
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(num_samples)
+    chunk = max(1, min(_CHUNK, 4_000_000 // y.size))  # bounds the [chunk, n] weight matrix
+    for start in range(0, num_samples, chunk):
+        size = min(chunk, num_samples - start)
+        weights = np.stack([np.bincount(rng.integers(0, y.size, y.size), minlength=y.size) for _ in range(size)])
+        mean_a = np.mean([weighted_auc(y, s, weights) for s in a], axis=0)
+        mean_b = np.mean([weighted_auc(y, s, weights) for s in b], axis=0)
+        diffs[start:start + size] = mean_b - mean_a
+    count = int(np.sum(np.abs(diffs - observed) >= abs(observed) - 1e-12))
+    sd = float(np.std(diffs, ddof=1)) if num_samples > 1 else 0.0
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"mean_a": auc_a, "mean_b": auc_b, "mean_difference": observed,
+            "effect_size": observed / sd if sd > 0 else 0.0, "p_value": min(1.0, (count + 1) / (num_samples + 1)),
+            "ci_low": float(lo), "ci_high": float(hi), "num_queries": int(y.size), "num_samples": num_samples,
+            "exact": False}

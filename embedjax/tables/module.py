@@ -27,12 +27,13 @@ def init_rows(table: RowTable, key: jax.Array) -> dict:
         alive = (jnp.arange(rows) < table.rows)[:, None]  # padding rows start pruned
         return {"mask": jnp.broadcast_to(alive, (rows, width))}
     if table.init == "ones":
-        values = jnp.ones((rows, width), jnp.float32)
+        values = jnp.ones((table.rows, width), jnp.float32)
     elif table.init == "normal":
-        values = table.init_scale * jax.random.normal(key, (rows, width), jnp.float32)
+        values = table.init_scale * jax.random.normal(key, (table.rows, width), jnp.float32)
     else:
         raise ValueError(f"row table {table.name!r}: unknown init {table.init!r} (normal, ones, true)")
-    return codecs.encode(table.codec, values)
+    # padding rows (never addressed) are zeros, so the addressable rows do not depend on the shard count
+    return codecs.encode(table.codec, jnp.pad(values, ((0, rows - table.rows), (0, 0))))
 
 
 def init_dense(param: DenseParam, key: jax.Array) -> jax.Array:

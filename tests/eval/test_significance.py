@@ -105,3 +105,40 @@ def test_results_are_deterministic_for_a_seed():
 def test_bad_inputs_raise(a, b, message):
     with pytest.raises(ValueError, match=message):
         significance.paired_permutation_test(a, b)
+
+
+# ---------------------------------------------------------------- paired bootstrap of AUC
+
+
+def test_weighted_auc_equals_sklearn_on_the_resampled_examples():
+    from sklearn.metrics import roc_auc_score
+
+    from embedjax.eval.significance import weighted_auc
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(57) < 0.4).astype(int)
+    s = np.round(rng.normal(size=57), 1)  # rounded: many ties
+    weights = np.stack([np.bincount(rng.integers(0, 57, 57), minlength=57) for _ in range(5)] + [np.ones(57, int)])
+    got = weighted_auc(y, s, weights)
+    for row, w in zip(got, weights):
+        idx = np.repeat(np.arange(57), w)
+        assert row == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
+
+
+def test_paired_bootstrap_auc_detects_a_real_difference_and_not_a_null_one():
+    from sklearn.metrics import roc_auc_score
+
+    from embedjax.eval.significance import paired_bootstrap_auc
+
+    rng = np.random.default_rng(1)
+    y = (rng.random(400) < 0.3).astype(int)
+    good = y + rng.normal(0, 0.8, size=(3, 400))  # three seeds of a good model
+    bad = y + rng.normal(0, 2.5, size=(3, 400))
+    out = paired_bootstrap_auc(y, bad, good, num_samples=500, seed=0)
+    expected = np.mean([roc_auc_score(y, g) for g in good]) - np.mean([roc_auc_score(y, b) for b in bad])
+    assert out["mean_difference"] == pytest.approx(expected, abs=1e-12)
+    assert out["p_value"] < 0.01 and out["ci_low"] > 0
+    same = paired_bootstrap_auc(y, good, good, num_samples=200, seed=0)
+    assert same["mean_difference"] == 0.0 and same["p_value"] == 1.0
+    with pytest.raises(ValueError, match="both classes"):
+        paired_bootstrap_auc(np.zeros(5), np.ones(5), np.ones(5))
