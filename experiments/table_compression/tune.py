@@ -29,8 +29,11 @@ def main() -> None:
     from embedjax.ctr.cli import load_config
     from embedjax.ctr.train import train_ctr
 
+    from embedjax.bench.report import git_commit
+
     out_path = pathlib.Path(args.out)
     rows = json.loads(out_path.read_text())["runs"] if out_path.is_file() else []
+    command = "EMBEDJAX_DATA_DIR=../shared/data python experiments/table_compression/tune.py --out " + args.out
     done = {(r["dataset"], r["sparse_learning_rate"], r["epochs"]) for r in rows}
     config = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "ctr_tables.py")
     for dataset in DATASETS:
@@ -43,14 +46,16 @@ def main() -> None:
                     "--config.data.validation_fraction=0.1", "--config.train.progress=false"])
                 with tempfile.TemporaryDirectory() as tmp:
                     summary = train_ctr(cfg, tmp, log=lambda m: None)
-                row = {"dataset": dataset, "sparse_learning_rate": lr, "epochs": epochs,
+                row = {"dataset": dataset, "sparse_learning_rate": lr, "epochs": epochs, "commit": git_commit(),
                        "validation_auc": summary["eval_after"]["validation/auc"],
                        "validation_logloss": summary["eval_after"]["validation/logloss"]}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 tmp_out = out_path.with_name(f".{out_path.name}.tmp")
-                tmp_out.write_text(json.dumps({"runs": rows}, indent=1))
+                tmp_out.write_text(json.dumps({"command": command, "runs": rows}, indent=1))
                 os.replace(tmp_out, out_path)
+    if not (out_path.is_file() and "command" in json.loads(out_path.read_text())):
+        out_path.write_text(json.dumps({"command": command, "runs": rows}, indent=1))
     for dataset in DATASETS:
         best = max((r for r in rows if r["dataset"] == dataset), key=lambda r: r["validation_auc"])
         print(f"{dataset}: best lr {best['sparse_learning_rate']} epochs {best['epochs']} "

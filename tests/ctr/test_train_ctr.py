@@ -38,6 +38,7 @@ def test_cli_trains_and_prints_the_summary_as_the_last_line(ctr_cache_dir, tmp_p
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["eval_after"] == summary["eval_after"]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(ctr_cache_dir, tmp_path):
     straight = train_ctr(_cfg("lowbit-int8", ctr_cache_dir), tmp_path / "a", log=lambda m: None)
     part = train_ctr(_cfg("lowbit-int8", ctr_cache_dir, "--config.train.stop_after=10"), tmp_path / "b",
@@ -49,6 +50,7 @@ def test_resume_continues_exactly(ctr_cache_dir, tmp_path):
                                   np.load(tmp_path / "b" / "predictions.npz")["prob"])
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one(ctr_cache_dir, tmp_path):
     one = train_ctr(_cfg("tt", ctr_cache_dir, "--config.mesh.num_devices=1"), tmp_path / "one", log=lambda m: None)
     eight = train_ctr(_cfg("tt", ctr_cache_dir, "--config.mesh.num_devices=8"), tmp_path / "eight",
@@ -59,6 +61,7 @@ def test_eight_devices_train_like_one(ctr_cache_dir, tmp_path):
     np.testing.assert_allclose(p8, p1, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pruning_methods_meet_the_budget(ctr_cache_dir, tmp_path):
     summary = train_ctr(_cfg("pep", ctr_cache_dir), tmp_path, log=lambda m: None)
     table = summary["table"]
@@ -82,6 +85,7 @@ def test_bad_configs_are_refused_before_the_workdir_exists(ctr_cache_dir, tmp_pa
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_validation_fraction_evaluates_on_held_out_training_rows(ctr_cache_dir, tmp_path):
     summary = train_ctr(_cfg("hash", ctr_cache_dir, "--config.data.validation_fraction=0.1"), tmp_path,
                         log=lambda m: None)

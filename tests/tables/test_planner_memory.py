@@ -72,11 +72,23 @@ def test_budget_errors_name_the_method_and_the_smallest_budget():
         T.build("qr", VOCAB, DIM, 0.1, probes=2)
 
 
-def test_reported_memory_equals_allocated_bytes():
+# the default suite checks variants covering every kind of layout (row tables, codecs, dense
+# parameters, masks) and all three optimizers; the slow suite checks every variant
+DEFAULT_VARIANTS = {("full", ""), ("lowbit", "int4"), ("lowbit", "int8-straight_through"), ("mde", ""), ("pep", "")}
+
+
+def _variant_key(method, opts):
+    return method, "-".join(str(v) for v in opts.values())
+
+
+@pytest.mark.parametrize("every_variant", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_reported_memory_equals_allocated_bytes(every_variant):
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1], axis_type=jax.sharding.AxisType.Auto)
     tx = optim.adamw(optim.learning_rate_schedule(1e-3, 10, 0, "constant"), weight_decay=0.0, grad_clip=0.0)
     kinds = ("adagrad", "rowwise_adagrad", "lazy_adam")
-    for i, (method, opts) in enumerate(_variants()):  # each variant with one of the optimizers, all covered
+    chosen = [v for v in _variants() if every_variant or _variant_key(*v) in DEFAULT_VARIANTS]
+    assert len(chosen) >= len(DEFAULT_VARIANTS)
+    for i, (method, opts) in enumerate(chosen):  # each variant with one of the optimizers, all covered
         opt = T.SparseOptimizer(kinds[i % 3])
         table = T.build(method, VOCAB, DIM, 1.0 if method == "full" else 0.1, **opts)
         init = make_init_state(table, DLRM(top_mlp=(8,)), opt, tx, num_dense=0, seed=0)
@@ -91,6 +103,7 @@ def test_reported_memory_equals_allocated_bytes():
             assert report["serve_bytes"] == report["param_bytes"]
 
 
+@pytest.mark.slow
 def test_row_sharded_tables_hold_one_copy_over_8_devices():
     mesh = make_mesh({"data": 8}, devices=jax.devices()[:8], axis_type=jax.sharding.AxisType.Auto)
     row_sharding = T.RowSharding(mesh, ("data",))

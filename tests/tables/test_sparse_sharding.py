@@ -144,9 +144,12 @@ def _touched_rows(method, batches):
     return touched
 
 
-@pytest.mark.parametrize("name,opt_kind", [("full", "lazy_adam"), ("multiplex", "adagrad"),
-                                           ("lowbit-int4", "rowwise_adagrad"), ("tt", "lazy_adam"),
-                                           ("mde", "rowwise_adagrad"), ("optembed", "adagrad")])
+@pytest.mark.parametrize("name,opt_kind", [
+    ("full", "lazy_adam"), ("lowbit-int4", "rowwise_adagrad"),
+    pytest.param("multiplex", "adagrad", marks=pytest.mark.slow),
+    pytest.param("tt", "lazy_adam", marks=pytest.mark.slow),
+    pytest.param("mde", "rowwise_adagrad", marks=pytest.mark.slow),
+    pytest.param("optembed", "adagrad", marks=pytest.mark.slow)])
 def test_sharded_training_equals_one_device_and_absent_rows_are_untouched(name, opt_kind):
     method = _methods(8)[name]
     batches = _batches(3)
