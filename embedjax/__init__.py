@@ -23,6 +23,7 @@ _SUBMODULES = (
     "models",
     "quant",
     "sharding",
+    "tables",
     "train",
 )
 _ATTRIBUTES = {

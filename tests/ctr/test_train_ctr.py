@@ -91,3 +91,12 @@ def test_validation_fraction_evaluates_on_held_out_training_rows(ctr_cache_dir, 
                         log=lambda m: None)
     assert summary["eval_split"] == "validation" and "validation/auc" in summary["eval_after"]
     assert len(np.load(tmp_path / "predictions.npz")["prob"]) == 8_000
+
+
+def test_criteo_rows_train_through_the_dense_and_categorical_pipeline(ctr_cache_dir, tmp_path):
+    cfg = load_config(f"{CONFIG}:hash,criteo", ["--config.train.num_steps=12", "--config.train.batch_size=256",
+                                                "--config.train.progress=false", f"--config.data.cache_dir={ctr_cache_dir}"])
+    summary = train_ctr(cfg, tmp_path, log=lambda m: None)
+    assert summary["status"] == "completed" and summary["fields"][0] == "C1" and len(summary["vocab_sizes"]) == 26
+    assert summary["memory"]["serve_fraction"] <= 0.1 and np.isfinite(summary["final_loss"])
+    assert 0.5 < summary["eval_after"]["test/auc"] < 0.9  # 1,600 held-out rows, 12 steps: above chance

@@ -120,3 +120,25 @@ def test_codec_errors():
         codecs.encode("int8", jnp.ones((2, 3)), rounding="stochastic")
     with pytest.raises(ValueError, match="rounding"):
         codecs.encode("int8", jnp.ones((2, 3)), rounding="up")
+
+
+def test_buckets_do_not_depend_on_the_process(tmp_path):
+    """Another interpreter (other hash salt, its own JAX) computes the same buckets."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, jax.numpy as jnp; from embedjax.tables import hashing;"
+            "ids = np.arange(0, 10**9, 7919, dtype=np.int32)[:500];"
+            "print(hashing.bucket(ids, hashing.probe_seed(2, 1, 5), 1009).tolist());"
+            "print(np.asarray(hashing.bucket(jnp.asarray(ids), hashing.probe_seed(2, 1, 5), 1009)).tolist())")
+    import pathlib
+
+    repo = str(pathlib.Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=str(tmp_path), check=True).stdout.splitlines()
+    ids = np.arange(0, 10**9, 7919, dtype=np.int32)[:500]
+    here = hashing.bucket(ids, hashing.probe_seed(2, 1, 5), 1009).tolist()
+    assert out[0] == out[1] == str(here)
