@@ -16,6 +16,9 @@ baseline value of every axis; `embedjax.results` reads it).
 Extra ``--config.KEY=VALUE`` flags apply to every run (after the sweep's own overrides
 they would conflict with, which is an error).
 
+``--launcher inprocess`` runs each local run inside the sweep's own process (no interpreter start-up
+and imports per run: they dominate runs of seconds); ``local`` starts one process per run.
+
 Runs train with ``python -m embedjax train`` unless the config file names another trainer in a
 module-level ``TRAIN_COMMAND`` (one of `TRAIN_COMMANDS`, e.g. ``"train-ctr"`` for
 ``configs/ctr_tables.py``); overrides are then checked against that trainer's schema.
@@ -35,7 +38,7 @@ import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-LAUNCHERS = ("local", "tpu_pod", "gpu_slurm")
+LAUNCHERS = ("local", "inprocess", "tpu_pod", "gpu_slurm")
 FINISHED_STATUSES = ("completed", "stopped_after")
 RUN_RECORD = "sweep_run.json"  # written into each run's workdir: its name and overrides
 MANIFEST = "sweep.json"
@@ -171,7 +174,7 @@ def launch_command(launcher: str, run: Mapping[str, Any], root: str, config_spec
                    extra: Sequence[str] = (), launcher_args: Sequence[str] = (), command: str = "train") -> list[str]:
     """argv that runs (local) or submits (tpu_pod, gpu_slurm) one run."""
     workdir = join_path(root, run["name"])
-    if launcher == "local":
+    if launcher in ("local", "inprocess"):
         return train_command(config_spec, workdir, run["overrides"], extra, python=sys.executable, command=command)
     if launcher == "tpu_pod":
         # tpu_pod.sh appends --workdir itself (it must be the bucket path every worker shares)
@@ -291,6 +294,8 @@ def plan(args) -> tuple[list[dict], list[str]]:
         runs = [r for r in runs if args.only in r["name"]]
         if not runs:
             raise ValueError(f"--only {args.only!r} matches no run of the sweep")
+    if args.launcher == "inprocess" and not is_local(args.workdir):
+        raise ValueError(f"--launcher inprocess writes run folders on this machine; {args.workdir} is not local")
     command, schema = train_entry(args.config)
     check_overrides(args.config, runs, [e[len("--config."):] for e in extra], schema=schema)
     clash = {e.split("=", 1)[0][len("--config."):] for e in extra} & {k for r in runs for k in r["overrides"]}
@@ -303,6 +308,27 @@ def plan(args) -> tuple[list[dict], list[str]]:
         run["command"] = launch_command(args.launcher, run, args.workdir, args.config, extra, launcher_args,
                                         command=command)
     return runs, extra
+
+
+def run_in_process(argv: Sequence[str], log_path: pathlib.Path) -> int:
+    """Run ``python -m embedjax COMMAND ...`` (``argv`` as `launch_command` builds it) in this process, its
+    stdout and stderr into ``log_path``: no interpreter start-up or imports per run (they dominate short
+    runs). Compiled functions are dropped afterwards. -> the exit status the command would have had."""
+    import contextlib
+    import traceback
+
+    import jax
+
+    from embedjax.cli import main as cli_main
+
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            code = cli_main(list(argv[3:]))  # argv = [python, -m, embedjax, COMMAND, ...]
+        except Exception:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+            traceback.print_exc()
+            code = 1
+    jax.clear_caches()
+    return code
 
 
 def main(args) -> dict:
@@ -332,7 +358,9 @@ def main(args) -> dict:
     for i, run in enumerate(todo):
         print(f"# [{i + 1}/{len(todo)}] {run['name']}: {shlex.join(run['command'])}", file=sys.stderr, flush=True)
         log_path = pathlib.Path(run["workdir"]) / "sweep_stdout.log" if is_local(run["workdir"]) else None
-        if log_path is not None:
+        if args.launcher == "inprocess":
+            code = run_in_process(run["command"], log_path)
+        elif log_path is not None:
             with open(log_path, "w") as log:
                 code = subprocess.call(run["command"], stdout=log, stderr=subprocess.STDOUT, env=env)
         else:
@@ -342,7 +370,7 @@ def main(args) -> dict:
             print(f"# {run['name']} failed with exit status {code}{where}", file=sys.stderr, flush=True)
             failed.append(run["name"])
     result.update({"failed": failed, "ran": len(todo) - len(failed)})
-    if args.launcher == "local":
+    if args.launcher in ("local", "inprocess"):
         result["finished"] = sum(run_status(r["workdir"]) == "finished" for r in runs)
     if failed:
         raise RuntimeError(f"{len(failed)} sweep run(s) failed: {', '.join(failed)}")
