@@ -132,12 +132,11 @@ def train_ctr(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log
         state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(cfg.seed))
         start = 0
     metric_log = MetricLog(workdir)
-    prune_at = method.pruning_schedule(num_steps) if hasattr(method, "pruning_schedule") else {}
+    prune_at = method.pruning_schedule(num_steps)
     prune_fn = None
     if prune_at:
         prune_fn = jax.jit(lambda tables, dense_table, keep: {**tables, **method.prune(tables, dense_table, keep)},
                            out_shardings=shardings.params["tables"])
-    phase_at = (lambda s: method.phase_at(s, num_steps)) if hasattr(method, "phase_at") else (lambda s: "masked")
     step_fns: dict = {}
 
     def step_fn(phase):
@@ -163,7 +162,7 @@ def train_ctr(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log
                     state = state.replace(params={**state.params, "tables": tables})
                 rows = batch_indices(num_train, cfg.train.batch_size, cfg.seed, step)
                 batch = {k: jax.device_put(train_arrays[k][rows], batch_sharding[k]) for k in batch_sharding}
-                state, out = step_fn(phase_at(step))(state, batch)
+                state, out = step_fn(method.phase_at(step, num_steps))(state, batch)
                 done = step + 1
                 if done % cfg.train.log_every == 0 or done == end:
                     out = {k: float(v) for k, v in jax.device_get(out).items()}
@@ -206,9 +205,10 @@ def train_ctr(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log
         "fields": list(data.fields), "vocab_sizes": list(data.vocab_sizes), "eval_split": eval_split,
         "table": method.describe(), "memory": memory, "metrics_log": str(metric_log.jsonl_path),
     }
-    if hasattr(method, "kept"):
-        summary["table"]["kept"] = method.kept(jax.device_get(state.params["tables"]))
-        summary["memory"]["serve_bytes_realised"] = method.serve_bytes(summary["table"]["kept"])
+    kept = method.kept(jax.device_get(state.params["tables"]))
+    if kept is not None:
+        summary["table"]["kept"] = kept
+        summary["memory"]["serve_bytes_realised"] = method.serve_bytes(kept)
     if status == "completed":
         probs = predict_all(method, model, state.params, eval_arrays, row_sharding, cfg.eval.batch_size, mesh)
         labels = eval_arrays["label"]

@@ -132,6 +132,22 @@ class TableMethod:
         """Extra training loss on the dense parameters (0 for most methods)."""
         return 0.0
 
+    # ------------------------------------------------------------ training schedule (pruned tables override)
+    def phase_at(self, step: int, num_steps: int) -> str:
+        """The phase step ``step`` of ``num_steps`` trains in."""
+        return "masked"
+
+    def pruning_schedule(self, num_steps: int) -> dict[int, int]:
+        """{step: entries (rows) to keep}, applied with `prune` before that step's update ({}: never)."""
+        return {}
+
+    def prune(self, tables: Mapping, dense: Mapping, keep: int) -> dict:
+        raise NotImplementedError(f"{self.method} tables are not pruned")
+
+    def kept(self, tables: Mapping) -> int | None:
+        """Entries (rows) alive after pruning; None for tables that are not pruned."""
+        return None
+
     # ------------------------------------------------------------ memory
     def train_param_bytes(self) -> int:
         return sum(t.stored_bytes() for t in self.row_tables()) + sum(p.bytes() for p in self.dense_params().values())

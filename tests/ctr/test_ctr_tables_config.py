@@ -41,6 +41,7 @@ def test_the_sweep_crosses_families_budgets_and_seeds_without_infeasible_budgets
     assert len(grid) % 3 == 0 and len(grid) == 3 * len(configs)
 
 
+@pytest.mark.slow
 def test_an_in_process_sweep_trains_then_skips_finished_runs(ctr_cache_dir, tmp_path):
     from embedjax.cli import main
 

@@ -93,6 +93,7 @@ def test_validation_fraction_evaluates_on_held_out_training_rows(ctr_cache_dir, 
     assert len(np.load(tmp_path / "predictions.npz")["prob"]) == 8_000
 
 
+@pytest.mark.slow
 def test_criteo_rows_train_through_the_dense_and_categorical_pipeline(ctr_cache_dir, tmp_path):
     cfg = load_config(f"{CONFIG}:hash,criteo", ["--config.train.num_steps=12", "--config.train.batch_size=256",
                                                 "--config.train.progress=false", f"--config.data.cache_dir={ctr_cache_dir}"])
