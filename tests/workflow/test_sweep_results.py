@@ -205,7 +205,8 @@ def test_local_sweep_runs_each_pending_run_once_and_records_the_manifest(family,
         "(w / 'summary.json').write_text(json.dumps({'status': 'completed'})); print('trained', w.name)"
     )
 
-    def fake_train_command(config_spec, workdir, overrides, extra=(), python="python", with_workdir=True):
+    def fake_train_command(config_spec, workdir, overrides, extra=(), python="python", with_workdir=True,
+                           command="train"):
         return [sys.executable, "-c", stand_in, "--workdir", workdir]
 
     monkeypatch.setattr(sweep, "train_command", fake_train_command)
