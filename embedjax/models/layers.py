@@ -13,6 +13,8 @@ A family describes its block with a `BlockSpec` (data, no code) and gets the res
   an explicit softmax path with the same masking.
 - `MLP`: GELU (exact, tanh or quick) or gated (SwiGLU: ``down(act(gate(x)) * up(x))``).
 - `Block`: attention + MLP with residuals, norms before (pre-LN: Llama, ViT) or after (post-LN: BERT).
+  Residual sums run in float32; pre-LN blocks carry the residual stream in float32 between layers
+  (matmul inputs stay in the compute dtype), which keeps bfloat16 encoders close to float32 ones.
 - `layer_stack`: ``nn.scan`` over identical blocks (parameters stacked on a leading ``layers``
   axis), so compile time does not grow with depth, with optional ``nn.remat`` policies.
 
@@ -269,15 +271,17 @@ class Block(nn.Module):
         norm2 = Norm(s.norm, self.dtype, name="mlp_norm")
         dropout = nn.Dropout(s.hidden_dropout)
 
-        def residual(branch):
-            return dropout(branch, deterministic=self.deterministic)
+        def add(x, branch):
+            # Residual sums in float32 whatever the compute dtype: in bfloat16 the stream's large
+            # entries swallow the branches' small updates layer after layer.
+            return x.astype(jnp.float32) + dropout(branch, deterministic=self.deterministic).astype(jnp.float32)
 
         if s.norm_placement == "post":
-            x_bld = norm1(x_bld + residual(attention(x_bld, key_mask_bl, rope, self.deterministic)))
-            x_bld = norm2(x_bld + residual(mlp(x_bld)))
-        else:
-            x_bld = x_bld + residual(attention(norm1(x_bld), key_mask_bl, rope, self.deterministic))
-            x_bld = x_bld + residual(mlp(norm2(x_bld)))
+            x_bld = norm1(add(x_bld, attention(x_bld, key_mask_bl, rope, self.deterministic)))
+            x_bld = norm2(add(x_bld, mlp(x_bld)))
+        else:  # the carried stream stays float32 (the caller passes it in float32)
+            x_bld = add(x_bld, attention(norm1(x_bld), key_mask_bl, rope, self.deterministic))
+            x_bld = add(x_bld, mlp(norm2(x_bld)))
         return x_bld, (x_bld if self.collect else None)
 
 

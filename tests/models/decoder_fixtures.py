@@ -82,13 +82,13 @@ def random_batch(rng, rows: int, length: int, vocab: int, *, side: str = "right"
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def hf_last_hidden(folder: pathlib.Path, batch: dict, *, bidirectional: bool = False) -> np.ndarray:
-    """transformers' last hidden state [B, L, D] (float32) with explicit position ids counting real
-    tokens; bidirectional runs get a 4D padding-only boolean mask."""
+def hf_last_hidden(folder: pathlib.Path, batch: dict, *, bidirectional: bool = False, dtype=None) -> np.ndarray:
+    """transformers' last hidden state [B, L, D] as float32 (computed in ``dtype``, float32 by default)
+    with explicit position ids counting real tokens; bidirectional runs get a 4D padding-only boolean mask."""
     import torch
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(str(folder), dtype=dtype or torch.float32).eval()
     mask = torch.tensor(batch["attention_mask"]).long()
     positions = torch.clamp(torch.cumsum(mask, 1) - 1, min=0)
     attention = mask
@@ -98,7 +98,7 @@ def hf_last_hidden(folder: pathlib.Path, batch: dict, *, bidirectional: bool = F
     with torch.no_grad():
         out = model(input_ids=torch.tensor(batch["input_ids"]).long(), attention_mask=attention,
                     position_ids=positions)
-    return out.last_hidden_state.numpy()
+    return out.last_hidden_state.float().numpy()
 
 
 def token_relative_errors(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:

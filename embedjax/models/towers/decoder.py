@@ -220,7 +220,7 @@ class DecoderModel(nn.Module):
         rope = rope_tables(positions_from_mask(mask_bl), inv_freq)
         x_bld, per_layer = layers.layer_stack(
             cfg.block_spec(), cfg.num_layers, dtype=self.dtype, remat=self.remat, unroll=self.scan_unroll,
-            deterministic=deterministic, collect=output_hidden_states)(embedded_bld, mask_bl, rope)
+            deterministic=deterministic, collect=output_hidden_states)(embedded_bld.astype(jnp.float32), mask_bl, rope)
         x_bld = layers.Norm(layers.NormSpec("rmsnorm", cfg.rms_norm_eps, bias=False), self.dtype, name="norm")(x_bld)
         hidden = layers.hidden_states_tuple(embedded_bld, per_layer, x_bld) if output_hidden_states else None
         return x_bld, {"hidden_states": hidden}
