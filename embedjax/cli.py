@@ -154,6 +154,13 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_demo)
 
+    from embedjax.data import filtered_benchmark
+
+    p = sub.add_parser("filtered-benchmark", help="build the filtered-search benchmark (MiniLM embeddings of "
+                                                  "scifact + nfcorpus + msmarco, attributes, exact ground truth)")
+    filtered_benchmark.add_arguments(p)
+    p.set_defaults(func=filtered_benchmark.main)
+
     p = sub.add_parser("train", help="train from an ml-collections config (python -m embedjax train --help)")
     from embedjax.train import cli as train_cli
 

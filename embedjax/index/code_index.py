@@ -16,12 +16,20 @@ Sharded search: the corpus rows are split evenly over ``axis`` of ``mesh``
 (padded with masked rows), each device scans its shard in chunks (memory
 O(Q * chunk_size) per device) with the jnp twins, and the per-shard top-k lists
 are merged exactly (ties -> smaller global id).
+
+Filtered search: ``index.search(q, k, filter=mask_or_attribute_filter,
+filter_strategy="auto")`` (forms and strategies: ``embedjax.index.filtered``). The
+first stage filters inside its kernel (sharded too: masks and attribute columns are
+split with the rows); rescoring sees only passing candidates. Fewer than k passing
+rows: the missing results are id -1 with score -inf.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import os
+import pathlib
 from typing import Optional
 
 import jax
@@ -29,9 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from embedjax.index.filtered import Backend, check_strategy, filtered_search, resolve_filter
 from embedjax.kernels.hamming import hamming_scores_chunk, hamming_topk
 from embedjax.kernels.lowbit import _fp8_chunk, _int4_chunk, _int8_chunk, fp8_topk, int4_topk, int8_topk
 from embedjax.kernels.rescore import rescore_topk
+from embedjax.kernels.row_filter import RowFilter, RowPredicates, scores_or_missing
 from embedjax.kernels.topk import check_k, chunked_topk, sort_by_score_then_id
 from embedjax.quant.binary import pack_bits
 from embedjax.quant.fp8 import quantize_fp8
@@ -143,47 +153,68 @@ class CodeIndex:
     # ------------------------------------------------------------ search
 
     def search(self, queries_qd, k: int, *, rescore_multiplier: int = 4, impl: str = "auto",
-               chunk_size: int = 32768, mesh=None, axis: str = "data"):
+               chunk_size: int = 32768, mesh=None, axis: str = "data", filter=None, filter_strategy: str = "auto",
+               post_multiplier: float = 2.0):
         """``(scores float32 [Q, k], ids int32 [Q, k])`` best first, ties -> smaller id.
 
         Without rescoring the scores are the first stage's own (negated Hamming
         distance for "binary"). ``mesh``/``axis`` shard the corpus over devices.
+        ``filter``: a mask [N] / [Q, N], an ``AttributeFilter`` or ``RowPredicates``;
+        ``filter_strategy``: "auto", "in", "pre" or "post" (``embedjax.index.filtered``).
+        Fewer than k passing rows: the missing results are id -1 with score -inf.
         """
         q = self._check_queries(queries_qd)
         check_k(k, self.size, what="index")
+        check_strategy(filter_strategy)
         if not isinstance(rescore_multiplier, int) or rescore_multiplier < 1:
             raise ValueError(f"rescore_multiplier must be an int >= 1; got {rescore_multiplier}")
-        first_k = k if self.rescore is None else min(self.size, k * rescore_multiplier)
-        if mesh is None:
-            scores, ids = self._first_stage(q, first_k, impl, chunk_size)
-        else:
-            scores, ids = self._sharded_first_stage(q, first_k, chunk_size, mesh, axis)
-        if self.rescore is None:
-            return scores, ids
-        return self._rescore(q, ids, k, impl)
-
-    def _first_stage(self, q, k, impl, chunk_size):
-        qa = self._query_args(q)
-        if self.kind == "binary":
-            dist, ids = hamming_topk(qa[0], self.codes, k, impl, chunk_size=chunk_size)
-            return -dist.astype(jnp.float32), ids
-        if self.kind == "float32":
-            return _float_topk(qa[0], self.codes, k, chunk_size)
-        fn = {"int8": int8_topk, "int4": int4_topk, "fp8": fp8_topk}[self.kind]
-        x, xs = self._x_args()
-        return fn(qa[0], qa[1], x, xs, k, impl, q_offset=qa[2], chunk_size=chunk_size)
-
-    def _sharded_first_stage(self, q, k, chunk_size, mesh, axis):
-        if axis not in mesh.axis_names:
+        if mesh is not None and axis not in mesh.axis_names:
             raise ValueError(f"axis {axis!r} is not an axis of the mesh {mesh.axis_names}")
+        row_filter = resolve_filter(filter, q.shape[0], self.size)
+        backend = self.backend(rescore_multiplier=rescore_multiplier, impl=impl, chunk_size=chunk_size, mesh=mesh,
+                               axis=axis)
+        return filtered_search(backend, q, k, row_filter, self.size, strategy=filter_strategy,
+                               post_multiplier=post_multiplier)
+
+    def backend(self, *, rescore_multiplier: int = 4, impl: str = "auto", chunk_size: int = 32768, mesh=None,
+                axis: str = "data") -> Backend:
+        """This index as a filtered-search backend (``embedjax.index.filtered``)."""
+
+        def search(q, k, row_filter):
+            first_k = k if self.rescore is None else min(self.size, k * rescore_multiplier)
+            if mesh is None:
+                scores, ids = self._first_stage(q, first_k, impl, chunk_size, row_filter)
+            else:
+                scores, ids = self._sharded_first_stage(q, first_k, chunk_size, mesh, axis, row_filter)
+            if self.rescore is None:
+                return scores, ids
+            return self._rescore(q, ids, k, impl)
+
+        def subset(rows):
+            return self.subset(rows).backend(rescore_multiplier=rescore_multiplier, impl=impl,
+                                             chunk_size=chunk_size, mesh=mesh, axis=axis)
+
+        return Backend(search=search, subset=subset)
+
+    def subset(self, rows) -> "CodeIndex":
+        """An index of the corpus rows ``rows`` (same codes, calibration and rescoring copy)."""
+        rows = np.asarray(rows)
+        take = lambda a: None if a is None else np.asarray(a)[rows]
+        return dataclasses.replace(self, codes=take(self.codes), scales=take(self.scales),
+                                   rescore_store=take(self.rescore_store))
+
+    def _first_stage(self, q, k, impl, chunk_size, row_filter=None):
+        return first_stage_topk(self.kind, self._query_args(q), self._x_args(), k, impl, chunk_size, row_filter)
+
+    def _sharded_first_stage(self, q, k, chunk_size, mesh, axis, row_filter=None):
         shards = mesh.shape[axis]
         rows = max(-(-self.size // shards), k)  # every shard holds >= k rows so its local top-k exists
         x_args = tuple(_pad_rows(a, rows * shards) for a in self._x_args())
         x_sharding = NamedSharding(mesh, P(axis))
         x_args = tuple(jax.device_put(a, x_sharding) for a in x_args)
         q_args = self._query_args(q)
-        fn = hamming_scores_chunk if self.kind == "binary" else _CHUNK_FNS[self.kind]
-        return _sharded_topk(fn, q_args, x_args, k, self.size, rows, chunk_size, mesh, axis)
+        fn = score_chunk_fn(self.kind)
+        return _sharded_topk(fn, q_args, x_args, k, self.size, rows, chunk_size, mesh, axis, row_filter)
 
     def _rescore(self, q, cand, k, impl):
         if self.rescore == "float32":
@@ -194,34 +225,86 @@ class CodeIndex:
     # ------------------------------------------------------------ persistence
 
     def save(self, path) -> None:
-        """One ``.npz`` file: arrays plus a JSON header (kind, dim, rescore, format version)."""
-        arrays = {"codes": _storable(self.codes)}
-        for name in ("scales", "rescore_store"):
-            if getattr(self, name) is not None:
-                arrays[name] = getattr(self, name)
-        for name in ("ranges", "rescore_ranges"):
-            if getattr(self, name) is not None:
-                arrays[name + "_lo"], arrays[name + "_hi"] = getattr(self, name)
-        header = dict(version=_FORMAT_VERSION, kind=self.kind, dim=self.dim, rescore=self.rescore,
-                      codes_dtype=str(self.codes.dtype))
-        with open(path, "wb") as f:
-            np.savez(f, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+        """One ``.npz`` file: arrays plus a JSON header (type, kind, dim, rescore, format version); atomic."""
+        arrays, header = self.to_arrays()
+        write_index_file(path, {"type": "CodeIndex", **header}, arrays)
 
     @classmethod
-    def load(cls, path) -> "CodeIndex":
+    def load(cls, path, kind: str | None = None) -> "CodeIndex":
+        """Read a ``save``d index; ``kind`` (optional) asserts the code type it was built with."""
         with np.load(path, allow_pickle=False) as z:
-            if "header" not in z:
-                raise ValueError(f"{path} is not a CodeIndex file (no header); write it with CodeIndex.save")
-            header = json.loads(bytes(z["header"]).decode())
-            if header.get("version") != _FORMAT_VERSION or header.get("kind") not in KINDS:
-                raise ValueError(f"{path}: unsupported CodeIndex header {header}")
-            codes = z["codes"]
-            if header["codes_dtype"] == "float8_e4m3fn":
-                codes = codes.view(jnp.float8_e4m3fn)
-            get = lambda name: z[name] if name in z else None
-            pair = lambda name: (z[name + "_lo"], z[name + "_hi"]) if name + "_lo" in z else None
-            return cls(header["kind"], header["dim"], codes, get("scales"), pair("ranges"), header["rescore"],
-                       get("rescore_store"), pair("rescore_ranges"))
+            header = read_index_header(z, path, "CodeIndex", kind)
+            return cls.from_arrays(z, header)
+
+    def to_arrays(self, prefix: str = ""):
+        """``(arrays, header)`` describing this index (``prefix`` namespaces the array names)."""
+        arrays = {prefix + "codes": _storable(self.codes)}
+        for name in ("scales", "rescore_store"):
+            if getattr(self, name) is not None:
+                arrays[prefix + name] = getattr(self, name)
+        for name in ("ranges", "rescore_ranges"):
+            if getattr(self, name) is not None:
+                arrays[prefix + name + "_lo"], arrays[prefix + name + "_hi"] = getattr(self, name)
+        header = dict(version=_FORMAT_VERSION, kind=self.kind, dim=self.dim, rescore=self.rescore,
+                      codes_dtype=str(self.codes.dtype))
+        return arrays, header
+
+    @classmethod
+    def from_arrays(cls, z, header, prefix: str = "") -> "CodeIndex":
+        codes = z[prefix + "codes"]
+        if header["codes_dtype"] == "float8_e4m3fn":
+            codes = codes.view(jnp.float8_e4m3fn)
+        get = lambda name: z[prefix + name] if prefix + name in z else None
+        pair = lambda name: (z[prefix + name + "_lo"], z[prefix + name + "_hi"]) if prefix + name + "_lo" in z else None
+        return cls(header["kind"], header["dim"], codes, get("scales"), pair("ranges"), header["rescore"],
+                   get("rescore_store"), pair("rescore_ranges"))
+
+
+def write_index_file(path, header: dict, arrays: dict) -> None:
+    """Write an index ``.npz`` (JSON header + arrays) atomically: a temporary file renamed over ``path``."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+    os.replace(tmp, path)
+
+
+def read_index_header(z, path, expected_type: str, kind: str | None) -> dict:
+    """The header of an index file, checked: its type, format version, and (if given) its code kind."""
+    if "header" not in z:
+        raise ValueError(f"{path} is not a {expected_type} file (no header); write it with {expected_type}.save")
+    header = json.loads(bytes(z["header"]).decode())
+    found = header.get("type", "CodeIndex")  # files before the type field were all CodeIndex
+    if found != expected_type:
+        raise ValueError(f"{path} holds an {found}, not a {expected_type}; load it with {found}.load")
+    if header.get("version") != _FORMAT_VERSION or header.get("kind") not in KINDS:
+        raise ValueError(f"{path}: unsupported {expected_type} header {header}")
+    if kind is not None and header["kind"] != kind:
+        raise ValueError(f"{path} was built with code type {header['kind']!r}, not {kind!r}; rebuild the index with "
+                         f"kind={kind!r} or load it without kind=")
+    return header
+
+
+def first_stage_topk(kind, q_args, x_args, k, impl="auto", chunk_size=32768, row_filter=None, row_ids=None):
+    """First-stage top-k of one code kind: (scores float32 [Q, k], ids int32 [Q, k]).
+
+    ``q_args`` / ``x_args`` as ``CodeIndex._query_args`` / ``_x_args`` make them;
+    binary scores are negated Hamming distances. Missing results: id -1, score -inf.
+    """
+    if kind == "binary":
+        dist, ids = hamming_topk(q_args[0], x_args[0], k, impl, chunk_size=chunk_size, filter=row_filter,
+                                 row_ids=row_ids)
+        return scores_or_missing(-dist.astype(jnp.float32), ids), ids
+    if kind == "float32":
+        return _float_topk(q_args[0], x_args[0], k, chunk_size, row_filter, row_ids)
+    fn = {"int8": int8_topk, "int4": int4_topk, "fp8": fp8_topk}[kind]
+    return fn(q_args[0], q_args[1], x_args[0], x_args[1], k, impl, q_offset=q_args[2], chunk_size=chunk_size,
+              filter=row_filter, row_ids=row_ids)
+
+
+def score_chunk_fn(kind):
+    """The jnp scorer ``fn(q_args, x_chunk_args) -> float32 [Q, C]`` of a code kind."""
+    return hamming_scores_chunk if kind == "binary" else _CHUNK_FNS[kind]
 
 
 def _storable(a):
@@ -235,18 +318,34 @@ def _pad_rows(a, rows):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
-def _float_topk(q, x, k, chunk_size):
+def _float_topk(q, x, k, chunk_size, row_filter=None, row_ids=None):
     ones = jnp.ones((q.shape[0],), jnp.float32)
     return chunked_topk(_float_chunk, (q, ones, jnp.zeros_like(ones)), (x, jnp.ones((x.shape[0],), jnp.float32)),
-                        k, chunk_size=chunk_size)
+                        k, chunk_size=chunk_size, row_filter=row_filter, row_ids=row_ids)
 
 
-def _sharded_topk(fn, q_args, x_args, k, n_total, rows, chunk_size, mesh, axis):
-    def local(q_args, x_args):
+def _shard_filter(row_filter, padded_rows, mesh, axis):
+    """The filter's corpus-axis arrays padded and split with the rows, and its shard_map specs."""
+    if row_filter is None:
+        return None, None
+    pad = lambda a: jnp.pad(jnp.asarray(a), ((0, 0), (0, padded_rows - a.shape[1])))
+    if row_filter.mask_mn is not None:
+        return RowFilter(mask_mn=pad(row_filter.mask_mn)), RowFilter(mask_mn=P(None, axis))
+    attrs, lo, hi = row_filter.predicates
+    return (RowFilter(predicates=RowPredicates(pad(attrs), lo, hi)),
+            RowFilter(predicates=RowPredicates(P(None, axis), P(), P())))
+
+
+def _sharded_topk(fn, q_args, x_args, k, n_total, rows, chunk_size, mesh, axis, row_filter=None):
+    shards = mesh.shape[axis]
+    row_filter, filter_spec = _shard_filter(row_filter, rows * shards, mesh, axis)
+
+    def local(q_args, x_args, row_filter):
         shard = jax.lax.axis_index(axis)
         offset = shard * rows
         n_valid = jnp.clip(n_total - offset, 0, rows)
-        scores, ids = chunked_topk(fn, q_args, x_args, k, n_valid=n_valid, chunk_size=chunk_size, id_offset=offset)
+        scores, ids = chunked_topk(fn, q_args, x_args, k, n_valid=n_valid, chunk_size=chunk_size, id_offset=offset,
+                                   row_filter=row_filter)
         # Every device gathers all shards' lists [Q, shards * k] and merges them
         # exactly; only k entries per shard cross the interconnect.
         scores = jax.lax.all_gather(scores, axis, axis=1, tiled=True)
@@ -255,7 +354,7 @@ def _sharded_topk(fn, q_args, x_args, k, n_total, rows, chunk_size, mesh, axis):
 
     sharded = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(tuple(P() for _ in q_args), tuple(P(axis) for _ in x_args)),
+        in_specs=(tuple(P() for _ in q_args), tuple(P(axis) for _ in x_args), filter_spec),
         out_specs=(P(), P()),
         # Every device merges the same gathered lists, so the result is
         # replicated; the checker cannot infer that through lax.sort.
@@ -263,4 +362,4 @@ def _sharded_topk(fn, q_args, x_args, k, n_total, rows, chunk_size, mesh, axis):
     )
     run = jax.jit(sharded)
 
-    return run(tuple(jnp.asarray(a) for a in q_args), x_args)
+    return run(tuple(jnp.asarray(a) for a in q_args), x_args, row_filter)

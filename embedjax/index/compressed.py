@@ -36,6 +36,12 @@ Calibration (int8/int4 ranges, residual weights, PCA, the trained head) uses
 ``calibration_nd`` when given, else the corpus itself. ``dims`` truncates
 queries, corpus and calibration to the first ``dims`` dimensions and
 re-normalises them (Matryoshka) before quantisation.
+
+``filter=`` restricts each query to corpus rows (a mask, per-query masks or attribute
+predicates; see ``embedjax.index.filtered`` for the forms and the pre / in / post /
+auto strategies). Every setting filters inside its kernels; "+rescore" settings
+filter the first stage. Fewer than k passing rows: the missing results are id -1
+with score -inf.
 """
 from __future__ import annotations
 
@@ -44,10 +50,12 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
+from embedjax.index.filtered import Backend, check_strategy, filtered_search, resolve_filter
 from embedjax.kernels.hamming import hamming_topk
 from embedjax.kernels.lowbit import fp8_topk, int4_topk, int8_topk
 from embedjax.kernels.rescore import rescore_topk
 from embedjax.kernels.residual import residual_topk
+from embedjax.kernels.row_filter import scores_or_missing
 from embedjax.quant.binary import pack_bits
 from embedjax.quant.fp8 import quantize_fp8
 from embedjax.quant.pca import apply_pca, fit_pca
@@ -109,8 +117,9 @@ def _as_float_matrix(x, name):
 
 
 def search_embeddings(q_qd, d_nd, k: int, *, quantization: str | None = None, dims: int | None = None,
-                      calibration_nd=None, rescore_multiplier: int = 4):
-    """Top-k corpus rows per query under a quantization setting.
+                      calibration_nd=None, rescore_multiplier: int = 4, filter=None, filter_strategy: str = "auto",
+                      post_multiplier: float = 2.0):
+    """Top-k corpus rows per query under a quantization setting, optionally filtered.
 
     Args:
         q_qd: float queries [Q, D]; d_nd: float corpus [N, D] (typically unit-norm).
@@ -119,12 +128,20 @@ def search_embeddings(q_qd, d_nd, k: int, *, quantization: str | None = None, di
         dims: Matryoshka truncation (1 <= dims <= D), applied before quantisation.
         calibration_nd: float embeddings [M, D] for ranges/weights (default: the corpus).
         rescore_multiplier: candidates per query for "+rescore" settings = k * multiplier.
+        filter: None; a boolean mask [N] (every query) or [Q, N] (per query); an
+            ``index.attributes.AttributeFilter``; or ``kernels.row_filter.RowPredicates``.
+            Masked rows are never returned.
+        filter_strategy: "auto", "in", "pre" or "post" (``embedjax.index.filtered``).
+        post_multiplier: how much deeper than k / selectivity "post" searches.
 
     Returns:
         ``(scores float32 [Q, k], ids int32 [Q, k])`` (numpy), best first, ties -> smaller id.
         Scores are the setting's own similarity (e.g. +-1 inner product for "binary").
+        When fewer than k rows pass the filter, the missing results are id -1 with
+        score -inf (after every real result).
     """
     check_quantization(quantization)
+    check_strategy(filter_strategy)
     q = _as_float_matrix(q_qd, "q_qd")
     d = _as_float_matrix(d_nd, "d_nd")
     if q.shape[1] != d.shape[1]:
@@ -140,58 +157,72 @@ def search_embeddings(q_qd, d_nd, k: int, *, quantization: str | None = None, di
     calib = d if calibration_nd is None else _as_float_matrix(calibration_nd, "calibration_nd")
     if calib.shape[1] != d.shape[1]:
         raise ValueError(f"calibration_nd has {calib.shape[1]} dims but the corpus has {d.shape[1]}")
+    row_filter = resolve_filter(filter, q.shape[0], d.shape[0])
     q, d, calib = matryoshka(q, dims), matryoshka(d, dims), matryoshka(calib, dims)
-    scores, ids = _dispatch(q, d, calib, k, quantization or "float32", rescore_multiplier)
+    rows, search = _prepare(d, calib, quantization or "float32", rescore_multiplier)
+    scores, ids = filtered_search(_backend(rows, search), q, k, row_filter, d.shape[0], strategy=filter_strategy,
+                                  post_multiplier=post_multiplier)
     return np.asarray(scores, np.float32), np.asarray(ids, np.int32)
 
 
-def _dispatch(q, d, calib, k, setting, multiplier):
-    if setting == "float32":
+def _backend(rows, search) -> Backend:
+    """Search over row-indexed encoded arrays; a subset gathers the same rows of every array."""
+    return Backend(search=lambda q, k, row_filter: search(q, rows, k, row_filter),
+                   subset=lambda idx: _backend(tuple(np.asarray(a)[idx] for a in rows), search))
+
+
+def _prepare(d, calib, setting, multiplier):
+    """Encode the corpus once: ``(row-indexed arrays, search(q, arrays, k, row_filter))``."""
+    dim = d.shape[1]
+    if setting in ("float32", "float16", "bfloat16"):
         from embedjax.index.exact import exact_search
 
-        return exact_search(q, d, k)
-    if setting in ("float16", "bfloat16"):
-        from embedjax.index.exact import exact_search
-
-        rounded = np.asarray(jnp.asarray(d).astype(setting).astype(jnp.float32))
-        return exact_search(q, rounded, k)
+        stored = d if setting == "float32" else np.asarray(jnp.asarray(d).astype(setting).astype(jnp.float32))
+        return (stored,), lambda q, rows, k, f: exact_search(q, rows[0], k, filter=f)
     if setting.startswith("fp8"):
-        fmt = "e5m2" if setting == "fp8_e5m2" else "e4m3"
-        codes, scale = quantize_fp8(d, fmt)
-        return fp8_topk(jnp.asarray(q), None, codes, scale, k)
+        codes, scale = quantize_fp8(d, "e5m2" if setting == "fp8_e5m2" else "e4m3")
+        return (codes, scale), lambda q, rows, k, f: fp8_topk(jnp.asarray(q), None, rows[0], rows[1], k, filter=f)
     if setting in ("int8", "int4"):
-        return _scalar_search(q, d, calib, k, setting)
+        return _scalar_prepare(d, calib, setting)
     if setting.startswith("binary"):
-        return _binary_search(q, d, calib, k, setting, multiplier)
+        return _binary_prepare(d, calib, setting, multiplier)
     match = _PCA.match(setting)
     if match:
         from embedjax.index.exact import exact_search
 
-        mean, comps = fit_pca(calib, min(int(match.group(1)), d.shape[1]))
+        mean, comps = fit_pca(calib, min(int(match.group(1)), dim))
         # Uncentred projections: <P q, P d> approximates <q, d> without a per-document shift.
-        return exact_search(np.asarray(apply_pca(q, mean, comps, center=False)),
-                            np.asarray(apply_pca(d, mean, comps, center=False)), k)
+        project = lambda x: np.asarray(apply_pca(x, mean, comps, center=False))
+        return (project(d),), lambda q, rows, k, f: exact_search(project(q), rows[0], k, filter=f)
     match = _LSH.match(setting)
     if match:
-        proj = random_projection(d.shape[1], int(match.group(1)))
-        qp, dp = q @ proj.T, d @ proj.T
+        proj = random_projection(dim, int(match.group(1)))
+        bits = proj.shape[0]
+        codes = pack_bits(d @ proj.T)
         if match.group(2):
-            return residual_topk(jnp.asarray(qp)[:, None, :], pack_bits(dp)[:, None, :], k, dim=dp.shape[1])
-        dist, ids = hamming_topk(pack_bits(qp), pack_bits(dp), k)
-        return (dp.shape[1] - 2 * dist).astype(jnp.float32), ids
+            return (codes,), lambda q, rows, k, f: residual_topk(
+                jnp.asarray(q @ proj.T)[:, None, :], rows[0][:, None, :], k, dim=bits, filter=f)
+
+        def lsh(q, rows, k, f):
+            dist, ids = hamming_topk(pack_bits(q @ proj.T), rows[0], k, filter=f)
+            return scores_or_missing((bits - 2 * dist).astype(jnp.float32), ids), ids
+
+        return (codes,), lsh
     match = _RESIDUAL.match(setting)
     planes, variant = int(match.group(1)), match.group(2)
     if variant == "+trained":
         from embedjax.quant.residual_head import encode_codes, project_queries, train_residual_binarizer
 
         params = train_residual_binarizer(calib, planes)
-        return residual_topk(project_queries(params, q), encode_codes(params, d), k, dim=d.shape[1])
+        return (encode_codes(params, d),), lambda q, rows, k, f: residual_topk(
+            project_queries(params, q), rows[0], k, dim=dim, filter=f)
     weights = fit_residual_weights(calib, planes)
     x_codes = residual_binarize(d, weights)
     if variant == "+sym":
-        return residual_topk(residual_binarize(q, weights), x_codes, k, dim=d.shape[1], weights=np.asarray(weights))
-    q_proj = jnp.asarray(q)[:, None, :] * weights[None, :, None]
-    return residual_topk(q_proj, x_codes, k, dim=d.shape[1])
+        return (x_codes,), lambda q, rows, k, f: residual_topk(
+            residual_binarize(q, weights), rows[0], k, dim=dim, weights=np.asarray(weights), filter=f)
+    return (x_codes,), lambda q, rows, k, f: residual_topk(
+        jnp.asarray(q)[:, None, :] * weights[None, :, None], rows[0], k, dim=dim, filter=f)
 
 
 def random_projection(dim: int, bits: int, seed: int = 0) -> np.ndarray:
@@ -204,31 +235,43 @@ def random_projection(dim: int, bits: int, seed: int = 0) -> np.ndarray:
     return np.concatenate(blocks).astype(np.float32)
 
 
-def _int8_corpus(d, calib):
-    lo, hi = calibrate_ranges(calib)
-    return quantize_int8(d, lo, hi), lo, hi
-
-
-def _scalar_search(q, d, calib, k, setting):
+def _scalar_prepare(d, calib, setting):
     lo, hi = calibrate_ranges(calib)
     levels = 256 if setting == "int8" else 16
     codes = quantize_int8(d, lo, hi) if setting == "int8" else quantize_int4(d, lo, hi)
-    q_scaled, q_offset = affine_query_transform(q, lo, hi, levels)
-    q_codes, q_scale = quantize_symmetric_int8(q_scaled)
     topk = int8_topk if setting == "int8" else int4_topk
-    return topk(q_codes, q_scale, codes, None, k, q_offset=q_offset)
+
+    def search(q, rows, k, f):
+        q_scaled, q_offset = affine_query_transform(q, lo, hi, levels)
+        q_codes, q_scale = quantize_symmetric_int8(q_scaled)
+        return topk(q_codes, q_scale, rows[0], None, k, q_offset=q_offset, filter=f)
+
+    return (codes,), search
 
 
-def _binary_search(q, d, calib, k, setting, multiplier):
+def _binary_prepare(d, calib, setting, multiplier):
+    dim = d.shape[1]
     x_codes = pack_bits(d)
     if setting == "binary_asym":
-        return residual_topk(jnp.asarray(q)[:, None, :], x_codes[:, None, :], k, dim=d.shape[1])
-    n_cand = k if setting == "binary" else min(d.shape[0], k * multiplier)
-    dist, cand = hamming_topk(pack_bits(q), x_codes, n_cand)
+        return (x_codes,), lambda q, rows, k, f: residual_topk(
+            jnp.asarray(q)[:, None, :], rows[0][:, None, :], k, dim=dim, filter=f)
     if setting == "binary":
-        return (d.shape[1] - 2 * dist).astype(jnp.float32), cand
+        def binary(q, rows, k, f):
+            dist, ids = hamming_topk(pack_bits(q), rows[0], k, filter=f)
+            return scores_or_missing((dim - 2 * dist).astype(jnp.float32), ids), ids
+
+        return (x_codes,), binary
     if setting == "binary+rescore":
-        return rescore_topk(jnp.asarray(q), cand, jnp.asarray(d), k)
-    codes, lo, hi = _int8_corpus(d, calib)
-    q_scaled, q_offset = affine_query_transform(q, lo, hi, 256)
-    return rescore_topk(q_scaled, cand, codes, k, q_offset=q_offset)
+        def rescore(q, rows, k, f):
+            _, cand = hamming_topk(pack_bits(q), rows[0], min(rows[0].shape[0], k * multiplier), filter=f)
+            return rescore_topk(jnp.asarray(q), cand, jnp.asarray(rows[1]), k)
+
+        return (x_codes, d), rescore
+    lo, hi = calibrate_ranges(calib)
+
+    def int8_rescore(q, rows, k, f):
+        _, cand = hamming_topk(pack_bits(q), rows[0], min(rows[0].shape[0], k * multiplier), filter=f)
+        q_scaled, q_offset = affine_query_transform(q, lo, hi, 256)
+        return rescore_topk(q_scaled, cand, rows[1], k, q_offset=q_offset)
+
+    return (x_codes, quantize_int8(d, lo, hi)), int8_rescore

@@ -2,6 +2,9 @@
 
 Memory stays bounded by ``Q x chunk_size`` scores whatever the corpus size: each
 chunk's top-k is merged into a running top-k. Ties go to the smaller document index.
+``filter=`` (mask [N] / [Q, N] or ``RowPredicates``, see ``kernels.row_filter``)
+removes rows before selection; when fewer than k rows pass, the missing results are
+id -1 with score -inf.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from embedjax.kernels.row_filter import as_row_filter, mark_missing, rows_pass, slice_rows
 
 
 def merge_topk(scores_a, ids_a, scores_b, ids_b, k: int):
@@ -24,26 +29,29 @@ def merge_topk(scores_a, ids_a, scores_b, ids_b, k: int):
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def _chunk_step(q_qd, chunk_cd, offset, n_valid, best_scores, best_ids, k: int):
+def _chunk_step(q_qd, chunk_cd, offset, n_valid, best_scores, best_ids, k: int, chunk_filter=None):
     scores_qc = jnp.einsum("qd,cd->qc", q_qd, chunk_cd, preferred_element_type=jnp.float32)
     ids_c = offset + jnp.arange(chunk_cd.shape[0], dtype=jnp.int32)
-    scores_qc = jnp.where(ids_c[None, :] < n_valid, scores_qc, -jnp.inf)
+    keep = (ids_c[None, :] < n_valid) & rows_pass(chunk_filter, 0, chunk_cd.shape[0])
+    scores_qc = jnp.where(keep, scores_qc, -jnp.inf)
     kk = min(k, chunk_cd.shape[0])
     top_s, top_i = jax.lax.top_k(scores_qc, kk)  # lax.top_k prefers the smaller index on ties
     top_ids = jnp.take(ids_c, top_i)
     return merge_topk(best_scores, best_ids, top_s, top_ids, k)
 
 
-def exact_search(q_qd, d_nd, k: int, chunk_size: int = 16384):
+def exact_search(q_qd, d_nd, k: int, chunk_size: int = 16384, *, filter=None):
     """Top-k documents by inner product.
 
     Args:
         q_qd: queries [Q, D].
         d_nd: corpus [N, D] (numpy or jax; scanned ``chunk_size`` rows at a time).
         k: results per query, 1 <= k <= N.
+        filter: None, a boolean mask [N] or [Q, N], or ``RowPredicates``.
 
     Returns:
-        ``(scores float32 [Q, k], ids int32 [Q, k])`` best first.
+        ``(scores float32 [Q, k], ids int32 [Q, k])`` best first; id -1 / score -inf
+        where fewer than k rows pass the filter.
     """
     q_qd = np.asarray(q_qd, dtype=np.float32) if not isinstance(q_qd, jax.Array) else q_qd
     if q_qd.ndim != 2 or d_nd.ndim != 2 or q_qd.shape[1] != d_nd.shape[1]:
@@ -54,6 +62,7 @@ def exact_search(q_qd, d_nd, k: int, chunk_size: int = 16384):
         raise ValueError("the corpus is empty: nothing to search")
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the corpus size {n}")
+    row_filter = as_row_filter(filter, q_qd.shape[0], n)
     chunk_size = max(1, min(chunk_size, n))
     best_s = jnp.full((q_qd.shape[0], k), -jnp.inf, jnp.float32)
     best_i = jnp.full((q_qd.shape[0], k), jnp.iinfo(jnp.int32).max, jnp.int32)
@@ -61,5 +70,7 @@ def exact_search(q_qd, d_nd, k: int, chunk_size: int = 16384):
         chunk = np.asarray(d_nd[start:start + chunk_size], dtype=np.float32)
         if chunk.shape[0] < chunk_size:  # pad the tail so every chunk has one compiled shape
             chunk = np.pad(chunk, ((0, chunk_size - chunk.shape[0]), (0, 0)))
-        best_s, best_i = _chunk_step(q_qd, chunk, jnp.int32(start), jnp.int32(n), best_s, best_i, k=k)
+        best_s, best_i = _chunk_step(q_qd, chunk, jnp.int32(start), jnp.int32(n), best_s, best_i, k=k,
+                                     chunk_filter=slice_rows(row_filter, start, chunk_size))
+    best_s, best_i = mark_missing(best_s, best_i)
     return np.asarray(best_s), np.asarray(best_i)

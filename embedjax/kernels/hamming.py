@@ -10,6 +10,7 @@ from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
+from embedjax.kernels.row_filter import as_row_filter, check_row_ids, distances_from_scores
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
 
 
@@ -34,9 +35,10 @@ def hamming_scores_chunk(q_args, x_args):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
-def hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=32768):
-    s, i = chunked_topk(hamming_scores_chunk, (q_codes,), (x_codes,), k, n_valid=n_valid, chunk_size=chunk_size)
-    return (-s).astype(jnp.int32), i
+def hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=32768, row_filter=None, row_ids=None):
+    s, i = chunked_topk(hamming_scores_chunk, (q_codes,), (x_codes,), k, n_valid=n_valid, chunk_size=chunk_size,
+                        row_filter=row_filter, row_ids=row_ids)
+    return distances_from_scores(s), i
 
 
 def _hamming_tile(q_refs, x_refs, offset, block_n):
@@ -53,7 +55,8 @@ def _hamming_tile(q_refs, x_refs, offset, block_n):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "target_splits", "interpret"))
-def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=64, interpret=False):
+def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=64, interpret=False,
+                        row_filter=None, row_ids=None):
     words = next_pow2(q_codes.shape[1])
     # Zero words XOR to zero, so padding the width adds nothing to a distance. The kernel sees
     # the bits as int32: XOR and popcount ignore signedness, and Triton compiles popcount of
@@ -63,16 +66,21 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
     s, i = running_topk_call(
         _hamming_tile, (q,), (x_t,), n_valid, k,
         block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
+        row_filter=row_filter, row_ids=row_ids,
     )
-    return (-s).astype(jnp.int32), i
+    return distances_from_scores(s), i
 
 
-def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=32768):
+def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=32768, filter=None, row_ids=None):
     """Nearest codes by Hamming distance.
 
     q_codes uint32 [Q, W], x_codes uint32 [N, W] -> (distances int32 [Q, k],
     indices int32 [Q, k]); rows sorted by distance, ties -> smaller index. Only
     the first ``n_valid`` corpus rows are searched (the rest is padding).
+    ``filter``: a boolean mask [N] or [Q, N], or ``RowPredicates`` (see
+    ``kernels.row_filter``); masked rows are never returned, and when fewer than k
+    rows pass the missing results are index -1 with distance int32 max.
+    ``row_ids`` int32 [N]: ids reported for (and breaking ties by) the rows.
     ``impl``: "xla" (chunked jnp scan, memory O(Q * chunk_size)), "pallas" (the
     Pallas kernel; interpret mode on CPU) or "auto".
     """
@@ -83,7 +91,11 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     check_k(k, n_valid)
     if q_codes.shape[0] == 0:
         raise ValueError("q_codes is empty (0 queries)")
+    row_filter = as_row_filter(filter, q_codes.shape[0], x_codes.shape[0])
+    row_ids = check_row_ids(row_ids, x_codes.shape[0])
     impl, interpret = resolve_impl(impl)
     if impl == "pallas":
-        return hamming_topk_pallas(q_codes, x_codes, k, n_valid, interpret=interpret)
-    return hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=chunk_size)
+        return hamming_topk_pallas(q_codes, x_codes, k, n_valid, interpret=interpret, row_filter=row_filter,
+                                   row_ids=row_ids)
+    return hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=chunk_size, row_filter=row_filter,
+                            row_ids=row_ids)

@@ -8,6 +8,11 @@ running top-k (larger is better, ties -> smaller index).
 * Per-dimension calibrated codes (``embedjax.quant.scalar``): fold the ranges into
   the query with ``affine_query_transform`` (x_scale = 1, q_offset = the
   query's constant term), so the ranking equals the dequantised inner product.
+
+``filter=`` (mask [N] / [Q, N] or ``RowPredicates``, see ``kernels.row_filter``)
+removes rows inside the scan; when fewer than k rows pass, the missing results are
+id -1 with score -inf. ``row_ids=`` int32 [N] replaces the row index as reported
+id and tie-breaker.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
+from embedjax.kernels.row_filter import as_row_filter, check_row_ids
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
 from embedjax.quant.scalar import unpack_int4
 
@@ -104,9 +110,11 @@ def _fp8_chunk(q_args, x_args):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size", "kind"))
-def _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, chunk_size=32768):
+def _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, chunk_size=32768, row_filter=None,
+                row_ids=None):
     fn = {"int8": _int8_chunk, "int4": _int4_chunk, "fp8": _fp8_chunk}[kind]
-    return chunked_topk(fn, (q, q_scale, q_offset), (x, x_scale), k, n_valid=n_valid, chunk_size=chunk_size)
+    return chunked_topk(fn, (q, q_scale, q_offset), (x, x_scale), k, n_valid=n_valid, chunk_size=chunk_size,
+                        row_filter=row_filter, row_ids=row_ids)
 
 
 # ---------------------------------------------------------------- Pallas
@@ -170,7 +178,7 @@ def _decode_int4(q_refs, start, x_tile, depth_block):
 
 @functools.partial(jax.jit, static_argnames=("k", "kind", "block_q", "block_n", "target_splits", "interpret"))
 def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_q=16, block_n=128,
-                   target_splits=64, interpret=False):
+                   target_splits=64, interpret=False, row_filter=None, row_ids=None):
     if kind == "int4":
         q2 = pad_axis(q, 1, 2 * x.shape[1])
         q_main, q_extra = q2[:, 0::2], (q2[:, 1::2],)
@@ -186,39 +194,47 @@ def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_
     return running_topk_call(
         _dot_tile(decode, db, acc), q_ops, x_ops, n_valid, k,
         block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
+        row_filter=row_filter, row_ids=row_ids,
     )
 
 
 # ---------------------------------------------------------------- public
 
 
-def _run(kind, q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size):
+def _run(kind, q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids):
+    row_filter = as_row_filter(filter, q.shape[0], x.shape[0])
+    row_ids = check_row_ids(row_ids, x.shape[0])
     impl, interpret = resolve_impl(impl)
     if impl == "pallas":
-        return _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, interpret=interpret)
-    return _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, chunk_size=chunk_size)
+        return _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, interpret=interpret,
+                              row_filter=row_filter, row_ids=row_ids)
+    return _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, chunk_size=chunk_size,
+                       row_filter=row_filter, row_ids=row_ids)
 
 
-def int8_topk(q, q_scale, x, x_scale, k, impl="auto", *, q_offset=None, n_valid=None, chunk_size=32768):
+def int8_topk(q, q_scale, x, x_scale, k, impl="auto", *, q_offset=None, n_valid=None, chunk_size=32768,
+              filter=None, row_ids=None):
     """int8 codes q [Q, D], x [N, D]; scales float32 [Q], [N] (None = 1) -> (scores f32 [Q, k], ids int32 [Q, k])."""
     args = _prepare(q, q_scale, x, x_scale, q_offset, k, n_valid, q_dtypes=(jnp.int8,), x_dtypes=(jnp.int8,),
                     q_width=lambda d: d, kind="int8_topk")
     q, q_scale, x, x_scale, q_offset, n_valid = args
-    return _run("int8", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size)
+    return _run("int8", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids)
 
 
-def int4_topk(q, q_scale, x, x_scale, k, impl="auto", *, q_offset=None, n_valid=None, chunk_size=32768):
+def int4_topk(q, q_scale, x, x_scale, k, impl="auto", *, q_offset=None, n_valid=None, chunk_size=32768,
+              filter=None, row_ids=None):
     """int8 query codes q [Q, D] against packed int4 corpus codes x uint8 [N, ceil(D/2)]."""
     args = _prepare(q, q_scale, x, x_scale, q_offset, k, n_valid, q_dtypes=(jnp.int8,), x_dtypes=(jnp.uint8,),
                     q_width=lambda d: -(-d // 2), kind="int4_topk")
     q, q_scale, x, x_scale, q_offset, n_valid = args
-    return _run("int4", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size)
+    return _run("int4", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids)
 
 
-def fp8_topk(q, q_scale, x, x_scale, k, impl="auto", *, q_offset=None, n_valid=None, chunk_size=32768):
+def fp8_topk(q, q_scale, x, x_scale, k, impl="auto", *, q_offset=None, n_valid=None, chunk_size=32768,
+             filter=None, row_ids=None):
     """fp8 (e4m3 / e5m2) corpus codes x [N, D]; q fp8 or float32 [Q, D]; float32 accumulation."""
     args = _prepare(q, q_scale, x, x_scale, q_offset, k, n_valid,
                     q_dtypes=FP8_DTYPES + (jnp.float32, jnp.bfloat16), x_dtypes=FP8_DTYPES,
                     q_width=lambda d: d, kind="fp8_topk")
     q, q_scale, x, x_scale, q_offset, n_valid = args
-    return _run("fp8", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size)
+    return _run("fp8", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids)

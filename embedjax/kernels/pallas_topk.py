@@ -9,6 +9,10 @@ worst kept entry while it is better (a ``while_loop`` that stops as soon as no
 row improves, so late tiles cost a few passes). Programs write partial lists
 [splits, Q, kp]; the caller merges them with one exact sort (score desc, id asc).
 
+Filters (``kernels.row_filter``) are evaluated per tile and turn failing rows' scores
+into -inf before the tile reaches the selection; optional per-row ids (``row_ids``,
+loaded per tile) replace the column index as reported id and tie-breaker.
+
 Backend constraints followed so the kernel lowers to Triton on GPU: every
 loaded tile has a power-of-two number of elements (queries, tile widths and
 operand row counts are padded to powers of two), values are never sliced in
@@ -24,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from embedjax.kernels.row_filter import RowFilter, mark_missing
 
 INT_MAX = jnp.iinfo(jnp.int32).max
 
@@ -49,6 +55,52 @@ def split_layout(n: int, block_n: int, target_splits: int) -> tuple[int, int]:
     return per_split, -(-blocks // per_split)
 
 
+def filter_operands(row_filter: RowFilter | None, padded_queries: int, padded_rows: int, block_q: int,
+                    split_len: int):
+    """``(operands, block specs, tile_pass)`` of a row filter for the running-top-k kernel.
+
+    ``tile_pass(refs, offset, block_n)`` returns bool [block_q or 1, block_n] for the
+    current tile. Masks travel as int8 [M, N] (1 = pass); predicates as the attribute
+    rows [A', N] (A' a power of two; the extra rows always pass) and bounds [Qp or 1, A'].
+    """
+    if row_filter is None:
+        return (), (), None
+    if row_filter.mask_mn is not None:
+        mask = pad_axis(row_filter.mask_mn.astype(jnp.int8), 1, padded_rows)
+        if mask.shape[0] == 1:
+            spec = pl.BlockSpec((1, split_len), lambda i, s: (0, s))
+        else:
+            mask = pad_axis(mask, 0, padded_queries)
+            spec = pl.BlockSpec((block_q, split_len), lambda i, s: (i, s))
+
+        def mask_tile(refs, offset, block_n):
+            return refs[0][:, pl.ds(offset, block_n)] != 0
+
+        return (mask,), (spec,), mask_tile
+    attrs, lo, hi = row_filter.predicates
+    a_pad = next_pow2(attrs.shape[0])
+    attrs = pad_axis(pad_axis(attrs, 0, a_pad), 1, padded_rows)
+    shared = lo.shape[0] == 1
+    rows = 1 if shared else padded_queries
+    widths = ((0, rows - lo.shape[0]), (0, a_pad - lo.shape[1]))
+    lo = jnp.pad(lo, widths, constant_values=-jnp.inf)
+    hi = jnp.pad(hi, widths, constant_values=jnp.inf)
+    bound_spec = (pl.BlockSpec((1, a_pad), lambda i, s: (0, 0)) if shared
+                  else pl.BlockSpec((block_q, a_pad), lambda i, s: (i, 0)))
+    specs = (pl.BlockSpec((a_pad, split_len), lambda i, s: (0, s)), bound_spec, bound_spec)
+
+    def predicate_tile(refs, offset, block_n):
+        attrs_ref, lo_ref, hi_ref = refs
+
+        def attribute(a, ok):
+            v = attrs_ref[pl.ds(a, 1), pl.ds(offset, block_n)]  # [1, block_n]
+            return ok & (lo_ref[:, pl.ds(a, 1)] <= v) & (v <= hi_ref[:, pl.ds(a, 1)])
+
+        return lax.fori_loop(0, a_pad, attribute, jnp.ones((lo_ref.shape[0], block_n), jnp.bool_))
+
+    return (attrs, lo, hi), specs, predicate_tile
+
+
 def running_topk_call(
     tile_score: Callable,
     q_ops: Sequence,
@@ -60,13 +112,17 @@ def running_topk_call(
     block_n: int,
     target_splits: int,
     interpret: bool,
+    row_filter: RowFilter | None = None,
+    row_ids=None,
 ):
     """Top-k (scores float32 [Q, k], ids int32 [Q, k]) with the Pallas running-top-k kernel.
 
     q_ops: arrays [Q, c_i] (row i = query i); x_ops: corpus operands stored
     corpus-axis-last, [r_i, N]. ``tile_score(q_refs, x_refs, col_offset, block_n)``
     returns float32 scores [block_q, block_n] for corpus columns
-    ``col_offset .. col_offset + block_n`` of the current split.
+    ``col_offset .. col_offset + block_n`` of the current split. ``row_filter``: see
+    ``kernels.row_filter``; ``row_ids`` int32 [N]: reported ids and tie-breakers
+    (negative = never matches). Missing results (fewer than k rows pass): id -1, -inf.
     """
     q = q_ops[0].shape[0]
     n = x_ops[0].shape[1]
@@ -78,10 +134,15 @@ def running_topk_call(
     q_ops = [pad_axis(a, 0, qp) for a in q_ops]
     x_ops = [pad_axis(a, 1, np_) for a in x_ops]
     n_valid_arr = jnp.reshape(jnp.asarray(n_valid, jnp.int32), (1,))
+    f_ops, f_specs, tile_pass = filter_operands(row_filter, qp, np_, block_q, split_len)
+    id_ops = () if row_ids is None else (pad_axis(jnp.asarray(row_ids, jnp.int32)[None, :], 1, np_),)
+    n_q, n_x, n_f = len(q_ops), len(x_ops), len(f_ops)
 
     def kernel(nv_ref, *refs):
-        q_refs = refs[: len(q_ops)]
-        x_refs = refs[len(q_ops) : len(q_ops) + len(x_ops)]
+        q_refs = refs[:n_q]
+        x_refs = refs[n_q : n_q + n_x]
+        f_refs = refs[n_q + n_x : n_q + n_x + n_f]
+        id_refs = refs[n_q + n_x + n_f : -2]
         out_s_ref, out_i_ref = refs[-2:]
         split = pl.program_id(1)
         limit = nv_ref[0]
@@ -92,8 +153,16 @@ def running_topk_call(
         def tile_step(j, best):
             offset = pl.multiple_of(j * block_n, block_n)
             tile = tile_score(q_refs, x_refs, offset, block_n)
-            gid = split * split_len + offset + col
-            tile = jnp.where(gid < limit, tile, -jnp.inf)
+            position = split * split_len + offset + col
+            keep = position < limit
+            if tile_pass is not None:
+                keep = keep & tile_pass(f_refs, offset, block_n)
+            if id_refs:
+                gid = jnp.broadcast_to(id_refs[0][:, pl.ds(offset, block_n)], (block_q, block_n))
+                keep = keep & (gid >= 0)
+            else:
+                gid = position
+            tile = jnp.where(keep, tile, -jnp.inf)
 
             def candidate(tile, bs, bi):
                 t_best = jnp.max(tile, axis=1, keepdims=True)
@@ -128,6 +197,8 @@ def running_topk_call(
     in_specs = [pl.BlockSpec((1,), lambda i, s: (0,))]
     in_specs += [pl.BlockSpec((block_q, a.shape[1]), lambda i, s: (i, 0)) for a in q_ops]
     in_specs += [pl.BlockSpec((a.shape[0], split_len), lambda i, s: (0, s)) for a in x_ops]
+    in_specs += list(f_specs)
+    in_specs += [pl.BlockSpec((1, split_len), lambda i, s: (0, s)) for _ in id_ops]
     out_spec = pl.BlockSpec((pl.squeezed, block_q, kp), lambda i, s: (s, i, 0))
     scores, ids = pl.pallas_call(
         kernel,
@@ -140,8 +211,8 @@ def running_topk_call(
         ],
         interpret=interpret,
         name="running_topk",
-    )(n_valid_arr, *q_ops, *x_ops)
+    )(n_valid_arr, *q_ops, *x_ops, *f_ops, *id_ops)
     scores = jnp.transpose(scores, (1, 0, 2)).reshape(qp, splits * kp)[:q]
     ids = jnp.transpose(ids, (1, 0, 2)).reshape(qp, splits * kp)[:q]
     neg, ids = lax.sort((-scores, ids), dimension=1, num_keys=2)
-    return -neg[:, :k], ids[:, :k]
+    return mark_missing(-neg[:, :k], ids[:, :k])

@@ -10,7 +10,9 @@ vectors and scores them against the float query:
 * packed binary corpus uint32 [N, W]: ``<q, signs(x_j)>`` with signs in {-1, +1}.
 
 Returns the k best candidates (scores float32 [Q, k], ids int32 [Q, k]), ties ->
-smaller id. The Pallas variant gathers in XLA and runs the scoring + running
+smaller id. Candidate id -1 means "no candidate" (a filtered first stage that found
+fewer rows): it is never returned, and when fewer than k real candidates remain the
+missing results are id -1 with score -inf. The Pallas variant gathers in XLA and runs the scoring + running
 top-k in the kernel (one program per query block).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis
+from embedjax.kernels.row_filter import NEG_INF, mark_missing
 from embedjax.kernels.topk import check_k, sort_by_score_then_id
 from embedjax.quant.binary import WORD_BITS
 
@@ -62,10 +65,16 @@ def _check(q, cand, x, k, x_scale, q_offset):
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _rescore_xla(q, cand, x, x_scale, q_offset, k):
-    xg = _decode_candidates(jnp.take(x, cand, axis=0), q.shape[1])  # [Q, C, D]
+    safe = jnp.maximum(cand, 0)
+    xg = _decode_candidates(jnp.take(x, safe, axis=0), q.shape[1])  # [Q, C, D]
     s = jnp.einsum("qd,qcd->qc", q.astype(jnp.float32), xg, precision=lax.Precision.HIGHEST)
-    s = s * jnp.take(x_scale, cand, axis=0) + q_offset[:, None]
-    return sort_by_score_then_id(s, cand.astype(jnp.int32), k)
+    s = s * jnp.take(x_scale, safe, axis=0) + q_offset[:, None]
+    return _select(s, cand, k)
+
+
+def _select(scores_qc, cand, k):
+    scores_qc = jnp.where(cand >= 0, scores_qc, NEG_INF)
+    return mark_missing(*sort_by_score_then_id(scores_qc, cand.astype(jnp.int32), k))
 
 
 def _rescore_kernel(q_ref, xg_ref, xs_ref, qo_ref, s_ref):
@@ -80,8 +89,9 @@ def _rescore_pallas(q, cand, x, x_scale, q_offset, k, interpret=False):
     nq, c = cand.shape
     dp = next_pow2(q.shape[1])
     cp = next_pow2(c)
-    xg = pad_axis(pad_axis(_decode_candidates(jnp.take(x, cand, axis=0), q.shape[1]), 2, dp), 1, cp)
-    xs = pad_axis(jnp.take(x_scale, cand, axis=0), 1, cp)
+    safe = jnp.maximum(cand, 0)
+    xg = pad_axis(pad_axis(_decode_candidates(jnp.take(x, safe, axis=0), q.shape[1]), 2, dp), 1, cp)
+    xs = pad_axis(jnp.take(x_scale, safe, axis=0), 1, cp)
     qf = pad_axis(q.astype(jnp.float32), 1, dp)
     s = pl.pallas_call(
         _rescore_kernel,
@@ -97,7 +107,7 @@ def _rescore_pallas(q, cand, x, x_scale, q_offset, k, interpret=False):
         interpret=interpret,
         name="rescore",
     )(qf, xg, xs, q_offset[:, None])
-    return sort_by_score_then_id(s[:, :c], cand.astype(jnp.int32), k)
+    return _select(s[:, :c], cand, k)
 
 
 def rescore_topk(q_float, candidates, x_codes_or_float, k, impl="auto", *, x_scale=None, q_offset=None):

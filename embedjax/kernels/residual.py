@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
+from embedjax.kernels.row_filter import as_row_filter
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
 from embedjax.quant.binary import WORD_BITS
 
@@ -87,11 +88,13 @@ def residual_bits_score(q, x_codes, *, dim, weights=None):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "weights", "dim", "chunk_size"))
-def _residual_xla(q, x, k, n_valid, *, dim, weights, chunk_size):
+def _residual_xla(q, x, k, n_valid, *, dim, weights, chunk_size, row_filter=None):
     if weights is None:
         qp = pad_axis(q.astype(jnp.float32), 2, x.shape[2] * WORD_BITS)
-        return chunked_topk(_asym_chunk, (qp,), (x,), k, n_valid=n_valid, chunk_size=chunk_size)
-    return chunked_topk(_sym_chunk(weights, dim), (q,), (x,), k, n_valid=n_valid, chunk_size=chunk_size)
+        return chunked_topk(_asym_chunk, (qp,), (x,), k, n_valid=n_valid, chunk_size=chunk_size,
+                            row_filter=row_filter)
+    return chunked_topk(_sym_chunk(weights, dim), (q,), (x,), k, n_valid=n_valid, chunk_size=chunk_size,
+                        row_filter=row_filter)
 
 
 def _asym_tile(q_refs, x_refs, offset, block_n):
@@ -128,7 +131,7 @@ def _sym_tile(weights, dim, words):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "weights", "dim", "interpret"))
-def _residual_pallas(q, x, k, n_valid, *, dim, weights, interpret):
+def _residual_pallas(q, x, k, n_valid, *, dim, weights, interpret, row_filter=None):
     n, planes, words = x.shape
     wp = next_pow2(words)
     xp = pad_axis(x, 2, wp)
@@ -141,17 +144,23 @@ def _residual_pallas(q, x, k, n_valid, *, dim, weights, interpret):
         q_ops = (pad_axis(q, 2, wp).reshape(q.shape[0], -1),)
         tile = _sym_tile(weights, dim, wp)
     return running_topk_call(tile, q_ops, (x_t,), n_valid, k, block_q=16, block_n=128, target_splits=64,
-                             interpret=interpret)
+                             interpret=interpret, row_filter=row_filter)
 
 
-def residual_topk(q, x_codes, k, impl="auto", *, dim, weights=None, n_valid=None, chunk_size=4096):
-    """Top-k (scores float32 [Q, k], ids int32 [Q, k]) of multi-plane codes, ties -> smaller id."""
+def residual_topk(q, x_codes, k, impl="auto", *, dim, weights=None, n_valid=None, chunk_size=4096, filter=None):
+    """Top-k (scores float32 [Q, k], ids int32 [Q, k]) of multi-plane codes, ties -> smaller id.
+
+    ``filter``: mask [N] / [Q, N] or ``RowPredicates`` (``kernels.row_filter``); when
+    fewer than k rows pass, the missing results are id -1 with score -inf.
+    """
     q, x = jnp.asarray(q), jnp.asarray(x_codes)
     mode = _check(q, x, dim, weights)
     n_valid = resolve_n_valid(n_valid, x.shape[0])
     check_k(k, n_valid)
+    row_filter = as_row_filter(filter, q.shape[0], x.shape[0])
     weights = None if mode == "asym" else tuple(float(w) for w in weights)
     impl, interpret = resolve_impl(impl)
     if impl == "pallas":
-        return _residual_pallas(q, x, k, n_valid, dim=dim, weights=weights, interpret=interpret)
-    return _residual_xla(q, x, k, n_valid, dim=dim, weights=weights, chunk_size=chunk_size)
+        return _residual_pallas(q, x, k, n_valid, dim=dim, weights=weights, interpret=interpret,
+                                row_filter=row_filter)
+    return _residual_xla(q, x, k, n_valid, dim=dim, weights=weights, chunk_size=chunk_size, row_filter=row_filter)

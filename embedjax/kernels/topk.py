@@ -7,6 +7,9 @@ ties are broken by the smaller corpus index. Hamming distance d is scored as
 Memory: one chunk of scores [Q, chunk_size] float32 plus the running [Q, k]
 lists; the corpus is never copied or padded (the last chunk is clamped to end
 at row N and the rows it re-reads are masked).
+
+Filters (``kernels.row_filter``) mask failing rows to -inf before selection; when
+fewer than k rows pass, the missing results are id -1 with score -inf.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-NEG_INF = float("-inf")
+from embedjax.kernels.row_filter import NEG_INF, RowFilter, mark_missing, rows_pass
 
 
 def check_k(k, n_valid: int, what: str = "corpus"):
@@ -66,6 +69,8 @@ def chunked_topk(
     n_valid=None,
     chunk_size: int = 32768,
     id_offset=0,
+    row_filter: RowFilter | None = None,
+    row_ids=None,
 ):
     """Top-k (scores float32 [Q, k], ids int32 [Q, k]) of ``score_chunk(q_args, x_chunk_args)``.
 
@@ -73,7 +78,9 @@ def chunked_topk(
     ``score_chunk`` returns float32 scores [Q, C] for a chunk of C rows.
     ``n_valid`` (int or traced int32 scalar) limits the search to rows < n_valid;
     ``id_offset`` is added to the returned ids (for shards of a larger corpus).
-    Entries beyond the valid rows score -inf (only seen when k > n_valid).
+    ``row_filter`` masks rows per query (``kernels.row_filter``); ``row_ids`` int32 [N]
+    replaces the row index as reported id and tie-breaker (negative ids never match).
+    Missing results (fewer than k rows pass) are id -1 with score -inf.
     """
     n = x_args[0].shape[0]
     chunk = int(min(chunk_size, n))
@@ -81,28 +88,41 @@ def chunked_topk(
         chunk = min(n, k)
     num_chunks = -(-n // chunk)
     n_valid = n if n_valid is None else n_valid
+    merge = _merge if row_ids is None else _merge_by_id
 
     def scores_of(c):
         start = jnp.minimum(c * chunk, n - chunk)
         xs = [lax.dynamic_slice_in_dim(a, start, chunk, axis=0) for a in x_args]
         s = score_chunk(q_args, xs).astype(jnp.float32)
-        ids = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
-        # Rows re-read by the clamped last chunk, and padding rows, never count.
-        valid = (ids >= c * chunk) & (ids < n_valid)
+        pos = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+        # Rows re-read by the clamped last chunk, padding rows and filtered rows never count.
+        valid = (pos >= c * chunk) & (pos < n_valid) & rows_pass(row_filter, start, chunk)
+        if row_ids is None:
+            ids = pos
+        else:
+            ids = lax.dynamic_slice_in_dim(row_ids, start, chunk)[None, :]
+            valid = valid & (ids >= 0)
         return jnp.where(valid, s, NEG_INF), jnp.broadcast_to(ids, s.shape)
 
-    s0, i0 = scores_of(0)
-    top_s, pos = lax.top_k(s0, k)
-    best = (top_s, jnp.take_along_axis(i0, pos, axis=1))
+    def chunk_top(c):
+        s, ids = scores_of(c)
+        if row_ids is not None:  # ties must go to the smaller id, not the earlier row
+            return sort_by_score_then_id(s, ids, k)
+        top_s, pos = lax.top_k(s, k)
+        return top_s, jnp.take_along_axis(ids, pos, axis=1)
+
+    best = chunk_top(0)
 
     def body(c, best):
-        s, ids = scores_of(c)
-        cs, cpos = lax.top_k(s, k)
-        return _merge(*best, cs, jnp.take_along_axis(ids, cpos, axis=1), k)
+        return merge(*best, *chunk_top(c), k)
 
     if num_chunks > 1:
         best = lax.fori_loop(1, num_chunks, body, best)
-    return best[0], best[1] + jnp.asarray(id_offset, jnp.int32)
+    return mark_missing(best[0], best[1] + jnp.asarray(id_offset, jnp.int32))
+
+
+def _merge_by_id(best_s, best_i, new_s, new_i, k):
+    return sort_by_score_then_id(jnp.concatenate([best_s, new_s], axis=1), jnp.concatenate([best_i, new_i], axis=1), k)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
