@@ -328,11 +328,13 @@ def _shard_filter(row_filter, padded_rows, mesh, axis):
     """The filter's corpus-axis arrays padded and split with the rows, and its shard_map specs."""
     if row_filter is None:
         return None, None
-    pad = lambda a: jnp.pad(jnp.asarray(a), ((0, 0), (0, padded_rows - a.shape[1])))
+    split = NamedSharding(mesh, P(None, axis))
+    pad = lambda a: jax.device_put(jnp.pad(jnp.asarray(a), ((0, 0), (0, padded_rows - a.shape[1]))), split)
     if row_filter.mask_mn is not None:
         return RowFilter(mask_mn=pad(row_filter.mask_mn)), RowFilter(mask_mn=P(None, axis))
     attrs, lo, hi = row_filter.predicates
-    return (RowFilter(predicates=RowPredicates(pad(attrs), lo, hi)),
+    replicated = lambda a: jax.device_put(jnp.asarray(a), NamedSharding(mesh, P()))
+    return (RowFilter(predicates=RowPredicates(pad(attrs), replicated(lo), replicated(hi))),
             RowFilter(predicates=RowPredicates(P(None, axis), P(), P())))
 
 
