@@ -53,7 +53,7 @@ CORPORA = ("scifact", "nfcorpus", "msmarco")
 LENGTH_EDGES = (64, 160, 240)  # whitespace words: bucket b holds lengths in [edge[b-1], edge[b])
 TENANTS = {"tenant_1pct": 100, "tenant_10pct": 10, "tenant_50pct": 2}
 RANGE_WIDTHS = {"range_1pct": 0.01, "range_10pct": 0.10, "range_50pct": 0.50}
-GT_K = 100
+GT_K = 10
 SEED = 19
 FORMAT_VERSION = 1
 
@@ -352,3 +352,23 @@ def main(args) -> dict:
     return {"command": "filtered-benchmark", "out": str(args.out), "documents": manifest["num_documents"],
             "queries": manifest["num_queries"],
             "selectivity": {n: round(w["mean_selectivity"], 4) for n, w in manifest["workloads"].items()}}
+
+
+def recall_at_k(found_ids, gt_ids, gt_scores, q_qd, d_nd, k: int = 10, tolerance: float = 1e-6) -> np.ndarray:
+    """float64 [Q]: recall@k of ``found_ids`` [Q, >= k] against exact filtered ground truth.
+
+    A found row counts when its exact (float64) score reaches the ground truth's k-th
+    score minus ``tolerance``, so rows tied with the k-th result (duplicate documents,
+    which nfcorpus has) count whichever of them a system returns. The denominator is
+    min(k, rows passing the filter); queries whose filter passes no row are NaN.
+    Found rows must pass the filter: check that separately (``found_ids`` is trusted here).
+    """
+    found = np.asarray(found_ids)[:, :k]
+    gt = np.asarray(gt_ids)[:, :k]
+    valid = (gt >= 0).sum(axis=1)
+    kth = np.take_along_axis(np.asarray(gt_scores, np.float64)[:, :k], np.maximum(valid - 1, 0)[:, None], 1)[:, 0]
+    q64, d64 = np.asarray(q_qd, np.float64), np.asarray(d_nd, np.float64)
+    scores = np.einsum("qd,qkd->qk", q64, d64[np.maximum(found, 0)])
+    hits = ((found >= 0) & (scores >= kth[:, None] - tolerance)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid > 0, np.minimum(hits, valid) / valid, np.nan)

@@ -73,6 +73,16 @@ class CodeIndex:
     rescore: Optional[str] = None
     rescore_store: Optional[np.ndarray] = None  # float32 [N, D] or int8 [N, D]
     rescore_ranges: Optional[tuple] = None
+    # Device copies of the row arrays, made on first use so repeated searches do not copy the
+    # corpus from host memory every call (dataclasses.replace starts a fresh cache).
+    _device: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def device_array(self, name: str):
+        """The named row array (codes, scales, rescore_store) as a device array, cached."""
+        if name not in self._device:
+            value = getattr(self, name)
+            self._device[name] = None if value is None else jnp.asarray(value)
+        return self._device[name]
 
     # ------------------------------------------------------------ building
 
@@ -136,9 +146,11 @@ class CodeIndex:
 
     def _x_args(self):
         if self.kind == "binary":
-            return (self.codes,)
-        scales = self.scales if self.scales is not None else np.ones((self.size,), np.float32)
-        return (self.codes, scales)
+            return (self.device_array("codes"),)
+        if self.scales is None:
+            self._device.setdefault("unit_scales", jnp.ones((self.size,), jnp.float32))
+            return (self.device_array("codes"), self._device["unit_scales"])
+        return (self.device_array("codes"), self.device_array("scales"))
 
     def _check_queries(self, q):
         q = np.asarray(q)
@@ -218,9 +230,9 @@ class CodeIndex:
 
     def _rescore(self, q, cand, k, impl):
         if self.rescore == "float32":
-            return rescore_topk(q, cand, self.rescore_store, k, impl)
+            return rescore_topk(q, cand, self.device_array("rescore_store"), k, impl)
         q_scaled, q_offset = affine_query_transform(q, *self.rescore_ranges, 256)
-        return rescore_topk(q_scaled, cand, self.rescore_store, k, impl, q_offset=q_offset)
+        return rescore_topk(q_scaled, cand, self.device_array("rescore_store"), k, impl, q_offset=q_offset)
 
     # ------------------------------------------------------------ persistence
 

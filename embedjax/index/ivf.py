@@ -15,14 +15,16 @@ slot's corpus id (-1 = padding). First-stage codes live in that list-major order
 (the ``lists`` ``CodeIndex``); the rescoring copy (float32 or int8) stays in corpus
 order.
 
-Search: the ``nprobe`` lists with the largest <q, centroid> (ties -> smaller list)
-are gathered per query ([Q, nprobe * list_len] candidate slots, in query batches
-that bound memory) and scanned with the existing top-k kernels of the code kind
-(``first_stage_topk``: Hamming, int8/int4/fp8 and float32 kernels, ``impl`` picks
-Pallas or the jnp twin) under ``jax.vmap``: padding slots and filtered rows are
-masked inside the kernel, and the candidates' corpus ids break ties, so with
-``nprobe == nlist`` the result equals exhaustive search of the same codes. With
-``rescore``, ``k * rescore_multiplier`` candidates are rescored exactly.
+Search: each query probes the ``nprobe`` lists with the largest <q, centroid> (ties ->
+smaller list). The queries are then grouped by list, and every list is scanned once,
+against the group of queries that probe it, by the existing top-k kernel of the code
+kind (``first_stage_topk``: Hamming, int8/int4/fp8 and float32; ``impl`` picks Pallas or
+the jnp twin) under ``jax.vmap`` over lists: no list's codes are copied per query, and
+each scan is a [queries, list_len] matrix problem. Padding slots (id -1) and filtered
+rows are masked inside the kernel (attribute predicates are evaluated there per tile),
+and the slots' corpus ids break ties, so with ``nprobe == nlist`` the result equals
+exhaustive search of the same codes. Each query merges its nprobe per-list top-k lists
+exactly. With ``rescore``, ``k * rescore_multiplier`` candidates are rescored exactly.
 
 ``selection="approx"`` picks the probed lists and the candidates with
 ``jax.lax.approx_max_k`` (``recall_target``), the TPU's partial-reduction top-k
@@ -49,8 +51,9 @@ from embedjax.index.code_index import (
 )
 from embedjax.index.filtered import Backend, check_strategy, filtered_search, resolve_filter
 from embedjax.index.kmeans import assign, kmeans
-from embedjax.kernels.row_filter import NEG_INF, RowFilter, gathered_pass, mark_missing, select_queries
-from embedjax.kernels.topk import check_k, sort_by_score_then_id
+from embedjax.kernels.pallas_topk import next_pow2
+from embedjax.kernels.row_filter import NEG_INF, RowFilter, RowPredicates, mark_missing, rows_pass, select_queries
+from embedjax.kernels.topk import MAX_EXACT_ID, check_k, sort_by_score_then_id, top_k_by_score_then_id
 
 SELECTIONS = ("exact", "approx")
 _FORMAT_VERSION = 1
@@ -79,6 +82,9 @@ class IVFIndex:
         x = x.astype(np.float32)
         if not isinstance(nlist, int) or not 1 <= nlist <= x.shape[0]:
             raise ValueError(f"nlist={nlist} must be an int between 1 and the corpus size {x.shape[0]}")
+        if x.shape[0] > MAX_EXACT_ID:
+            raise ValueError(f"IVFIndex holds at most {MAX_EXACT_ID} vectors (ids break ties exactly in float32 "
+                             f"below 2^24); got {x.shape[0]}: shard the corpus into several indexes")
         if not isinstance(list_block, int) or list_block < 1:
             raise ValueError(f"list_block must be an int >= 1; got {list_block}")
         flat = CodeIndex.build(x, kind, rescore=rescore, calibration_nd=calibration_nd)  # validates kind/rescore
@@ -123,12 +129,14 @@ class IVFIndex:
 
     def search(self, queries_qd, k: int, *, nprobe: int, rescore_multiplier: int = 4, impl: str = "auto",
                selection: str = "exact", recall_target: float = 0.95, filter=None, filter_strategy: str = "auto",
-               post_multiplier: float = 2.0, chunk_size: int = 4096, batch_bytes: int = 1 << 26):
+               post_multiplier: float = 2.0, chunk_size: int = 4096, query_batch: int | None = None):
         """``(scores float32 [Q, k], ids int32 [Q, k])`` numpy, best first, ties -> smaller id.
 
         ``nprobe`` lists per query (1 <= nprobe <= nlist). Results the probed lists
         cannot fill (too few rows, or too few passing the filter) are id -1, score -inf.
-        ``batch_bytes`` bounds the gathered candidate codes per query batch.
+        Queries go ``query_batch`` at a time (default ``8192 // nprobe``, between 64 and
+        1024): a list is scanned against up to that many queries at once, so memory holds
+        [nlist, queries per list] query operands and scores.
         """
         q = self.lists._check_queries(queries_qd)
         check_k(k, self.num_rows, what="index")
@@ -142,18 +150,39 @@ class IVFIndex:
         if not isinstance(rescore_multiplier, int) or rescore_multiplier < 1:
             raise ValueError(f"rescore_multiplier must be an int >= 1; got {rescore_multiplier}")
         row_filter = resolve_filter(filter, q.shape[0], self.num_rows)
+        if query_batch is None:
+            query_batch = max(64, min(1024, 8192 // nprobe))
+        if not isinstance(query_batch, int) or query_batch < 1:
+            raise ValueError(f"query_batch must be an int >= 1; got {query_batch!r}")
         options = dict(nprobe=nprobe, rescore_multiplier=rescore_multiplier, impl=impl, selection=selection,
-                       recall_target=recall_target, chunk_size=chunk_size, batch_bytes=batch_bytes)
+                       recall_target=recall_target, chunk_size=chunk_size, query_batch=query_batch)
         backend = Backend(search=lambda qq, kk, rf: self._search(qq, kk, rf, **options),
                           subset=lambda rows: self.flat_subset(rows).backend(
                               rescore_multiplier=rescore_multiplier, impl=impl, chunk_size=chunk_size))
         return filtered_search(backend, q, k, row_filter, self.num_rows, strategy=filter_strategy,
                                post_multiplier=post_multiplier)
 
+    def _device_list_ids(self):
+        cache = self.lists._device  # lives and dies with the list codes
+        if "list_ids" not in cache:
+            cache["list_ids"] = jnp.asarray(self.list_ids)
+            cache["centroids"] = jnp.asarray(self.centroids)
+        return cache["list_ids"]
+
     def probe(self, queries_qd, nprobe: int, selection: str = "exact", recall_target: float = 0.95) -> np.ndarray:
         """int32 [Q, nprobe]: the lists each query scans (largest <q, centroid> first)."""
-        return np.asarray(_probe(jnp.asarray(queries_qd, jnp.float32), jnp.asarray(self.centroids), nprobe,
+        self._device_list_ids()
+        return np.asarray(_probe(jnp.asarray(queries_qd, jnp.float32), self.lists._device["centroids"], nprobe,
                                  selection, recall_target))
+
+    def _rescorer(self) -> CodeIndex:
+        """A CodeIndex view that rescores corpus ids (its device cache is kept on the lists)."""
+        cache = self.lists._device
+        if "rescorer" not in cache:
+            cache["rescorer"] = dataclasses.replace(self.lists, rescore=self.rescore,
+                                                    rescore_store=self.rescore_store,
+                                                    rescore_ranges=self.rescore_ranges)
+        return cache["rescorer"]
 
     def flat_subset(self, rows) -> CodeIndex:
         """An exhaustive ``CodeIndex`` of the corpus rows ``rows`` (codes gathered from the lists)."""
@@ -166,36 +195,31 @@ class IVFIndex:
         return dataclasses.replace(sub, rescore=self.rescore, rescore_store=store, rescore_ranges=self.rescore_ranges)
 
     def _search(self, q, k, row_filter, *, nprobe, rescore_multiplier, impl, selection, recall_target, chunk_size,
-                batch_bytes):
+                query_batch):
         first_k = k if self.rescore is None else min(self.num_rows, k * rescore_multiplier)
-        width = nprobe * self.list_len
-        kk = min(first_k, width)
+        per_list = min(first_k, self.list_len)
+        kept = min(first_k, nprobe * per_list)
         probes = self.probe(q, nprobe, selection, recall_target)
-        q_args = self.lists._query_args(q)
-        row_bytes = sum(np.asarray(a).nbytes // max(1, a.shape[0]) for a in self.lists._x_args()) + 8
-        batch = int(max(1, min(q.shape[0], batch_bytes // (width * row_bytes))))
-        x_args = tuple(jnp.asarray(a) for a in self.lists._x_args())
-        slot_ids = jnp.asarray(self.list_ids.reshape(-1))
+        q_args = tuple(jnp.asarray(a) for a in self.lists._query_args(q))
+        x_lists = tuple(a.reshape(self.nlist, self.list_len, *a.shape[1:]) for a in self.lists._x_args())
+        list_ids = self._device_list_ids()
         scores, ids = [], []
-        for start in range(0, q.shape[0], batch):
-            rows = np.arange(start, min(start + batch, q.shape[0]))
-            padded = np.concatenate([rows, np.full(batch - rows.size, rows[0])])  # one compiled batch shape
-            rf = select_queries(row_filter, padded)
-            s, i = _scan(self.kind, tuple(jnp.asarray(a)[padded] for a in q_args), x_args, slot_ids,
-                         jnp.asarray(probes[padded]), rf, k=kk,
-                         list_len=self.list_len, impl=impl, selection=selection, recall_target=recall_target,
+        for start in range(0, q.shape[0], query_batch):
+            rows = np.arange(start, min(start + query_batch, q.shape[0]))
+            group_q, rank = _group_by_list(probes[rows], self.nlist)
+            s, i = _scan(self.kind, tuple(a[rows] for a in q_args), x_lists, list_ids, jnp.asarray(group_q),
+                         jnp.asarray(probes[rows]), jnp.asarray(rank), select_queries(row_filter, rows),
+                         per_list=per_list, kept=kept, impl=impl, selection=selection, recall_target=recall_target,
                          chunk_size=chunk_size)
-            scores.append(np.asarray(s)[: rows.size])
-            ids.append(np.asarray(i)[: rows.size])
+            scores.append(np.asarray(s))
+            ids.append(np.asarray(i))
         scores, ids = np.concatenate(scores), np.concatenate(ids)
-        if kk < first_k:  # fewer candidate slots than results: the rest is missing
-            scores = np.pad(scores, ((0, 0), (0, first_k - kk)), constant_values=-np.inf)
-            ids = np.pad(ids, ((0, 0), (0, first_k - kk)), constant_values=-1)
+        if kept < first_k:  # the probed lists hold fewer slots than results: the rest is missing
+            scores = np.pad(scores, ((0, 0), (0, first_k - kept)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, first_k - kept)), constant_values=-1)
         if self.rescore is None:
             return scores[:, :k], ids[:, :k]
-        rescorer = dataclasses.replace(self.lists, rescore=self.rescore, rescore_store=self.rescore_store,
-                                       rescore_ranges=self.rescore_ranges)
-        s, i = rescorer._rescore(q, jnp.asarray(ids), k, impl)
+        s, i = self._rescorer()._rescore(q, jnp.asarray(ids), k, impl)
         return np.asarray(s), np.asarray(i)
 
     # ------------------------------------------------------------ persistence
@@ -234,24 +258,80 @@ def _probe(q_qd, centroids_kd, nprobe, selection, recall_target):
     return lists.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "k", "list_len", "impl", "selection", "recall_target",
+def _group_by_list(probes_qp: np.ndarray, nlist: int):
+    """Queries grouped by the lists they probe.
+
+    Returns ``group_q`` int32 [nlist, P'] (the queries probing each list, -1 = padding;
+    P' = the busiest list's count rounded up to a power of two, so batches reuse compiled
+    shapes) and ``rank`` int32 [Q, nprobe]: the slot of query q within the group of the list
+    it probes j-th.
+    """
+    q, nprobe = probes_qp.shape
+    lists = probes_qp.reshape(-1)
+    order = np.argsort(lists, kind="stable")
+    counts = np.bincount(lists, minlength=nlist)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank_sorted = np.arange(lists.size) - starts[lists[order]]
+    width = next_pow2(int(counts.max()))
+    group_q = np.full((nlist, width), -1, np.int32)
+    group_q[lists[order], rank_sorted] = order // nprobe
+    rank = np.empty(lists.size, np.int32)
+    rank[order] = rank_sorted
+    return group_q, rank.reshape(q, nprobe)
+
+
+def _list_filter(row_filter, group_q, list_ids):
+    """Per list, the kernel filter of its query group over its slots (vmapped over lists)."""
+    if row_filter is None:
+        return None
+    safe_q, safe_ids = jnp.maximum(group_q, 0), jnp.maximum(list_ids, 0)
+    if row_filter.mask_mn is not None:
+        mask = row_filter.mask_mn
+        if mask.shape[0] == 1:  # shared: [nlist, 1, L]
+            return RowFilter(mask_mn=jnp.take(mask[0], safe_ids)[:, None, :])
+        return RowFilter(mask_mn=mask[safe_q[:, :, None], safe_ids[:, None, :]])  # [nlist, P', L]
+    attrs, lo, hi = row_filter.predicates
+    list_attrs = jnp.moveaxis(jnp.take(attrs, safe_ids, axis=1), 1, 0)  # [nlist, A, L]
+    if lo.shape[0] == 1:
+        bounds = (jnp.broadcast_to(lo, (group_q.shape[0], 1, lo.shape[1])),
+                  jnp.broadcast_to(hi, (group_q.shape[0], 1, hi.shape[1])))
+    else:
+        bounds = (lo[safe_q], hi[safe_q])  # [nlist, P', A]
+    return RowFilter(predicates=RowPredicates(list_attrs, *bounds))
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "per_list", "kept", "impl", "selection", "recall_target",
                                              "chunk_size"))
-def _scan(kind, q_args, x_args, slot_ids, probes_qp, row_filter, *, k, list_len, impl, selection, recall_target,
-          chunk_size):
-    """Top-k over each query's probed lists: (scores [B, k], corpus ids [B, k])."""
-    slots = (probes_qp[:, :, None] * list_len + jnp.arange(list_len)[None, None, :]).reshape(probes_qp.shape[0], -1)
-    ids = jnp.take(slot_ids, slots)  # [B, M] corpus ids, -1 = padding
-    ok = gathered_pass(row_filter, ids)  # padding and filtered rows fail
-    gathered = tuple(jnp.take(a, slots, axis=0) for a in x_args)  # [B, M, ...]
+def _scan(kind, q_args, x_lists, list_ids, group_q, probes_qp, rank_qp, row_filter, *, per_list, kept, impl,
+          selection, recall_target, chunk_size):
+    """Top-``kept`` (scores [Q, kept], corpus ids [Q, kept]) of each query over its probed lists.
+
+    Every list is scanned once, by the existing top-k kernel of the code kind, against the
+    group of queries that probe it (``jax.vmap`` over lists); each query then merges its
+    nprobe per-list lists exactly (score desc, corpus id asc).
+    """
+    q_groups = tuple(jnp.take(a, jnp.maximum(group_q, 0), axis=0) for a in q_args)  # [nlist, P', ...]
+    list_filter = _list_filter(row_filter, group_q, list_ids)
     if selection == "approx":
-        score = jax.vmap(lambda qa, xa: score_chunk_fn(kind)(tuple(a[None] for a in qa), xa)[0])
-        s = jnp.where(ok, score(q_args, gathered), NEG_INF)
-        top, pos = lax.approx_max_k(s, k, recall_target=recall_target)
-        return mark_missing(*sort_by_score_then_id(top, jnp.take_along_axis(ids, pos, axis=1), k))
+        def scores_of(qa, xa, ids, flt):
+            s = score_chunk_fn(kind)(qa, xa)
+            keep = (ids >= 0)[None, :]
+            if flt is not None:
+                keep = keep & rows_pass(flt, 0, ids.shape[0])
+            return jnp.where(keep, s, NEG_INF)
 
-    def one(qa, xa, ok_m, ids_m):
-        s, i = first_stage_topk(kind, tuple(a[None] for a in qa), xa, k, impl, chunk_size,
-                                RowFilter(mask_mn=ok_m[None]), ids_m)
-        return s[0], i[0]
+        s = jax.vmap(scores_of)(q_groups, x_lists, list_ids, list_filter)  # [nlist, P', L]
+        top, pos = lax.approx_max_k(s, per_list, recall_target=recall_target)
+        top_ids = jnp.take_along_axis(jnp.broadcast_to(list_ids[:, None, :], s.shape), pos, axis=2)
+    else:
+        def one_list(qa, xa, ids, flt):
+            return first_stage_topk(kind, qa, xa, per_list, impl, chunk_size, flt, ids)
 
-    return jax.vmap(one)(q_args, gathered, ok, ids)
+        top, top_ids = jax.vmap(one_list)(q_groups, x_lists, list_ids, list_filter)  # [nlist, P', per_list]
+    q = probes_qp.shape[0]
+    mine_s = top[probes_qp, rank_qp].reshape(q, -1)  # [Q, nprobe * per_list]
+    mine_i = top_ids[probes_qp, rank_qp].reshape(q, -1)
+    if selection == "approx":
+        mine_s, pos = lax.approx_max_k(mine_s, kept, recall_target=recall_target)
+        return mark_missing(*sort_by_score_then_id(mine_s, jnp.take_along_axis(mine_i, pos, axis=1), kept))
+    return mark_missing(*top_k_by_score_then_id(mine_s, mine_i, kept))

@@ -22,8 +22,9 @@ When fewer than k rows pass, the missing results are reported as id ``MISSING_ID
 (-1) with the worst score (-inf; for Hamming distances, ``MISSING_DISTANCE`` =
 int32 max), after every real result. Scores of real rows must be finite.
 
-Kernels also take ``row_ids=`` (int32 [N]): the id reported for, and breaking ties
-by, each corpus row (default: the row index). Rows with a negative id never match.
+Kernels also take ``row_ids=`` (int32 [N], each below 2^24): the id reported for, and
+breaking ties by, each corpus row (default: the row index). Rows with a negative id
+never match.
 An inverted-file scan uses it to keep "ties -> smaller corpus id" while it scans
 rows in list order.
 """
