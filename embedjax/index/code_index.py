@@ -167,7 +167,7 @@ class CodeIndex:
     def search(self, queries_qd, k: int, *, rescore_multiplier: int = 4, impl: str = "auto",
                chunk_size: int = 32768, mesh=None, axis: str = "data", filter=None, filter_strategy: str = "auto",
                post_multiplier: float = 2.0):
-        """``(scores float32 [Q, k], ids int32 [Q, k])`` best first, ties -> smaller id.
+        """``(scores float32 [Q, k], ids int32 [Q, k])`` numpy, best first, ties -> smaller id.
 
         Without rescoring the scores are the first stage's own (negated Hamming
         distance for "binary"). ``mesh``/``axis`` shard the corpus over devices.

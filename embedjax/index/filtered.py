@@ -40,7 +40,7 @@ import numpy as np
 from embedjax.index.attributes import AttributeFilter
 from embedjax.kernels.pallas_topk import next_pow2
 from embedjax.kernels.row_filter import (
-    MISSING_ID, RowFilter, RowPredicates, as_row_filter, gathered_pass, predicates_pass, select_queries,
+    MISSING_ID, RowFilter, as_row_filter, gathered_pass, predicates_pass, select_queries,
 )
 
 STRATEGIES = ("auto", "in", "pre", "post")
@@ -122,15 +122,17 @@ def filtered_search(backend: Backend, q_qd, k: int, row_filter: RowFilter | None
                     strategy: str = "auto", post_multiplier: float = 2.0,
                     pre_max_selectivity: float = PRE_MAX_SELECTIVITY,
                     post_min_selectivity: float = POST_MIN_SELECTIVITY):
-    """Top-k under ``row_filter`` with a strategy (module docstring); numpy (scores [Q, k], ids [Q, k])."""
+    """Top-k under ``row_filter`` with a strategy (module docstring): numpy (scores [Q, k], ids [Q, k]).
+
+    Results are always host arrays, so the call returns only once the search has finished.
+    """
     check_strategy(strategy)
     if not (isinstance(post_multiplier, (int, float)) and post_multiplier >= 1):
         raise ValueError(f"post_multiplier must be a number >= 1; got {post_multiplier!r}")
     q = np.asarray(q_qd)
-    if row_filter is None:
-        return backend.search(q, k, None)
-    if strategy == "in":
-        return backend.search(q, k, row_filter)
+    if row_filter is None or strategy == "in":
+        scores, ids = backend.search(q, k, row_filter)
+        return np.asarray(scores), np.asarray(ids)
     sel = selectivity(row_filter, q.shape[0], num_rows)
     if strategy == "pre":
         return _pre_filter(backend, q, k, row_filter, num_rows)
@@ -191,10 +193,3 @@ def _post_filter(backend: Backend, q, k, row_filter, num_rows, sel, multiplier):
         ids[rows, :width] = np.where(kept_ok, np.take_along_axis(i, order, 1), MISSING_ID)
     return scores, ids
 
-
-def compact_predicates(row_filter: RowFilter, rows) -> RowFilter:
-    """The same filter over the corpus rows ``rows`` (attribute columns gathered)."""
-    if row_filter.mask_mn is not None:
-        return RowFilter(mask_mn=row_filter.mask_mn[:, np.asarray(rows)])
-    attrs, lo, hi = row_filter.predicates
-    return RowFilter(predicates=RowPredicates(attrs[:, np.asarray(rows)], lo, hi))

@@ -151,8 +151,8 @@ def measure(args) -> dict:
         results = {}
 
         def run(key, fn):
-            def call():
-                results[key] = fn()
+            def call():  # np.asarray: the call ends when the search has (JAX dispatches asynchronously)
+                results[key] = np.asarray(fn())
             return call
 
         # Exhaustive: embedjax strategies and FAISS flat, interleaved.

@@ -46,12 +46,18 @@ def test_all_lists_equal_exhaustive_search(clustered, indexes, kind, rescore):
 
 
 def test_pallas_scan_equals_xla_scan(clustered, indexes):
+    """The Pallas kernel vmapped over lists (interpret mode on CPU) == its jnp twin, with attribute predicates
+    evaluated inside the kernel and a shared mask."""
     q, _ = clustered
     ivf, _ = indexes["binary", None]
-    a = ivf.search(q[:3], 10, nprobe=2, impl="xla")
-    b = ivf.search(q[:3], 10, nprobe=2, impl="pallas")
-    np.testing.assert_array_equal(a[1], b[1])
-    np.testing.assert_array_equal(a[0], b[0])
+    attrs = Attributes.from_columns(categorical={"tenant": np.arange(1003) % 3})
+    flt = AttributeFilter(attrs, [Eq("tenant", t) for t in (0, 1, 2)])
+    shared = np.arange(1003) % 4 != 1
+    for f in (None, flt, shared):
+        a = ivf.search(q[:3], 10, nprobe=2, impl="xla", filter=f, filter_strategy="in")
+        b = ivf.search(q[:3], 10, nprobe=2, impl="pallas", filter=f, filter_strategy="in")
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
 
 
 def test_recall_never_drops_as_nprobe_grows_float(clustered, indexes):
