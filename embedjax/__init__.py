@@ -20,6 +20,7 @@ _SUBMODULES = (
     "index",
     "kernels",
     "losses",
+    "merge",
     "models",
     "quant",
     "sharding",

@@ -188,7 +188,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         module.add_arguments(bp)
         bp.set_defaults(func=module.run)
 
-    for name, module_name in (("sweep", "embedjax.sweep"), ("results", "embedjax.results")):
+    for name, module_name in (("sweep", "embedjax.sweep"), ("results", "embedjax.results"),
+                              ("merge", "embedjax.merge_cli")):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:

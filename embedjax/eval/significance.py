@@ -16,6 +16,11 @@ Randomised p-values use (count + 1) / (samples + 1), so a p-value is never 0
 (the convention of scipy.stats.permutation_test); an exact permutation test
 enumerates all 2^n sign patterns and needs no such correction.
 
+A correlation over pairs (STS: Spearman of model similarity against gold) is not a mean of
+per-pair scores, so `paired_bootstrap_correlation_test` resamples the pairs themselves and
+recomputes both systems' correlations on each resample; it returns the same keys, with the
+correlations x100 (as `embedjax.eval.sts` reports them) and ``effect_size`` a z score.
+
 References: Efron & Tibshirani (1993) for the paired bootstrap with the shift
 to the null; Smucker, Allan & Carterette, "A comparison of statistical
 significance tests for information retrieval evaluation", CIKM 2007, for the
@@ -27,8 +32,8 @@ import math
 
 import numpy as np
 
-__all__ = ["paired_bootstrap_test", "paired_permutation_test", "paired_differences", "paired_bootstrap_auc",
-           "weighted_auc"]
+__all__ = ["paired_bootstrap_correlation_test", "paired_bootstrap_test", "paired_permutation_test", "paired_differences",
+           "paired_bootstrap_auc", "weighted_auc"]
 
 _CHUNK = 2048  # resamples per vectorised block: bounds memory at _CHUNK x n floats
 
@@ -216,3 +221,65 @@ def paired_bootstrap_auc(labels, scores_a, scores_b, *, num_samples: int = 2_000
             "effect_size": observed / sd if sd > 0 else 0.0, "p_value": min(1.0, (count + 1) / (num_samples + 1)),
             "ci_low": float(lo), "ci_high": float(hi), "num_queries": int(y.size), "num_samples": num_samples,
             "exact": False}
+
+# ---------------------------------------------------------------- correlations (STS)
+
+
+def _rank_rows(x_sn: np.ndarray) -> np.ndarray:
+    from scipy import stats
+
+    return stats.rankdata(x_sn, axis=1)  # average ranks for ties, as scipy.stats.spearmanr
+
+
+def _row_correlations(x_sn: np.ndarray, y_sn: np.ndarray) -> np.ndarray:
+    xc = x_sn - x_sn.mean(axis=1, keepdims=True)
+    yc = y_sn - y_sn.mean(axis=1, keepdims=True)
+    denom = np.sqrt(np.sum(xc * xc, axis=1) * np.sum(yc * yc, axis=1))
+    return np.divide(np.sum(xc * yc, axis=1), denom, out=np.zeros(len(x_sn)), where=denom > 0)
+
+
+def _correlations(pred_sn, gold_sn, method: str) -> np.ndarray:
+    if method == "spearman":
+        return _row_correlations(_rank_rows(pred_sn), _rank_rows(gold_sn))
+    return _row_correlations(pred_sn, gold_sn)
+
+
+def paired_bootstrap_correlation_test(pred_a, pred_b, gold, *, method: str = "spearman", num_samples: int = 10_000,
+                                      seed: int = 0) -> dict:
+    """Paired bootstrap test of corr(b, gold) - corr(a, gold) = 0 over the same pairs, two-sided.
+
+    ``pred_a``, ``pred_b``: each system's score per pair (e.g. cosine similarity) [n]; ``gold``
+    the gold scores [n]; ``method`` "spearman" or "pearson". Each resample draws n pairs with
+    replacement and scores both systems on them; p = (#{|d* - d| >= |d|} + 1) / (num_samples + 1)
+    with d the observed difference (the shift to the null of `paired_bootstrap_test`).
+    Correlations are x100; ``effect_size`` is d / std(d*) (a z score, as `paired_bootstrap_auc`).
+    """
+    if method not in ("spearman", "pearson"):
+        raise ValueError(f"method={method!r}: use 'spearman' or 'pearson'")
+    diff_check = paired_differences(pred_a, pred_b)
+    gold = np.asarray(gold, dtype=np.float64)
+    if gold.shape != diff_check.shape:
+        raise ValueError(f"gold has {gold.size} scores for {diff_check.size} pairs")
+    if not np.all(np.isfinite(gold)):
+        raise ValueError("gold scores contain NaN or inf")
+    num_samples = _check_samples(num_samples)
+    a = np.asarray(pred_a, dtype=np.float64)
+    b = np.asarray(pred_b, dtype=np.float64)
+    n = a.size
+    corr_a, corr_b = (100.0 * float(_correlations(x[None], gold[None], method)[0]) for x in (a, b))
+    observed = corr_b - corr_a
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(num_samples)
+    for start in range(0, num_samples, _CHUNK):
+        stop = min(start + _CHUNK, num_samples)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        g = gold[idx]
+        diffs[start:stop] = 100.0 * (_correlations(b[idx], g, method) - _correlations(a[idx], g, method))
+    tol = 1e-9 * max(abs(observed), float(np.max(np.abs(diffs))), 1e-300)
+    count = int(np.sum(np.abs(diffs - observed) >= abs(observed) - tol))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    sd = float(np.std(diffs, ddof=1)) if num_samples > 1 else 0.0
+    return {"mean_a": corr_a, "mean_b": corr_b, "mean_difference": observed,
+            "effect_size": observed / sd if sd > 0 else 0.0,
+            "p_value": float(min((count + 1) / (num_samples + 1), 1.0)), "ci_low": float(lo), "ci_high": float(hi),
+            "num_queries": int(n), "num_samples": int(num_samples), "exact": False}

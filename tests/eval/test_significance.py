@@ -142,3 +142,38 @@ def test_paired_bootstrap_auc_detects_a_real_difference_and_not_a_null_one():
     assert same["mean_difference"] == 0.0 and same["p_value"] == 1.0
     with pytest.raises(ValueError, match="both classes"):
         paired_bootstrap_auc(np.zeros(5), np.ones(5), np.ones(5))
+
+def _naive_correlation_bootstrap(a, b, gold, num_samples, seed):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(num_samples, len(a)))  # the same draws as one chunk of the fast path
+    return np.array([100 * (scipy.stats.spearmanr(b[i], gold[i]).statistic - scipy.stats.spearmanr(a[i], gold[i]).statistic)
+                     for i in idx])
+
+
+def test_correlation_bootstrap_matches_a_scipy_loop_and_finds_the_better_system():
+    rng = np.random.default_rng(5)
+    gold = np.round(rng.uniform(0, 5, size=37), 1)  # rounded: ties in gold, as STS scores have
+    a = gold + rng.normal(0, 2.0, size=37)  # noisy system
+    b = gold + rng.normal(0, 0.5, size=37)  # good system
+    out = significance.paired_bootstrap_correlation_test(a, b, gold, num_samples=300, seed=2)
+    diffs = _naive_correlation_bootstrap(a, b, gold, 300, 2)
+    assert out["mean_a"] == pytest.approx(100 * scipy.stats.spearmanr(a, gold).statistic, rel=1e-12)
+    assert out["mean_b"] == pytest.approx(100 * scipy.stats.spearmanr(b, gold).statistic, rel=1e-12)
+    observed = out["mean_difference"]
+    assert observed > 20
+    count = np.sum(np.abs(diffs - observed) >= abs(observed) - 1e-9)
+    assert out["p_value"] == pytest.approx((count + 1) / 301, abs=1e-12)
+    assert out["ci_low"] == pytest.approx(np.percentile(diffs, 2.5)) and out["ci_low"] > 0
+    assert out["p_value"] < 0.05 and out["effect_size"] == pytest.approx(observed / np.std(diffs, ddof=1))
+
+
+def test_correlation_bootstrap_of_identical_systems_is_not_significant():
+    rng = np.random.default_rng(6)
+    gold = rng.uniform(0, 5, size=50)
+    a = gold + rng.normal(0, 1, size=50)
+    out = significance.paired_bootstrap_correlation_test(a, a.copy(), gold, num_samples=500)
+    assert out["mean_difference"] == 0.0 and out["p_value"] == 1.0
+    with pytest.raises(ValueError, match="gold has 3 scores for 50 pairs"):
+        significance.paired_bootstrap_correlation_test(a, a, gold[:3])
+    with pytest.raises(ValueError, match="method='kendall'"):
+        significance.paired_bootstrap_correlation_test(a, a, gold, method="kendall")
