@@ -193,7 +193,8 @@ def test_dare_with_p_zero_is_the_identity():
 
 
 def test_dare_mean_over_seeds_approaches_the_task_vector():
-    base, model = random_tree(12), random_tree(13)
+    shapes = {"w": (7, 5), "b": (3,)}  # few shapes: each one compiles the vmapped sampler once
+    base, model = random_tree(12, shapes=shapes), random_tree(13, shapes=shapes)
     tau = jax.tree.map(np.asarray, merge.task_vectors(base, [model])[0])
     p, seeds = 0.7, 2000
     draws = jax.vmap(lambda key: merge.drop_and_rescale(tau, p, key))(jax.random.split(jax.random.PRNGKey(0), seeds))
