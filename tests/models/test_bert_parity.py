@@ -29,7 +29,7 @@ def test_hidden_states_match_transformers(minilm_dir):
 
     enc = ej.Encoder.from_pretrained(minilm_dir)
     batch = enc.tokenizer(["A man is playing a flute.", "", "Short", "x " * 300])
-    _, extras = enc.model.apply({"params": enc.params}, batch, output_hidden_states=True)
+    _, extras = enc.model.apply({"params": enc.params["backbone"]}, batch, output_hidden_states=True)
     hidden = extras["hidden_states"]
     ref = AutoModel.from_pretrained(str(minilm_dir)).eval()
     with torch.no_grad():

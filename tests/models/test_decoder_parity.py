@@ -101,7 +101,7 @@ def test_eos_is_appended_and_the_prompt_is_left_out_of_pooling(tiny_folders):
     assert ids == [words["instruct"], words[":"], words["find"], words["the"], words["dog"], words["</s>"]]
     # Pooling without the prompt = mean over the text tokens (and EOS) of the prompted sequence.
     batch = enc.tokenizer.pad([ids])
-    last, _ = enc.model.apply({"params": enc.params}, batch)
+    last, _ = enc.model.apply({"params": enc.params["backbone"]}, batch)
     expected = np.asarray(last)[0, -3:].mean(0)
     got = enc.encode(["the dog"], prompt="instruct : find")[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
