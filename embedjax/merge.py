@@ -73,9 +73,10 @@ def check_compatible(trees: Sequence[Tree], names: Sequence[str]) -> None:
     or a leaf that is not a floating-point array."""
     ref_paths, ref_leaves, _ = _flatten(trees[0], names[0])
     for path, leaf in zip(ref_paths, ref_leaves):
-        if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-            raise ValueError(f"{names[0]}{_name(path)} has dtype {jnp.asarray(leaf).dtype}; only floating-point "
-                             "parameters can be merged")
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{names[0]}{_name(path)} has dtype {dtype}; only floating-point parameters can be "
+                             "merged")
     for tree, name in zip(trees[1:], names[1:]):
         paths, leaves, _ = _flatten(tree, name)
         for i in range(max(len(paths), len(ref_paths))):
