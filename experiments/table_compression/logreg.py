@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -66,13 +65,9 @@ def main() -> None:
                    "test_logloss": metrics.log_loss(data.test["label"], prob)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    out = pathlib.Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    from embedjax.bench.report import git_commit
+    from embedjax.provenance import write_artifact
 
-    command = "EMBEDJAX_DATA_DIR=../shared/data python experiments/table_compression/logreg.py --out " + args.out
-    tmp.write_text(json.dumps({"command": command, "commit": git_commit(), "C": C, "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    write_artifact(args.out, {"C": C, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -324,11 +324,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000, help="bootstrap / permutation samples per test")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from embedjax.bench.report import git_commit
+    from embedjax.provenance import write_artifact
 
     out = pathlib.Path(args.out)
-    result = {"command": (f"python experiments/table_compression/report.py --runs {args.runs} --out {args.out} "
-                          f"--samples {args.samples}"), "commit": git_commit(), "samples": args.samples,
+    runs_commit = pathlib.Path(args.runs, "COMMIT")
+    result = {"samples": args.samples,
+              "runs_commit": runs_commit.read_text().strip() if runs_commit.is_file() else None,
               **analyse(pathlib.Path(args.runs), args.samples)}
     logreg = json.loads((out / "logreg.json").read_text())
     readme = out / "README.md"
@@ -340,9 +341,7 @@ def main() -> None:
     text = replace_block(text, "infeasible", infeasible_table(result))
     text = replace_block(text, "logreg", logreg_table(logreg, result))
     text = replace_block(text, "tuning", tuning_table(json.loads((out / "tuning.json").read_text())))
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "results.json")
+    write_artifact(out / "results.json", result)
     pareto_plot(result, out / "pareto.png")
     tmp = out / ".README.md.tmp"
     tmp.write_text(text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import tempfile
@@ -29,11 +28,10 @@ def main() -> None:
     from embedjax.ctr.cli import load_config
     from embedjax.ctr.train import train_ctr
 
-    from embedjax.bench.report import git_commit
+    from embedjax.provenance import git_commit, write_artifact
 
     out_path = pathlib.Path(args.out)
     rows = json.loads(out_path.read_text())["runs"] if out_path.is_file() else []
-    command = "EMBEDJAX_DATA_DIR=../shared/data python experiments/table_compression/tune.py --out " + args.out
     done = {(r["dataset"], r["sparse_learning_rate"], r["epochs"]) for r in rows}
     config = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "ctr_tables.py")
     for dataset in DATASETS:
@@ -51,11 +49,7 @@ def main() -> None:
                        "validation_logloss": summary["eval_after"]["validation/logloss"]}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-                tmp_out = out_path.with_name(f".{out_path.name}.tmp")
-                tmp_out.write_text(json.dumps({"command": command, "runs": rows}, indent=1))
-                os.replace(tmp_out, out_path)
-    if not (out_path.is_file() and "command" in json.loads(out_path.read_text())):
-        out_path.write_text(json.dumps({"command": command, "runs": rows}, indent=1))
+                write_artifact(out_path, {"runs": rows})
     for dataset in DATASETS:
         best = max((r for r in rows if r["dataset"] == dataset), key=lambda r: r["validation_auc"])
         print(f"{dataset}: best lr {best['sparse_learning_rate']} epochs {best['epochs']} "
