@@ -10,24 +10,24 @@ both parents.
     python experiments/merging/run.py --scale full --workdir runs/merging/full      # an accelerator
 
 All merges start from all-MiniLM-L6-v2 (the base, theta_0) and the two parents' exports. Every
-model is encoded with max length 256 (the base's), its embeddings cached under WORKDIR/embeddings
-and its scores (with per-query / per-pair values for the paired tests) under WORKDIR/evals; a
-model whose weights hash matches a finished evaluation is not encoded again. Writes
-``results.json`` (the artifact), ``table.md`` and ``tradeoff.png`` beside this file
-(``--out-dir``).
+model is encoded at the scale's max length, its embeddings cached under WORKDIR/embeddings and its
+scores (with per-query / per-pair values for the paired tests) under WORKDIR/evals; a model whose
+weights hash matches a finished evaluation is not encoded again. Writes ``results.json`` (the
+artifact), ``table.md`` and ``tradeoff.png`` beside this file (``--out-dir``).
 
-Scales (MiniLM costs ~22 MFLOP per token forward; 2 loaded CPU cores give ~10 GFLOP/s):
+Scales (MiniLM costs ~22 MFLOP per token forward; 2 cores shared by ~7 agents gave ~6 GFLOP/s):
 
-- ``smoke``: scifact test's 300 queries against a 1,000-document sub-corpus (the 283 abstracts
-  they judge relevant + 717 seeded random ones, ~5.3 TFLOP per model at ~240 tokens each), the
-  msmarco queries against a seeded random 1,000 of its 5,000 passages (qrels restricted to them),
-  STS-B test whole (1,379 pairs): ~8 TFLOP, ~15 minutes per model. Grids: t in (0.25, 0.5,
-  0.75), task-arithmetic lambda in (0.75, 1.0), TIES density 0.2 with lambda in (0.5, 1.0, 1.5),
-  DARE p 0.9 with lambda in (0.5, 1.0); Self Positioning 30 Adam steps on 8 + 8 probe batches of
-  16 pairs; greedy soup of (base, STS parent, retrieval parent) on STS-B dev + a 500-document
-  nfcorpus dev sub-corpus.
-- ``full``: the whole scifact and msmarco corpora and nfcorpus dev, finer grids, longer Self
-  Positioning.
+- ``smoke`` (~1.8 TFLOP, ~5 minutes per model on the loaded CPU; 10 models, ~1 h in all): 128
+  tokens per text; a seeded random 500 of STS-B test's 1,379 pairs; scifact test's 300 queries
+  against a 350-document sub-corpus (the 283 abstracts they judge relevant + 67 seeded random
+  ones); the msmarco queries against a seeded random 250 of its 5,000 passages (qrels restricted
+  to them). One point per method: soup and SLERP at t = 0.5, task arithmetic lambda 1.0, TIES
+  density 0.2 lambda 1.0, DARE p 0.9 lambda 1.0; Self Positioning 10 Adam steps on 4 + 4 probe
+  batches of 8 pairs; greedy soup of (base, STS parent, retrieval parent) on 500 STS-B dev pairs
+  + a 200-document nfcorpus dev sub-corpus.
+- ``full``: 256 tokens, the whole STS-B test, scifact and msmarco corpora and nfcorpus dev, finer
+  grids, longer Self Positioning.
+- ``check``: minutes, tiny sets; a check of the code, not a result.
 """
 from __future__ import annotations
 
@@ -59,11 +59,12 @@ METRICS = ("stsb", "scifact", "msmarco")
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-    sts_pairs: int | None  # None: all STS-B test pairs (the check scale takes the first N)
+    sts_pairs: int | None  # None: all STS-B pairs of the split; else a seeded random N of them (test and dev)
     scifact_docs: int | None  # None: the whole corpus
     msmarco_docs: int | None
     heldout_docs: int | None  # nfcorpus dev sub-corpus of the greedy soup's held-out score
     heldout_relevant: int  # at most this many relevant documents in it (queries added while they fit)
+    max_length: int  # tokens per text when a model is scored (all models alike)
     t_grid: tuple
     ta_lambdas: tuple
     ties: tuple  # (density, lambda) pairs
@@ -75,16 +76,18 @@ class Scale:
 
 
 SCALES = {
-    "smoke": Scale(sts_pairs=None, scifact_docs=1000, msmarco_docs=1000, heldout_docs=500, heldout_relevant=300,
-                   t_grid=(0.25, 0.5, 0.75), ta_lambdas=(0.75, 1.0), ties=((0.2, 0.5), (0.2, 1.0), (0.2, 1.5)),
-                   dare=((0.9, 0.5), (0.9, 1.0)), sp_steps=30, sp_batches=8, sp_batch_size=16, samples=10_000),
+    "smoke": Scale(sts_pairs=500, scifact_docs=350, msmarco_docs=250, heldout_docs=200, heldout_relevant=80,
+                   max_length=128, t_grid=(0.5,), ta_lambdas=(1.0,), ties=((0.2, 1.0),), dare=((0.9, 1.0),),
+                   sp_steps=10, sp_batches=4, sp_batch_size=8, samples=10_000),
     "full": Scale(sts_pairs=None, scifact_docs=None, msmarco_docs=None, heldout_docs=None, heldout_relevant=10**9,
+                  max_length=256,
                   t_grid=tuple(round(0.1 * i, 1) for i in range(1, 10)), ta_lambdas=(0.5, 0.75, 1.0, 1.25, 1.5),
                   ties=tuple((d, lam) for d in (0.2, 0.5) for lam in (0.5, 1.0, 1.5)),
                   dare=tuple((p, lam) for p in (0.5, 0.9) for lam in (0.5, 1.0)), sp_steps=200, sp_batches=64,
                   sp_batch_size=32, samples=10_000),
     # A minutes-long run of the whole pipeline on tiny sets: a check of the code, not a result.
     "check": Scale(sts_pairs=100, scifact_docs=300, msmarco_docs=100, heldout_docs=100, heldout_relevant=40,
+                   max_length=128,
                    t_grid=(0.5,), ta_lambdas=(1.0,), ties=((0.2, 1.0),), dare=((0.9, 1.0),), sp_steps=2, sp_batches=2,
                    sp_batch_size=4, samples=200),
 }
@@ -109,6 +112,18 @@ def sample_corpus(corpus: dict, qrels: dict, size: int | None, seed: int, keep=(
     return sub, {q: docs for q, docs in sub_qrels.items() if any(g > 0 for g in docs.values())}
 
 
+def sample_pairs(sts, size: int | None, seed: int):
+    """``(s1, s2, gold)`` of a seeded random ``size`` of the pairs, in file order (None: all). The file is
+    sorted by genre (captions, news, forums), so its first N pairs would be one genre."""
+    s1, s2, gold = sts
+    if size is None:
+        return s1, s2, gold
+    if size > len(s1):
+        raise ValueError(f"{size} STS pairs requested but the split holds {len(s1)}")
+    idx = np.sort(np.random.default_rng(seed).choice(len(s1), size, replace=False))
+    return [s1[i] for i in idx], [s2[i] for i in idx], [gold[i] for i in idx]
+
+
 def relevant_docs(qrels: dict) -> set:
     return {d for docs in qrels.values() for d, g in docs.items() if g > 0}
 
@@ -129,7 +144,7 @@ class RetrievalSet:
 
 
 def evaluation_sets(data: pathlib.Path, scale: Scale):
-    s1, s2, gold = (x[:scale.sts_pairs] for x in ej.data.read_sts(data / "stsb" / "sts-test.csv"))
+    s1, s2, gold = sample_pairs(ej.data.read_sts(data / "stsb" / "sts-test.csv"), scale.sts_pairs, seed=0)
     corpus, queries, qrels = ej.data.read_beir(data / "scifact", split="test")
     sub, sub_qrels = sample_corpus(corpus, qrels, scale.scifact_docs, seed=0, keep=relevant_docs(qrels))
     scifact = RetrievalSet("scifact", sub, queries, sub_qrels)
@@ -141,7 +156,7 @@ def evaluation_sets(data: pathlib.Path, scale: Scale):
 
 def heldout_sets(data: pathlib.Path, scale: Scale):
     """STS-B dev and an nfcorpus dev sub-corpus: the greedy soup's held-out data (never a test split)."""
-    s1, s2, gold = (x[:scale.sts_pairs] for x in ej.data.read_sts(data / "stsb" / "sts-dev.csv"))
+    s1, s2, gold = sample_pairs(ej.data.read_sts(data / "stsb" / "sts-dev.csv"), scale.sts_pairs, seed=1)
     corpus, queries, qrels = ej.data.read_beir(data / "nfcorpus", split="dev")
     rng = np.random.default_rng(1)
     chosen, keep = {}, set()
@@ -394,7 +409,7 @@ def main(argv=None) -> None:
 
     from embedjax.merge_cli import check_same_model_kind, layer_stacking, read_model
 
-    enc = ej.Encoder.from_pretrained("minilm", max_length=256)
+    enc = ej.Encoder.from_pretrained("minilm", max_length=scale.max_length)
     sts, retrieval_sets = evaluation_sets(data, scale)
     gold = sts[2]
     if args.only:
@@ -468,7 +483,7 @@ def main(argv=None) -> None:
     provenance.write_artifact(artifact, {
         "scale": args.scale, "settings": dataclasses.asdict(scale),
         "evaluation": {"stsb": {"file": "stsb/sts-test.csv", "pairs": len(gold)},
-                       **{r.name: r.describe() for r in retrieval_sets}, "max_length": 256,
+                       **{r.name: r.describe() for r in retrieval_sets}, "max_length": scale.max_length,
                        "sub_corpora": "scifact: every abstract judged relevant to a test query + seeded random ones; "
                                       "msmarco: seeded random passages, qrels restricted to them (seed 0)"},
         "significance": f"vs each parent: STS-B by a paired bootstrap of the Spearman difference over pairs, "
