@@ -1,5 +1,5 @@
 """Export the params of one train checkpoint as a model folder shaped like the base model (config,
-tokenizer, pooling): how the merging experiment gets a parent whose run stopped before its last step
+tokenizer, pooling), with ``export_info.json`` naming the checkpoint and its step: how the merging experiment gets a parent whose run stopped before its last step
 (a run exports only when it completes).
 
     python experiments/merging/export_checkpoint.py runs/merging/parents/retrieval/checkpoints/25 \
@@ -49,7 +49,12 @@ def main(argv=None) -> None:
     params = checkpoint_params(pathlib.Path(args.checkpoint))
     merge.check_compatible([ref.params, params], [args.base, args.checkpoint])
     out = write_model(args.out, ref, params, max_length=args.max_length)
-    print(json.dumps({"checkpoint": args.checkpoint, "out": str(out)}))
+    step_dir = pathlib.Path(args.checkpoint)
+    config = step_dir.parent.parent / "config.json"  # WORKDIR/config.json, written by the train run
+    info = {"checkpoint": str(step_dir), "step": int(step_dir.name),
+            "num_steps": json.loads(config.read_text())["train"]["num_steps"] if config.is_file() else None}
+    (out / "export_info.json").write_text(json.dumps(info, indent=1) + "\n")  # read by run.py into results.json
+    print(json.dumps({**info, "out": str(out)}))
 
 
 if __name__ == "__main__":

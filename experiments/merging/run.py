@@ -19,9 +19,9 @@ Scales (MiniLM costs ~22 MFLOP per token forward; 2 cores shared by ~7 agents ga
 
 - ``smoke`` (~1.8 TFLOP, ~5 minutes per model on the loaded CPU; 10 models, ~1 h in all): 128
   tokens per text; a seeded random 500 of STS-B test's 1,379 pairs; scifact test's 300 queries
-  against a 350-document sub-corpus (the 283 abstracts they judge relevant + 67 seeded random
-  ones); the msmarco queries against a seeded random 250 of its 5,000 passages (qrels restricted
-  to them). One point per method: soup and SLERP at t = 0.5, task arithmetic lambda 1.0, TIES
+  against a 300-document sub-corpus (the 283 abstracts they judge relevant + 17 seeded random
+  ones: the distractors are mostly other queries' relevant abstracts); the msmarco queries
+  against a seeded random 200 of its 5,000 passages (qrels restricted to them). One point per method: soup and SLERP at t = 0.5, task arithmetic lambda 1.0, TIES
   density 0.2 lambda 1.0, DARE p 0.9 lambda 1.0; Self Positioning 10 Adam steps on 4 + 4 probe
   batches of 8 pairs; greedy soup of (base, STS parent, retrieval parent) on 500 STS-B dev pairs
   + a 200-document nfcorpus dev sub-corpus.
@@ -76,7 +76,7 @@ class Scale:
 
 
 SCALES = {
-    "smoke": Scale(sts_pairs=500, scifact_docs=350, msmarco_docs=250, heldout_docs=200, heldout_relevant=80,
+    "smoke": Scale(sts_pairs=500, scifact_docs=300, msmarco_docs=200, heldout_docs=200, heldout_relevant=80,
                    max_length=128, t_grid=(0.5,), ta_lambdas=(1.0,), ties=((0.2, 1.0),), dare=((0.9, 1.0),),
                    sp_steps=10, sp_batches=4, sp_batch_size=8, samples=10_000),
     "full": Scale(sts_pairs=None, scifact_docs=None, msmarco_docs=None, heldout_docs=None, heldout_relevant=10**9,
@@ -425,10 +425,15 @@ def main(argv=None) -> None:
     stacked = layer_stacking(folders["base"])
 
     records, models = {}, []  # models: (name, method, setting)
+    extra = {"self_positioning_losses": None, "heldout_scores": None}
+    expected = 3 + len(merge_grid(scale, base, stsb, retr, stacked)) + 2  # + Self Positioning, greedy soup
 
     def run(name, method, setting, params):
         records[name] = evaluate(enc, params, name, sts, retrieval_sets, workdir)
         models.append((name, method, setting))
+        if "retrieval_parent" in records:  # the artifact after every model: a stopped run keeps its rows
+            write_outputs(args, scale, folders, records, models, retrieval_sets, gold, extra, out_dir,
+                          complete=len(models) == expected)
 
     for name in ("base", "stsb_parent", "retrieval_parent"):
         run(name, name, {}, folders[name].params)
@@ -446,6 +451,7 @@ def main(argv=None) -> None:
                                         progress=True)
         sp = {"lambdas": result.lambdas.tolist(), "losses": result.losses.tolist()}
         write_json(sp_path, sp)
+    extra["self_positioning_losses"] = sp["losses"]
     sp_setting = {"lambda_stsb": sp["lambdas"][0], "lambda_retrieval": sp["lambdas"][1], "steps": scale.sp_steps,
                   "optimizer": "adam", "learning_rate": 0.05, "init": 0.5,
                   "probe": f"{scale.sp_batches} + {scale.sp_batches} batches of {scale.sp_batch_size} pairs",
@@ -467,8 +473,15 @@ def main(argv=None) -> None:
                       "heldout_scores": dict(zip(ingredients, greedy.scores)),
                       "soup_scores": list(greedy.soup_scores),
                       "heldout": {"stsb_dev_pairs": len(held_sts[0]), "nfcorpus_dev": held_ret.describe()}}
+    extra["heldout_scores"] = list(held.values())
     run("greedy_soup", "greedy_soup", greedy_setting, greedy.params)
 
+    print(json.dumps({"out": str(out_dir / "results.json"), "models": len(models), "complete": len(models) == expected}))
+
+
+def write_outputs(args, scale: Scale, folders: dict, records: dict, models: list, retrieval_sets, gold, extra: dict,
+                  out_dir: pathlib.Path, *, complete: bool) -> None:
+    """results.json (the artifact), table.md and tradeoff.png from the models evaluated so far."""
     parents = {"stsb_parent": records["stsb_parent"], "retrieval_parent": records["retrieval_parent"]}
     rows = [row(name, method, setting, records[name], parents, gold, scale.samples) for name, method, setting in models]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -480,8 +493,11 @@ def main(argv=None) -> None:
             s = json.loads(summary.read_text())
             parent_runs[k].update({"status": s.get("status"), "num_steps": s.get("num_steps"),
                                    "final_loss": s.get("final_loss")})
+        info = folders[k].path / "export_info.json"  # a folder exported from a checkpoint (export_checkpoint.py)
+        if info.is_file():
+            parent_runs[k]["exported_from"] = json.loads(info.read_text())
     provenance.write_artifact(artifact, {
-        "scale": args.scale, "settings": dataclasses.asdict(scale),
+        "scale": args.scale, "settings": dataclasses.asdict(scale), "complete": complete,
         "evaluation": {"stsb": {"file": "stsb/sts-test.csv", "pairs": len(gold)},
                        **{r.name: r.describe() for r in retrieval_sets}, "max_length": scale.max_length,
                        "sub_corpora": "scifact: every abstract judged relevant to a test query + seeded random ones; "
@@ -490,13 +506,11 @@ def main(argv=None) -> None:
                         f"scifact and msmarco by a paired permutation test of per-query nDCG@10; {scale.samples} "
                         "resamples, two-sided, uncorrected for the many comparisons",
         "parents": parent_runs, "eval_commits": sorted({records[n]["commit"] for n, _, _ in models}),
-        "self_positioning_losses": sp["losses"], "heldout_scores": list(held.values()),
-        "rows": rows})
+        **extra, "rows": rows})
     text = table(rows, artifact.name)
     (out_dir / "table.md").write_text(text + "\n")
     plot(rows, out_dir / "tradeoff.png")
-    print(text)
-    print(json.dumps({"out": str(artifact), "models": len(rows)}))
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
