@@ -96,17 +96,16 @@ def get_config(arg: str = "full"):
     return c
 
 
-def feasible(overrides: dict, dataset: str, dim: int) -> bool:
-    """Can the variant meet the budget on this dataset (`embedjax.tables.build` does not refuse it)?"""
+def feasible(overrides: dict, vocab_sizes, dim: int) -> bool:
+    """Can the variant meet the budget for these field vocabularies (`embedjax.tables.build` does not refuse it)?"""
     from embedjax.ctr.config import check_table_options
-    from embedjax.data.ctr import load_ctr
     from embedjax.tables import BudgetTooSmall, build
 
     c = default_config()
     for key, value in overrides.items():
         _set(c, key, value)
     try:
-        build(c.table.method, load_ctr(dataset).vocab_sizes, dim, c.table.budget, **check_table_options(c))
+        build(c.table.method, vocab_sizes, dim, c.table.budget, **check_table_options(c))
     except BudgetTooSmall:
         return False
     return True
@@ -114,15 +113,17 @@ def feasible(overrides: dict, dataset: str, dim: int) -> bool:
 
 def get_sweep(arg: str = "all"):
     """FAMILY x budgets x seeds (``all``: every family; the full table at budget 1 first)."""
+    from embedjax.data.ctr import load_ctr
     from embedjax.sweep import with_seeds
 
     family, dataset, scale = _parse(arg)
     dim = get_config(arg).table.dim
+    vocab_sizes = load_ctr(dataset).vocab_sizes  # read once: every (family, budget) is sized against it
     families = [f for f in VARIANTS if f != "full"] if family == "all" else [family]
     grid = [dict(VARIANTS["full"], **{"table.budget": 1.0})] if family in ("all", "full") else []
     for name in families:
         for budget in BUDGETS:
             overrides = dict(VARIANTS[name], **{"table.budget": budget})
-            if feasible(overrides, dataset, dim):
+            if feasible(overrides, vocab_sizes, dim):
                 grid.append(overrides)
     return with_seeds(grid, SEEDS)
