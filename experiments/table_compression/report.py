@@ -148,6 +148,8 @@ def infeasible_rows(dataset: str, variants: dict, budgets, present: set, vocab_s
 
 
 def analyse(runs_root: pathlib.Path, samples: int) -> dict:
+    from tqdm.auto import tqdm
+
     module = _config_module()
     variants = module.VARIANTS
     rows, comparisons, best, infeasible, missing = [], [], [], [], []
@@ -159,7 +161,7 @@ def analyse(runs_root: pathlib.Path, samples: int) -> dict:
         order = [BASELINE] + sorted((k for k in groups if k != BASELINE),
                                     key=lambda k: (-k[1], list(variants).index(k[0])))
         start = len(rows)
-        for key in order:
+        for key in tqdm(order, desc=f"{dataset}: paired tests against the full table", file=sys.stderr):
             row = group_row(dataset, key[0], key[1], groups[key])
             if key != BASELINE:
                 row.update(paired(base, groups[key], samples))
@@ -321,7 +323,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default="runs/table_compression")
     parser.add_argument("--out", default="experiments/table_compression")
-    parser.add_argument("--samples", type=int, default=2000, help="bootstrap / permutation samples per test")
+    parser.add_argument("--samples", type=int, default=1000, help="bootstrap / permutation samples per test")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from embedjax.provenance import write_artifact
