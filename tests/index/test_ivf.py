@@ -77,18 +77,21 @@ def test_recall_never_drops_as_nprobe_grows_float(clustered, indexes):
 def test_lists_are_padded_static_blocks(clustered, indexes):
     _, d = clustered
     ivf, _ = indexes["int8", None]
-    ids = ivf.list_ids
-    assert ids.shape == (16, ivf.list_len) and ivf.list_len % 8 == 0
-    real = ids[ids >= 0]
-    np.testing.assert_array_equal(np.sort(real), np.arange(1003))  # every row exactly once
-    for row in ids:
-        members = row[row >= 0]
-        assert np.all(np.diff(members) > 0) and np.all(row[len(members):] == -1)  # ascending, padding last
+    ids, owner_list = ivf.block_ids, ivf.block_list
+    assert ids.shape == (len(owner_list), 32) == (ivf.lists.size // 32, ivf.block_rows)
+    np.testing.assert_array_equal(np.sort(ids[ids >= 0]), np.arange(1003))  # every row exactly once
+    assert np.all(np.diff(owner_list) >= 0)  # a list's blocks are contiguous
+    first, count = ivf.list_blocks()
     owner = assign(d, ivf.centroids)
-    for list_index, row in enumerate(ids):
-        assert np.all(owner[row[row >= 0]] == list_index)
-    assert ivf.lists.size == 16 * ivf.list_len
+    for list_index in range(ivf.nlist):
+        members = ivf.list_members(list_index)
+        np.testing.assert_array_equal(members, np.flatnonzero(owner == list_index))  # ascending ids
+        blocks = ids[first[list_index]: first[list_index] + count[list_index]]
+        assert count[list_index] == -(-len(members) // 32)  # padding: less than one block per list
+        assert np.all(blocks.reshape(-1)[len(members):] == -1)
+    np.testing.assert_array_equal(ivf.list_sizes(), np.bincount(owner, minlength=16))
     assert ivf.padding_fraction() == pytest.approx(1 - 1003 / ids.size)
+    assert ivf.padding_fraction() < 16 * 32 / ids.size
 
 
 @pytest.mark.parametrize("strategy", ["in", "pre", "post"])
@@ -119,7 +122,7 @@ def test_filters_inside_ivf(clustered, indexes, strategy):
     for row in range(9):
         found = i[row][i[row] >= 0]
         assert np.all(mask[row, found])
-        assert set(found) <= set(ivf.list_ids[probed[row]].ravel())
+        assert set(found) <= set(np.concatenate([ivf.list_members(p) for p in probed[row]]))
 
 
 def test_attribute_filter_in_ivf(clustered, indexes):
