@@ -24,7 +24,8 @@ Attributes of every document (``embedjax.index.attributes.Attributes``):
 Workloads: one predicate per query (``WORKLOADS``): no filter; the query's own
 source (correlated with relevance); a random length bucket; title present; a
 random tenant at 1 / 10 / 50 %; a timestamp range of width 1 / 10 / 50 % at a
-random offset; and own source AND a random 10 % tenant. Ground truth is exact
+random offset; own source AND a random 10 % tenant; and a random 1 % tenant AND a
+random 10 % timestamp range (~0.1 %, where some queries pass fewer than 10 rows). Ground truth is exact
 filtered search in float64 NumPy (score descending, ties -> smaller row), top
 ``GT_K`` per (workload, query), padded with -1 when fewer rows pass.
 
@@ -70,6 +71,8 @@ WORKLOADS = {
     "range_10pct": "timestamp in [t, t + 0.10) at a random t (per query)",
     "range_50pct": "timestamp in [t, t + 0.50) at a random t (per query)",
     "source_same_and_tenant_10pct": "source == own corpus AND tenant_10pct == a random tenant",
+    "tenant_1pct_and_range_10pct": "tenant_1pct == a random tenant AND timestamp in a random 10 % range "
+                                   "(~0.1 %: ~14 rows, some queries have fewer than 10)",
 }
 
 
@@ -210,6 +213,10 @@ def workload_predicates(texts: BenchmarkTexts, seed: int = SEED) -> dict:
         out[name] = [Range("timestamp", float(t), float(t) + width) for t in rng.uniform(0, 1 - width, q)]
     out["source_same_and_tenant_10pct"] = [p & Eq("tenant_10pct", int(v))
                                            for p, v in zip(own, rng.integers(0, TENANTS["tenant_10pct"], q))]
+    width = RANGE_WIDTHS["range_10pct"]
+    out["tenant_1pct_and_range_10pct"] = [
+        Eq("tenant_1pct", int(v)) & Range("timestamp", float(t), float(t) + width)
+        for v, t in zip(rng.integers(0, TENANTS["tenant_1pct"], q), rng.uniform(0, 1 - width, q))]
     assert list(out) == list(WORKLOADS)
     return out
 

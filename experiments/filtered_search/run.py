@@ -43,7 +43,8 @@ REPO = HERE.parents[1]
 K = 10
 NLIST = 128
 SIZES = {
-    "smoke": dict(workloads=("none", "source_same", "tenant_1pct", "tenant_10pct", "tenant_50pct", "range_1pct"),
+    "smoke": dict(workloads=("none", "source_same", "tenant_1pct", "tenant_10pct", "tenant_50pct", "range_1pct",
+                            "tenant_1pct_and_range_10pct"),
                   nprobe=(1, 2, 4, 8, 16, 32, 128), repeats=3),
     "full": dict(workloads=None, nprobe=(1, 2, 4, 8, 16, 32, 64, 128), repeats=7),
 }
