@@ -22,6 +22,7 @@ _SUBMODULES = (
     "losses",
     "merge",
     "models",
+    "multivector",
     "quant",
     "sharding",
     "tables",
