@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from embedjax.losses import validation as val
+from embedjax.multivector.maxsim import maxsim, maxsim_paired
 
 NO_ID = jnp.iinfo(jnp.int32).min  # id of "no document"; never equals a real id
 
@@ -67,20 +68,41 @@ class PairBatch(NamedTuple):
     guide_h_bkg: jax.Array | None
     dims: tuple[int, ...]
     weights: tuple[float, ...]
+    # MaxSim only: token masks (q/d [B, L], hard negatives [B, K, L]); None for single vectors.
+    q_mask: jax.Array | None = None
+    d_mask: jax.Array | None = None
+    h_mask: jax.Array | None = None
 
 
 def prepare_pairs(q_bd, d_bd, hard_negatives_bkd=None, group_ids_b=None, doc_ids_b=None,
                   hard_negative_ids_bk=None, guide_q_bg=None, guide_d_bg=None,
-                  guide_hard_negatives_bkg=None, matryoshka_dims=None, matryoshka_weights=None) -> PairBatch:
-    """Validate shapes/dtypes and fill metadata defaults (shared by dense and ring losses)."""
-    q_bd = val.check_embeddings("q_bd", q_bd)
-    batch, dim = q_bd.shape
-    d_bd = val.check_embeddings("d_bd", d_bd, batch=batch, dim=dim)
+                  guide_hard_negatives_bkg=None, matryoshka_dims=None, matryoshka_weights=None,
+                  similarity: str = "dot", q_mask_bl=None, d_mask_bl=None, hard_negatives_mask_bkl=None) -> PairBatch:
+    """Validate shapes/dtypes and fill metadata defaults (shared by dense and ring losses).
+
+    With ``similarity="maxsim"`` the embeddings are token vectors: q [B, Lq, D], d [B, Ld, D],
+    hard negatives [B, K, Lh, D], each with an optional bool token mask (None: all real)."""
+    multi = similarity == "maxsim"
+    if not multi and any(m is not None for m in (q_mask_bl, d_mask_bl, hard_negatives_mask_bkl)):
+        raise ValueError("token masks (q_mask_bl, d_mask_bl, hard_negatives_mask_bkl) need similarity='maxsim'")
+    q_bd = val.check_embeddings("q_bd", q_bd, ndim=3 if multi else 2)
+    batch, dim = q_bd.shape[0], q_bd.shape[-1]
+    d_bd = val.check_embeddings("d_bd", d_bd, batch=batch, dim=dim, ndim=3 if multi else 2)
     h_bkd = None
     if hard_negatives_bkd is not None:
-        h_bkd = val.check_embeddings("hard_negatives_bkd", hard_negatives_bkd, batch=batch, dim=dim, ndim=3)
+        h_bkd = val.check_embeddings("hard_negatives_bkd", hard_negatives_bkd, batch=batch, dim=dim,
+                                     ndim=4 if multi else 3)
         if h_bkd.shape[1] == 0:
             raise ValueError("hard_negatives_bkd has k=0 hard negatives per query; pass None instead")
+    elif hard_negatives_mask_bkl is not None:
+        raise ValueError("hard_negatives_mask_bkl given without hard_negatives_bkd")
+    masks = (None, None, None)
+    if multi:
+        masks = (val.check_token_mask("q_mask_bl", q_mask_bl, "q_bd", q_bd, every_row_needs_a_token=True),
+                 val.check_token_mask("d_mask_bl", d_mask_bl, "d_bd", d_bd, every_row_needs_a_token=True),
+                 None if h_bkd is None else val.check_token_mask(
+                     "hard_negatives_mask_bkl", hard_negatives_mask_bkl, "hard_negatives_bkd", h_bkd,
+                     every_row_needs_a_token=True))
     group_b = val.check_ids("group_ids_b", group_ids_b, (batch,))
     group_b = jnp.arange(batch, dtype=jnp.int32) if group_b is None else group_b
     doc_b = val.check_ids("doc_ids_b", doc_ids_b, (batch,))
@@ -106,7 +128,7 @@ def prepare_pairs(q_bd, d_bd, hard_negatives_bkd=None, group_ids_b=None, doc_ids
                 raise ValueError("guide_hard_negatives_bkg must have as many negatives per query as hard_negatives_bkd")
     dims, weights = val.matryoshka_spec(matryoshka_dims, matryoshka_weights, dim)
     return PairBatch(q_bd, d_bd, h_bkd, group_b, doc_b, hnid_bk, guide_q_bg, guide_d_bg,
-                     guide_hard_negatives_bkg, dims, weights)
+                     guide_hard_negatives_bkg, dims, weights, *masks)
 
 
 def _prefix(x, dim: int, similarity: str):
@@ -116,8 +138,38 @@ def _prefix(x, dim: int, similarity: str):
     return x
 
 
+class Tokens(NamedTuple):
+    """A side of a MaxSim loss: token vectors [N, L, D] and their bool mask [N, L]."""
+
+    x: jax.Array
+    mask: jax.Array
+
+
+def _side(x, mask, dim: int, similarity: str):
+    """One side of the loss at prefix ``dim``: an [N, D] array, or `Tokens` for MaxSim."""
+    x = _prefix(x, dim, similarity)
+    return Tokens(x, mask) if similarity == "maxsim" else x
+
+
+def _flatten_negatives(h):
+    """[B, K, ...] hard negatives -> [B*K, ...] candidates (tokens and masks alike)."""
+    if isinstance(h, Tokens):
+        return Tokens(h.x.reshape((-1,) + h.x.shape[2:]), h.mask.reshape((-1,) + h.mask.shape[2:]))
+    return h.reshape(-1, h.shape[-1])
+
+
 def _sims(a_nd, b_md):
+    """All-pairs similarities [N, M]: dot products, or MaxSim for `Tokens`."""
+    if isinstance(a_nd, Tokens):
+        return maxsim(a_nd.x, a_nd.mask, b_md.x, b_md.mask)
     return jnp.matmul(a_nd, b_md.T, precision=lax.Precision.HIGHEST)
+
+
+def _pair_sims(a_nd, b_nd):
+    """Row-wise similarities [N] of a row with its partner."""
+    if isinstance(a_nd, Tokens):
+        return maxsim_paired(a_nd.x, a_nd.mask, b_nd.x, b_nd.mask)
+    return jnp.sum(a_nd * b_nd, axis=1)
 
 
 def _row_lse(logits, mask):
@@ -149,7 +201,8 @@ def infonce(q_bd, d_bd, *, temperature, hard_negatives_bkd=None, group_ids_b=Non
             hard_negative_ids_bk=None, bidirectional: bool = False, same_side: bool = False,
             margin: float | None = None, guide_q_bg=None, guide_d_bg=None, guide_hard_negatives_bkg=None,
             guide_margin: float = 0.0, focal_gamma: float = 0.0, similarity: str = "dot",
-            matryoshka_dims=None, matryoshka_weights=None):
+            matryoshka_dims=None, matryoshka_weights=None, q_mask_bl=None, d_mask_bl=None,
+            hard_negatives_mask_bkl=None):
     """InfoNCE / multiple-negatives ranking loss (van den Oord et al. 2018; Henderson et al. 2017),
     dense reference. Returns a float32 scalar.
 
@@ -166,12 +219,17 @@ def infonce(q_bd, d_bd, *, temperature, hard_negatives_bkd=None, group_ids_b=Non
         denominator (GTE's improved contrastive loss, Li et al. 2023).
       margin, guide_*, guide_margin: false-negative filters (module docstring).
       focal_gamma: focal reweighting of hard rows (`focal_weighted`).
-      similarity: "dot" (embeddings as given) or "cos" (each prefix L2-normalised).
+      similarity: "dot" (embeddings as given), "cos" (each prefix L2-normalised) or "maxsim"
+        (late interaction: q_bd [B, Lq, D], d_bd [B, Ld, D], hard negatives [B, K, Lh, D] are
+        token vectors; see `embedjax.multivector.maxsim`: masked document tokens score -inf).
       matryoshka_dims, matryoshka_weights: prefix sizes and weights; the loss is
         sum_m w_m * InfoNCE(first dims_m coordinates) (Kusupati et al. 2022).
+      q_mask_bl, d_mask_bl, hard_negatives_mask_bkl: bool token masks for "maxsim" (None: all
+        tokens real); a row with no unmasked token is an error.
     """
     batch = prepare_pairs(q_bd, d_bd, hard_negatives_bkd, group_ids_b, doc_ids_b, hard_negative_ids_bk,
-                          guide_q_bg, guide_d_bg, guide_hard_negatives_bkg, matryoshka_dims, matryoshka_weights)
+                          guide_q_bg, guide_d_bg, guide_hard_negatives_bkg, matryoshka_dims, matryoshka_weights,
+                          similarity, q_mask_bl, d_mask_bl, hard_negatives_mask_bkl)
     temperature = val.check_positive_scalar("temperature", temperature)
     val.check_similarity(similarity)
     if focal_gamma < 0:
@@ -186,10 +244,10 @@ def infonce(q_bd, d_bd, *, temperature, hard_negatives_bkd=None, group_ids_b=Non
 def _infonce_one_prefix(b: PairBatch, dim, temperature, bidirectional, same_side, margin, guide_margin,
                         focal_gamma, similarity):
     n = b.q_bd.shape[0]
-    q, d = _prefix(b.q_bd, dim, similarity), _prefix(b.d_bd, dim, similarity)
+    q, d = _side(b.q_bd, b.q_mask, dim, similarity), _side(b.d_bd, b.d_mask, dim, similarity)
     same_group = b.group_b[:, None] == b.group_b[None, :]
     same_doc = b.doc_b[:, None] == b.doc_b[None, :]
-    diag = jnp.sum(q * d, axis=1)
+    diag = _pair_sims(q, d)
     guided = b.guide_q_bg is not None
     gq = b.guide_q_bg.astype(jnp.float32) if guided else None
     gd = b.guide_d_bg.astype(jnp.float32) if guided else None
@@ -204,8 +262,7 @@ def _infonce_one_prefix(b: PairBatch, dim, temperature, bidirectional, same_side
     g_qd = _sims(gq, gd) if guided else None
     sims, pos, valid = [s_qd], [same_group], [same_group | (~same_group & ~same_doc & keep(s_qd, g_qd))]
     if b.h_bkd is not None:
-        h = _prefix(b.h_bkd, dim, similarity).reshape(-1, dim)
-        s_qh = _sims(q, h)
+        s_qh = _sims(q, _flatten_negatives(_side(b.h_bkd, b.h_mask, dim, similarity)))
         g_qh = _sims(gq, b.guide_h_bkg.astype(jnp.float32).reshape(-1, gq.shape[1])) if guided else None
         sims.append(s_qh)
         pos.append(jnp.zeros(s_qh.shape, bool))
@@ -244,10 +301,10 @@ def siglip(q_bd, d_bd, *, temperature, bias, hard_negatives_bkd=None, group_ids_
     not a positive; hard negatives whose id is the query's document) are left out.
     ``bias`` is a float scalar (learnable; SigLIP initialises it at -10).
     """
+    val.check_similarity(similarity, ("dot", "cos"))
     b = prepare_pairs(q_bd, d_bd, hard_negatives_bkd, group_ids_b, doc_ids_b, hard_negative_ids_bk,
                       matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights)
     temperature = val.check_positive_scalar("temperature", temperature)
-    val.check_similarity(similarity)
     if jnp.ndim(bias) != 0:
         raise ValueError(f"bias must be a scalar, got shape {jnp.shape(bias)}")
     n = b.q_bd.shape[0]

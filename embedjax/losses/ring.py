@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from embedjax.losses import contrastive as dense
 from embedjax.losses import validation as val
+from embedjax.multivector.maxsim import maxsim_paired, reduce_token_sims
 
 DEFAULT_TILE = 1024
 _NEG_INF = -jnp.inf
@@ -65,6 +66,7 @@ class _Config:
     same_side: bool
     margin: float | None
     guide_margin: float
+    maxsim: bool = False           # token vectors with masks; tiles score MaxSim
 
     @property
     def chunks(self):
@@ -102,6 +104,32 @@ def _tile_logits(a_td, k_td, ra_mt, rk_mt, scale, shift, *, chunks):
         cumulative.append(running)
     sims = jnp.stack(cumulative) * ra_mt[:, :, None] * rk_mt[:, None, :]
     return sims * scale + shift, sims
+
+
+def _tile_maxsim_logits(a_tld, k_tld, ra_mt, rk_mt, scale, shift, *, a_mask_tl, k_mask_tl, chunks):
+    """MaxSim logits [M, t, t] of a tile of token sets, and the raw scores (see `_tile_logits`).
+
+    Prefix m's token dot products are running sums of chunk products, as for single vectors;
+    each prefix then takes its own max over key tokens and sum over anchor tokens. Keys with
+    no real token (padding rows) score 0 instead of -inf, keeping every product finite: their
+    masks already drop them from the loss."""
+    running = None
+    scores = []
+    for lo, hi in chunks:
+        part = jnp.einsum("ald,bmd->ablm", a_tld[..., lo:hi], k_tld[..., lo:hi], preferred_element_type=jnp.float32)
+        running = part if running is None else running + part
+        scores.append(reduce_token_sims(running, a_mask_tl[:, None, :], k_mask_tl[None, :, :]))
+    has_tokens = jnp.any(k_mask_tl, axis=1)[None, None, :]
+    sims = jnp.where(has_tokens, jnp.stack(scores), 0.0) * ra_mt[:, :, None] * rk_mt[:, None, :]
+    return sims * scale + shift, sims
+
+
+def _score_fn(cfg, rows, keys, anchor, key):
+    """The tile's score function of (anchor, key, anchor norms, key norms, scale, shift)."""
+    if not cfg.maxsim:
+        return functools.partial(_tile_logits, chunks=cfg.chunks)
+    return functools.partial(_tile_maxsim_logits, a_mask_tl=rows["m" + anchor], k_mask_tl=keys["m" + key],
+                             chunks=cfg.chunks)
 
 
 def _guide_sims(ga_tg, gk_tg):
@@ -153,7 +181,7 @@ _H_META = ("hnid", "hvalid")
 
 def _side_slice(cfg, tree, which, start):
     """Embedding, inverse norms, guide and metadata of one tile side ('q', 'd' or 'h')."""
-    names = [which, "r" + which] + (["g" + which] if cfg.guided else [])
+    names = [which, "r" + which] + (["g" + which] if cfg.guided else []) + (["m" + which] if cfg.maxsim else [])
     if which == "h":
         names += list(_H_META)
     else:
@@ -284,8 +312,8 @@ def _forward_pass(cfg, local, block, row_stats, col_stats):
             row_stats, col_stats = carry
             r0, c0 = (i // n_keys) * cfg.tile, (i % n_keys) * cfg.tile
             rows, keys = _side_slice(cfg, local, anchor, r0), _side_slice(cfg, block, key, c0)
-            logits, sims = _tile_logits(rows[anchor], keys[key], rows["r" + anchor], keys["r" + key],
-                                        local["scale"], local["shift"], chunks=cfg.chunks)
+            logits, sims = _score_fn(cfg, rows, keys, anchor, key)(
+                rows[anchor], keys[key], rows["r" + anchor], keys["r" + key], local["scale"], local["shift"])
             guide = _guide_sims(rows["g" + anchor], keys["g" + key]) if cfg.guided else None
             all_r, pos_r, all_c, pos_c = _tile_masks(cfg, kind, rows, keys, sims, guide, do_rows, do_cols)
             if do_rows:
@@ -309,7 +337,7 @@ def _backward_pass(cfg, local, block, local_grads, block_grads):
             local_grads, block_grads = carry
             r0, c0 = (i // n_keys) * cfg.tile, (i % n_keys) * cfg.tile
             rows, keys = _side_slice(cfg, local, anchor, r0), _side_slice(cfg, block, key, c0)
-            score = functools.partial(_tile_logits, chunks=cfg.chunks)
+            score = _score_fn(cfg, rows, keys, anchor, key)
             (logits, sims), pullback = jax.vjp(
                 score, rows[anchor], keys[key], rows["r" + anchor], keys["r" + key], local["scale"], local["shift"])
             guide = _guide_sims(rows["g" + anchor], keys["g" + key]) if cfg.guided else None
@@ -366,24 +394,26 @@ def _ring(cfg, static, travelling, carry, step):
 _KEY_FIELDS = ("d", "rd", "group", "doc", "valid", "diag")
 
 
-def _pair_diag(cfg, x, y, rx, ry):
+def _pair_diag(cfg, x, y, rx, ry, x_mask=None, y_mask=None):
     """Per-prefix similarity of each row with its pair partner, [M, n] (no gradient needed:
     it only feeds the margin filter's masks)."""
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    if cfg.maxsim:
+        return jnp.stack([maxsim_paired(x[..., :dim], x_mask, y[..., :dim], y_mask) for dim in cfg.dims]) * rx * ry
     cumulative = jnp.cumsum(jnp.stack([jnp.sum(x[:, lo:hi] * y[:, lo:hi], axis=1) for lo, hi in cfg.chunks]), 0)
     return cumulative * rx * ry
 
 
 def _local_and_block(cfg, diff, meta):
     local = {**diff, **meta}
-    local["diag"] = _pair_diag(cfg, diff["q"], diff["d"], diff["rq"], diff["rd"])
+    local["diag"] = _pair_diag(cfg, diff["q"], diff["d"], diff["rq"], diff["rd"], meta.get("mq"), meta.get("md"))
     if cfg.guided:
         local["gdiag"] = jnp.sum(meta["gq"].astype(jnp.float32) * meta["gd"].astype(jnp.float32), axis=1)
-    names = list(_KEY_FIELDS) + (["gd", "gdiag"] if cfg.guided else [])
+    names = list(_KEY_FIELDS) + (["gd", "gdiag"] if cfg.guided else []) + (["md"] if cfg.maxsim else [])
     if cfg.has_h:
-        names += ["h", "rh", "hnid", "hvalid"] + (["gh"] if cfg.guided else [])
+        names += ["h", "rh", "hnid", "hvalid"] + (["gh"] if cfg.guided else []) + (["mh"] if cfg.maxsim else [])
     if cfg.same_side:
-        names += ["q", "rq"] + (["gq"] if cfg.guided else [])
+        names += ["q", "rq"] + (["gq"] if cfg.guided else []) + (["mq"] if cfg.maxsim else [])
     return local, {name: local[name] for name in names}
 
 
@@ -462,7 +492,7 @@ def _pad_rows(x, rows):
 
 
 def _inverse_norms(cfg, x_nd, similarity):
-    if similarity == "dot":
+    if similarity in ("dot", "maxsim"):  # MaxSim tokens come normalised from their head
         return jnp.ones((len(cfg.dims), x_nd.shape[0]), jnp.float32)
     return jnp.stack([dense.inverse_norm(x_nd[:, :dim]) for dim in cfg.dims])
 
@@ -478,13 +508,17 @@ def _device_loss(cfg, similarity, weights, focal_gamma, global_batch, x):
                 valid=jnp.arange(rows) < local_b)
     if cfg.guided:
         meta["gq"], meta["gd"] = _pad_rows(x["gq"], rows), _pad_rows(x["gd"], rows)
+    if cfg.maxsim:  # padded rows get no real token
+        meta["mq"], meta["md"] = _pad_rows(x["mq"], rows), _pad_rows(x["md"], rows)
     if cfg.has_h:
-        h = x["h"].reshape(-1, x["h"].shape[-1])
+        h = x["h"].reshape((-1,) + x["h"].shape[2:])
         h_rows = math.ceil(h.shape[0] / cfg.tile) * cfg.tile
         diff["h"] = _pad_rows(h, h_rows)
         diff["rh"] = _inverse_norms(cfg, diff["h"], similarity)
         meta["hnid"] = _pad_rows(x["hnid"].reshape(-1), h_rows)
         meta["hvalid"] = jnp.arange(h_rows) < h.shape[0]
+        if cfg.maxsim:
+            meta["mh"] = _pad_rows(x["mh"].reshape((-1,) + x["mh"].shape[2:]), h_rows)
         if cfg.guided:
             meta["gh"] = _pad_rows(x["gh"].reshape(-1, x["gh"].shape[-1]), h_rows)
     out = _make_core(cfg)(diff, meta)
@@ -522,9 +556,20 @@ def _check_mesh(mesh, axis, global_batch):
     return n
 
 
-def _check_tile(tile, local_batch):
+MAXSIM_TILE_FLOATS = 2**24  # token products per MaxSim tile (t * t * Lq * Ld) the default tile aims at
+
+
+def _token_pairs(batch) -> int:
+    """Token products per (anchor, key) pair of a MaxSim loss (1 for single vectors)."""
+    if batch.q_mask is None:
+        return 1
+    lengths = [batch.q_bd.shape[1], batch.d_bd.shape[1]] + ([batch.h_bkd.shape[2]] if batch.h_bkd is not None else [])
+    return max(lengths) ** 2
+
+
+def _check_tile(tile, local_batch, token_pairs: int = 1):
     if tile is None:
-        return min(DEFAULT_TILE, local_batch)
+        return max(1, min(DEFAULT_TILE, local_batch, math.isqrt(MAXSIM_TILE_FLOATS // token_pairs)))
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be a positive int (rows/keys per tile), got {tile!r}")
     return tile
@@ -561,6 +606,10 @@ def _run(cfg, mesh, batch, similarity, weights, focal_gamma, scale, shift):
     x = dict(q=batch.q_bd, d=batch.d_bd, group=batch.group_b, doc=batch.doc_b)
     if batch.h_bkd is not None:
         x["h"], x["hnid"] = batch.h_bkd, batch.hnid_bk
+    if cfg.maxsim:
+        x["mq"], x["md"] = batch.q_mask, batch.d_mask
+        if batch.h_bkd is not None:
+            x["mh"] = batch.h_mask
     if batch.guide_q_bg is not None:
         x["gq"], x["gd"] = batch.guide_q_bg, batch.guide_d_bg
         if batch.guide_h_bkg is not None:
@@ -578,26 +627,30 @@ def ring_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, hard_nega
                  group_ids_b=None, doc_ids_b=None, hard_negative_ids_bk=None, bidirectional: bool = False,
                  same_side: bool = False, margin: float | None = None, guide_q_bg=None, guide_d_bg=None,
                  guide_hard_negatives_bkg=None, guide_margin: float = 0.0, focal_gamma: float = 0.0,
-                 similarity: str = "dot", matryoshka_dims=None, matryoshka_weights=None):
+                 similarity: str = "dot", matryoshka_dims=None, matryoshka_weights=None, q_mask_bl=None,
+                 d_mask_bl=None, hard_negatives_mask_bkl=None):
     """InfoNCE over the global batch sharded on mesh axis ``axis``, exact and memory-tiled.
 
     Same options, value and gradients as `embedjax.losses.contrastive.infonce`.
-    q_bd, d_bd: [B, D]; hard_negatives_bkd: [B, K, D] (B divisible by the axis size).
-    ``tile``: rows and keys per tile (default min(1024, B / n)); any positive size
-    works (the local batch is padded to whole tiles with masked rows).
+    q_bd, d_bd: [B, D]; hard_negatives_bkd: [B, K, D] (B divisible by the axis size); with
+    ``similarity="maxsim"`` token vectors [B, L, D] / [B, K, L, D] with their masks, each tile
+    scoring MaxSim.
+    ``tile``: rows and keys per tile (default min(1024, B / n), smaller for MaxSim so a tile's
+    token products stay near 2**24 floats); any positive size works (the local batch is
+    padded to whole tiles with masked rows).
     Per-device memory is O(B/n * D + M * tile^2) and no [B, B] array exists.
     """
+    val.check_similarity(similarity)
     batch = dense.prepare_pairs(q_bd, d_bd, hard_negatives_bkd, group_ids_b, doc_ids_b, hard_negative_ids_bk,
                                 guide_q_bg, guide_d_bg, guide_hard_negatives_bkg, matryoshka_dims,
-                                matryoshka_weights)
+                                matryoshka_weights, similarity, q_mask_bl, d_mask_bl, hard_negatives_mask_bkl)
     temperature = val.check_positive_scalar("temperature", temperature)
-    val.check_similarity(similarity)
     if focal_gamma < 0:
         raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
     n = _check_mesh(mesh, axis, batch.q_bd.shape[0])
-    cfg = _Config("infonce", axis, n, _check_tile(tile, batch.q_bd.shape[0] // n), batch.dims,
+    cfg = _Config("infonce", axis, n, _check_tile(tile, batch.q_bd.shape[0] // n, _token_pairs(batch)), batch.dims,
                   batch.h_bkd is not None, batch.guide_q_bg is not None, bool(bidirectional), bool(same_side),
-                  None if margin is None else float(margin), float(guide_margin))
+                  None if margin is None else float(margin), float(guide_margin), similarity == "maxsim")
     return _run(cfg, mesh, batch, similarity, batch.weights, float(focal_gamma), 1.0 / temperature, 0.0)
 
 
@@ -609,10 +662,10 @@ def ring_siglip(q_bd, d_bd, *, mesh, axis: str = "data", temperature, bias, hard
     Same options, value and gradients (including ``bias``) as
     `embedjax.losses.contrastive.siglip`; see `ring_infonce` for ``mesh``/``tile``.
     """
+    val.check_similarity(similarity, ("dot", "cos"))
     batch = dense.prepare_pairs(q_bd, d_bd, hard_negatives_bkd, group_ids_b, doc_ids_b, hard_negative_ids_bk,
                                 matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights)
     temperature = val.check_positive_scalar("temperature", temperature)
-    val.check_similarity(similarity)
     if jnp.ndim(bias) != 0:
         raise ValueError(f"bias must be a scalar, got shape {jnp.shape(bias)}")
     n = _check_mesh(mesh, axis, batch.q_bd.shape[0])

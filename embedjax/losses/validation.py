@@ -84,7 +84,30 @@ def matryoshka_spec(dims, weights, full_dim: int) -> tuple[tuple[int, ...], tupl
     return dims, weights
 
 
-def check_similarity(similarity: str) -> str:
-    if similarity not in ("dot", "cos"):
-        raise ValueError(f"similarity must be 'dot' or 'cos', got {similarity!r}")
+SIMILARITIES = ("dot", "cos", "maxsim")
+
+
+def check_similarity(similarity: str, allowed: tuple[str, ...] = SIMILARITIES) -> str:
+    if similarity not in allowed:
+        raise ValueError(f"similarity must be one of {allowed}, got {similarity!r}")
     return similarity
+
+
+def check_token_mask(name: str, mask, tokens_name: str, tokens, *, every_row_needs_a_token: bool):
+    """A bool mask [..., L] matching ``tokens`` [..., L, D] (None: every token is real).
+
+    Rows with no real token are an error when ``every_row_needs_a_token`` (checked when the
+    mask is concrete; inside jit the caller's data must guarantee it)."""
+    if mask is None:
+        return jnp.ones(tokens.shape[:-1], bool)
+    if tuple(mask.shape) != tuple(tokens.shape[:-1]):
+        raise ValueError(f"{name} must have shape {tuple(tokens.shape[:-1])} to match {tokens_name} "
+                         f"{tuple(tokens.shape)} (one entry per token); got {tuple(mask.shape)}")
+    mask = jnp.asarray(mask).astype(bool)
+    concrete = _concrete(mask)
+    if every_row_needs_a_token and concrete is not None:
+        empty = np.argwhere(~concrete.any(axis=-1))
+        if len(empty):
+            raise ValueError(f"{name} has rows with no unmasked token (first: index {tuple(empty[0])}); MaxSim of "
+                             "an empty token set is undefined: drop those rows or keep at least one token")
+    return mask

@@ -102,10 +102,8 @@ def final_projection(seed: int, width: int, final_dim: int):
     return cols, jnp.where(jax.random.bernoulli(sign_key, 0.5, (width,)), 1.0, -1.0)
 
 
-def _one_repetition(tokens_bld, mask_bl, *, seed, rep, document, k_sim, d_proj, fill_empty):
-    """[B, 2**k_sim, d_proj] block of one repetition."""
-    dim = tokens_bld.shape[-1]
-    hyperplanes_dk, projection_dp = repetition_matrices(seed, rep, dim, k_sim, d_proj)
+def _one_repetition(tokens_bld, mask_bl, hyperplanes_dk, projection_dp, *, document, k_sim, d_proj, fill_empty):
+    """[B, 2**k_sim, d_proj] block of one repetition (its random matrices given)."""
     x = tokens_bld.astype(jnp.float32)
     projected_bld = x if d_proj is None else jnp.einsum(
         "bld,dp->blp", x, projection_dp, precision=lax.Precision.HIGHEST)
@@ -136,12 +134,14 @@ def _one_repetition(tokens_bld, mask_bl, *, seed, rep, document, k_sim, d_proj, 
 
 @functools.partial(jax.jit, static_argnames=("kind", "reps", "k_sim", "d_proj", "final_dim", "fill_empty", "seed"))
 def _fde(tokens_bld, mask_bl, *, kind, reps, k_sim, d_proj, final_dim, fill_empty, seed):
-    blocks = [
-        _one_repetition(tokens_bld, mask_bl, seed=seed, rep=r, document=kind == "document",
-                        k_sim=k_sim, d_proj=d_proj, fill_empty=fill_empty)
-        for r in range(reps)
-    ]
-    out = jnp.concatenate([b.reshape(b.shape[0], -1) for b in blocks], axis=1)
+    # One traced repetition mapped over the stacked random matrices: compile time does not grow with reps.
+    dim = tokens_bld.shape[-1]
+    hyperplanes_rdk, projection_rdp = jax.vmap(
+        lambda r: repetition_matrices(seed, r, dim, k_sim, d_proj))(jnp.arange(reps))
+    one = functools.partial(_one_repetition, document=kind == "document", k_sim=k_sim, d_proj=d_proj,
+                            fill_empty=fill_empty)
+    blocks_rbpd = jax.vmap(lambda g, p: one(tokens_bld, mask_bl, g, p))(hyperplanes_rdk, projection_rdp)
+    out = jnp.moveaxis(blocks_rbpd, 0, 1).reshape(tokens_bld.shape[0], -1)  # repetition-major per row
     if final_dim is None:
         return out
     cols, signs = final_projection(seed, out.shape[1], final_dim)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 import embedjax as ej
 from embedjax.multivector import muvera as fde_mod
+from multivector_data import clustered as _clustered  # sibling helper
 
 
 def _tokens(rng, b, l, d, p_mask=0.3):
@@ -116,19 +117,6 @@ def test_query_fde_is_additive_over_disjoint_token_sets():
     whole = np.asarray(ej.multivector.fde(x, mask, **kw))
     split = np.asarray(ej.multivector.fde(x, part_a, **kw)) + np.asarray(ej.multivector.fde(x, ~part_a, **kw))
     np.testing.assert_allclose(whole, split, rtol=1e-5, atol=1e-5)
-
-
-def _clustered(rng, n_docs, n_queries, dim=64, doc_tokens=32, query_tokens=8, centres=512, noise=0.25):
-    """Documents are token sets around shared cluster centres; a query is a noisy subset of one
-    document's tokens."""
-    c = rng.standard_normal((centres, dim))
-    c /= np.linalg.norm(c, axis=1, keepdims=True)
-    docs = c[rng.integers(0, centres, (n_docs, doc_tokens))] + noise * rng.standard_normal((n_docs, doc_tokens, dim)) / np.sqrt(dim)
-    src = rng.integers(0, n_docs, n_queries)
-    pick = np.stack([rng.choice(doc_tokens, query_tokens, replace=False) for _ in range(n_queries)])
-    queries = docs[src[:, None], pick] + noise * rng.standard_normal((n_queries, query_tokens, dim)) / np.sqrt(dim)
-    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
-    return unit(queries), unit(docs)
 
 
 def test_fde_top10_holds_the_chamfer_top1_on_clustered_data():
