@@ -24,6 +24,7 @@ import numpy as np
 
 from embedjax.convert import hf
 from embedjax.data.tokenization import Tokenizer, validate_texts
+from embedjax.models.heads import head_output
 from embedjax.models.poolers import get_pooler, l2_normalize, select_layers
 from embedjax.models.pretrained import resolve_model_dir
 from embedjax.models.registry import family_for_config
@@ -230,16 +231,31 @@ class Encoder:
         return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, prompt: str | None = None,
-               show_progress: bool = False, prompt_name: str | None = None) -> np.ndarray:
+               show_progress: bool = False, prompt_name: str | None = None, output: str | None = None,
+               side: str = "document"):
         """Embed ``texts`` -> float32 [N, D], rows in input order.
 
         ``prompt`` (or ``prompt_name``, a key of the folder's prompts) is put before every text,
         tokenized separately so its boundary is exact; with ``include_prompt=False`` its tokens
         (and the leading special tokens) are attended to but left out of pooling.
+
+        ``output="tokens"`` (the default of a multi-vector head) returns ``(tokens_bld float32
+        [N, L, D], mask_bl bool [N, L])`` instead: every text's scored token vectors, framed as a
+        ``side="query"`` or ``"document"`` (`embedjax.data.late_interaction`), padded to the
+        longest with mask False.
         """
         texts = validate_texts(texts)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
+        produced = head_output(self.head)
+        output = output or produced
+        if output != produced:
+            raise ValueError(f"output={output!r}, but this encoder's head gives {produced!r} embeddings "
+                             f"({'a multi-vector head' if output == 'tokens' else 'a pooling head'} is needed)")
+        if output == "tokens":
+            if prompt is not None or prompt_name is not None:
+                raise ValueError("late-interaction encoders frame texts with their markers; prompts do not apply")
+            return self._encode_tokens(texts, batch_size, side, show_progress)
         if prompt_name is not None:
             if prompt is not None:
                 raise ValueError("pass prompt or prompt_name, not both")
@@ -267,13 +283,47 @@ class Encoder:
         progress.close()
         return out
 
-    def encode_query(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+    def _encode_tokens(self, texts: list[str], batch_size: int, side: str, show_progress: bool):
+        """Token vectors and scored-token masks of a multi-vector head (see ``encode``)."""
+        from embedjax.data import late_interaction
+
+        framing = self.head.framing
+        if not texts:
+            return np.zeros((0, 0, self.dim), np.float32), np.zeros((0, 0), bool)
+        ids = late_interaction.framed_ids(self.tokenizer, texts, side, framing)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        multiple = self._data_parallel()
+        pending = []
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = late_interaction.frame(self.tokenizer, [ids[i] for i in rows], side, framing,
+                                           rows=_row_bucket(len(rows), batch_size, multiple))
+            pending.append((rows, batch["pool_mask"], self._jitted(self.params, self._place_batch(batch))))
+        length = max(mask.shape[1] for _, mask, _ in pending)
+        tokens = np.zeros((len(texts), length, self.dim), np.float32)
+        masks = np.zeros((len(texts), length), bool)
+        progress = _progress(len(texts), show_progress)
+        for rows, mask, emb in pending:
+            local = emb if self.mesh is None else emb.addressable_data(0)
+            width = mask.shape[1]
+            kept = mask[: len(rows)].astype(bool)
+            tokens[rows, :width] = np.where(kept[..., None], np.asarray(local)[: len(rows)], 0.0)  # unscored: zeros
+            masks[rows, :width] = kept
+            progress.update(len(rows))
+        progress.close()
+        return tokens, masks
+
+    def encode_query(self, texts: Sequence[str], **kwargs):
         """``encode`` with the folder's ``query`` prompt (none when it declares none), as
-        sentence-transformers' ``encode_query`` does."""
+        sentence-transformers' ``encode_query`` does; a multi-vector head frames texts as queries."""
+        if head_output(self.head) == "tokens":
+            return self.encode(texts, side="query", **kwargs)
         return self.encode(texts, prompt=self.prompts.get("query"), **kwargs)
 
-    def encode_document(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+    def encode_document(self, texts: Sequence[str], **kwargs):
         """``encode`` with the folder's ``document`` (else ``passage``, else ``corpus``) prompt."""
+        if head_output(self.head) == "tokens":
+            return self.encode(texts, side="document", **kwargs)
         name = next((n for n in DOCUMENT_PROMPT_NAMES if n in self.prompts), None)
         return self.encode(texts, prompt=self.prompts.get(name) if name else None, **kwargs)
 

@@ -165,18 +165,20 @@ def _write_folder(tmp: pathlib.Path, config, params, src: pathlib.Path, *, pooli
         raise FileNotFoundError(f"{src} has no tokenizer.json or vocab.txt to export with the model")
     for name in copied:
         shutil.copy2(src / name, tmp / name)
-    (tmp / "1_Pooling").mkdir()
-    (tmp / "1_Pooling" / "config.json").write_text(
-        json.dumps(_pooling_config(pooling, config.hidden_size, include_prompt), indent=2))
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
+    from embedjax.models.heads import head_output
+
+    per_token = head_output(head) == "tokens"  # a late-interaction folder (PyLate): no Pooling, no Normalize
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    if not per_token:
+        (tmp / "1_Pooling").mkdir()
+        (tmp / "1_Pooling" / "config.json").write_text(
+            json.dumps(_pooling_config(pooling, config.hidden_size, include_prompt), indent=2))
+        modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
     if head is not None:
         if not hasattr(head, "write_st"):
             raise ValueError(f"head {type(head).__name__} has no sentence-transformers form to export")
         modules.append(head.write_st(head_params, tmp, len(modules)))
-    if normalize:
+    if normalize and not per_token:
         index = len(modules)
         modules.append({"idx": index, "name": str(index), "path": f"{index}_Normalize",
                         "type": "sentence_transformers.models.Normalize"})
@@ -184,8 +186,10 @@ def _write_folder(tmp: pathlib.Path, config, params, src: pathlib.Path, *, pooli
     (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
     (tmp / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": max_length, "do_lower_case": False}, indent=2))
-    st_config = {"prompts": dict(prompts or {}), "default_prompt_name": None, "similarity_fn_name": "cosine",
-                 "model_type": "SentenceTransformer"}
+    st_config = {"prompts": dict(prompts or {}), "default_prompt_name": None,
+                 "similarity_fn_name": "MaxSim" if per_token else "cosine", "model_type": "SentenceTransformer"}
+    if head is not None and hasattr(head, "st_config"):
+        st_config.update(head.st_config())
     (tmp / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
 
 

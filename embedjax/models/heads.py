@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import string
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -34,6 +35,7 @@ class ProjectionHead(nn.Module):
     pooling: str = "mean"
     use_bias: bool = False
     needs_hidden_states = False
+    output = "sentence"  # one vector per text
 
     @nn.compact
     def __call__(self, hidden_bld, mask_bl, hidden_states=None, *, deterministic: bool = True):
@@ -49,37 +51,110 @@ class ProjectionHead(nn.Module):
     def write_st(self, params, folder: pathlib.Path, index: int) -> dict:
         """Write the head as a sentence-transformers ``Dense`` module (``{index}_Dense/``); returns its
         ``modules.json`` entry."""
-        from embedjax.convert import safetensors_io
-
-        kernel = np.asarray(params["dense"]["kernel"], np.float32)  # [in, out]
-        path = folder / f"{index}_Dense"
-        path.mkdir()
-        (path / "config.json").write_text(json.dumps({
-            "in_features": int(kernel.shape[0]), "out_features": int(kernel.shape[1]), "bias": self.use_bias,
-            "activation_function": "torch.nn.modules.linear.Identity"}, indent=2))
-        tensors = {"linear.weight": np.ascontiguousarray(kernel.T)}
-        if self.use_bias:
-            tensors["linear.bias"] = np.asarray(params["dense"]["bias"], np.float32)
-        safetensors_io.write_file(path / "model.safetensors", tensors)
-        return {"idx": index, "name": str(index), "path": path.name, "type": self.st_type}
+        return write_dense_module(params, self.use_bias, folder, index, self.st_type)
 
     @classmethod
     def read_st(cls, path: pathlib.Path, pooling: str):
         """``(head, params)`` from a sentence-transformers ``Dense`` module folder."""
-        from embedjax.convert import safetensors_io
-
-        config = json.loads((path / "config.json").read_text())
-        activation = config.get("activation_function", "torch.nn.modules.linear.Identity")
-        if not activation.endswith("Identity"):
-            raise ValueError(f"{path}: Dense activation {activation!r} is not implemented (only Identity)")
-        tensors = safetensors_io.read_file(path / "model.safetensors")
-        params = {"dense": {"kernel": np.asarray(tensors["linear.weight"], np.float32).T}}
-        if config.get("bias", False):
-            params["dense"]["bias"] = np.asarray(tensors["linear.bias"], np.float32)
-        return cls(dim=int(config["out_features"]), pooling=pooling, use_bias=bool(config.get("bias", False))), params
+        dim, use_bias, params = read_dense_module(path)
+        return cls(dim=dim, pooling=pooling, use_bias=use_bias), params
 
 
-HEADS: dict[str, type] = {"projection": ProjectionHead}
+def write_dense_module(params, use_bias: bool, folder: pathlib.Path, index: int, st_type: str) -> dict:
+    """A linear map ``params["dense"]`` as a sentence-transformers style ``{index}_Dense/`` module
+    (identity activation, weights [out, in]); returns its ``modules.json`` entry."""
+    from embedjax.convert import safetensors_io
+
+    kernel = np.asarray(params["dense"]["kernel"], np.float32)  # [in, out]
+    path = folder / f"{index}_Dense"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "in_features": int(kernel.shape[0]), "out_features": int(kernel.shape[1]), "bias": use_bias,
+        "activation_function": "torch.nn.modules.linear.Identity"}, indent=2))
+    tensors = {"linear.weight": np.ascontiguousarray(kernel.T)}
+    if use_bias:
+        tensors["linear.bias"] = np.asarray(params["dense"]["bias"], np.float32)
+    safetensors_io.write_file(path / "model.safetensors", tensors)
+    return {"idx": index, "name": str(index), "path": path.name, "type": st_type}
+
+
+def read_dense_module(path: pathlib.Path):
+    """``(out_features, use_bias, params)`` of a ``Dense`` module folder (identity activation only)."""
+    from embedjax.convert import safetensors_io
+
+    config = json.loads((path / "config.json").read_text())
+    activation = config.get("activation_function", "torch.nn.modules.linear.Identity")
+    if not activation.endswith("Identity"):
+        raise ValueError(f"{path}: Dense activation {activation!r} is not implemented (only Identity)")
+    tensors = safetensors_io.read_file(path / "model.safetensors")
+    params = {"dense": {"kernel": np.asarray(tensors["linear.weight"], np.float32).T}}
+    use_bias = bool(config.get("bias", False))
+    if use_bias:
+        params["dense"]["bias"] = np.asarray(tensors["linear.bias"], np.float32)
+    return int(config["out_features"]), use_bias, params
+
+
+class MultiVectorHead(nn.Module):
+    """Late interaction (ColBERT): every token state projected to ``dim`` (no bias) and L2-normalised;
+    the output is token vectors [B, L, dim], scored with MaxSim over the batch's ``pool_mask``.
+
+    The framing fields (markers, query expansion to ``query_length``, document skiplist) shape the
+    tokens (`embedjax.data.late_interaction`) and are written to / read from PyLate-style folders."""
+
+    dim: int = 128
+    use_bias: bool = False
+    query_marker: str = "[unused0]"
+    document_marker: str = "[unused1]"
+    query_length: int = 32
+    document_length: int = 180
+    attend_to_expansion: bool = False
+    skiplist: tuple = tuple(string.punctuation)
+    needs_hidden_states = False
+    output = "tokens"  # one vector per token
+
+    @property
+    def framing(self):
+        from embedjax.data.late_interaction import LateInteractionFraming
+
+        return LateInteractionFraming(self.query_marker, self.document_marker, int(self.query_length),
+                                      int(self.document_length), bool(self.attend_to_expansion), tuple(self.skiplist))
+
+    @nn.compact
+    def __call__(self, hidden_bld, mask_bl, hidden_states=None, *, deterministic: bool = True):
+        tokens_bld = nn.Dense(self.dim, use_bias=self.use_bias, dtype=jnp.float32,
+                              kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "head")),
+                              bias_init=logical(nn.initializers.zeros, ("head",)), name="dense")(
+            hidden_bld.astype(jnp.float32))
+        return tokens_bld / jnp.maximum(jnp.linalg.norm(tokens_bld, axis=-1, keepdims=True), 1e-12)
+
+    # ---- PyLate folders: a Dense module right after the Transformer, framing in the ST config ----
+    st_type = "pylate.models.Dense.Dense"
+
+    def write_st(self, params, folder: pathlib.Path, index: int) -> dict:
+        return write_dense_module(params, self.use_bias, folder, index, self.st_type)
+
+    def st_config(self) -> dict:
+        return self.framing.to_st()
+
+    @classmethod
+    def read_st(cls, path: pathlib.Path, pooling: str):
+        from embedjax.data.late_interaction import LateInteractionFraming
+
+        dim, use_bias, params = read_dense_module(path)
+        st_config = path.parent / "config_sentence_transformers.json"
+        framing = LateInteractionFraming.from_st(json.loads(st_config.read_text()) if st_config.is_file() else {})
+        return cls(dim=dim, use_bias=use_bias, query_marker=framing.query_marker,
+                   document_marker=framing.document_marker, query_length=framing.query_length,
+                   document_length=framing.document_length, attend_to_expansion=framing.attend_to_expansion,
+                   skiplist=framing.skiplist), params
+
+
+HEADS: dict[str, type] = {"projection": ProjectionHead, "multivector": MultiVectorHead}
+
+
+def head_output(head) -> str:
+    """"sentence" (one vector per text) or "tokens" (one per token) for a head, or no head."""
+    return "sentence" if head is None else getattr(head, "output", "sentence")
 
 
 def read_st_head(folder: pathlib.Path, modules: list[dict], pooling: str):
