@@ -90,6 +90,17 @@ def retrieval(encoder, corpus, queries, qrels, k_values: Iterable[int] = (1, 10,
             query texts, never the test queries) at ``hubness_temperature``; see
             ``embedjax.eval.querybank``.
     """
+    from embedjax.models.heads import head_output
+
+    if head_output(getattr(encoder, "head", None)) == "tokens":
+        if quantization not in (None, "float32") or dims or hubness_correction or query_prompt or document_prompt:
+            raise ValueError("a multi-vector encoder is evaluated by MaxSim (embedjax.multivector.evaluation."
+                             "retrieval for FDE candidates); quantization, dims, prompts and hubness correction "
+                             "apply to single-vector encoders")
+        from embedjax.multivector.evaluation import retrieval as token_retrieval
+
+        return token_retrieval(encoder, corpus, queries, qrels, k_values, batch_size=batch_size,
+                               show_progress=show_progress, per_query=per_query)
     if hubness_correction not in (None, "inverted_softmax"):
         raise ValueError(f"hubness_correction={hubness_correction!r}; use None or 'inverted_softmax'")
     if hubness_correction and not query_bank:
