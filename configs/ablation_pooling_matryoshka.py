@@ -1,21 +1,24 @@
 """Ablation: pooling {mean, cls} x Matryoshka {off, on} x 2 seeds, retrieval InfoNCE.
 
     python -m embedjax sweep --config configs/ablation_pooling_matryoshka.py:small --workdir runs/abl_small
-    python -m embedjax results runs/abl_small --beir limit-small --dims 8
+    python -m embedjax results runs/abl_small --dims 8
     python -m embedjax sweep --config configs/ablation_pooling_matryoshka.py:full --workdir gs://BUCKET/abl \\
         --launcher tpu_pod --launcher_args "--name my-v5e --zone us-west4-a"
 
 ARG:
   small  2 CPU cores, a few minutes for the 8 runs: a randomly initialised 2-layer,
-         32-wide BERT (MiniLM's tokenizer) trained for 60 steps of batch 32 on the
-         LIMIT-small (query, document) pairs and evaluated on LIMIT-small itself
-         (1000 queries: enough per-query scores for a paired test) by `results`. Training and
-         evaluating on the same pairs makes this a smoke-scale rehearsal of the
-         workflow (does the model fit the data, and which arm fits better), not a
-         generalisation result.
-  full   pod scale: the pretrained all-MiniLM-L6-v2, 2000 steps of global batch 1024
-         with the exact ring InfoNCE over the data axis, evaluated on the msmarco
-         subset; point ``--config.data.train`` at the full MS MARCO pairs on a pod.
+         32-wide BERT (MiniLM's tokenizer) trained for 60 steps of batch 32 (~2 passes) on the
+         scifact train (query, abstract) pairs (919) and evaluated after training on the
+         disjoint scifact test queries (300, the same corpus, as BEIR defines it), per query,
+         so `results` can run paired tests. (Until 2026-12 this scale trained and evaluated on
+         LIMIT-small itself; those figures measured fitting, not retrieval, and were re-run.)
+  full   pod scale: the pretrained all-MiniLM-L6-v2, 300 steps of global batch 1024 with the
+         exact ring InfoNCE over the data axis on the nfcorpus train pairs (110,575, the largest
+         training split here; repeated queries in a batch are masked as false negatives, not
+         deduplicated: 2,590 queries cannot fill batches of thousands), the nfcorpus dev split
+         every 100 steps, and nfcorpus test, scifact test (transfer) and msmarco before and
+         after. For a larger run point ``--config.data.train`` at a larger training set (e.g. the
+         MS MARCO train pairs; never the msmarco evaluation subset: the leak check refuses it).
 
 The Matryoshka arm trains nested prefixes (8, 16, 32) / (64, 128, 256, 384); the "off"
 arm trains the full dimension only. `results --dims` evaluates every arm at a
@@ -36,7 +39,7 @@ def get_config(arg: str = "small"):
     c.train.loss = "infonce"
     c.train.temperature = 0.05
     c.train.bidirectional = False
-    c.train.mask_false_negatives = True  # LIMIT documents repeat within a batch
+    c.train.mask_false_negatives = True  # a document relevant to two queries of a batch is no negative
     c.model.pooling = POOLINGS[0]
     c.eval.sts = ""
     c.eval.at_start = False
@@ -50,7 +53,7 @@ def get_config(arg: str = "small"):
         c.model.max_length = 64
         c.model.config.hidden_dropout = 0.0  # dropout RNG triples CPU compile time
         c.model.config.attention_dropout = 0.0
-        c.data.train = "beir:limit-small"
+        c.data.train = "beir:scifact:train"
         c.data.pad_to_max_length = True  # one compiled training shape
         c.train.batch_size = 32
         c.train.num_epochs = 0
@@ -59,9 +62,9 @@ def get_config(arg: str = "small"):
         c.train.progress = False
         c.optim.learning_rate = 3e-3
         c.optim.warmup_steps = 3
-        # No evaluation inside the 8 training runs: `results --beir limit-small` scores every
-        # exported model once, per query, which the paired tests need anyway.
-        c.eval.beir = ""
+        # Scored once, after training, per query (evals/step_60.per_query.json), which `results` reads;
+        # it scores the exports again only for settings not evaluated here (--dims, --quantization).
+        c.eval.beir = "scifact:test"
         c.export.enabled = True
         c.checkpoint.every_steps = 1_000_000  # only the final step
         c.checkpoint.async_save = False
@@ -69,16 +72,16 @@ def get_config(arg: str = "small"):
         c.model.init = "pretrained"
         c.model.path = "minilm"
         c.model.max_length = 128
-        c.data.train = "beir:msmarco"
-        c.data.no_duplicates = True
+        c.data.train = "beir:nfcorpus:train"
+        c.data.no_duplicates = False
         c.train.ring = True
         c.train.batch_size = 1024
         c.train.num_epochs = 0
-        c.train.num_steps = 2000
+        c.train.num_steps = 300
         c.optim.learning_rate = 5e-5
-        c.eval.beir = "msmarco"
-        c.eval.every_steps = 500
-        c.checkpoint.every_steps = 250
+        c.eval.beir = "nfcorpus:test,scifact:test,msmarco,nfcorpus:dev"
+        c.eval.every_steps = 100
+        c.checkpoint.every_steps = 100
     else:
         raise ValueError(f"unknown ablation_pooling_matryoshka.py argument {arg!r}: use 'small' or 'full'")
     return c

@@ -1,12 +1,13 @@
 """Ablation families of one retrieval recipe: each axis of the research workflow as a sweep.
 
     python -m embedjax sweep --config configs/ablations.py:loss --workdir runs/abl_loss
-    python -m embedjax results runs/abl_loss --beir limit-small --dims 8 --quantization int8,binary+rescore
+    python -m embedjax results runs/abl_loss --dims 8 --quantization int8,binary+rescore
     python -m embedjax sweep --config configs/ablations.py:loss,full --workdir gs://BUCKET/abl_loss \\
         --launcher tpu_pod --launcher_args "--name my-v5e --zone us-west4-a"
 
-ARG is ``AXIS`` (smoke scale: 2 CPU cores, minutes) or ``AXIS,full`` (pod scale: the pretrained
-MiniLM on msmarco with the ring loss over the data axis). Both scales share the base recipe of
+ARG is ``AXIS`` (smoke scale: 2 CPU cores, minutes; scifact train -> scifact test) or ``AXIS,full``
+(pod scale: the pretrained MiniLM on nfcorpus train with the ring loss over the data axis,
+evaluated on nfcorpus test, scifact test and msmarco). Both scales share the base recipe of
 ``configs/ablation_pooling_matryoshka.py`` (``small`` / ``full``); every family crosses its axis with
 seeds 0 and 1, and the first value of the axis is the baseline of the paired tests.
 
@@ -16,10 +17,11 @@ AXIS:
   temperature     0.01, 0.02, 0.05, 0.1
   batch           negatives per step through the global batch: 8, 32, 128 (small);
                   1,024, 4,096, 16,384 (full, ring loss: the all-gather would not fit)
-  hard_negatives  0 vs 1 mined hard negative per pair. Mine them first (MiniLM ranks the corpus):
-                    python -m embedjax.data.mining --model minilm --beir limit-small \\
-                      --out runs/mined/limit-small-1neg.jsonl --num-negatives 1
-                  (``full``: --beir msmarco --out runs/mined/msmarco-3neg.jsonl --num-negatives 3)
+  hard_negatives  0 vs 1 mined hard negative per pair, mined from the training split (MiniLM ranks
+                  the corpus; the file's .meta.json records the split for the leak check):
+                    python -m embedjax.data.mining --model minilm --beir scifact --split train \\
+                      --out runs/mined/scifact-train-1neg.jsonl --num-negatives 1
+                  (``full``: --beir nfcorpus --out runs/mined/nfcorpus-train-1neg.jsonl)
   matryoshka      off vs nested prefixes (8, 16, 32) / (64, 128, 256, 384)
   layer_dims      2D Matryoshka (every layer x every prefix) vs Starbucks (the diagonal: small
                   layers with small prefixes) against the last-layer-only baseline
@@ -34,7 +36,7 @@ from embedjax.train.config import load_config_module
 
 SEEDS = (0, 1)
 AXES = ("pooling", "loss", "temperature", "batch", "hard_negatives", "matryoshka", "layer_dims")
-MINED = {"small": "runs/mined/limit-small-1neg.jsonl", "full": "runs/mined/msmarco-3neg.jsonl"}
+MINED = {"small": "runs/mined/scifact-train-1neg.jsonl", "full": "runs/mined/nfcorpus-train-1neg.jsonl"}
 BASE_FAMILY = pathlib.Path(__file__).with_name("ablation_pooling_matryoshka.py")
 
 
@@ -82,9 +84,8 @@ def _axis_values(axis: str, scale: str) -> dict:
     if axis == "batch":
         return product({"train.batch_size": [32, 8, 128] if small else [4096, 1024, 16384]})
     if axis == "hard_negatives":
-        source = "beir:limit-small" if small else "beir:msmarco"
-        return zip_axes({"data.train": [source, f"jsonl:{MINED[scale]}"],
-                         "data.num_negatives": [0, 1 if small else 3]})
+        source = "beir:scifact:train" if small else "beir:nfcorpus:train"
+        return zip_axes({"data.train": [source, f"jsonl:{MINED[scale]}"], "data.num_negatives": [0, 1]})
     if axis == "matryoshka":
         return product({"train.matryoshka_dims": [(), (8, 16, 32) if small else (64, 128, 256, 384)]})
     return product({"train.layer_dims": _layer_dim_lists(scale)})

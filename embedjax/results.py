@@ -15,9 +15,16 @@ the runs' ``config.json``), groups runs that differ only in ``seed``, and report
 
 Per-query scores come from ``ROOT/<run>/per_query.json`` =
 ``{"<set>/<metric>": {query_id: score x100}}`` (``"<set>/dim=<d>/<metric>"`` for a
-Matryoshka truncation). When a run lacks the requested keys, they are computed from
-the run's exported model (``summary["export"]``) on the BEIR set (``--beir``, default:
-the run's ``eval.beir``) and cached into that file.
+Matryoshka truncation) and from the run's own final evaluation
+(``evals/step_<N>.per_query.json``, written by the train loop). When a run lacks the
+requested keys, they are computed from the run's exported model (``summary["export"]``)
+on the BEIR sets (``--beir scifact:test,msmarco``, default: the run's ``eval.beir``) and
+cached into ``per_query.json``. A run is never scored on data it trained on: the leak
+check of `embedjax.data.splits` runs against each run's ``data.train`` first (unless that
+run set ``data.allow_eval_overlap``).
+
+`before_after` tests a single training run's final evaluation against its evaluation at
+step 0 (the model it started from), query by query.
 """
 from __future__ import annotations
 
@@ -133,9 +140,14 @@ def axis_label(axis: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------- per-query scores
 
 
-def _read_per_query(workdir: pathlib.Path) -> dict:
-    path = workdir / PER_QUERY_FILE
+def _read_json(path: pathlib.Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_per_query(workdir: pathlib.Path, final_step: int | None = None) -> dict:
+    """``per_query.json``, over the per-query scores of the run's evaluation at ``final_step`` (if any)."""
+    evaluated = _read_json(workdir / "evals" / f"step_{final_step}.per_query.json") if final_step is not None else {}
+    return {**evaluated, **_read_json(workdir / PER_QUERY_FILE)}
 
 
 BASE_SETTING = (None, None)  # full dimension, float32 search
@@ -185,18 +197,37 @@ def score_run(run: Mapping, beir: str, settings: Sequence[tuple], split: str = "
     return scores
 
 
+def check_run_disjoint(run: Mapping, eval_sets: Sequence) -> None:
+    """Refuse to score a run on a BEIR set it trained on (`embedjax.data.splits`), unless the run allowed it."""
+    from embedjax.data.splits import EvaluationLeakError, find_overlaps, parse_train_sources
+
+    train = run["config"].get("data.train")
+    if not train or run["config"].get("data.allow_eval_overlap"):
+        return
+    overlaps = find_overlaps(parse_train_sources(train), [(f"--beir {e.path}:{e.split}", e.ref) for e in eval_sets])
+    if overlaps:
+        raise EvaluationLeakError(f"run {run['name']} would be scored on data it trained on: " + "; ".join(overlaps)
+                                  + ". Score it on other sets (--beir), or retrain on a training split")
+
+
 def ensure_per_query(runs: list[dict], beir: str | None, settings: Sequence[tuple], metric: str,
-                     split: str = "test", compute: bool = True) -> list[str]:
-    """Load (and, where missing, compute) each run's per-query scores; -> the keys every run has for ``metric``."""
+                     split: str | None = None, compute: bool = True) -> list[str]:
+    """Load (and, where missing, compute) each run's per-query scores; -> the keys every run has for ``metric``.
+
+    ``beir``: sets in the ``eval.beir`` grammar (default: each run's own ``eval.beir``); ``split``: the split of
+    entries that name none (default: the folder's only split).
+    """
+    from embedjax.data.splits import parse_eval_sets
+
     for run in runs:
-        run["per_query"] = _read_per_query(run["workdir"])
-        set_beir = beir or run["config"].get("eval.beir") or ""
-        wanted = None
-        if set_beir:
-            set_name = f"{pathlib.Path(set_beir).name}-{split}"
-            wanted = [per_query_key(set_name, metric, d, q) for d, q in settings]
-        if wanted and compute and not all(k in run["per_query"] for k in wanted):
-            run["per_query"] = score_run(run, set_beir, settings, split)
+        run["per_query"] = _read_per_query(run["workdir"], run["summary"].get("step"))
+        eval_sets = parse_eval_sets(beir or run["config"].get("eval.beir") or "", split,
+                                    where="--beir" if beir else f"{run['name']} eval.beir")
+        check_run_disjoint(run, eval_sets)
+        for entry in eval_sets:
+            wanted = [per_query_key(entry.name, metric, d, q) for d, q in settings]
+            if compute and not all(k in run["per_query"] for k in wanted):
+                run["per_query"].update(score_run(run, entry.path, settings, entry.split))
     suffix = "/" + metric
     common = None
     for run in runs:
@@ -330,6 +361,36 @@ def evaluation_significance_table(runs: Sequence[Mapping], axes: Sequence[tuple[
     return rows
 
 
+def before_after(workdir: str | os.PathLike, metric: str = "ndcg@10", *, test: str = "permutation",
+                 num_samples: int = 10_000, seed: int = 0) -> list[dict]:
+    """Per BEIR set: a paired test of a training run's final evaluation against its step-0 evaluation.
+
+    Reads the train loop's ``evals/step_0.per_query.json`` (the starting model; ``eval.at_start=True``)
+    and ``evals/step_<final>.per_query.json``; the queries both scored are paired. Each row: ``set``,
+    ``score`` (the per-query key), ``step_before``, ``step_after`` and the test's fields (``mean_a`` =
+    before, ``mean_b`` = after, ``mean_difference``, ``p_value``, ``ci_low``, ``ci_high``, ...).
+    """
+    workdir = pathlib.Path(workdir)
+    summary = _read_json(workdir / "summary.json")
+    if "step" not in summary:
+        raise FileNotFoundError(f"{workdir} holds no summary.json of a finished run")
+    paths = [workdir / "evals" / f"step_{step}.per_query.json" for step in (0, summary["step"])]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} missing: before/after tests need the run's per-query "
+                                "evaluations at step 0 (eval.at_start=True) and at its final step (eval.beir set)")
+    before, after = (json.loads(p.read_text()) for p in paths)
+    run_test = paired_test_fn(test)
+    rows = []
+    for key in sorted(k for k in before if k.endswith("/" + metric) and k in after):
+        shared = sorted(set(before[key]) & set(after[key]))
+        result = run_test([before[key][q] for q in shared], [after[key][q] for q in shared],
+                          num_samples=num_samples, seed=seed)
+        rows.append({"set": key[: -len(metric) - 1], "score": key, "step_before": 0, "step_after": summary["step"],
+                     "test": test, **result})
+    return rows
+
+
 def _cell(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
@@ -391,8 +452,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "final_loss always")
     parser.add_argument("--test_metric", default="ndcg@10", help="per-query metric of the significance tests")
     parser.add_argument("--beir", default=None,
-                        help="BEIR folder scored per query from each run's export (default: the runs' eval.beir)")
-    parser.add_argument("--split", default="test")
+                        help="BEIR sets scored per query from each run's export, 'folder[:split],...' "
+                             "(default: the runs' eval.beir)")
+    parser.add_argument("--split", default=None,
+                        help="split of --beir entries that name none (default: the folder's only split)")
     parser.add_argument("--dims", default="", help="comma-separated Matryoshka truncations also scored, e.g. 8,16")
     parser.add_argument("--quantization", default="",
                         help="comma-separated compressed searches also scored (each at every --dims), e.g. "

@@ -23,6 +23,10 @@ def _data_dir() -> pathlib.Path:
     return path
 
 
+# Configs name data relative to EMBEDJAX_DATA_DIR (beir:scifact:train); point it where `data_dir` looks.
+os.environ.setdefault("EMBEDJAX_DATA_DIR", str(_data_dir()))
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     """The shared real-data folder; a missing folder fails loudly (never skips)."""
@@ -77,52 +81,49 @@ def tiny_st_model(tmp_path_factory, minilm_dir):
     return folder
 
 
-def _code_fingerprint() -> str:
-    """Hash of the code that determines embeddings, so a cache never outlives a change to it."""
-    import hashlib
-
-    root = pathlib.Path(__file__).resolve().parents[1] / "embedjax"
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):  # the whole package: modules move, embeddings must not go stale
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 @pytest.fixture(scope="session")
-def msmarco_embeddings(data_dir, minilm_encoder, tmp_path_factory):
-    """MiniLM embeddings of the msmarco subset (judged queries and all 5,000 documents).
+def beir_embeddings(data_dir, minilm_encoder):
+    """``beir_embeddings(dataset, split="test")`` -> MiniLM embeddings of a shared BEIR set's judged
+    queries and its whole corpus.
 
-    Encoding the corpus takes minutes on 2 cores, so the result is cached on disk under
-    ``.pytest_cache/embedjax`` (keyed by the embedding code's hash) and shared by every test
-    and xdist worker (a file lock makes the first one compute it).
+    Encoding a corpus takes minutes on 2 cores (scifact's 5,183 abstracts ~4.5 min, nfcorpus's 3,633
+    ~3 min, msmarco's 5,000 passages ~1 min on an idle machine), so each result is cached on disk under
+    ``.pytest_cache/embedjax`` by `embedjax.eval.embedding_cache.cached_encode` (keyed on the texts, the
+    weights' hash, the library versions and the whole embedjax source) and shared by every test and
+    xdist worker (a file lock makes the first one compute it).
 
     Returns a dict: ``q_emb`` [Q, D], ``d_emb`` [N, D], ``query_ids``, ``doc_ids``, ``qrels``.
     """
-    import json
-
-    import numpy as np
     from filelock import FileLock
 
     import embedjax as ej
+    from embedjax.eval.embedding_cache import cached_encode
 
-    corpus, queries, qrels = ej.data.read_beir(data_dir / "msmarco")
-    query_ids = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())]
-    doc_ids = list(corpus)
     cache = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "embedjax"
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"msmarco-minilm-{_code_fingerprint()}.npz"
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            q_emb = minilm_encoder.encode([queries[q] for q in query_ids])
-            d_emb = minilm_encoder.encode([ej.eval.document_text(corpus[d]) for d in doc_ids])
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, q_emb=q_emb, d_emb=d_emb, ids=json.dumps([query_ids, doc_ids]))
-            os.replace(tmp, path)
-        stored = np.load(path)
-        assert json.loads(str(stored["ids"])) == [query_ids, doc_ids], "stale msmarco embedding cache"
-        return {"q_emb": stored["q_emb"], "d_emb": stored["d_emb"], "query_ids": query_ids,
-                "doc_ids": doc_ids, "qrels": qrels}
+    loaded = {}
+
+    def get(dataset: str, split: str = "test") -> dict:
+        if (dataset, split) not in loaded:
+            corpus, queries, qrels = ej.data.read_beir(data_dir / dataset, split=split)
+            query_ids = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())]
+            doc_ids = list(corpus)
+            with FileLock(str(cache / f"{dataset}-{split}.lock")):
+                q_emb = cached_encode(minilm_encoder, [queries[q] for q in query_ids], cache,
+                                      name=f"{dataset}-{split}-queries")
+                d_emb = cached_encode(minilm_encoder, [ej.eval.document_text(corpus[d]) for d in doc_ids], cache,
+                                      name=f"{dataset}-corpus")
+            loaded[dataset, split] = {"q_emb": q_emb, "d_emb": d_emb, "query_ids": query_ids,
+                                      "doc_ids": doc_ids, "qrels": qrels}
+        return loaded[dataset, split]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def msmarco_embeddings(beir_embeddings):
+    """MiniLM embeddings of the msmarco subset (judged queries and all 5,000 documents); see `beir_embeddings`."""
+    return beir_embeddings("msmarco")
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,15 @@
 """TFDS builders that turn the shared text formats into ArrayRecord datasets.
 
-Three source kinds, each a `tfds.core.GeneratorBasedBuilder` written with
+Four source kinds, each a `tfds.core.GeneratorBasedBuilder` written with
 ``file_format="array_record"`` (TensorFlow is not needed to write or read them):
 
 - ``"sts"``: graded pairs (a STS-B style tab-separated file, read with
   `embedjax.data.readers.read_sts`): features ``sentence1``, ``sentence2``, ``score``.
 - ``"beir"``: a BEIR folder (corpus/queries/qrels): one example per judged
   (query, relevant document) pair, features of the retrieval kind below.
+- ``"triplets"``: tab-separated (anchor, positive, hard_negative) rows under a header (the
+  NLI triplets, `embedjax.data.readers.read_triplets`): one retrieval example each, the third
+  column its one hard negative; ids are stable hashes of the texts.
 - ``"jsonl"``: generic pairs / triplets, one JSON object a line:
   ``{"query": str, "positive": str, "negatives": [str, ...]}`` (``"anchor"`` is accepted
   for ``"query"``, ``"negative": str`` for a single negative; optional ``"query_id"``,
@@ -37,7 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 STS_KIND = "sts"
-RETRIEVAL_KINDS = ("beir", "jsonl")
+RETRIEVAL_KINDS = ("beir", "jsonl", "triplets")
 KINDS = (STS_KIND, *RETRIEVAL_KINDS)
 
 # Where STS-B comes from when no local copy exists and the machine is online.
@@ -242,6 +245,26 @@ def parse_pairs_line(line: str, where: str) -> dict:
     }
 
 
+class TripletsTsv(_RetrievalPairsBuilder):
+    """(anchor, positive, hard negative) triplets from a tab-separated file with a header."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _generate_examples(self):
+        from embedjax.data.readers import read_triplets
+
+        anchors, positives, negatives = read_triplets(self.builder_config.source)
+        for i, (anchor, positive, negative) in enumerate(zip(anchors, positives, negatives)):
+            yield i, {
+                "query": anchor,
+                "positive": positive,
+                "query_id": _stable_id(anchor),
+                "positive_id": _stable_id(positive),
+                "negatives": [negative],
+                "negative_ids": [_stable_id(negative)],
+            }
+
+
 class JsonlPairs(_RetrievalPairsBuilder):
     """Generic pairs / triplets from a JSONL file."""
 
@@ -260,7 +283,7 @@ class JsonlPairs(_RetrievalPairsBuilder):
             raise ValueError(f"JSONL dataset {path!r} holds no examples")
 
 
-_BUILDERS = {"sts": StsPairs, "beir": BeirPairs, "jsonl": JsonlPairs}
+_BUILDERS = {"sts": StsPairs, "beir": BeirPairs, "jsonl": JsonlPairs, "triplets": TripletsTsv}
 
 
 def prepare(

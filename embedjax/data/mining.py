@@ -13,9 +13,12 @@ and the first ``num_negatives`` survivors are the pair's hard negatives. Pairs w
 fewer survivors within the search depth are dropped (and counted), so every written
 example has exactly ``num_negatives`` negatives. The result is written as the
 generic pairs JSONL that the ``jsonl`` training source reads
-(`embedjax.data.builders`).
+(`embedjax.data.builders`), with a provenance sidecar ``<out>.meta.json`` naming the
+dataset split it was mined from, so the training leak check (`embedjax.data.splits`)
+sees through the file. Mine the split you train on (the default ``--split train``):
 
-    python -m embedjax.data.mining --model minilm --beir msmarco --out mined.jsonl --num-negatives 3
+    python -m embedjax.data.mining --model minilm --beir scifact --split train \
+        --out runs/mined/scifact-train-1neg.jsonl --num-negatives 1
 """
 from __future__ import annotations
 
@@ -106,7 +109,7 @@ def mine_beir(
     folder: str | os.PathLike,
     out_path: str | os.PathLike,
     *,
-    split: str = "test",
+    split: str = "train",
     min_relevance: int = 1,
     num_negatives: int = 3,
     skip_top: int = 0,
@@ -114,13 +117,16 @@ def mine_beir(
     depth: int = 100,
     max_queries: int = 0,
     batch_size: int = 64,
+    show_progress: bool = False,
 ) -> dict:
-    """Mine a BEIR folder with ``encoder`` and write the training JSONL; returns counts."""
-    from embedjax.data.builders import resolve_source
+    """Mine a BEIR folder's ``split`` with ``encoder``; write the training JSONL and its provenance
+    sidecar (`embedjax.data.splits.write_provenance`); returns counts."""
     from embedjax.data.readers import read_beir
+    from embedjax.data.splits import SplitRef, resolve_beir_split, write_provenance
     from embedjax.eval.retrieval import document_text
 
-    corpus, queries, qrels = read_beir(resolve_source(str(folder)), split=split)
+    resolved, split = resolve_beir_split(str(folder), split, "mining")
+    corpus, queries, qrels = read_beir(resolved, split=split)
     doc_ids = list(corpus)
     doc_row = {d: i for i, d in enumerate(doc_ids)}
     query_ids = [q for q in sorted(qrels) if q in queries]
@@ -134,8 +140,8 @@ def mine_beir(
     judged = {i: {doc_row[d] for d in qrels[q] if d in doc_row} for i, q in enumerate(query_ids)}
     pairs = [(i, p) for i in range(len(query_ids)) for p in sorted(positives[i])]
     doc_texts = [document_text(corpus[d]) for d in doc_ids]
-    d_emb = encoder.encode(doc_texts, batch_size=batch_size)
-    q_emb = encoder.encode([queries[q] for q in query_ids], batch_size=batch_size)
+    d_emb = encoder.encode(doc_texts, batch_size=batch_size, show_progress=show_progress)
+    q_emb = encoder.encode([queries[q] for q in query_ids], batch_size=batch_size, show_progress=show_progress)
     mined, dropped = mine(q_emb, d_emb, pairs, judged, num_negatives=num_negatives, skip_top=skip_top,
                           max_relative_score=max_relative_score, depth=depth)
     out_path = pathlib.Path(out_path)
@@ -151,7 +157,12 @@ def mine_beir(
                 "negative_ids": [doc_ids[n] for n in negatives],
             }) + "\n")
     os.replace(tmp, out_path)  # written whole or not at all
-    return {"written": len(mined), "dropped": dropped, "queries": len(query_ids), "out": str(out_path)}
+    counts = {"written": len(mined), "dropped": dropped, "queries": len(query_ids)}
+    settings = {"num_negatives": num_negatives, "skip_top": skip_top, "max_relative_score": max_relative_score,
+                "depth": depth, "max_queries": max_queries, "min_relevance": min_relevance}
+    meta = write_provenance(out_path, [SplitRef(resolved.resolve().name, split)], tool="embedjax.data.mining",
+                            model=str(getattr(encoder, "source", "")), settings=settings, counts=counts)
+    return {**counts, "out": str(out_path), "provenance": str(meta)}
 
 
 def main(argv=None) -> dict:
@@ -159,7 +170,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="minilm", help="model folder (or 'minilm') that ranks the corpus")
     parser.add_argument("--beir", required=True, help="BEIR folder (path, or relative to EMBEDJAX_DATA_DIR)")
     parser.add_argument("--out", required=True, help="JSONL file to write (the jsonl training source)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="train",
+                        help="qrels split to mine (train: mining an evaluation split makes a training leak)")
     parser.add_argument("--num-negatives", type=int, default=3)
     parser.add_argument("--skip-top", type=int, default=0)
     parser.add_argument("--max-relative-score", type=float, default=0.95, help="<= 0 turns the ceiling off")
@@ -172,7 +184,7 @@ def main(argv=None) -> dict:
     ceiling = args.max_relative_score if args.max_relative_score > 0 else None
     return mine_beir(encoder, args.beir, args.out, split=args.split, num_negatives=args.num_negatives,
                      skip_top=args.skip_top, max_relative_score=ceiling, depth=args.depth,
-                     max_queries=args.max_queries)
+                     max_queries=args.max_queries, show_progress=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ ordered by process.
 Batch layouts (numpy, leading dimension = this process's rows ``b``):
 
 - ``"sts"``: ``{"a": tokens, "b": tokens, "score": float32 [b]}`` (both sides padded to one length)
-- retrieval (``"beir"``, ``"jsonl"``): ``{"query": tokens, "positive": tokens,
+- retrieval (``"beir"``, ``"jsonl"``, ``"triplets"``): ``{"query": tokens, "positive": tokens,
   "query_id": int32 [b], "positive_id": int32 [b]}`` plus, with ``num_negatives=k > 0``,
   ``"negatives": tokens [b, k, L]`` and ``"negative_ids": int32 [b, k]``
 
@@ -40,7 +40,8 @@ from embedjax.data.tokenization import bucket_length
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """One training source: ``kind`` in {"sts", "beir", "jsonl"}, a path, a mixing weight."""
+    """One training source: ``kind`` in {"sts", "beir", "jsonl", "triplets"}, a path, a mixing weight, and for
+    ``beir`` the qrels ``split`` (`embedjax.data.splits.parse_train_sources` resolves it from the config)."""
 
     kind: str
     path: str

@@ -48,6 +48,44 @@ def read_sts(path: str | os.PathLike):
     return s1, s2, np.asarray(scores, dtype=np.float32)
 
 
+TRIPLET_COLUMNS = ("anchor", "positive", "hard_negative")
+
+
+def read_triplets(path: str | os.PathLike):
+    """Read tab-separated triplets under a header that names ``anchor``, ``positive`` and ``hard_negative``
+    (in any order; other columns, e.g. ``source``, are ignored). No quoting: fields are split on tabs.
+
+    Returns:
+        ``(anchors, positives, hard_negatives)``: three lists of N non-empty str.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"triplets file {path} does not exist; point at e.g. $EMBEDJAX_DATA_DIR/nli/triplets.tsv")
+    columns: tuple[list[str], ...] = ([], [], [])
+    with path.open(encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").rstrip("\r").split("\t")
+        missing = [c for c in TRIPLET_COLUMNS if c not in header]
+        if missing:
+            raise DataFormatError(f"{path}:1: the header {header} lacks column(s) {missing}; the first line must name "
+                                  f"the columns, tab-separated: {', '.join(TRIPLET_COLUMNS)}")
+        where = [header.index(c) for c in TRIPLET_COLUMNS]
+        for lineno, line in enumerate(f, start=2):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != len(header):
+                raise DataFormatError(f"{path}:{lineno}: {len(fields)} tab-separated fields, the header has "
+                                      f"{len(header)}")
+            for column, name, i in zip(columns, TRIPLET_COLUMNS, where):
+                if not fields[i].strip():
+                    raise DataFormatError(f"{path}:{lineno}: empty {name}")
+                column.append(fields[i])
+    if not columns[0]:
+        raise DataFormatError(f"{path} holds no triplets")
+    return columns
+
+
 def parse_json_object(line: str, where: str) -> dict:
     """One JSONL line -> its object; ``where`` (file:line) starts the error message."""
     try:
@@ -101,7 +139,7 @@ def read_qrels(folder: pathlib.Path, split: str = "test") -> dict[str, dict[str,
     if tsv.is_file():
         return _read_qrels_tsv(tsv)
     jsonl = folder / "qrels.jsonl"
-    if jsonl.is_file():
+    if jsonl.is_file() and split == "test":  # a lone qrels.jsonl (LIMIT) is an evaluation set: its split is "test"
         qrels: dict[str, dict[str, int]] = {}
         for lineno, row in _read_jsonl(jsonl, ("query-id", "corpus-id", "score")):
             try:
@@ -109,6 +147,8 @@ def read_qrels(folder: pathlib.Path, split: str = "test") -> dict[str, dict[str,
             except (TypeError, ValueError):
                 raise DataFormatError(f"{jsonl}:{lineno}: score {row['score']!r} is not an integer") from None
         return qrels
+    if jsonl.is_file():
+        raise FileNotFoundError(f"{folder} has no qrels/{split}.tsv; its qrels.jsonl is the split 'test'")
     raise FileNotFoundError(f"{folder} has no qrels/{split}.tsv nor qrels.jsonl")
 
 

@@ -42,8 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.head = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
-    # Comma-separated sources "kind:path[@weight]", kind in {sts, beir, jsonl}; paths may be
-    # relative to EMBEDJAX_DATA_DIR.
+    # Comma-separated sources "kind:path[:split][@weight]", kind in {sts, beir, jsonl, triplets}, e.g.
+    # "beir:scifact:train,triplets:nli/triplets.tsv@0.5"; paths may be relative to EMBEDJAX_DATA_DIR.
+    # Grammar, split rules and the leak check: embedjax/data/splits.py.
     c.data.train = "sts:stsb/sts-train.csv"
     c.data.max_examples = 0  # 0 = all; else the first N stored examples of each source
     c.data.cache_dir = ""  # "" = $EMBEDJAX_CACHE_DIR or ~/.cache/embedjax/tfds
@@ -53,8 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_negatives = 0  # hard negatives per query taken from the dataset (retrieval kinds)
     c.data.length_buckets = ()  # padded lengths to choose from; () = the tokenizer's default ladder
     c.data.pad_to_max_length = False  # True: every batch padded to model.max_length (one compiled shape)
-    c.data.beir_split = "test"
     c.data.min_relevance = 1
+    # True lets a run train on one of its evaluation sets or on evaluation-only data (refused otherwise,
+    # before anything runs); the summary then records the overlap under "eval_overlap".
+    c.data.allow_eval_overlap = False
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16  # global, across all processes and devices
@@ -115,7 +118,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.at_start = True
     c.eval.sts = "stsb/sts-dev.csv"  # "" = no STS evaluation
     c.eval.sts_test = ""  # evaluated once after training (and at start when at_start)
-    c.eval.beir = ""  # BEIR folder for retrieval evaluation; "" = none
+    # BEIR evaluation sets "folder[:split],...", e.g. "scifact:test,nfcorpus:test,msmarco" ("" = none); a split
+    # may be left out when the folder has only one. Test splits and evaluation-only sets are scored only
+    # before and after training; other splits (nfcorpus:dev) also every eval.every_steps.
+    c.eval.beir = ""
+    # > 0: score each BEIR set on a fixed subset of at most this many queries (the same for every run:
+    # the smallest sha1 of the query ids); the set is then named "<folder>-<split>-q<N>". The corpus is
+    # always encoded whole, which is most of the cost.
+    c.eval.max_queries = 0
     c.eval.batch_size = 64
 
     c.export = ml_collections.ConfigDict()
@@ -141,7 +151,15 @@ def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]
     return out
 
 
+# Keys that existed once, and what replaced them.
+REMOVED_KEYS = {
+    "data.beir_split": "each source names its split now: data.train='beir:scifact:train', eval.beir='scifact:test'",
+}
+
+
 def _unknown_key_error(key: str, known: Iterable[str], where: str) -> ValueError:
+    if key in REMOVED_KEYS:
+        return ValueError(f"config key {key!r} in {where} was removed: {REMOVED_KEYS[key]}")
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else "; see embedjax/train/config.py for the keys"
     return ValueError(f"unknown config key {key!r} in {where}{hint}")
@@ -256,23 +274,3 @@ def load_config_file(spec: str, schema=default_config) -> ml_collections.ConfigD
         raise TypeError(f"{path_str}: get_config must return an ml_collections.ConfigDict")
     validate(cfg, path_str, schema)
     return cfg
-
-
-def parse_sources(spec: str):
-    """``"kind:path[@weight],..."`` -> list of (kind, path, weight)."""
-    out = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        kind, sep, rest = part.partition(":")
-        if not sep or not rest:
-            raise ValueError(f"data source {part!r} must look like kind:path[@weight] (kind: sts, beir, jsonl)")
-        path, _, weight = rest.partition("@")
-        try:
-            weight_value = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"data source {part!r}: weight {weight!r} is not a number") from None
-        out.append((kind, path, weight_value))
-    if not out:
-        raise ValueError("config.data.train names no data source; set it to e.g. 'sts:stsb/sts-train.csv'")
-    return out

@@ -31,10 +31,11 @@ import ml_collections
 import numpy as np
 
 from embedjax.data.pipeline import DatasetSpec, build_train_data
+from embedjax.data.splits import check_disjoint, parse_train_sources
 from embedjax.data.tokenization import Tokenizer
 from embedjax.train import optim
 from embedjax.train.checkpoint import Checkpointer
-from embedjax.train.config import parse_sources, validate
+from embedjax.train.config import validate
 from embedjax.train.metrics_log import MetricLog
 from embedjax.train.state import create_state, state_shardings, unbox
 from embedjax.train.step import batch_shardings, make_embed, make_objective, make_train_step, value_and_grad_fn
@@ -183,11 +184,8 @@ def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
 
 
 def prepare_data(cfg, tokenizer):
-    specs = [
-        DatasetSpec(kind=kind, path=path, weight=weight, split=cfg.data.beir_split,
-                    min_relevance=cfg.data.min_relevance)
-        for kind, path, weight in parse_sources(cfg.data.train)
-    ]
+    specs = [DatasetSpec(kind=s.kind, path=s.path, weight=s.weight, split=s.split or "test",
+                         min_relevance=cfg.data.min_relevance) for s in parse_train_sources(cfg.data.train)]
     kwargs = dict(
         global_batch_size=cfg.train.batch_size,
         seed=cfg.seed,
@@ -224,6 +222,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     from embedjax.models.heads import build_head
 
     validate(cfg)
+    eval_overlap = check_disjoint(cfg.data.train, beir=cfg.eval.beir, sts=(cfg.eval.sts, cfg.eval.sts_test),
+                                  allow_overlap=cfg.data.allow_eval_overlap)  # before anything runs
     init_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
     workdir = pathlib.Path(workdir).absolute()
@@ -292,13 +292,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     from embedjax.train.evaluators import Evaluators
 
     evaluators = Evaluators(encoder, sts_dev=cfg.eval.sts, sts_test=cfg.eval.sts_test, beir=cfg.eval.beir,
-                            beir_split=cfg.data.beir_split, batch_size=cfg.eval.batch_size)
+                            max_queries=cfg.eval.max_queries, batch_size=cfg.eval.batch_size)
 
     def evaluate(step: int, include_test: bool = True) -> dict:
         names = evaluators.names(include_test=include_test)
         if not names:
             return {}
-        results = evaluators.run(state.params, names)
+        results = evaluators.run(state.params, names,
+                                 per_query_file=workdir / "evals" / f"step_{step}.per_query.json" if is_main else None)
         if is_main:
             metric_log.write(step, results, prefix="eval")
             _write_json_atomic(workdir / "evals" / f"step_{step}.json", results)
@@ -409,6 +410,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         "metrics_log": str(metric_log.jsonl_path),
         "tensorboard": str(metric_log.tensorboard_dir),
     }
+    if eval_overlap:
+        summary["eval_overlap"] = eval_overlap
     before = workdir / "evals" / "step_0.json"
     if before.is_file():
         summary["eval_before"] = json.loads(before.read_text())

@@ -65,3 +65,51 @@ def test_mined_limit_small_file_feeds_the_training_pipeline(tmp_path, minilm_dir
                             cache_dir=str(tmp_path / "cache"))
     batch = next(data.iterator())
     assert batch["negatives"]["input_ids"].shape[:2] == (4, 3)
+
+
+class _HashEncoder:
+    """A stand-in ranker: a fixed random unit vector per text (mining's rules do not depend on the model)."""
+
+    source = "hash-encoder"
+
+    def encode(self, texts, batch_size=64, show_progress=False):
+        import zlib
+
+        rows = [np.random.default_rng(zlib.crc32(t.encode())).normal(size=16) for t in texts]
+        x = np.asarray(rows, dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _toy_beir(root):
+    """A BEIR folder named 'toyset' with train and test qrels over one 40-document corpus."""
+    folder = root / "toyset"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"document {i}"})
+                                                 + "\n" for i in range(40)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n"
+                                                  for i in range(10)))
+    header = "query-id\tcorpus-id\tscore\n"
+    (folder / "qrels" / "train.tsv").write_text(header + "".join(f"q{i}\td{i}\t1\n" for i in range(6)))
+    (folder / "qrels" / "test.tsv").write_text(header + "".join(f"q{i}\td{i}\t1\n" for i in range(6, 10)))
+    return folder
+
+
+def test_mining_writes_provenance_and_the_leak_check_sees_through_it(tmp_path):
+    from embedjax.data.splits import EvaluationLeakError, SplitRef, check_disjoint, read_provenance
+
+    folder = _toy_beir(tmp_path)
+    out = tmp_path / "mined-train.jsonl"
+    stats = mine_beir(_HashEncoder(), folder, out, num_negatives=2, max_relative_score=None)  # default: train
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stats["written"] == len(rows) == 6 and {r["query_id"] for r in rows} == {f"q{i}" for i in range(6)}
+    meta = json.loads((tmp_path / "mined-train.jsonl.meta.json").read_text())
+    assert meta["sources"] == [{"dataset": "toyset", "split": "train"}] and meta["model"] == "hash-encoder"
+    assert meta["settings"]["num_negatives"] == 2 and meta["counts"]["written"] == 6
+    assert read_provenance(out) == (SplitRef("toyset", "train"),)
+    assert check_disjoint(f"jsonl:{out}", beir=f"{folder}:test") == []
+    leaked = tmp_path / "mined-test.jsonl"
+    mine_beir(_HashEncoder(), folder, leaked, split="test", num_negatives=2, max_relative_score=None)
+    with pytest.raises(EvaluationLeakError, match=r"made from toyset:test.*is the evaluation set eval.beir .*toyset:test"):
+        check_disjoint(f"jsonl:{leaked}", beir=f"{folder}:test")
+    with pytest.raises(ValueError, match="has no split 'dev'"):
+        mine_beir(_HashEncoder(), folder, tmp_path / "x.jsonl", split="dev")

@@ -4,22 +4,24 @@ import argparse
 import pytest
 
 from embedjax.train import cli
-from embedjax.train.config import apply_overrides, default_config, load_config_file, parse_sources, validate
+from embedjax.train.config import apply_overrides, default_config, load_config_file, validate
 from train_runs import TINY, tiny_config
 
 
 def test_overrides_are_typed_and_applied():
     cfg = apply_overrides(default_config(), ["train.batch_size=32", "optim.learning_rate=1e-4",
                                              "train.matryoshka_dims=(64, 128)", "data.no_duplicates=true",
-                                             "data.train=beir:msmarco"])
+                                             "data.train=beir:scifact:train"])
     assert cfg.train.batch_size == 32 and cfg.optim.learning_rate == 1e-4
     assert tuple(cfg.train.matryoshka_dims) == (64, 128) and cfg.data.no_duplicates is True
-    assert cfg.data.train == "beir:msmarco"
+    assert cfg.data.train == "beir:scifact:train"
 
 
 def test_unknown_keys_are_errors_with_a_suggestion(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key 'train.batchsize'.*did you mean 'train.batch_size'"):
         apply_overrides(default_config(), ["train.batchsize=8"])
+    with pytest.raises(ValueError, match=r"'data.beir_split' in .* was removed: .*data.train='beir:scifact:train'"):
+        apply_overrides(default_config(), ["data.beir_split=train"])
     bad = tmp_path / "typo.py"
     bad.write_text(
         "from embedjax.train.config import default_config\n"
@@ -39,9 +41,6 @@ def test_wrong_types_and_malformed_values_are_errors():
 
     with pytest.raises(TypeError, match="train.batch_size"):
         validate(ml_collections.ConfigDict({"train": {"batch_size": "16"}}))
-    with pytest.raises(ValueError, match="kind:path"):
-        parse_sources("msmarco")
-    assert parse_sources("beir:msmarco@2, jsonl:/x.jsonl") == [("beir", "msmarco", 2.0), ("jsonl", "/x.jsonl", 1.0)]
 
 
 def test_cli_arguments_split_into_overrides():
@@ -73,6 +72,10 @@ def test_refused_runs_leave_no_workdir(tmp_path, tfds_cache):
     malformed = tmp_path / "broken_beir"
     malformed.mkdir()
     (malformed / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n')
+    with pytest.raises(ValueError, match="has no qrels/<split>.tsv nor qrels.jsonl"):
+        train(tiny_config(f"data.train=beir:{malformed}", f"data.cache_dir={tfds_cache}"), workdir)
+    (malformed / "qrels").mkdir()
+    (malformed / "qrels" / "train.tsv").write_text("q1\td1\t1\n")
     with pytest.raises(ValueError, match="queries.jsonl"):
         train(tiny_config(f"data.train=beir:{malformed}", f"data.cache_dir={tfds_cache}"), workdir)
     with pytest.raises(ValueError, match=r"train.ring=True supports train.loss in \('infonce', 'siglip'\) only"):

@@ -1,7 +1,7 @@
 """Helpers of the training tests: the tiny retrieval config and how to run it.
 
 The tiny config (`configs/retrieval_infonce.py:tiny`) is a 2-layer, 32-wide random
-BERT on the msmarco subset's (query, passage) pairs, padded to one shape so each
+BERT on the scifact train (query, abstract) pairs, padded to one shape so each
 run compiles its step once.
 """
 import json
