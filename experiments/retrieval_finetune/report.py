@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 from embedjax import results
-from embedjax.data.splits import provenance_path
+from embedjax.data.splits import provenance_path, read_provenance
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -56,7 +56,10 @@ def _mined_provenance(config: dict) -> list[dict]:
     out = []
     for source in parse_train_sources(config["data.train"]):
         if source.kind == "jsonl":
-            meta = json.loads(provenance_path(resolve_source(source.path)).read_text())
+            path = resolve_source(source.path)
+            if read_provenance(path) is None:  # also refuses a sidecar of another version of the file
+                raise FileNotFoundError(f"{path} has no provenance sidecar: mine it with embedjax.data.mining")
+            meta = json.loads(provenance_path(path).read_text())
             out.append({"file": source.path, "sources": meta["sources"], "counts": meta["counts"],
                         "settings": meta["settings"], "model": meta["model"]})
     return out
