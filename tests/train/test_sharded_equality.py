@@ -15,9 +15,13 @@ import pytest
 
 from train_runs import REPO, TINY, read_losses, tiny_config
 
-# Float32 sums over a different device split reorder additions (~1e-7 relative per step);
-# 40 Adam steps amplify that a little; 1e-5 absolute leaves two orders of margin.
-TOLERANCE = 1e-5
+# Float32 sums over a different device split reorder additions (~1e-7 relative per step), and 40
+# Adam steps at lr 1e-3 amplify that: on the scifact-train tiny config the first 10 steps agree
+# within 2e-6 and later steps drift up to 8.2e-5 (step 23, loss 4.15; measured 2026-12-01). The
+# first steps are held to 1e-5, every step to 3e-4: a wrongly sharded batch, negative set or update
+# moves the loss by > 1e-2 from the first step on.
+EARLY_STEPS, EARLY_TOLERANCE = 10, 1e-5
+TOLERANCE = 3e-4
 
 
 def _final(losses):
@@ -33,6 +37,7 @@ def test_eight_devices_match_one_device(tmp_path, reference_run, tfds_cache):
     assert summary["devices"] == 8
     got = read_losses(tmp_path)
     assert sorted(got) == sorted(ref) == list(range(1, 41))
+    np.testing.assert_allclose(_final(got)[:EARLY_STEPS], _final(ref)[:EARLY_STEPS], rtol=0, atol=EARLY_TOLERANCE)
     np.testing.assert_allclose(_final(got), _final(ref), rtol=0, atol=TOLERANCE)
     assert not np.allclose(_final(ref)[:5], _final(ref)[-5:], atol=1e-2), "the loss should move while training"
 
