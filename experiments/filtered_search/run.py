@@ -213,7 +213,8 @@ def matched_recall(rows, targets=(0.8, 0.9, 0.95, 0.99)) -> list:
                 key = (r["system"], r["index"], r["strategy"])
                 if key not in best or r["queries_per_s"] > best[key]["queries_per_s"]:
                     best[key] = r
-            faiss_row = best.get(("faiss", "ivf float32", "selector"))
+            # FAISS's row is "selector" under a filter, "none" on the unfiltered workload
+            faiss_row = best.get(("faiss", "ivf float32", "selector")) or best.get(("faiss", "ivf float32", "none"))
             for (system, index, strategy), r in sorted(best.items()):
                 if system != "embedjax":
                     continue
@@ -228,6 +229,32 @@ def matched_recall(rows, targets=(0.8, 0.9, 0.95, 0.99)) -> list:
     return out
 
 
+def from_log(args) -> dict:
+    """results.json from the rows a measuring run printed to stderr (one JSON object per line), for a run that
+    was stopped before it wrote results.json: the rows of every workload it finished, the rest listed missing."""
+    size = SIZES[args.size]
+    lines = pathlib.Path(args.from_log).read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith('{"system"')]
+    if not rows:
+        raise ValueError(f"{args.from_log} holds no result rows (lines starting with {{\"system\"); pass the stderr "
+                         "of a measuring run")
+    planned = size["workloads"] or sorted({r["workload"] for r in rows})
+    per_workload = 3 + 3 * len(size["nprobe"])  # rows of the unfiltered workload: flat faiss + 2, ivf 3 per nprobe
+    expected = {w: per_workload if w == "none" else 9 + 5 * len(size["nprobe"]) for w in planned}
+    finished = [w for w in planned if sum(r["workload"] == w for r in rows) == expected[w]]
+    rows = [r for r in rows if r["workload"] in finished]
+    import jax
+    return {
+        "command": " ".join(["python", "experiments/filtered_search/run.py"] + args.argv),
+        "measured_by": args.measured_by, "commit": _commit(), "size": args.size, "repeats": args.repeats, "k": K,
+        "nlist": NLIST, "complete": len(finished) == len(planned), "workloads": finished,
+        "workloads_missing": [w for w in planned if w not in finished],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+                    "note": "shared, loaded machine: rates are provisional until re-measured idle"},
+        "rows": rows, "matched_recall": matched_recall(rows),
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="smoke")
@@ -237,10 +264,18 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default=str(HERE / "results.json"))
     parser.add_argument("--report", action="store_true", help="only regenerate tables and plots from --out")
+    parser.add_argument("--from-log", default=None,
+                        help="build --out from the rows a stopped measuring run printed to stderr (finished workloads)")
+    parser.add_argument("--measured-by", default=None, help="with --from-log: the command that measured the rows")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     out = pathlib.Path(args.out)
-    if not args.report:
+    if args.from_log:
+        result = from_log(args)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out)
+    elif not args.report:
         result = measure(args)
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
