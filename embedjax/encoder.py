@@ -148,20 +148,30 @@ class Encoder:
     def from_pretrained(cls, path_or_dir: str | os.PathLike, pooling: str | None = None,
                         normalize: bool | None = None, max_length: int | None = None, dtype: Any = "float32",
                         layers=None, attention: str | None = None, include_prompt: bool | None = None,
-                        rope_scaling: dict | None = None, mesh=None, rules: Any = "fsdp", remat: str = "none",
+                        rope_scaling: dict | None = None, position_extension: dict | None = None,
+                        attention_impl: str | None = None, mesh=None, rules: Any = "fsdp", remat: str = "none",
                         scan_unroll: int = 1) -> "Encoder":
         """Load a transformers / sentence-transformers folder (or a packaged alias: ``all-MiniLM-L6-v2``,
         ``SmolLM2-135M-Instruct``).
 
         Pooling, normalisation, max length, ``include_prompt`` and prompts default to what the folder
         declares (``1_Pooling/config.json``, ``modules.json``, ``sentence_bert_config.json``,
-        ``config_sentence_transformers.json``). ``attention`` ("causal" / "bidirectional") and
-        ``rope_scaling`` replace the model config's fields for families that have them; anything a
-        family cannot take is an error naming the family.
+        ``config_sentence_transformers.json``). ``attention`` ("causal" / "bidirectional"),
+        ``rope_scaling`` (RoPE families: ``{"type": "linear" | "ntk" | "yarn", "factor": s}``,
+        ``{"type": "self_extend", "group_size": g, "window": w}``), ``position_extension`` (absolute
+        position tables: ``{"type": "interpolate" | "grouped" | "recurrent" | "pcw", "max_length": L}``,
+        ``max_length`` defaulting to this call's) and ``attention_impl`` ("auto", "xla", "chunked",
+        "explicit") replace the model config's fields for families that have them; anything a family
+        cannot take is an error naming the family.
         """
         folder = resolve_model_dir(path_or_dir)
-        config, params = hf.load_pretrained(folder, attention=attention, rope_scaling=rope_scaling)
+        if position_extension is not None and "max_length" not in position_extension and max_length:
+            position_extension = {**position_extension, "max_length": max_length}
+        config, params = hf.load_pretrained(folder, attention=attention, rope_scaling=rope_scaling,
+                                            position_extension=position_extension, attention_impl=attention_impl)
         settings = hf.read_pooling_settings(folder)
+        if max_length is None and position_extension is not None:
+            max_length = position_extension.get("max_length")
         max_length = max_length or settings.max_length or config.max_position_embeddings
         if max_length > config.max_supported_length:
             raise ValueError(f"max_length={max_length} exceeds the {config.max_supported_length} positions this "

@@ -58,6 +58,8 @@ def params_from_tensors(tensors, config, source: str = "checkpoint"):
     """The Flax params tree (float32) from HF-named tensors, every mismatch reported at once."""
     family = family_for_config(config)
     tensors = tables.strip_prefixes(tensors, family.hf_stripped_prefixes)
+    if family.hf_prepare_tensors is not None:
+        tensors = family.hf_prepare_tensors(tensors, config)
     return tables.params_from_tensors(tensors, family.hf_table(config), source=source, family=family.name,
                                       ignored=family.hf_ignored)
 

@@ -7,10 +7,12 @@ A family describes its block with a `BlockSpec` (data, no code) and gets the res
   much precision in bfloat16 to keep parity with float32 models).
 - `Attention`: ``num_heads`` query heads over ``num_kv_heads`` key/value heads (GQA: query head
   ``h`` reads KV head ``h // (num_heads / num_kv_heads)``), optional per-head q/k RMSNorm (Qwen3),
-  optional RoPE, and a mask kind: padding-only bidirectional, or causal, optionally within a
-  sliding window. Scores and softmax are float32. Without attention dropout it calls
-  `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs); with dropout active (training)
-  an explicit softmax path with the same masking.
+  optional RoPE (SelfExtend's grouped positions included), and a mask kind: padding-only
+  bidirectional, or causal, optionally within a sliding window. Scores and softmax are float32.
+  How it is computed is data (``AttentionSpec.impl``, `embedjax.models.attention`):
+  `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs), a chunked online-softmax
+  kernel whose memory grows linearly in the length, or the explicit dense path, which is also
+  the one that applies attention dropout (training).
 - `MLP`: GELU (exact, tanh or quick) or gated (SwiGLU: ``down(act(gate(x)) * up(x))``).
 - `Block`: attention + MLP with residuals, norms before (pre-LN: Llama, ViT) or after (post-LN: BERT).
   Residual sums run in float32; pre-LN blocks carry the residual stream in float32 between layers
@@ -31,7 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from embedjax.models.rope import apply_rope
+from embedjax.models import attention as kernels
+from embedjax.models.rope import RotaryTables, apply_rope
 
 Dtype = Any
 
@@ -53,6 +56,10 @@ ACTIVATIONS = {
 def logical(init, names: tuple[str | None, ...]):
     """An initializer whose parameter carries logical axis names."""
     return nn.with_logical_partitioning(init, names)
+
+
+def check_attention_impl(impl: str) -> str:
+    return kernels.check_impl(impl)
 
 
 def check_remat(policy: str) -> str:
@@ -84,6 +91,11 @@ class AttentionSpec:
     mask: str = "bidirectional"  # "bidirectional" (padding only) | "causal"
     sliding_window: int | None = None  # causal only: query i sees keys i - window < j <= i
     dropout: float = 0.0
+    impl: str = "auto"  # embedjax.models.attention.ATTENTION_IMPLS
+    chunk_size: int = kernels.DEFAULT_CHUNK  # keys per block of the chunked kernel
+    # SelfExtend: pairs closer than this many positions use normal RoPE, farther ones grouped
+    # positions (the rotary tables then carry the grouped rotations); None: plain attention.
+    self_extend_window: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -92,6 +104,9 @@ class AttentionSpec:
             raise ValueError(f"attention mask kind {self.mask!r}: use one of {MASK_KINDS}")
         if self.sliding_window is not None and self.mask != "causal":
             raise ValueError("a sliding window is defined for causal attention only")
+        kernels.check_impl(self.impl)
+        if self.self_extend_window is not None and self.sliding_window is not None:
+            raise ValueError("SelfExtend with a sliding attention window is not implemented")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,44 +162,36 @@ class Norm(nn.Module):
         return y.astype(self.dtype)
 
 
-def attention_weights_mask(key_mask_bl, length: int, *, causal: bool, window: int | None):
-    """bool [B, 1, L, L]: which keys each query may read (the explicit path's mask)."""
-    allowed = key_mask_bl.astype(bool)[:, None, None, :]
-    if causal:
-        q = jnp.arange(length)[:, None]
-        k = jnp.arange(length)[None, :]
-        visible = k <= q
-        if window is not None:
-            visible &= k > q - window
-        allowed = allowed & visible[None, None]
-    return allowed
-
-
 def attend(q_blhk, k_blgk, v_blgk, key_mask_bl, *, causal: bool, window: int | None = None,
-           dropout_rate: float = 0.0, dropout_rng=None):
+           dropout_rate: float = 0.0, dropout_rng=None, impl: str = "auto", chunk_size: int = kernels.DEFAULT_CHUNK,
+           self_extend=None):
     """Scaled dot-product attention with GQA -> [B, L, H, K] in q's dtype.
 
-    ``dropout_rng`` None means no attention dropout: `jax.nn.dot_product_attention` (fused where
-    the backend has a kernel). With dropout, the explicit float32 softmax path; both mask the
-    same keys. Masked scores take a large finite negative, so a fully masked row (a padding
-    query under causal masking) stays finite instead of NaN.
+    ``impl`` picks the kernel (`embedjax.models.attention.resolve_impl`); with attention dropout
+    active (``dropout_rng`` given and a positive rate) the explicit path runs whatever ``impl``
+    says. ``self_extend``: ``(q_before_blhk, q_after_blhk, k_grouped_blgk, positions_bl, window)``
+    for SelfExtend (q and k above are then the normally rotated ones). Masked scores take a large
+    finite negative, so a fully masked row (a padding query under causal masking) stays finite.
     """
-    if dropout_rng is None or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(
-            q_blhk, k_blgk, v_blgk, mask=key_mask_bl.astype(bool)[:, None, None, :], is_causal=causal,
-            local_window_size=(window - 1, 0) if window is not None else None)
-    b, length, h, k = q_blhk.shape
-    g = k_blgk.shape[2]
-    q_blgrk = q_blhk.reshape(b, length, g, h // g, k)
-    scores = jnp.einsum("bqgrk,bvgk->bgrqv", q_blgrk, k_blgk, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(k ** -0.5)
-    allowed = attention_weights_mask(key_mask_bl, length, causal=causal, window=window)[:, :, None]
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    ctx = jnp.einsum("bgrqv,bvgk->bqgrk", probs.astype(v_blgk.dtype), v_blgk)
-    return ctx.reshape(b, length, h, k)
+    masking = kernels.Masking(causal=causal, window=window,
+                              self_extend_window=None if self_extend is None else self_extend[4])
+    if self_extend is None:
+        qs, ks, positions = (q_blhk,), (k_blgk,), None
+    else:
+        q_before, q_after, k_grouped, positions, _ = self_extend
+        qs, ks = (q_blhk, q_before, q_after), (k_blgk, k_grouped)
+    if positions is None:
+        positions = jnp.zeros(key_mask_bl.shape, jnp.int32)
+    if dropout_rng is not None and dropout_rate > 0.0:
+        return kernels.explicit_attention(qs, ks, v_blgk, key_mask_bl, positions, masking,
+                                          dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    chosen = kernels.resolve_impl(impl, length=q_blhk.shape[1], dtype=q_blhk.dtype,
+                                  self_extend=self_extend is not None, chunk_size=chunk_size)
+    if chosen == "xla":
+        return kernels.xla_attention(q_blhk, k_blgk, v_blgk, key_mask_bl, masking)
+    if chosen == "chunked":
+        return kernels.chunked_attention(qs, ks, v_blgk, key_mask_bl, positions, masking, chunk_size=chunk_size)
+    return kernels.explicit_attention(qs, ks, v_blgk, key_mask_bl, positions, masking)
 
 
 class Attention(nn.Module):
@@ -213,12 +220,21 @@ class Attention(nn.Module):
             norm = NormSpec("rmsnorm", s.qk_norm_eps, bias=False)
             q = Norm(norm, self.dtype, axis_name="kv", name="q_norm")(q)
             k = Norm(norm, self.dtype, axis_name="kv", name="k_norm")(k)
+        self_extend = None
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            rope = RotaryTables(*rope)
+            raw_q, raw_k = q, k
+            q, k = apply_rope(raw_q, rope.cos, rope.sin), apply_rope(raw_k, rope.cos, rope.sin)
+            if rope.self_extend:
+                if s.self_extend_window is None:
+                    raise ValueError("the rotary tables carry SelfExtend rotations but the attention spec has no "
+                                     "self_extend_window")
+                self_extend = (apply_rope(raw_q, *rope.query_before), apply_rope(raw_q, *rope.query_after),
+                               apply_rope(raw_k, *rope.key_grouped), rope.positions, s.self_extend_window)
         use_dropout = s.dropout > 0.0 and not deterministic
         ctx = attend(q, k, v, key_mask_bl, causal=s.mask == "causal", window=s.sliding_window,
-                     dropout_rate=s.dropout, dropout_rng=self.make_rng("dropout") if use_dropout else None)
+                     dropout_rate=s.dropout, dropout_rng=self.make_rng("dropout") if use_dropout else None,
+                     impl=s.impl, chunk_size=s.chunk_size, self_extend=self_extend)
         return nn.DenseGeneral(
             self.hidden_size, axis=(-2, -1), dtype=self.dtype, use_bias=s.out_bias,
             kernel_init=logical(init, ("heads", "kv", "embed")),

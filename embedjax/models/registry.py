@@ -48,6 +48,9 @@ class Family:
     hf_ignored: tuple[str, ...] = ()
     # Prefixes of task-model checkpoints (BertForMaskedLM's "bert.") stripped before matching.
     hf_stripped_prefixes: tuple[str, ...] = ()
+    # (tensors, config) -> tensors as the config's model holds them, applied to a checkpoint before
+    # matching (BERT's interpolated position table); None: as stored.
+    hf_prepare_tensors: Callable[[Mapping[str, Any], Any], Mapping[str, Any]] | None = None
 
     def build(self, config, *, dtype: Any = "float32", remat: str = "none", scan_unroll: int = 1):
         """The family's Linen module for ``config`` (compute ``dtype``, remat policy, layers per scan step)."""

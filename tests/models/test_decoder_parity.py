@@ -181,7 +181,7 @@ def test_unsupported_rope_type_is_named(tiny_folders):
     raw = json.loads((tiny_folders["llama"] / "config.json").read_text())
     raw["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0}
     cls = hf.read_config(tiny_folders["llama"]).__class__
-    with pytest.raises(ValueError, match="RoPE scaling type 'longrope'.*supported: \\['linear', 'llama3'\\]"):
+    with pytest.raises(ValueError, match="RoPE scaling type 'longrope'.*supported: \\['linear', 'llama3', 'ntk', 'self_extend', 'yarn'\\]"):
         cls.from_hf(raw)
     with pytest.raises(ValueError, match="no option\\(s\\) \\['rope_scaling'\\]"):
         ej.Encoder.from_pretrained("all-MiniLM-L6-v2", rope_scaling={"type": "linear", "factor": 2.0})

@@ -3,7 +3,14 @@
 Embeddings (word + absolute position + token type) -> LayerNorm -> N post-LayerNorm blocks
 (self-attention -> add & norm -> exact-GELU MLP -> add & norm), scanned over layers. Positions
 count real tokens (0, 1, ...), which equals transformers' ``arange`` for BERT's right padding and
-keeps the embedding the same under left padding.
+keeps the embedding the same under left padding; a batch may also carry explicit
+``position_ids`` (PoSE training).
+
+Inputs longer than the position table go through a ``position_extension``
+(`embedjax.models.position_extension`: interpolate, grouped, recurrent, pcw), selected at load
+time: ``Encoder.from_pretrained(dir, max_length=L, position_extension={"type": ..., "max_length": L})``
+or ``model.config.position_extension`` in a training config. ``interpolate`` builds the longer
+table when the checkpoint is read (`prepare_tensors`) and exports it as a plain table of L rows.
 """
 from __future__ import annotations
 
@@ -15,8 +22,12 @@ import jax.numpy as jnp
 
 from embedjax.convert.tables import TensorRule
 from embedjax.models import layers
+from embedjax.models import position_extension as extension
 from embedjax.models.registry import Family, TokenizerNeeds
 from embedjax.models.rope import positions_from_mask
+
+POSITION_TABLE = "embeddings.position_embeddings.weight"
+EXTENSION_KEY = "embedjax_position_extension"  # config.json key of an extension (transformers ignores it)
 
 Dtype = Any
 
@@ -39,8 +50,19 @@ class BertConfig:
     initializer_range: float = 0.02
     attention: str = "bidirectional"
     model_type: str = "bert"
+    # {"type": "interpolate" | "grouped" | "recurrent" | "pcw", "max_length": L} as sorted items, or
+    # None; max_position_embeddings stays the length the table was trained on.
+    position_extension: tuple | None = None
+    # How attention is computed (embedjax.models.layers.ATTENTION_IMPLS); not written to config.json.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
+        layers.check_attention_impl(self.attention_impl)
+        if isinstance(self.position_extension, Mapping):  # a plain dict (configs, from_pretrained options)
+            normalized = extension.normalize_extension(self.position_extension, self.max_position_embeddings)
+            object.__setattr__(self, "position_extension", tuple(sorted(normalized.items())) if normalized else None)
+        elif self.position_extension is not None:
+            extension.normalize_extension(dict(self.position_extension), self.max_position_embeddings)
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
@@ -57,9 +79,20 @@ class BertConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def extension(self) -> dict | None:
+        return dict(self.position_extension) if self.position_extension else None
+
+    @property
     def max_supported_length(self) -> int:
-        """The longest input the absolute position table covers."""
-        return self.max_position_embeddings
+        """The longest input: the table's trained length, or the extension's max_length."""
+        ext = self.extension
+        return ext["max_length"] if ext else self.max_position_embeddings
+
+    @property
+    def position_table_rows(self) -> int:
+        """Rows of the position table the model holds (an interpolated table is longer)."""
+        ext = self.extension
+        return ext["max_length"] if ext and ext["type"] == "interpolate" else self.max_position_embeddings
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **options) -> "BertConfig":
@@ -70,13 +103,16 @@ class BertConfig:
         pos = hf.get("position_embedding_type", "absolute")
         if pos != "absolute":
             raise ValueError(f"config.json has position_embedding_type={pos!r}; only 'absolute' is implemented")
+        saved = dict(hf.get(EXTENSION_KEY) or {})  # an exported extended model
+        trained = saved.pop("original_max_position_embeddings", None) or hf.get("max_position_embeddings", 512)
         config = cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=hf["num_attention_heads"],
             intermediate_size=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 512),
+            max_position_embeddings=trained,
+            position_extension=saved or None,
             type_vocab_size=hf.get("type_vocab_size", 2),
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
             hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
@@ -100,19 +136,27 @@ class BertConfig:
             "hidden_act": "gelu",
             "hidden_dropout_prob": self.hidden_dropout,
             "attention_probs_dropout_prob": self.attention_dropout,
-            "max_position_embeddings": self.max_position_embeddings,
             "type_vocab_size": self.type_vocab_size,
             "initializer_range": self.initializer_range,
             "layer_norm_eps": self.layer_norm_eps,
             "pad_token_id": self.pad_token_id,
             "position_embedding_type": "absolute",
-        }
+            # transformers reads the table as it is (an interpolated one at natural positions).
+            "max_position_embeddings": self.position_table_rows,
+        } | self._extension_hf()
+
+    def _extension_hf(self) -> dict[str, Any]:
+        ext = self.extension
+        if not ext:
+            return {}
+        return {EXTENSION_KEY: {**ext, "original_max_position_embeddings": self.max_position_embeddings}}
 
     def block_spec(self) -> layers.BlockSpec:
         return layers.BlockSpec(
             hidden_size=self.hidden_size,
             attention=layers.AttentionSpec(self.num_heads, self.num_heads, self.head_dim,
-                                           mask="bidirectional", dropout=self.attention_dropout),
+                                           mask="bidirectional", dropout=self.attention_dropout,
+                                           impl=self.attention_impl),
             mlp=layers.MLPSpec(self.intermediate_size, "plain", "gelu"),
             norm=layers.NormSpec("layernorm", self.layer_norm_eps),
             norm_placement="post",
@@ -125,8 +169,9 @@ class BertModel(nn.Module):
     """``apply({"params": p}, tokens, deterministic=True, output_hidden_states=False)`` ->
     ``(last_hidden_bld, {"hidden_states": (embeddings, layer 1, ..., layer N) or None})``.
 
-    ``tokens``: ``input_ids``, ``attention_mask`` and optionally ``token_type_ids``, each [B, L].
-    Dropout is active when ``deterministic=False`` (rng collection ``"dropout"``).
+    ``tokens``: ``input_ids``, ``attention_mask`` and optionally ``token_type_ids`` and
+    ``position_ids``, each [B, L]. Dropout is active when ``deterministic=False`` (rng collection
+    ``"dropout"``).
     """
 
     config: BertConfig
@@ -138,19 +183,34 @@ class BertModel(nn.Module):
     def __call__(self, tokens, *, deterministic: bool = True, output_hidden_states: bool = False):
         cfg = self.config
         ids_bl, mask_bl = layers.check_token_batch(tokens)
-        if ids_bl.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {ids_bl.shape[1]} exceeds max_position_embeddings="
-                             f"{cfg.max_position_embeddings}; lower max_length")
+        # Explicit position ids (PoSE) may run past the length; the table must hold the ids themselves.
+        if "position_ids" not in tokens and ids_bl.shape[1] > cfg.max_supported_length:
+            raise ValueError(f"sequence length {ids_bl.shape[1]} exceeds the {cfg.max_supported_length} positions "
+                             f"this model supports (max_position_embeddings={cfg.max_position_embeddings}, "
+                             f"position_extension={cfg.extension}); lower max_length or extend the positions")
+        ext = cfg.extension
+        unwind = None
+        if ext and ext["type"] == "pcw":
+            tokens, unwind = cut_windows(tokens, cfg.max_position_embeddings)
+            ids_bl, mask_bl = tokens["input_ids"], tokens["attention_mask"]
+            ext = None  # each window is an ordinary input
         token_type_bl = tokens.get("token_type_ids")
         if token_type_bl is None:
             token_type_bl = jnp.zeros_like(ids_bl)
+        positions_bl = tokens.get("position_ids")
+        natural = positions_bl is None
+        if natural:
+            positions_bl = positions_from_mask(mask_bl)
+        if ext:
+            positions_bl = extension.table_rows(ext["type"], positions_bl, mask_bl.astype(jnp.int32).sum(axis=1),
+                                                cfg.max_position_embeddings, ext["max_length"], natural=natural)
         init = nn.initializers.normal(cfg.initializer_range)
 
         def table(name, rows, axis):
             return nn.Embed(rows, cfg.hidden_size, embedding_init=layers.logical(init, (axis, "embed")), name=name)
 
         x_bld = (table("word_embeddings", cfg.vocab_size, "vocab")(ids_bl)
-                 + table("position_embeddings", cfg.max_position_embeddings, "position")(positions_from_mask(mask_bl))
+                 + table("position_embeddings", cfg.position_table_rows, "position")(positions_bl)
                  + table("token_type_embeddings", cfg.type_vocab_size, "token_type")(token_type_bl))
         x_bld = layers.Norm(layers.NormSpec("layernorm", cfg.layer_norm_eps), self.dtype, name="embeddings_norm")(x_bld)
         embedded_bld = nn.Dropout(cfg.hidden_dropout)(x_bld, deterministic=deterministic)
@@ -158,7 +218,28 @@ class BertModel(nn.Module):
             cfg.block_spec(), cfg.num_layers, dtype=self.dtype, remat=self.remat, unroll=self.scan_unroll,
             deterministic=deterministic, collect=output_hidden_states)(embedded_bld, mask_bl, None)
         hidden = layers.hidden_states_tuple(embedded_bld, per_layer, x_bld) if output_hidden_states else None
+        if unwind is not None:
+            x_bld = unwind(x_bld)
+            hidden = tuple(unwind(h) for h in hidden) if hidden is not None else None
         return x_bld, {"hidden_states": hidden}
+
+
+def cut_windows(tokens, window: int):
+    """Parallel context windows: every [B, L] entry of ``tokens`` -> [B * n, window] (the length
+    padded with padding tokens to n windows), and the function putting [B * n, window, D] states
+    back as [B, L, D]."""
+    if "position_ids" in tokens:
+        raise ValueError("position_ids are not defined for parallel context windows (each window restarts at 0)")
+    b, length = tokens["input_ids"].shape
+    n = -(-length // window)
+
+    def cut(x):
+        return jnp.pad(x, [(0, 0), (0, n * window - length)]).reshape(b * n, window)
+
+    def unwind(x_nwd):
+        return x_nwd.reshape(b, n * window, x_nwd.shape[-1])[:, :length]
+
+    return {k: cut(v) for k, v in tokens.items()}, unwind
 
 
 def hf_table(config: BertConfig) -> list[TensorRule]:
@@ -167,8 +248,7 @@ def hf_table(config: BertConfig) -> list[TensorRule]:
     rules = [
         TensorRule("embeddings.word_embeddings.weight", ("word_embeddings", "embedding"), "copy",
                    (config.vocab_size, d)),
-        TensorRule("embeddings.position_embeddings.weight", ("position_embeddings", "embedding"), "copy",
-                   (config.max_position_embeddings, d)),
+        TensorRule(POSITION_TABLE, ("position_embeddings", "embedding"), "copy", (config.position_table_rows, d)),
         TensorRule("embeddings.token_type_embeddings.weight", ("token_type_embeddings", "embedding"), "copy",
                    (config.type_vocab_size, d)),
         TensorRule("embeddings.LayerNorm.weight", ("embeddings_norm", "scale"), "copy", (d,)),
@@ -201,6 +281,17 @@ def hf_table(config: BertConfig) -> list[TensorRule]:
     return rules
 
 
+def prepare_tensors(tensors: Mapping[str, Any], config: BertConfig) -> Mapping[str, Any]:
+    """Checkpoint tensors as the config's model holds them: an ``interpolate`` extension turns the
+    trained table [L0, D] into the longer one (a table already that long, as an exported extended
+    model has, is kept)."""
+    ext = config.extension
+    table = tensors.get(POSITION_TABLE)
+    if not ext or ext["type"] != "interpolate" or table is None or table.shape[0] != config.max_position_embeddings:
+        return tensors
+    return {**tensors, POSITION_TABLE: extension.interpolate_table(table, ext["max_length"])}
+
+
 FAMILY = Family(
     name="bert",
     hf_model_types=("bert",),
@@ -211,4 +302,5 @@ FAMILY = Family(
     # The position-id buffer and the next-sentence pooler head are not used by sentence embeddings.
     hf_ignored=(r"embeddings\.position_ids", r"pooler\."),
     hf_stripped_prefixes=("bert.", "model."),
+    hf_prepare_tensors=prepare_tensors,
 )

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from embedjax.convert.tables import TensorRule
 from embedjax.models import layers
 from embedjax.models.registry import Family, TokenizerNeeds
-from embedjax.models.rope import inverse_frequencies, normalize_scaling, positions_from_mask, rope_tables
+from embedjax.models.rope import (NEEDS_ORIGINAL_LENGTH, normalize_scaling, positions_from_mask,
+                                 rotary_tables, supported_length)
 
 Dtype = Any
 DEFAULT_THETA = 10000.0  # transformers' default when a config names no rope_theta
@@ -65,6 +66,9 @@ class DecoderConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # How attention is computed (embedjax.models.layers.ATTENTION_IMPLS); a run-time choice, not
+    # written to config.json.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -73,10 +77,20 @@ class DecoderConfig:
             raise ValueError(f"attention={self.attention!r}: use one of {layers.MASK_KINDS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        layers.check_attention_impl(self.attention_impl)
         if isinstance(self.rope_scaling, Mapping):  # accept a plain dict (configs, from_pretrained options)
-            object.__setattr__(self, "rope_scaling", _freeze(normalize_scaling(self.rope_scaling)))
+            scaling = dict(self.rope_scaling)
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind in NEEDS_ORIGINAL_LENGTH:  # the context the model was trained on, unless the dict says
+                scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+            object.__setattr__(self, "rope_scaling", _freeze(normalize_scaling(scaling)))
         elif self.rope_scaling is not None:
             normalize_scaling(dict(self.rope_scaling))
+        scaling = self.scaling
+        if scaling and scaling["type"] == "self_extend" and self.sliding_window is not None and \
+                self.attention == "causal":
+            raise ValueError("rope_scaling self_extend with a sliding attention window is not implemented; "
+                             "use another scaling type or a model without a sliding window")
 
     @property
     def scaling(self) -> dict | None:
@@ -84,12 +98,10 @@ class DecoderConfig:
 
     @property
     def max_supported_length(self) -> int:
-        """The trained context, stretched by a linear (position interpolation) factor when one is set;
-        llama3-scaled configs already state their extended length in max_position_embeddings."""
-        scaling = self.scaling
-        if scaling and scaling["type"] == "linear":
-            return int(self.max_position_embeddings * float(scaling["factor"]))
-        return self.max_position_embeddings
+        """The trained context (max_position_embeddings), stretched as the RoPE scaling allows
+        (`embedjax.models.rope.supported_length`); llama3-scaled configs already state their
+        extended length in max_position_embeddings."""
+        return supported_length(self.scaling, self.max_position_embeddings)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **options) -> "DecoderConfig":
@@ -103,7 +115,7 @@ class DecoderConfig:
         rope = dict(hf.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or DEFAULT_THETA
         scaling = rope or hf.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        if scaling and scaling.get("rope_type", scaling.get("type")) in NEEDS_ORIGINAL_LENGTH:
             scaling = dict(scaling)
             scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
         scaling = normalize_scaling(scaling, where="config.json rope parameters")
@@ -186,7 +198,9 @@ class DecoderConfig:
                 self.num_heads, self.num_kv_heads, self.head_dim, qkv_bias=self.qkv_bias, out_bias=self.out_bias,
                 qk_norm=self.qk_norm, qk_norm_eps=self.rms_norm_eps, mask=self.attention,
                 sliding_window=self.sliding_window if self.attention == "causal" else None,
-                dropout=self.attention_dropout),
+                dropout=self.attention_dropout, impl=self.attention_impl,
+                self_extend_window=self.scaling["window"] if self.scaling and self.scaling["type"] == "self_extend"
+                else None),
             mlp=layers.MLPSpec(self.intermediate_size, "gated", "silu", bias=self.mlp_bias),
             norm=layers.NormSpec("rmsnorm", self.rms_norm_eps, bias=False),
             norm_placement="pre",
@@ -216,8 +230,7 @@ class DecoderModel(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         embedded_bld = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                                 embedding_init=layers.logical(init, ("vocab", "embed")), name="embed_tokens")(ids_bl)
-        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.scaling)
-        rope = rope_tables(positions_from_mask(mask_bl), inv_freq)
+        rope = rotary_tables(positions_from_mask(mask_bl), cfg.head_dim, cfg.rope_theta, cfg.scaling)
         x_bld, per_layer = layers.layer_stack(
             cfg.block_spec(), cfg.num_layers, dtype=self.dtype, remat=self.remat, unroll=self.scan_unroll,
             deterministic=deterministic, collect=output_hidden_states)(embedded_bld.astype(jnp.float32), mask_bl, rope)

@@ -1,0 +1,244 @@
+"""Scaled dot-product attention kernels that `embedjax.models.layers.attend` chooses between.
+
+Three implementations of the same function (GQA, key-padding mask, optional causal mask with a
+sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS``:
+
+- ``"xla"``: `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs for bfloat16/float16
+  inputs; elsewhere XLA's dense attention, which materialises [L, L] scores per head).
+- ``"chunked"``: online-softmax attention over key blocks of ``chunk_size`` (a ``lax.scan``), with
+  a hand-written backward pass that recomputes each block from the saved log-sum-exp (the flash
+  attention recurrence). Memory grows linearly in L: one [L, chunk_size] block of scores per head
+  lives at a time, forward and backward. Runs on every backend.
+- ``"explicit"``: the dense float32 reference (all scores at once), also the path that applies
+  attention dropout. It is the slow twin the chunked kernel is tested against.
+
+``"auto"`` picks per call (`resolve_impl`): on a GPU, ``xla`` for half-precision inputs without
+SelfExtend (cuDNN's fused kernel), else ``chunked``; on CPU and TPU, ``xla`` for sequences up to
+``chunk_size`` (one block: nothing to save) and ``chunked`` beyond.
+
+SelfExtend (``self_extend_window`` w): each query/key pair closer than w positions uses the normally
+rotated q and k; farther pairs use the grouped rotations (a key before the query pairs the
+``query_before`` rotation with ``key_grouped``; a key after it, ``query_after`` with
+``key_grouped``). Which score a pair gets depends only on the two positions, so the chunked kernel
+selects per block exactly as the dense reference selects over [L, L].
+
+Scores and softmax are float32 whatever the compute dtype. Masked scores take float32's most
+negative finite value, so a query with no visible key (a padding row) stays finite; such rows are
+not defined beyond that (the implementations may average different keys there), and callers mask
+them out of pooling.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "explicit")
+DEFAULT_CHUNK = 512
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def check_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is not an attention implementation; choose one of {ATTENTION_IMPLS}")
+    return impl
+
+
+def resolve_impl(impl: str, *, length: int, dtype, self_extend: bool, backend: str | None = None,
+                 chunk_size: int = DEFAULT_CHUNK) -> str:
+    """The implementation ``impl`` means for one call (see the module docstring for ``auto``)."""
+    check_impl(impl)
+    if impl == "xla" and self_extend:
+        raise ValueError("attention_impl='xla' (jax.nn.dot_product_attention) cannot select SelfExtend's scores; "
+                         "use 'chunked', 'explicit' or 'auto'")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "xla" if half and not self_extend else "chunked"
+    return "chunked" if (self_extend or length > chunk_size) else "xla"
+
+
+class Masking(NamedTuple):
+    """Which keys a query may read, as static settings (the key-padding mask comes with the call)."""
+
+    causal: bool = False
+    window: int | None = None  # causal sliding window: query i sees keys i - window < j <= i
+    self_extend_window: int | None = None  # SelfExtend's neighbour window (None: plain attention)
+
+
+def _allowed(key_mask_bc, q_index, k_index, masking: Masking):
+    """bool [B, 1, 1, Lq, C]: key padding, causal order and the sliding window, for keys ``k_index``."""
+    allowed = key_mask_bc.astype(bool)[:, None, None, None, :]
+    if masking.causal:
+        visible = k_index[None, :] <= q_index[:, None]
+        if masking.window is not None:
+            visible &= k_index[None, :] > q_index[:, None] - masking.window
+        allowed = allowed & visible[None, None, None]
+    return allowed
+
+
+def _regions(pos_q_bl, pos_k_bc, window: int):
+    """(near, before) bool [B, 1, 1, Lq, C]: pairs closer than ``window``; far pairs whose key comes first."""
+    distance = (pos_q_bl[:, :, None] - pos_k_bc[:, None, :])[:, None, None]
+    return jnp.abs(distance) < window, distance >= window
+
+
+def _scores(qs, ks, pos_q, pos_k, masking: Masking, scale: float):
+    """float32 [B, G, R, Lq, C] scaled scores before masking. ``qs`` [B, Lq, G, R, K] each: the
+    normal query (and, with SelfExtend, the before/after grouped ones); ``ks`` [B, C, G, K] each:
+    the normal key (and the grouped one)."""
+    def dot(q, k):
+        return jnp.einsum("bqgrk,bcgk->bgrqc", q, k, preferred_element_type=jnp.float32)
+
+    if masking.self_extend_window is None:
+        return dot(qs[0], ks[0]) * jnp.float32(scale)
+    near, before = _regions(pos_q, pos_k, masking.self_extend_window)
+    s = jnp.where(near, dot(qs[0], ks[0]), jnp.where(before, dot(qs[1], ks[1]), dot(qs[2], ks[1])))
+    return s * jnp.float32(scale)
+
+
+def _score_cotangents(ds, pos_q, pos_k, masking: Masking):
+    """Split d(scores) over the score sources: one entry per (query, key) pair of `_scores`."""
+    if masking.self_extend_window is None:
+        return ((0, 0, ds),)
+    near, before = _regions(pos_q, pos_k, masking.self_extend_window)
+    far_after = ~near & ~before
+    return ((0, 0, jnp.where(near, ds, 0.0)), (1, 1, jnp.where(before & ~near, ds, 0.0)),
+            (2, 1, jnp.where(far_after, ds, 0.0)))
+
+
+# ---- dense reference -------------------------------------------------------------------------
+
+def explicit_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *, dropout_rate: float = 0.0,
+                       dropout_rng=None):
+    """Dense reference -> [B, L, H, K] in the query's dtype. ``qs``: tuple of [B, L, H, K] (one, or
+    three with SelfExtend), ``ks``: tuple of [B, L, G, K] (one, or two), ``v`` [B, L, G, K]."""
+    b, length, h, d = qs[0].shape
+    g = v.shape[2]
+    qs5 = tuple(q.reshape(b, length, g, h // g, d) for q in qs)
+    index = jnp.arange(length)
+    scores = _scores(qs5, ks, positions_bl, positions_bl, masking, d ** -0.5)
+    scores = jnp.where(_allowed(key_mask_bl, index, index, masking), scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    ctx = jnp.einsum("bgrqc,bcgk->bqgrk", probs.astype(v.dtype), v)
+    return ctx.reshape(b, length, h, d).astype(qs[0].dtype)
+
+
+# ---- chunked online softmax ------------------------------------------------------------------
+
+def _blocks(x, chunk: int, fill=0):
+    """[B, L, ...] -> [n, B, chunk, ...], the length padded with ``fill`` to a multiple of ``chunk``."""
+    b, length = x.shape[:2]
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+
+def _unblock(x, length: int):
+    """[n, B, chunk, ...] -> [B, length, ...]."""
+    n, b, chunk = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(b, n * chunk, *x.shape[3:])[:, :length]
+
+
+def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int):
+    """-> (out f32 [B, G, R, Lq, K], lse f32 [B, G, R, Lq]); qs [B, Lq, G, R, K]."""
+    b, length, g, r, d = qs[0].shape
+    scale = d ** -0.5
+    q_index = jnp.arange(length)
+    xs = (tuple(_blocks(k, chunk) for k in ks), _blocks(v, chunk), _blocks(key_mask, chunk, False),
+          _blocks(positions, chunk), jnp.arange(-(-length // chunk))[:, None] * chunk + jnp.arange(chunk))
+
+    def step(carry, block):
+        m, l, acc = carry
+        ks_c, v_c, mask_c, pos_c, k_index = block
+        s = _scores(qs, ks_c, positions, pos_c, masking, scale)
+        s = jnp.where(_allowed(mask_c, q_index, k_index, masking), s, _NEG)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + p.sum(axis=-1)
+        pv = jnp.einsum("bgrqc,bcgk->bgrqk", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32)
+        return (m_new, l, acc * correction[..., None] + pv), None
+
+    init = (jnp.full((b, g, r, length), _NEG, jnp.float32), jnp.zeros((b, g, r, length), jnp.float32),
+            jnp.zeros((b, g, r, length, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(step, init, xs)
+    return acc / l[..., None], m + jnp.log(l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunked(qs, ks, v, key_mask, positions, masking: Masking, chunk: int):
+    out, _ = _forward(qs, ks, v, key_mask, positions, masking, chunk)
+    return out
+
+
+def _chunked_fwd(qs, ks, v, key_mask, positions, masking, chunk):
+    out, lse = _forward(qs, ks, v, key_mask, positions, masking, chunk)
+    return out, (qs, ks, v, key_mask, positions, out, lse)
+
+
+def _chunked_bwd(masking, chunk, residuals, dout):
+    """The flash-attention backward pass: per key block, recompute p = exp(s - lse), then
+    dv = p^T dout, ds = p * (dout v^T - rowsum(dout * out)), dq += ds k, dk = ds^T q."""
+    qs, ks, v, key_mask, positions, out, lse = residuals
+    length, d = qs[0].shape[1], qs[0].shape[-1]
+    scale = d ** -0.5
+    q_index = jnp.arange(length)
+    dout = dout.astype(jnp.float32)
+    delta = jnp.sum(dout * out, axis=-1)  # [B, G, R, Lq]
+    xs = (tuple(_blocks(k, chunk) for k in ks), _blocks(v, chunk), _blocks(key_mask, chunk, False),
+          _blocks(positions, chunk), jnp.arange(-(-length // chunk))[:, None] * chunk + jnp.arange(chunk))
+
+    def step(dqs, block):
+        ks_c, v_c, mask_c, pos_c, k_index = block
+        allowed = _allowed(mask_c, q_index, k_index, masking)
+        s = jnp.where(allowed, _scores(qs, ks_c, positions, pos_c, masking, scale), _NEG)
+        p = jnp.exp(s - lse[..., None])
+        dv_c = jnp.einsum("bgrqc,bgrqk->bcgk", p, dout)
+        dp = jnp.einsum("bgrqk,bcgk->bgrqc", dout, v_c.astype(jnp.float32))
+        ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * jnp.float32(scale)
+        dks_c = [jnp.zeros(k.shape, jnp.float32) for k in ks_c]
+        dqs = list(dqs)
+        for qi, ki, ds_t in _score_cotangents(ds, positions, pos_c, masking):
+            dqs[qi] = dqs[qi] + jnp.einsum("bgrqc,bcgk->bqgrk", ds_t, ks_c[ki].astype(jnp.float32))
+            dks_c[ki] = dks_c[ki] + jnp.einsum("bgrqc,bqgrk->bcgk", ds_t, qs[qi].astype(jnp.float32))
+        return tuple(dqs), (tuple(dks_c), dv_c)
+
+    init = tuple(jnp.zeros(q.shape, jnp.float32) for q in qs)
+    dqs, (dks, dv) = jax.lax.scan(step, init, xs)
+    dqs = tuple(dq.astype(q.dtype) for dq, q in zip(dqs, qs))
+    dks = tuple(_unblock(dk, length).astype(k.dtype) for dk, k in zip(dks, ks))
+    return dqs, dks, _unblock(dv, length).astype(v.dtype), None, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *, chunk_size: int = DEFAULT_CHUNK):
+    """Online-softmax attention over key blocks -> [B, L, H, K] in the query's dtype; same
+    arguments as `explicit_attention` (no dropout). Differentiable with linear memory."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be at least 1")
+    b, length, h, d = qs[0].shape
+    g = v.shape[2]
+    chunk = min(chunk_size, length)
+    qs5 = tuple(q.reshape(b, length, g, h // g, d) for q in qs)
+    out = _chunked(qs5, tuple(ks), v, key_mask_bl.astype(bool), positions_bl.astype(jnp.int32), masking, chunk)
+    return jnp.moveaxis(out, 3, 1).reshape(b, length, h, d).astype(qs[0].dtype)
+
+
+def xla_attention(q, k, v, key_mask_bl, masking: Masking):
+    """`jax.nn.dot_product_attention` (fused where the backend has a kernel); no SelfExtend."""
+    window = masking.window
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=key_mask_bl.astype(bool)[:, None, None, :], is_causal=masking.causal,
+        local_window_size=(window - 1, 0) if window is not None else None)
