@@ -32,8 +32,9 @@ TINY = {
     "encode_scifact": ["--corpus", "scifact", "--num-texts", "3", "--batch-size", "4", "--repeats", "1"],
     "train": ["--steps", "3", "--batch-size", "2"],
     "scan": ["--batch-size", "2", "--length", "8", "--repeats", "1"],
+    "long_context": ["--lengths", "1024,4096", "--ratio-from", "1024", "--position-extension", "grouped"],
 }
-NEEDS_MODEL = ("encode", "encode_scifact", "train", "scan")  # run on the tiny random BERT folder
+NEEDS_MODEL = ("encode", "encode_scifact", "train", "scan", "long_context")  # run on the tiny random BERT folder
 
 
 def _bench(capsys, name, *extra):
@@ -68,6 +69,9 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
         assert result["batch"] == 2 and result["steps"] == 3 and result["sentence-transformers pairs/s"] > 0
     if name == "scan":
         assert result["layers"] == 2 and result["max_abs_embedding_diff"] < 1e-5
+    if name == "long_context":  # 4x the tokens: chunked temporaries ~4x, dense ones ~16x
+        growth = {r["impl"]: r["temp_ratio"] for r in result["rows"] if r["length"] == 4096}
+        assert growth["chunked"] == result["chunked_growth"] < 6 and growth["explicit"] > 10, growth
 
 
 def test_record_appends_rows_whose_figures_are_in_their_records(capsys, tmp_path, monkeypatch):

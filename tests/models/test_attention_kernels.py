@@ -76,6 +76,7 @@ def test_chunked_equals_dense_and_float64_attention(length, chunk, causal, windo
     assert np.isfinite(np.asarray(chunked)).all()  # padding queries stay finite too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length,chunk,causal,window,side", CASES[:4])
 def test_chunked_gradients_equal_dense_gradients(length, chunk, causal, window, side):
     rng = np.random.default_rng(7 * length)
@@ -95,6 +96,7 @@ def test_chunked_gradients_equal_dense_gradients(length, chunk, causal, window, 
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(scale, 1.0), name
 
 
+@pytest.mark.slow
 def test_chunked_self_extend_gradients_equal_dense_ones():
     rng = np.random.default_rng(3)
     q, k, v, mask, positions = _inputs(rng, 2, 29, 4, 2, 8, "right")

@@ -83,6 +83,7 @@ def test_position_maps():
 
 # ---- models -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["grouped", "recurrent"])
 def test_grouped_and_recurrent_models_read_the_mapped_rows(kind):
     """A model with the extension = the plain model given the mapped positions as position_ids."""
@@ -102,6 +103,7 @@ def test_grouped_and_recurrent_models_read_the_mapped_rows(kind):
         np.testing.assert_array_equal(_apply(extended, params, short), _apply(plain, params, short))
 
 
+@pytest.mark.slow
 def test_interpolated_model_keeps_short_inputs_and_reads_long_ones_naturally():
     rng = np.random.default_rng(2)
     params = _tiny_params()
@@ -117,6 +119,7 @@ def test_interpolated_model_keeps_short_inputs_and_reads_long_ones_naturally():
     np.testing.assert_array_equal(_apply(extended, longer, long), natural)
 
 
+@pytest.mark.slow
 def test_parallel_context_windows_average_the_windows_weighted_by_token_count():
     """pcw = each 16-token window encoded on its own; mean pooling over the whole input = the
     token-count-weighted mean of the windows' mean-pooled embeddings."""
@@ -138,6 +141,7 @@ def test_parallel_context_windows_average_the_windows_weighted_by_token_count():
         np.testing.assert_allclose(states[row, :n].mean(0), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_minilm_extended_to_2048_embeds_short_texts_as_before():
     texts = ["A man is playing a flute.", "Three dogs run across a green park in the morning."]
     base = ej.Encoder.from_pretrained("all-MiniLM-L6-v2").encode(texts)
@@ -151,6 +155,7 @@ def test_minilm_extended_to_2048_embeds_short_texts_as_before():
     assert np.isfinite(enc.encode([long_text])).all()
 
 
+@pytest.mark.slow
 def test_exported_interpolated_model_reloads_in_embedjax_and_transformers(tmp_path):
     """The export is a plain BERT with the longer table: transformers reads long inputs as embedjax
     does; embedjax reads the extension back and keeps short inputs on the original rows."""

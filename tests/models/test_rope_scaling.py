@@ -86,6 +86,7 @@ def test_supported_lengths():
 
 # ---- whole models against transformers ----------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 2.0},
                                      {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}])
 def test_scaled_decoder_matches_transformers(tmp_path, scaling):
@@ -96,6 +97,7 @@ def test_scaled_decoder_matches_transformers(tmp_path, scaling):
     assert token_relative_errors(_hidden(folder, batch), ref, batch["attention_mask"]).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_scaling_chosen_at_load_time_matches_a_checkpoint_saved_with_it(tmp_path, llama_folder):
     """rope_scaling given to the loader = the same scaling written in config.json by transformers."""
     batch = random_batch(np.random.default_rng(6), rows=2, length=30, vocab=len(VOCAB), side="left")
@@ -108,6 +110,7 @@ def test_scaling_chosen_at_load_time_matches_a_checkpoint_saved_with_it(tmp_path
     assert np.abs(chosen - _hidden(llama_folder, batch))[mask.astype(bool)].max() > 1e-3  # it changes the model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["linear", "ntk"])
 def test_factor_one_changes_nothing_in_a_model(llama_folder, kind):
     batch = random_batch(np.random.default_rng(7), rows=3, length=25, vocab=len(VOCAB), side="left")
@@ -164,6 +167,7 @@ def _attention_module(causal, impl, window):
     return layers.Attention(spec, hidden_size=16, init_std=0.3)  # outputs of order 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["chunked", "explicit"])
 @pytest.mark.parametrize("causal,side", [(False, "right"), (True, "left")])
 def test_self_extend_attention_matches_a_float64_reference(impl, causal, side):
@@ -213,6 +217,7 @@ def test_self_extend_kernel_with_group_one_computes_plain_attention(impl):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["chunked", "explicit"])
 @pytest.mark.parametrize("attention,side", [("causal", "left"), ("bidirectional", "right")])
 def test_self_extend_with_group_one_or_a_window_past_the_length_is_plain_attention(llama_folder, impl, attention,
@@ -225,6 +230,7 @@ def test_self_extend_with_group_one_or_a_window_past_the_length_is_plain_attenti
         np.testing.assert_array_equal(extended, plain)
 
 
+@pytest.mark.slow
 def test_self_extend_reaches_past_the_trained_context_through_the_encoder(llama_folder):
     """The tiny model was trained on 64 positions; SelfExtend (4, 16) supports 4 * (64 - 16 + 4) = 208."""
     enc = ej.Encoder.from_pretrained(llama_folder, max_length=200, pooling="mean",
@@ -268,6 +274,8 @@ def test_rope_scaling_on_bert_and_self_extend_with_xla_attention_are_refused(lla
 
     with pytest.raises(ValueError, match=r"model family 'bert' has no option\(s\) \['rope_scaling'\]"):
         ej.Encoder.from_pretrained(minilm_path(), rope_scaling={"type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"model family '[a-z0-9]+' has no option\(s\) \['position_extension'\]"):
+        ej.Encoder.from_pretrained(llama_folder, position_extension={"type": "interpolate", "max_length": 128})
     config, params = hf.load_pretrained(llama_folder, attention_impl="xla",
                                         rope_scaling={"type": "self_extend", "group_size": 2, "window": 8})
     batch = random_batch(np.random.default_rng(0), rows=1, length=12, vocab=len(VOCAB))

@@ -20,6 +20,7 @@ def _leaves(tree):
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+@pytest.mark.slow
 def test_only_new_rows_move_and_short_inputs_embed_as_before():
     enc = ej.Encoder.from_pretrained("all-MiniLM-L6-v2", max_length=2048, position_extension={"type": "interpolate"})
     before = _leaves(enc.params)
@@ -42,6 +43,7 @@ def test_only_new_rows_move_and_short_inputs_embed_as_before():
     np.testing.assert_array_equal(enc.encode(short), emb_before)  # short inputs read only original rows
 
 
+@pytest.mark.slow
 def test_pairs_train_too_and_tuning_needs_an_interpolated_table():
     enc = ej.Encoder.from_pretrained("all-MiniLM-L6-v2", max_length=1024, position_extension={"type": "interpolate"})
     result = tune_new_positions(enc, [e[:2] for e in EXAMPLES], steps=1, batch_size=4, train_length=16,
