@@ -49,6 +49,11 @@ STRATEGIES = ("auto", "in", "pre", "post")
 # there (a deeper top-k costs more than the mask), so auto does not pick it by default.
 PRE_MAX_SELECTIVITY = 0.02
 POST_MIN_SELECTIVITY = 1.01
+# Post-filtering searches each query `depth` deep; a rescoring backend then gathers depth x its
+# rescore multiplier float32 rows per query. Queries go in chunks of at most this many
+# (query, result) slots so that gather stays bounded (666 queries at depth 2048 with binary codes
+# and 4x rescoring would gather 8 GB at once; 2**16 slots keep it near 0.4 GB at D = 384).
+POST_FILTER_SLOTS = 2**16
 
 
 class Backend(NamedTuple):
@@ -182,14 +187,22 @@ def _post_filter(backend: Backend, q, k, row_filter, num_rows, sel, multiplier):
     scores = np.full((q.shape[0], k), -np.inf, np.float32)
     ids = np.full((q.shape[0], k), MISSING_ID, np.int32)
     for d in np.unique(depth):
-        rows = np.flatnonzero(depth == d)
-        s, i = backend.search(q[rows], int(d), None)
-        s, i = np.asarray(s), np.asarray(i)
-        ok = np.asarray(gathered_pass(select_queries(row_filter, rows), jnp.asarray(i)))
-        order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # passing rows first, in rank order
-        kept_ok = np.take_along_axis(ok, order, 1)
-        width = order.shape[1]
-        scores[rows, :width] = np.where(kept_ok, np.take_along_axis(s, order, 1), -np.inf)
-        ids[rows, :width] = np.where(kept_ok, np.take_along_axis(i, order, 1), MISSING_ID)
+        same_depth = np.flatnonzero(depth == d)
+        chunk = max(1, POST_FILTER_SLOTS // int(d))  # one fixed chunk size per depth: at most two compiled shapes
+        for start in range(0, len(same_depth), chunk):
+            rows = same_depth[start:start + chunk]
+            _post_filter_rows(backend, q, k, row_filter, rows, int(d), scores, ids)
     return scores, ids
+
+
+def _post_filter_rows(backend: Backend, q, k, row_filter, rows, d: int, scores, ids) -> None:
+    """Post-filter the queries ``rows`` at depth ``d``, writing their first k passing results into ``scores``/``ids``."""
+    s, i = backend.search(q[rows], d, None)
+    s, i = np.asarray(s), np.asarray(i)
+    ok = np.asarray(gathered_pass(select_queries(row_filter, rows), jnp.asarray(i)))
+    order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # passing rows first, in rank order
+    kept_ok = np.take_along_axis(ok, order, 1)
+    width = order.shape[1]
+    scores[rows, :width] = np.where(kept_ok, np.take_along_axis(s, order, 1), -np.inf)
+    ids[rows, :width] = np.where(kept_ok, np.take_along_axis(i, order, 1), MISSING_ID)
 
