@@ -308,16 +308,19 @@ class Encoder:
             rows = order[start:start + batch_size]
             batch = late_interaction.frame(self.tokenizer, [ids[i] for i in rows], side, framing,
                                            rows=_row_bucket(len(rows), batch_size, multiple))
-            pending.append((rows, batch["pool_mask"], self._jitted(self.params, self._place_batch(batch))))
+            tokens_bld = self._jitted(self.params, self._place_batch(batch))
+            if self.mesh is not None:
+                tokens_bld = tokens_bld.addressable_data(0)
+            tokens_bld, mask_bl = self.head.reduce(tokens_bld, batch["pool_mask"] > 0, side)  # CRISP, if set
+            pending.append((rows, np.asarray(mask_bl), tokens_bld))
         length = max(mask.shape[1] for _, mask, _ in pending)
         tokens = np.zeros((len(texts), length, self.dim), np.float32)
         masks = np.zeros((len(texts), length), bool)
         progress = _progress(len(texts), show_progress)
         for rows, mask, emb in pending:
-            local = emb if self.mesh is None else emb.addressable_data(0)
             width = mask.shape[1]
             kept = mask[: len(rows)].astype(bool)
-            tokens[rows, :width] = np.where(kept[..., None], np.asarray(local)[: len(rows)], 0.0)  # unscored: zeros
+            tokens[rows, :width] = np.where(kept[..., None], np.asarray(emb)[: len(rows)], 0.0)  # unscored: zeros
             masks[rows, :width] = kept
             progress.update(len(rows))
         progress.close()

@@ -73,8 +73,10 @@ def framed_ids(tokenizer: Tokenizer, texts: Sequence[str], side: str, framing: L
 
 
 def frame(tokenizer: Tokenizer, ids: Sequence[Sequence[int]], side: str, framing: LateInteractionFraming,
-          rows: int | None = None) -> dict:
-    """Pad framed ids into a batch with ``pool_mask`` (the scored tokens); see the module docstring."""
+          rows: int | None = None, length: int | None = None) -> dict:
+    """Pad framed ids into a batch with ``pool_mask`` (the scored tokens); see the module docstring.
+    Queries always have ``query_length`` tokens; documents are padded to ``length`` (default: the
+    length bucket of the longest)."""
     if side == "query":
         batch = tokenizer.pad(ids, length=framing.query_length, rows=rows)
         real = batch["attention_mask"].astype(bool)
@@ -86,7 +88,7 @@ def frame(tokenizer: Tokenizer, ids: Sequence[Sequence[int]], side: str, framing
         batch["pool_mask"] = (real | expansion).astype(np.int32)
         return batch
     longest = max((len(x) for x in ids), default=1)
-    batch = tokenizer.pad(ids, length=bucket_length(longest, tokenizer.buckets), rows=rows)
+    batch = tokenizer.pad(ids, length=length or bucket_length(longest, tokenizer.buckets), rows=rows)
     skip = [i for i in (tokenizer.backend.token_to_id(w) for w in framing.skiplist) if i is not None]
     scored = batch["attention_mask"].astype(bool) & ~np.isin(batch["input_ids"], skip)
     batch["pool_mask"] = scored.astype(np.int32)

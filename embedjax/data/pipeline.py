@@ -72,8 +72,11 @@ class BatchLoader:
     """Step plan element ``(dataset, indices)`` -> this process's tokenized rows of that global batch."""
 
     def __init__(self, sources, kind: str, tokenizer, *, num_negatives: int, process_index: int,
-                 process_count: int, pad_to_max_length: bool = False):
+                 process_count: int, pad_to_max_length: bool = False, framing=None):
         self.sources = sources
+        # A late-interaction framing (`embedjax.data.late_interaction`): queries and documents get
+        # their markers, query expansion and skiplist, and every column a pool_mask of scored tokens.
+        self.framing = framing
         # None: pad each column to its length bucket; max_length: one shape for every step (one compile).
         self.pad_length = tokenizer.max_length if pad_to_max_length else None
         self.kind = kind
@@ -86,8 +89,15 @@ class BatchLoader:
         local = global_rows // self.process_count
         return slice(self.process_index * local, (self.process_index + 1) * local)
 
-    def _tokens(self, texts: Sequence[str], rows: slice) -> dict:
-        padded = self.tokenizer.pad(self.tokenizer.token_ids(texts), length=self.pad_length)
+    def _tokens(self, texts: Sequence[str], rows: slice, side: str = "document") -> dict:
+        if self.framing is None:
+            padded = self.tokenizer.pad(self.tokenizer.token_ids(texts), length=self.pad_length)
+        else:
+            from embedjax.data import late_interaction
+
+            ids = late_interaction.framed_ids(self.tokenizer, texts, side, self.framing)
+            length = self.framing.document_length if (self.pad_length and side == "document") else None
+            padded = late_interaction.frame(self.tokenizer, ids, side, self.framing, length=length)
         return {name: array[rows] for name, array in padded.items()}
 
     def __call__(self, planned: tuple[int, np.ndarray]) -> dict:
@@ -107,7 +117,7 @@ class BatchLoader:
                 "score": np.asarray([r["score"] for r in records], dtype=np.float32)[rows],
             }
         batch = {
-            "query": self._tokens([_decode(r["query"]) for r in records], rows),
+            "query": self._tokens([_decode(r["query"]) for r in records], rows, side="query"),
             "positive": self._tokens([_decode(r["positive"]) for r in records], rows),
             "query_id": np.asarray([text_id(_decode(r["query_id"])) for r in records], np.int32)[rows],
             "positive_id": np.asarray([text_id(_decode(r["positive_id"])) for r in records], np.int32)[rows],
@@ -123,7 +133,7 @@ class BatchLoader:
                     )
                 negatives += [_decode(n) for n in r["negatives"][:k]]
                 negative_ids += [text_id(_decode(n)) for n in r["negative_ids"][:k]]
-            flat = self.tokenizer.pad(self.tokenizer.token_ids(negatives), length=self.pad_length)
+            flat = self._tokens(negatives, slice(None))
             batch["negatives"] = {
                 name: array.reshape(len(records), k, -1)[rows] for name, array in flat.items()
             }
@@ -180,6 +190,7 @@ def build_train_data(
     download: bool = False,
     max_examples: int = 0,
     pad_to_max_length: bool = False,
+    framing=None,
 ) -> TrainData:
     """Prepare every source (ArrayRecord via TFDS) and return the step-indexed pipeline.
 
@@ -188,6 +199,8 @@ def build_train_data(
     many stored examples of each source (a fixed pseudo-random slice: TFDS stores
     records in hashed-key order). ``pad_to_max_length`` pads every batch to the
     tokenizer's max length instead of its length bucket (one compiled step shape).
+    ``framing`` (a multi-vector head's `LateInteractionFraming`) frames queries and documents
+    for late interaction.
     """
     if not specs:
         raise ValueError("no training datasets given: set config.data.train to at least one source")
@@ -223,7 +236,7 @@ def build_train_data(
     plan = BatchPlan(epoch_batches, [s.weight for s in specs], num_steps, seed)
     loader = BatchLoader(
         sources, kind, tokenizer, num_negatives=num_negatives, process_index=process_index,
-        process_count=process_count, pad_to_max_length=pad_to_max_length,
+        process_count=process_count, pad_to_max_length=pad_to_max_length, framing=framing,
     )
     dataset = grain.MapDataset.source(plan).map(loader)
     return TrainData(

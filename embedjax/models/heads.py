@@ -109,6 +109,11 @@ class MultiVectorHead(nn.Module):
     document_length: int = 180
     attend_to_expansion: bool = False
     skiplist: tuple = tuple(string.punctuation)
+    # CRISP (in-training clustering): k centroids per query / document replace the token vectors in
+    # training and encoding; 0 keeps every token.
+    crisp_query_k: int = 0
+    crisp_document_k: int = 0
+    crisp_iters: int = 3
     needs_hidden_states = False
     output = "tokens"  # one vector per token
 
@@ -127,6 +132,15 @@ class MultiVectorHead(nn.Module):
             hidden_bld.astype(jnp.float32))
         return tokens_bld / jnp.maximum(jnp.linalg.norm(tokens_bld, axis=-1, keepdims=True), 1e-12)
 
+    def reduce(self, tokens_bld, mask_bl, side: str):
+        """The vectors a side is scored with: its tokens, or their CRISP centroids ``(tokens, mask)``."""
+        from embedjax.multivector.crisp import cluster_tokens
+
+        k = self.crisp_query_k if side == "query" else self.crisp_document_k
+        if not k:
+            return tokens_bld, mask_bl
+        return cluster_tokens(tokens_bld, mask_bl, int(k), iters=int(self.crisp_iters))
+
     # ---- PyLate folders: a Dense module right after the Transformer, framing in the ST config ----
     st_type = "pylate.models.Dense.Dense"
 
@@ -134,7 +148,9 @@ class MultiVectorHead(nn.Module):
         return write_dense_module(params, self.use_bias, folder, index, self.st_type)
 
     def st_config(self) -> dict:
-        return self.framing.to_st()
+        crisp = {"crisp_query_k": int(self.crisp_query_k), "crisp_document_k": int(self.crisp_document_k),
+                 "crisp_iters": int(self.crisp_iters)}
+        return {**self.framing.to_st(), **crisp}
 
     @classmethod
     def read_st(cls, path: pathlib.Path, pooling: str):
@@ -142,11 +158,14 @@ class MultiVectorHead(nn.Module):
 
         dim, use_bias, params = read_dense_module(path)
         st_config = path.parent / "config_sentence_transformers.json"
-        framing = LateInteractionFraming.from_st(json.loads(st_config.read_text()) if st_config.is_file() else {})
+        config = json.loads(st_config.read_text()) if st_config.is_file() else {}
+        framing = LateInteractionFraming.from_st(config)
+        crisp = {name: int(config[name]) for name in ("crisp_query_k", "crisp_document_k", "crisp_iters")
+                 if name in config}
         return cls(dim=dim, use_bias=use_bias, query_marker=framing.query_marker,
                    document_marker=framing.document_marker, query_length=framing.query_length,
                    document_length=framing.document_length, attend_to_expansion=framing.attend_to_expansion,
-                   skiplist=framing.skiplist), params
+                   skiplist=framing.skiplist, **crisp), params
 
 
 HEADS: dict[str, type] = {"projection": ProjectionHead, "multivector": MultiVectorHead}

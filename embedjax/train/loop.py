@@ -183,7 +183,7 @@ def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def prepare_data(cfg, tokenizer):
+def prepare_data(cfg, tokenizer, framing=None):
     specs = [DatasetSpec(kind=s.kind, path=s.path, weight=s.weight, split=s.split or "test",
                          min_relevance=cfg.data.min_relevance) for s in parse_train_sources(cfg.data.train)]
     kwargs = dict(
@@ -200,6 +200,7 @@ def prepare_data(cfg, tokenizer):
         download=cfg.data.download,
         max_examples=cfg.data.max_examples,
         pad_to_max_length=cfg.data.pad_to_max_length,
+        framing=framing,
     )
     if jax.process_count() == 1:
         return build_train_data(specs, tokenizer, **kwargs)
@@ -219,7 +220,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     """Run (or resume) the training described by ``cfg`` in ``workdir``; returns the summary dict."""
     from embedjax.convert import hf
     from embedjax.encoder import Encoder, abstract_params, init_encoder_params
-    from embedjax.models.heads import build_head
+    from embedjax.models.heads import build_head, head_output
 
     validate(cfg)
     eval_overlap = check_disjoint(cfg.data.train, beir=cfg.eval.beir, sts=(cfg.eval.sts, cfg.eval.sts_test),
@@ -243,7 +244,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     model = family.build(model_config, dtype=cfg.model.dtype, remat=cfg.model.remat,
                          scan_unroll=cfg.model.scan_unroll)
     head = build_head(cfg.model.head.to_dict(), pooling=pooling)
-    data = prepare_data(cfg, tokenizer)
+    per_token = head_output(head) == "tokens"  # a multi-vector head: framed tokens, MaxSim loss
+    data = prepare_data(cfg, tokenizer, head.framing if per_token else None)
     num_steps = data.num_steps
     warmup = optim.warmup_steps_for(num_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_steps)
     schedule = optim.learning_rate_schedule(cfg.optim.learning_rate, num_steps, warmup, cfg.optim.schedule)
@@ -258,6 +260,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         matryoshka_dims=cfg.train.matryoshka_dims, matryoshka_weights=cfg.train.matryoshka_weights,
         layer_dims=cfg.train.layer_dims, layer_dims_weights=cfg.train.layer_dims_weights,
         num_layers=model_config.num_layers, hidden_size=model_config.hidden_size, ring=cfg.train.ring, mesh=mesh,
+        similarity="maxsim" if per_token else "cos", reduce_tokens=head.reduce if per_token else None,
     )
     abstract_boxed = abstract_params(model, head, family)
     shardings = state_shardings(abstract_boxed, tx, mesh, cfg.mesh.rules)

@@ -121,7 +121,7 @@ def check_layer_dims(layer_dims, layer_dims_weights, *, num_layers, hidden_size,
 
 
 def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cosent_scale: float,
-                      bidirectional: bool, ring: bool, mesh=None) -> Callable:
+                      bidirectional: bool, ring: bool, mesh=None, similarity: str = "cos") -> Callable:
     """``fn(q_bd, d_bd, **metadata) -> scalar``: the configured retrieval loss with its
     hyperparameters bound, cosine similarity, and the dense or ring implementation.
 
@@ -137,6 +137,8 @@ def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cose
                          "(query, document) pair in both roles already: set train.bidirectional=False")
     if ring and mesh is None:
         raise ValueError("the ring loss needs the mesh")
+    if similarity == "maxsim" and loss != "infonce":
+        raise ValueError(f"a multi-vector head (MaxSim) trains with train.loss='infonce'; got {loss!r}")
     if loss == "cosent":
         from embedjax.losses.pairwise import cosent_in_batch
 
@@ -154,7 +156,7 @@ def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cose
         fn, options = (ring_infonce if ring else infonce), dict(temperature=temperature, bidirectional=bidirectional)
     if ring:
         options.update(mesh=mesh, axis="data")
-    return functools.partial(fn, similarity="cos", **options)
+    return functools.partial(fn, similarity=similarity, **options)
 
 
 def make_objective(
@@ -175,6 +177,8 @@ def make_objective(
     hidden_size: int | None = None,
     ring: bool = False,
     mesh=None,
+    similarity: str = "cos",
+    reduce_tokens: Callable | None = None,
 ) -> Objective:
     """The configured loss for a batch layout of `embedjax.data.pipeline`.
 
@@ -182,12 +186,19 @@ def make_objective(
     keyed by ``rng``; with ``layer_dims`` it is also called as ``embed(params, tokens, rng,
     layers=(l1, ...)) -> float32 [B, n, D]`` (see `make_embed`). ``num_layers`` and
     ``hidden_size`` (the model's) are needed only to check ``layer_dims``.
+    ``similarity="maxsim"``: ``embed`` returns token vectors [B, L, D] (a multi-vector head) and
+    the loss scores MaxSim over each column's ``pool_mask``; ``reduce_tokens(tokens, mask, side)``
+    (a multi-vector head's ``reduce``: CRISP clustering) maps each side's tokens first, inside the
+    loss so that GradCache differentiates through it.
     """
     if loss not in LOSSES_FOR_KIND.get(kind, ()):
         raise ValueError(
             f"train.loss={loss!r} does not fit {kind!r} data; use one of {LOSSES_FOR_KIND.get(kind, ())} "
             "(cosent for graded sts pairs; infonce, siglip or cosent for retrieval pairs)"
         )
+    if similarity == "maxsim" and kind != "retrieval":
+        raise ValueError("a multi-vector head (MaxSim) trains on retrieval pairs; graded sts pairs need a "
+                         "sentence embedding")
     if kind == "sts":
         if layer_dims:
             raise ValueError("train.layer_dims applies to retrieval data only; set train.layer_dims=()")
@@ -207,7 +218,10 @@ def make_objective(
         return Objective(embed_sts, sts_loss)
 
     contrastive = retrieval_loss_fn(loss, temperature=temperature, siglip_bias=siglip_bias,
-                                    cosent_scale=cosent_scale, bidirectional=bidirectional, ring=ring, mesh=mesh)
+                                    cosent_scale=cosent_scale, bidirectional=bidirectional, ring=ring, mesh=mesh,
+                                    similarity=similarity)
+    if layer_dims and similarity == "maxsim":
+        raise ValueError("train.layer_dims pools layers into sentence embeddings; it does not apply to MaxSim")
     if layer_dims:
         pairs, weights = check_layer_dims(layer_dims, layer_dims_weights, num_layers=num_layers,
                                           hidden_size=hidden_size, ring=ring,
@@ -217,8 +231,11 @@ def make_objective(
                     matryoshka_weights=tuple(matryoshka_weights) or None)
 
     def retrieval_loss(emb, batch):
+        masks = {}
+        if similarity == "maxsim":
+            emb, masks = _scored_tokens(emb, batch, reduce_tokens)
         return contrastive(emb["query"], emb["positive"], hard_negatives_bkd=emb.get("negatives"), **prefixes,
-                           **_retrieval_ids(batch, "negatives" in emb, mask_false_negatives))
+                           **masks, **_retrieval_ids(batch, "negatives" in emb, mask_false_negatives))
 
     return Objective(functools.partial(_embed_retrieval, embed, {}), retrieval_loss)
 
@@ -233,6 +250,21 @@ def _embed_retrieval(embed, embed_options, params, batch, rng):
         flat = embed(params, _flatten_negatives(batch["negatives"]), rng_n, **embed_options)
         out["negatives"] = flat.reshape(b, k, *flat.shape[1:])
     return out
+
+
+def _scored_tokens(emb, batch, reduce_tokens) -> tuple[dict, dict]:
+    """Each column's scored vectors and MaxSim's token masks (as loss keywords): the tokens of the
+    batch's ``pool_mask``, or what ``reduce_tokens`` (CRISP) makes of them."""
+    reduce_tokens = reduce_tokens or (lambda tokens, mask, side: (tokens, mask))
+    q, q_mask = reduce_tokens(emb["query"], batch["query"]["pool_mask"] > 0, "query")
+    d, d_mask = reduce_tokens(emb["positive"], batch["positive"]["pool_mask"] > 0, "document")
+    out, masks = {"query": q, "positive": d}, {"q_mask_bl": q_mask, "d_mask_bl": d_mask}
+    if "negatives" in emb:
+        h_bkld, h_mask = emb["negatives"], batch["negatives"]["pool_mask"] > 0
+        b, k = h_bkld.shape[:2]
+        h, h_mask = reduce_tokens(h_bkld.reshape((b * k,) + h_bkld.shape[2:]), h_mask.reshape(b * k, -1), "document")
+        out["negatives"], masks["hard_negatives_mask_bkl"] = h.reshape((b, k) + h.shape[1:]), h_mask.reshape(b, k, -1)
+    return out, masks
 
 
 def _retrieval_ids(batch, has_negatives: bool, mask_false_negatives: bool) -> dict:
