@@ -228,7 +228,7 @@ def tables(summary: dict, artifact: str = "results.json") -> str:
               "|---|---|---|---:|---:|---:|---:|---|"]
     for i, t in enumerate(tests):
         lines.append(f"| {t['model']} | {t['method']} | {t['task']} | {t['pairs']} | {t['mean_method']:.1f} | "
-                     f"{t['mean_baseline']:.1f} | {t['p_value']:.3f} | [json]({artifact}#/paired_tests/{i}) |")
+                     f"{t['mean_baseline']:.1f} | {t['p_value']:.2g} | [json]({artifact}#/paired_tests/{i}) |")
     if memory:
         mem_lengths = sorted({k for row in memory for k in row["temp_mib"]}, key=int)
         growth = [k for k in memory[0] if k.startswith("growth_")]
