@@ -112,7 +112,10 @@ def measure(args) -> dict:
     size = SIZES[args.size]
     bench = fb.load(args.dataset)
     docs, queries = fb.load_embeddings(bench, args.data_dir, args.cache_dir)
-    workloads = size["workloads"] or tuple(bench.manifest["workloads"])
+    workloads = args.workloads or size["workloads"] or tuple(bench.manifest["workloads"])
+    unknown = sorted(set(workloads) - set(bench.manifest["workloads"]))
+    if unknown:
+        raise ValueError(f"unknown workloads {unknown}; the dataset has {sorted(bench.manifest['workloads'])}")
     repeats = args.repeats or size["repeats"]
     faiss.omp_set_num_threads(os.cpu_count())
     print(f"building indexes ({docs.shape[0]} x {docs.shape[1]})", file=sys.stderr, flush=True)
@@ -264,6 +267,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default=str(HERE / "results.json"))
     parser.add_argument("--report", action="store_true", help="only regenerate tables and plots from --out")
+    parser.add_argument("--workloads", nargs="+", default=None,
+                        help="measure only these workloads (e.g. the ones a stopped run did not finish)")
     parser.add_argument("--from-log", default=None,
                         help="build --out from the rows a stopped measuring run printed to stderr (finished workloads)")
     parser.add_argument("--measured-by", default=None, help="with --from-log: the command that measured the rows")
