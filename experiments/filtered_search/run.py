@@ -195,7 +195,8 @@ def measure(args) -> dict:
                     "note": "shared, loaded machine: rates are provisional until re-measured idle"},
         "dataset": {"documents": int(docs.shape[0]), "queries": int(queries.shape[0]),
                     "embeddings_sha256": bench.manifest["embeddings_sha256"]},
-        "ivf": {kind: {"list_len": int(index.list_len), "padding_fraction": round(index.padding_fraction(), 4)}
+        "ivf": {kind: {"blocks": int(index.block_ids.shape[0]), "block_rows": int(index.block_ids.shape[1]),
+                       "padding_fraction": round(index.padding_fraction(), 4)}
                 for kind, index in ivf.items()},
         "rows": rows,
         "matched_recall": matched_recall(rows),
@@ -236,7 +237,7 @@ def from_log(args) -> dict:
     """results.json from the rows a measuring run printed to stderr (one JSON object per line), for a run that
     was stopped before it wrote results.json: the rows of every workload it finished, the rest listed missing."""
     size = SIZES[args.size]
-    lines = pathlib.Path(args.from_log).read_text().splitlines()
+    lines = [line for path in args.from_log for line in pathlib.Path(path).read_text().splitlines()]
     rows = [json.loads(line) for line in lines if line.startswith('{"system"')]
     if not rows:
         raise ValueError(f"{args.from_log} holds no result rows (lines starting with {{\"system\"); pass the stderr "
@@ -269,8 +270,9 @@ def main(argv=None) -> None:
     parser.add_argument("--report", action="store_true", help="only regenerate tables and plots from --out")
     parser.add_argument("--workloads", nargs="+", default=None,
                         help="measure only these workloads (e.g. the ones a stopped run did not finish)")
-    parser.add_argument("--from-log", default=None,
-                        help="build --out from the rows a stopped measuring run printed to stderr (finished workloads)")
+    parser.add_argument("--from-log", nargs="+", default=None,
+                        help="build --out from the rows stopped measuring runs printed to stderr (finished workloads; "
+                             "several logs: their rows together)")
     parser.add_argument("--measured-by", default=None, help="with --from-log: the command that measured the rows")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
