@@ -33,22 +33,27 @@ DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")  # the names sentence-
 
 
 def embed_batch(model, params, batch: dict, *, pooling: str, normalize: bool, layers=None, head=None,
-                deterministic: bool = True, rngs=None):
+                deterministic: bool = True, rngs=None, lora=None, head_shared=None):
     """Pure embedding function: token batch -> float32 [B, D] sentence embeddings.
 
-    ``params`` is the encoder's tree ``{"backbone": ..., "head": ...}``. The backbone's token states
+    ``params`` is the encoder's tree ``{"backbone": ..., "head": ...}``, plus ``"lora"`` adapters
+    (`embedjax.models.lora`, configured by ``lora``) when it has them. The backbone's token states
     go through ``head`` (a trainable head of `embedjax.models.heads`) when given, else through the
     ``pooling`` pooler of the last layer (or of ``layers``). Pooling covers ``batch["pool_mask"]``
     when present (tokens left out of pooling, e.g. a prompt with ``include_prompt=False``), else
-    the attention mask.
+    the attention mask. ``head_shared``: the head's `batch_independent` tensors, when the caller
+    computed them once for several batches.
     """
+    from embedjax.models.lora import apply_model
+
     need_all = layers is not None or (head is not None and head.needs_hidden_states)
-    last_bld, extras = model.apply({"params": params["backbone"]}, batch, deterministic=deterministic,
+    last_bld, extras = apply_model(model, params, batch, lora=lora, deterministic=deterministic,
                                    output_hidden_states=need_all, rngs=rngs)
     mask = batch.get("pool_mask", batch["attention_mask"])
     if head is not None:
+        shared = {} if head_shared is None else {"shared": head_shared}
         emb_bd = head.apply({"params": params["head"]}, last_bld, mask, extras["hidden_states"],
-                            deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+                            deterministic=deterministic, rngs=rngs, **shared).astype(jnp.float32)
     else:
         states_bld = select_layers(extras["hidden_states"], layers) if layers is not None else last_bld
         emb_bd = get_pooler(pooling)(states_bld, mask).astype(jnp.float32)
@@ -69,34 +74,45 @@ def dummy_tokens(family, length: int = 8) -> dict:
     return batch
 
 
-def init_encoder_params(model, head, family, key, backbone=None) -> dict:
-    """Fresh encoder params (unboxed): the given pretrained ``backbone`` (or a random one), and a
-    random head. Jit it with output shardings to build them in place on a mesh."""
+def init_encoder_params(model, head, family, key, backbone=None, lora=None) -> dict:
+    """Fresh encoder params (unboxed): the given pretrained ``backbone`` (or a random one), a
+    random head, and fresh LoRA adapters (``B = 0``) when ``lora`` (a `LoRAConfig`) is given.
+    Jit it with output shardings to build them in place on a mesh."""
     from flax.linen import meta
 
+    from embedjax.models.lora import init_adapters
+
     tokens = dummy_tokens(family)
-    backbone_key, head_key = jax.random.split(key)
+    backbone_key, head_key, lora_key = jax.random.split(key, 3)
     if backbone is None:
         backbone = meta.unbox(model.init({"params": backbone_key}, tokens)["params"])
-    if head is None:
-        return encoder_params(backbone)
-    last, extras = model.apply({"params": backbone}, tokens, output_hidden_states=head.needs_hidden_states)
-    head_params = head.init({"params": head_key}, last, tokens["attention_mask"], extras["hidden_states"])["params"]
-    return encoder_params(backbone, meta.unbox(head_params))
+    params = encoder_params(backbone)
+    if head is not None:
+        last, extras = model.apply({"params": backbone}, tokens, output_hidden_states=head.needs_hidden_states)
+        head_params = head.init({"params": head_key}, last, tokens["attention_mask"], extras["hidden_states"])
+        params = encoder_params(backbone, meta.unbox(head_params["params"]))
+    if lora is not None:
+        params["lora"] = init_adapters(model, backbone, tokens, lora, lora_key)
+    return params
 
 
-def abstract_params(model, head, family):
+def abstract_params(model, head, family, lora=None):
     """Shapes and logical axis names (boxed) of the encoder's tree, without allocating it."""
     import jax.random as jr
+
+    from embedjax.models.lora import init_adapters
 
     def init(key):
         tokens = dummy_tokens(family)
         backbone = model.init({"params": key}, tokens)["params"]
-        if head is None:
-            return encoder_params(backbone)
-        last, extras = model.apply({"params": backbone}, tokens, output_hidden_states=head.needs_hidden_states)
-        mask = tokens["attention_mask"]
-        return encoder_params(backbone, head.init({"params": key}, last, mask, extras["hidden_states"])["params"])
+        params = encoder_params(backbone)
+        if head is not None:
+            last, extras = model.apply({"params": backbone}, tokens, output_hidden_states=head.needs_hidden_states)
+            mask = tokens["attention_mask"]
+            params = encoder_params(backbone, head.init({"params": key}, last, mask, extras["hidden_states"])["params"])
+        if lora is not None:
+            params["lora"] = init_adapters(model, backbone, tokens, lora, key, boxed=True)
+        return params
 
     return jax.eval_shape(init, jr.PRNGKey(0))
 
@@ -117,13 +133,14 @@ class Encoder:
 
     def __init__(self, model, params, tokenizer: Tokenizer, *, pooling: str = "mean", normalize: bool = True,
                  layers=None, source: str | None = None, include_prompt: bool = True,
-                 prompts: dict[str, str] | None = None, mesh=None, rules: Any = "fsdp", head=None):
+                 prompts: dict[str, str] | None = None, mesh=None, rules: Any = "fsdp", head=None, lora=None):
         get_pooler(pooling)  # fail early on an unknown name
         if not isinstance(params, dict) or "backbone" not in params:
             raise ValueError("Encoder params must be the tree {'backbone': ..., 'head': ...}; wrap a backbone's "
                              "params with embedjax.encoder.encoder_params(params)")
         self.model = model
         self.head = head
+        self.lora = lora  # LoRAConfig of params["lora"] (None: no adapters)
         self.config = model.config
         self.family = family_for_config(model.config)
         self.tokenizer = tokenizer
@@ -192,7 +209,7 @@ class Encoder:
     def _shardings_for_params(self):
         from embedjax.sharding.partition import param_shardings
 
-        return param_shardings(abstract_params(self.model, self.head, self.family), self.mesh, self.rules)
+        return param_shardings(abstract_params(self.model, self.head, self.family, self.lora), self.mesh, self.rules)
 
     def _compile(self):
         embed = functools.partial(self.embed_fn, deterministic=True)
@@ -228,7 +245,8 @@ class Encoder:
     def embed_fn(self, params, batch: dict, deterministic: bool = True, rngs=None):
         """Pure, jittable: params + token batch -> float32 [B, D] (for training and GradCache)."""
         return embed_batch(self.model, params, batch, pooling=self.pooling, normalize=self.normalize,
-                           layers=self.layers, head=self.head, deterministic=deterministic, rngs=rngs)
+                           layers=self.layers, head=self.head, deterministic=deterministic, rngs=rngs,
+                           lora=self.lora)
 
     def _place_batch(self, batch: dict):
         if self.mesh is None:

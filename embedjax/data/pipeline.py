@@ -72,11 +72,17 @@ class BatchLoader:
     """Step plan element ``(dataset, indices)`` -> this process's tokenized rows of that global batch."""
 
     def __init__(self, sources, kind: str, tokenizer, *, num_negatives: int, process_index: int,
-                 process_count: int, pad_to_max_length: bool = False, framing=None):
+                 process_count: int, pad_to_max_length: bool = False, framing=None, prompts=None,
+                 pool_masks: bool = False):
         self.sources = sources
         # A late-interaction framing (`embedjax.data.late_interaction`): queries and documents get
         # their markers, query expansion and skiplist, and every column a pool_mask of scored tokens.
         self.framing = framing
+        # (query prompt, document prompt) per source, None = no prompt; STS pairs take the query prompt.
+        self.prompts = list(prompts) if prompts is not None else [(None, None)] * len(sources)
+        # True: every column carries a pool_mask leaving its prompt out of pooling (include_prompt=False),
+        # present on every step so the batch structure (and the compiled step) never changes.
+        self.pool_masks = pool_masks
         # None: pad each column to its length bucket; max_length: one shape for every step (one compile).
         self.pad_length = tokenizer.max_length if pad_to_max_length else None
         self.kind = kind
@@ -89,12 +95,23 @@ class BatchLoader:
         local = global_rows // self.process_count
         return slice(self.process_index * local, (self.process_index + 1) * local)
 
-    def _tokens(self, texts: Sequence[str], rows: slice, side: str = "document") -> dict:
+    def _pad(self, ids, prompt: str | None, length: int | None = None) -> dict:
+        padded = self.tokenizer.pad(ids, length=length or self.pad_length)
+        if self.pool_masks:
+            skip = self.tokenizer.pool_skip(prompt) if prompt else 0
+            mask = padded["attention_mask"]
+            padded["pool_mask"] = mask * (np.cumsum(mask, axis=1) > skip)
+        return padded
+
+    def _tokens(self, texts: Sequence[str], rows: slice, side: str = "document", prompt: str | None = None) -> dict:
         if self.framing is None:
-            padded = self.tokenizer.pad(self.tokenizer.token_ids(texts), length=self.pad_length)
+            padded = self._pad(self.tokenizer.token_ids(texts, prompt=prompt), prompt)
         else:
             from embedjax.data import late_interaction
 
+            if prompt:
+                raise ValueError("instruction prompts (data.query_instruction / document_instruction) and a "
+                                 "multi-vector head's framing cannot be combined; leave the instructions empty")
             ids = late_interaction.framed_ids(self.tokenizer, texts, side, self.framing)
             length = self.framing.document_length if (self.pad_length and side == "document") else None
             padded = late_interaction.frame(self.tokenizer, ids, side, self.framing, length=length)
@@ -103,22 +120,23 @@ class BatchLoader:
     def __call__(self, planned: tuple[int, np.ndarray]) -> dict:
         dataset, indices = planned
         source = self.sources[dataset]
+        query_prompt, document_prompt = self.prompts[dataset]
         records = [source[int(i)] for i in indices]
         rows = self._rows(len(records))
         if self.kind == builders.STS_KIND:
             # Both sides share one padded length, so the step can embed them as one [2b, L] batch
             # and the number of compiled shapes stays the number of buckets.
-            ids_a = self.tokenizer.token_ids([_decode(r["sentence1"]) for r in records])
-            ids_b = self.tokenizer.token_ids([_decode(r["sentence2"]) for r in records])
+            ids_a = self.tokenizer.token_ids([_decode(r["sentence1"]) for r in records], prompt=query_prompt)
+            ids_b = self.tokenizer.token_ids([_decode(r["sentence2"]) for r in records], prompt=query_prompt)
             length = self.pad_length or bucket_length(max(map(len, ids_a + ids_b)), self.tokenizer.buckets)
             return {
-                "a": {k: v[rows] for k, v in self.tokenizer.pad(ids_a, length=length).items()},
-                "b": {k: v[rows] for k, v in self.tokenizer.pad(ids_b, length=length).items()},
+                "a": {k: v[rows] for k, v in self._pad(ids_a, query_prompt, length).items()},
+                "b": {k: v[rows] for k, v in self._pad(ids_b, query_prompt, length).items()},
                 "score": np.asarray([r["score"] for r in records], dtype=np.float32)[rows],
             }
         batch = {
-            "query": self._tokens([_decode(r["query"]) for r in records], rows, side="query"),
-            "positive": self._tokens([_decode(r["positive"]) for r in records], rows),
+            "query": self._tokens([_decode(r["query"]) for r in records], rows, side="query", prompt=query_prompt),
+            "positive": self._tokens([_decode(r["positive"]) for r in records], rows, prompt=document_prompt),
             "query_id": np.asarray([text_id(_decode(r["query_id"])) for r in records], np.int32)[rows],
             "positive_id": np.asarray([text_id(_decode(r["positive_id"])) for r in records], np.int32)[rows],
         }
@@ -133,7 +151,7 @@ class BatchLoader:
                     )
                 negatives += [_decode(n) for n in r["negatives"][:k]]
                 negative_ids += [text_id(_decode(n)) for n in r["negative_ids"][:k]]
-            flat = self._tokens(negatives, slice(None))
+            flat = self._tokens(negatives, slice(None), prompt=document_prompt)
             batch["negatives"] = {
                 name: array.reshape(len(records), k, -1)[rows] for name, array in flat.items()
             }
@@ -191,6 +209,8 @@ def build_train_data(
     max_examples: int = 0,
     pad_to_max_length: bool = False,
     framing=None,
+    prompts=None,
+    pool_masks: bool = False,
 ) -> TrainData:
     """Prepare every source (ArrayRecord via TFDS) and return the step-indexed pipeline.
 
@@ -201,6 +221,8 @@ def build_train_data(
     tokenizer's max length instead of its length bucket (one compiled step shape).
     ``framing`` (a multi-vector head's `LateInteractionFraming`) frames queries and documents
     for late interaction.
+    ``prompts``: ``(query prompt, document prompt)`` per source (`embedjax.data.instructions`);
+    ``pool_masks``: give every column a ``pool_mask`` that leaves the prompt out of pooling.
     """
     if not specs:
         raise ValueError("no training datasets given: set config.data.train to at least one source")
@@ -236,7 +258,8 @@ def build_train_data(
     plan = BatchPlan(epoch_batches, [s.weight for s in specs], num_steps, seed)
     loader = BatchLoader(
         sources, kind, tokenizer, num_negatives=num_negatives, process_index=process_index,
-        process_count=process_count, pad_to_max_length=pad_to_max_length, framing=framing,
+        process_count=process_count, pad_to_max_length=pad_to_max_length, framing=framing, prompts=prompts,
+        pool_masks=pool_masks,
     )
     dataset = grain.MapDataset.source(plan).map(loader)
     return TrainData(

@@ -70,6 +70,7 @@ class Tokenizer:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
         self.backend = backend
+        self.mask_token = None  # the folder's mask token (tokenizer_config.json), set by from_folder
         self.max_length = int(max_length)
         self.pad_id = int(pad_id)
         self.padding_side = padding_side
@@ -114,9 +115,11 @@ class Tokenizer:
         pad_id = _token_id(backend, settings.get("pad_token", "[PAD]"))
         if pad_id is None:
             pad_id = eos_id if eos_id is not None else 0
-        return cls(backend, max_length, pad_id, buckets,
-                   padding_side=settings.get("padding_side") or needs.padding_side, eos_id=eos_id,
-                   append_eos=needs.append_eos, token_type_ids=needs.token_type_ids)
+        tokenizer = cls(backend, max_length, pad_id, buckets,
+                        padding_side=settings.get("padding_side") or needs.padding_side, eos_id=eos_id,
+                        append_eos=needs.append_eos, token_type_ids=needs.token_type_ids)
+        tokenizer.mask_token = settings.get("mask_token") if isinstance(settings.get("mask_token"), str) else None
+        return tokenizer
 
     def prompt_ids(self, prompt: str | None) -> list[int]:
         """The prompt's tokens (no special tokens); [] for None or ""."""

@@ -248,33 +248,44 @@ def paired_bootstrap_correlation_test(pred_a, pred_b, gold, *, method: str = "sp
                                       seed: int = 0) -> dict:
     """Paired bootstrap test of corr(b, gold) - corr(a, gold) = 0 over the same pairs, two-sided.
 
-    ``pred_a``, ``pred_b``: each system's score per pair (e.g. cosine similarity) [n]; ``gold``
-    the gold scores [n]; ``method`` "spearman" or "pearson". Each resample draws n pairs with
+    ``pred_a``, ``pred_b``: each system's score per pair (e.g. cosine similarity) [n], or [seeds, n]
+    for several trained seeds of a system (the statistic is then the mean over seeds of each seed's
+    correlation, so seed variation stays in the comparison); ``gold`` the gold scores [n];
+    ``method`` "spearman" or "pearson". Each resample draws n pairs with
     replacement and scores both systems on them; p = (#{|d* - d| >= |d|} + 1) / (num_samples + 1)
     with d the observed difference (the shift to the null of `paired_bootstrap_test`).
     Correlations are x100; ``effect_size`` is d / std(d*) (a z score, as `paired_bootstrap_auc`).
     """
     if method not in ("spearman", "pearson"):
         raise ValueError(f"method={method!r}: use 'spearman' or 'pearson'")
-    diff_check = paired_differences(pred_a, pred_b)
+    a = np.atleast_2d(np.asarray(pred_a, dtype=np.float64))  # [seeds, n]
+    b = np.atleast_2d(np.asarray(pred_b, dtype=np.float64))
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"pred_a and pred_b must be [n] or [seeds, n]; got shapes {a.shape} and {b.shape}")
+    paired_differences(a[0], b[0])  # same pairs, finite, at least 2
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("predictions contain NaN or inf")
     gold = np.asarray(gold, dtype=np.float64)
-    if gold.shape != diff_check.shape:
-        raise ValueError(f"gold has {gold.size} scores for {diff_check.size} pairs")
+    if gold.ndim != 1 or gold.size != a.shape[1] or b.shape[1] != a.shape[1]:
+        raise ValueError(f"gold has {gold.size} scores for {a.shape[1]} pairs (pred_b: {b.shape[1]})")
     if not np.all(np.isfinite(gold)):
         raise ValueError("gold scores contain NaN or inf")
     num_samples = _check_samples(num_samples)
-    a = np.asarray(pred_a, dtype=np.float64)
-    b = np.asarray(pred_b, dtype=np.float64)
-    n = a.size
-    corr_a, corr_b = (100.0 * float(_correlations(x[None], gold[None], method)[0]) for x in (a, b))
+    n = gold.size
+
+    def seed_mean(rows_sn, index_rn):  # mean over seeds of each resample's correlation -> [R]
+        g = gold[index_rn]
+        return np.mean([_correlations(row[index_rn], g, method) for row in rows_sn], axis=0)
+
+    everything = np.arange(n)[None]
+    corr_a, corr_b = (100.0 * float(seed_mean(x, everything)[0]) for x in (a, b))
     observed = corr_b - corr_a
     rng = np.random.default_rng(seed)
     diffs = np.empty(num_samples)
     for start in range(0, num_samples, _CHUNK):
         stop = min(start + _CHUNK, num_samples)
         idx = rng.integers(0, n, size=(stop - start, n))
-        g = gold[idx]
-        diffs[start:stop] = 100.0 * (_correlations(b[idx], g, method) - _correlations(a[idx], g, method))
+        diffs[start:stop] = 100.0 * (seed_mean(b, idx) - seed_mean(a, idx))
     tol = 1e-9 * max(abs(observed), float(np.max(np.abs(diffs))), 1e-300)
     count = int(np.sum(np.abs(diffs - observed) >= abs(observed) - tol))
     lo, hi = np.percentile(diffs, [2.5, 97.5])

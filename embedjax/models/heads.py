@@ -8,7 +8,11 @@ the embedding::
     head.apply({"params": p}, last_hidden_bld, pool_mask_bl, hidden_states, deterministic=True) -> [B, D']
 
 ``hidden_states`` holds every layer's output when the head's ``needs_hidden_states`` is True (a
-layer mix), else None. The encoder's parameters are one tree ``{"backbone": ..., "head": ...}``
+layer mix), else None. A head whose work partly depends on its parameters alone (the latent
+attention pooler's keys and values, computed from its latents) defines
+``batch_independent(head_params) -> pytree`` and accepts it back as ``shared=`` in its call, so a
+training step computes that part once for all the text columns and sub-batches it embeds
+(`embedjax.encoder.embed_batch`'s ``head_shared``). The encoder's parameters are one tree ``{"backbone": ..., "head": ...}``
 (``head`` is ``{}`` without a head), so training, checkpoints and optimizers see one pytree and can
 select the parts by name. Matryoshka truncation and normalisation apply to the head's output.
 """
@@ -168,7 +172,75 @@ class MultiVectorHead(nn.Module):
                    skiplist=framing.skiplist, **crisp), params
 
 
-HEADS: dict[str, type] = {"projection": ProjectionHead, "multivector": MultiVectorHead}
+
+
+class LayerMixHead(nn.Module):
+    """A trainable softmax mix of every hidden state (embeddings and each layer's output), then
+    ``pooling``: ``pool(sum_i softmax(w)_i h_i)``. ``w`` starts at 0 (the uniform mean of layers)."""
+
+    pooling: str = "mean"
+    needs_hidden_states = True
+
+    @nn.compact
+    def __call__(self, hidden_bld, mask_bl, hidden_states=None, *, deterministic: bool = True):
+        if hidden_states is None:
+            raise ValueError("the layer-mix head needs every layer's hidden states (output_hidden_states=True)")
+        stacked_nbld = jnp.stack([h.astype(jnp.float32) for h in hidden_states])
+        logits_n = self.param("layer_logits", logical(nn.initializers.zeros, (None,)), (stacked_nbld.shape[0],),
+                              jnp.float32)
+        mixed_bld = jnp.einsum("n,nbld->bld", nn.softmax(logits_n), stacked_nbld)
+        return get_pooler(self.pooling)(mixed_bld, mask_bl).astype(jnp.float32)
+
+    st_type = "embedjax.heads.LayerMix"
+
+    def write_st(self, params, folder: pathlib.Path, index: int) -> dict:
+        return write_module_folder(self, params, folder, index, "LayerMix")
+
+    @classmethod
+    def read_st(cls, path: pathlib.Path, pooling: str):
+        return read_module_folder(cls, path, pooling)
+
+
+def write_module_folder(head, params, folder: pathlib.Path, index: int, name: str) -> dict:
+    """Write a head sentence-transformers has no module for as an embedjax module folder
+    (``{index}_{name}/``: ``config.json`` with the head's options, ``model.safetensors`` with its
+    parameters under ``/``-joined paths). embedjax reads it back (`read_module_folder`);
+    sentence-transformers cannot load such a folder."""
+    from flax.traverse_util import flatten_dict
+
+    from embedjax.convert import safetensors_io
+
+    path = folder / f"{index}_{name}"
+    path.mkdir()
+    options = {f: getattr(head, f) for f in head.__dataclass_fields__ if f not in ("parent", "name")}
+    (path / "config.json").write_text(json.dumps(options, indent=2))
+    tensors = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
+               for k, v in flatten_dict(dict(params)).items()}
+    safetensors_io.write_file(path / "model.safetensors", tensors)
+    return {"idx": index, "name": str(index), "path": path.name, "type": head.st_type}
+
+
+def read_module_folder(cls, path: pathlib.Path, pooling: str):
+    """``(head, params)`` from a folder `write_module_folder` wrote."""
+    from flax.traverse_util import unflatten_dict
+
+    from embedjax.convert import safetensors_io
+
+    options = json.loads((path / "config.json").read_text())
+    options.setdefault("pooling", pooling)
+    tensors = safetensors_io.read_file(path / "model.safetensors")
+    params = unflatten_dict({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in tensors.items()})
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}), params
+
+
+def _latent_attention():
+    from embedjax.models.latent_attention import LatentAttentionHead
+
+    return LatentAttentionHead
+
+
+HEADS: dict[str, type] = {"projection": ProjectionHead, "multivector": MultiVectorHead, "layer_mix": LayerMixHead,
+                          "latent_attention": _latent_attention()}
 
 
 def head_output(head) -> str:

@@ -316,7 +316,8 @@ def layer_stack(spec: BlockSpec, num_layers: int, *, dtype: Dtype = jnp.float32,
         block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
     scanned = nn.scan(
         block,
-        variable_axes={"params": 0},
+        # "lora": per-layer LoRA adapters (embedjax.models.lora), stacked like the parameters.
+        variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=num_layers,

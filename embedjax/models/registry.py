@@ -51,6 +51,9 @@ class Family:
     # (tensors, config) -> tensors as the config's model holds them, applied to a checkpoint before
     # matching (BERT's interpolated position table); None: as stored.
     hf_prepare_tensors: Callable[[Mapping[str, Any], Any], Mapping[str, Any]] | None = None
+    # Param path of the input embedding table that doubles as the LM head when the config ties
+    # them (what MNTP predicts through); None: the family has no LM head embedjax can use.
+    tied_lm_head: tuple[str, ...] | None = None
 
     def build(self, config, *, dtype: Any = "float32", remat: str = "none", scan_unroll: int = 1):
         """The family's Linen module for ``config`` (compute ``dtype``, remat policy, layers per scan step)."""

@@ -40,6 +40,13 @@ def default_config() -> ml_collections.ConfigDict:
     # A trainable head (embedjax.models.heads): {} = none (the pooler alone), else e.g.
     # type="projection", dim=256. Its options are checked by the head.
     c.model.head = ml_collections.ConfigDict()
+    # LoRA adapters (embedjax.models.lora): {} = full fine-tuning; else rank=16, alpha=32.0, dropout=0.05,
+    # targets=(regexes over kernel paths,). With adapters the backbone is frozen: the optimizer holds
+    # the adapters and the head only, and the export merges the adapters into the weights.
+    c.model.lora = ml_collections.ConfigDict()
+    # False: prompt/instruction tokens are attended to but left out of pooling (training, evaluation,
+    # and the exported 1_Pooling/config.json), as sentence-transformers' include_prompt.
+    c.model.include_prompt = True
 
     c.data = ml_collections.ConfigDict()
     # Comma-separated sources "kind:path[:split][@weight]", kind in {sts, beir, jsonl, triplets}, e.g.
@@ -58,8 +65,22 @@ def default_config() -> ml_collections.ConfigDict:
     # True lets a run train on one of its evaluation sets or on evaluation-only data (refused otherwise,
     # before anything runs); the summary then records the overlap under "eval_overlap".
     c.data.allow_eval_overlap = False
+    # Instruction templates with a {task} field, filled per source from data.tasks, e.g.
+    # query_instruction="Instruct: {task}\nQuery:" and no document_instruction ("" = none). The
+    # prompt is tokenized apart from the text (exact boundary) and exported to
+    # config_sentence_transformers.json.
+    c.data.query_instruction = ""
+    c.data.document_instruction = ""
+    # source name (a data.train entry's folder or file stem, e.g. "scifact", "triplets") -> task text.
+    c.data.tasks = ml_collections.ConfigDict()
 
     c.train = ml_collections.ConfigDict()
+    # "contrastive" (train.loss on the batch's pairs) or "mntp" (masked next-token prediction over every
+    # text column through the tied LM head; needs model.config.attention="bidirectional"). Chain them by
+    # starting a contrastive run from an MNTP run's export (model.path).
+    c.train.objective = "contrastive"
+    c.train.mntp_probability = 0.2  # MNTP: chance that an eligible token is picked (LLM2Vec: 0.2 / 0.8)
+    c.train.mntp_mask_token = ""  # MNTP: "" = the tokenizer's mask token, else "_" (LLM2Vec's choice)
     c.train.batch_size = 16  # global, across all processes and devices
     c.train.num_epochs = 1
     c.train.num_steps = 0  # > 0 overrides num_epochs
@@ -166,7 +187,7 @@ def _unknown_key_error(key: str, known: Iterable[str], where: str) -> ValueError
 
 
 # Sections whose keys the schema does not list: a model family's dataclass checks them.
-OPEN_SECTIONS = ("model.config.", "model.head.")
+OPEN_SECTIONS = ("model.config.", "model.head.", "model.lora.", "data.tasks.")
 
 
 def _is_open(key: str) -> bool:

@@ -183,7 +183,16 @@ def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def source_prompts(cfg):
+    """``(query prompt, document prompt)`` per data.train source (`embedjax.data.instructions`)."""
+    from embedjax.data.instructions import source_prompts as fill
+
+    return fill([s.path for s in parse_train_sources(cfg.data.train)], query_template=cfg.data.query_instruction,
+                document_template=cfg.data.document_instruction, tasks=cfg.data.tasks.to_dict())
+
+
 def prepare_data(cfg, tokenizer, framing=None):
+    prompts = source_prompts(cfg)
     specs = [DatasetSpec(kind=s.kind, path=s.path, weight=s.weight, split=s.split or "test",
                          min_relevance=cfg.data.min_relevance) for s in parse_train_sources(cfg.data.train)]
     kwargs = dict(
@@ -201,6 +210,8 @@ def prepare_data(cfg, tokenizer, framing=None):
         max_examples=cfg.data.max_examples,
         pad_to_max_length=cfg.data.pad_to_max_length,
         framing=framing,
+        prompts=prompts,
+        pool_masks=not cfg.model.include_prompt and any(q or d for q, d in prompts),
     )
     if jax.process_count() == 1:
         return build_train_data(specs, tokenizer, **kwargs)
@@ -216,11 +227,62 @@ def prepare_data(cfg, tokenizer, framing=None):
     return data
 
 
+def build_objective(cfg, kind: str, model, family, model_config, tokenizer, *, head, lora, pooling: str, mesh):
+    """The configured training objective: the contrastive loss of ``train.loss``, or MNTP."""
+    from embedjax.models.heads import head_output
+
+    if cfg.train.objective == "mntp":
+        from embedjax.train.mntp import make_mntp_objective, mask_token_id
+
+        if head is not None:
+            raise ValueError("train.objective='mntp' trains the backbone through its LM head; a pooling head "
+                             "(model.head) has nothing to learn there: leave model.head empty")
+        special = sorted({*tokenizer.prefix, *tokenizer.suffix, tokenizer.pad_id})
+        return make_mntp_objective(model, family, model_config, lora=lora, probability=cfg.train.mntp_probability,
+                                   mask_id=mask_token_id(tokenizer, cfg.train.mntp_mask_token), special_ids=special)
+    if cfg.train.objective != "contrastive":
+        raise ValueError(f"train.objective={cfg.train.objective!r}: use 'contrastive' or 'mntp'")
+    per_token = head_output(head) == "tokens"  # a multi-vector head: MaxSim over its token vectors
+    return make_objective(
+        make_embed(model, pooling=pooling, normalize=cfg.model.normalize, head=head, lora=lora), kind=kind,
+        loss=cfg.train.loss,
+        cosent_scale=cfg.train.cosent_scale, temperature=cfg.train.temperature, siglip_bias=cfg.train.siglip_bias,
+        bidirectional=cfg.train.bidirectional, mask_false_negatives=cfg.train.mask_false_negatives,
+        matryoshka_dims=cfg.train.matryoshka_dims, matryoshka_weights=cfg.train.matryoshka_weights,
+        layer_dims=cfg.train.layer_dims, layer_dims_weights=cfg.train.layer_dims_weights,
+        num_layers=model_config.num_layers, hidden_size=model_config.hidden_size, ring=cfg.train.ring, mesh=mesh,
+        similarity="maxsim" if per_token else "cos", reduce_tokens=head.reduce if per_token else None,
+    )
+
+
+def export_model(cfg, export_dir: pathlib.Path, workdir: pathlib.Path, model_config, host_params, folder, *,
+                 pooling: str, head, lora) -> None:
+    """The trained model as a sentence-transformers folder (LoRA adapters merged into the weights,
+    the training prompts in config_sentence_transformers.json), and with LoRA also the adapters
+    alone as a peft folder in WORKDIR/adapter."""
+    from embedjax.convert import hf
+    from embedjax.data.instructions import export_prompts
+    from embedjax.models.lora import merge_encoder_params
+
+    merged = merge_encoder_params(host_params, lora)
+    prompts = export_prompts([s.path for s in parse_train_sources(cfg.data.train)], source_prompts(cfg))
+    hf.export_pretrained(export_dir, model_config, jax.tree.map(np.asarray, merged["backbone"]), folder,
+                         pooling=pooling, normalize=cfg.model.normalize, max_length=cfg.model.max_length,
+                         overwrite=True, head=head, head_params=host_params["head"], prompts=prompts,
+                         include_prompt=cfg.model.include_prompt)
+    if lora is not None:
+        from embedjax.convert.peft import save_peft
+
+        save_peft(workdir / "adapter", host_params["lora"], lora, model_config, base_model=str(folder),
+                  overwrite=True)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=print) -> dict:
     """Run (or resume) the training described by ``cfg`` in ``workdir``; returns the summary dict."""
     from embedjax.convert import hf
     from embedjax.encoder import Encoder, abstract_params, init_encoder_params
     from embedjax.models.heads import build_head, head_output
+    from embedjax.models.lora import LoRAConfig
 
     validate(cfg)
     eval_overlap = check_disjoint(cfg.data.train, beir=cfg.eval.beir, sts=(cfg.eval.sts, cfg.eval.sts_test),
@@ -245,6 +307,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                          scan_unroll=cfg.model.scan_unroll)
     head = build_head(cfg.model.head.to_dict(), pooling=pooling)
     per_token = head_output(head) == "tokens"  # a multi-vector head: framed tokens, MaxSim loss
+    lora = LoRAConfig.from_dict(cfg.model.lora.to_dict())
+    # With LoRA the backbone is frozen: the optimizer (and its state) holds the adapters and the head.
+    trainable = ("head", "lora") if lora is not None else None
     data = prepare_data(cfg, tokenizer, head.framing if per_token else None)
     num_steps = data.num_steps
     warmup = optim.warmup_steps_for(num_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_steps)
@@ -252,22 +317,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     tx = optim.adamw(schedule, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1, b2=cfg.optim.b2,
                      eps=cfg.optim.eps, grad_clip=cfg.optim.grad_clip)
 
-    objective = make_objective(
-        make_embed(model, pooling=pooling, normalize=cfg.model.normalize, head=head), kind=data.kind,
-        loss=cfg.train.loss,
-        cosent_scale=cfg.train.cosent_scale, temperature=cfg.train.temperature, siglip_bias=cfg.train.siglip_bias,
-        bidirectional=cfg.train.bidirectional, mask_false_negatives=cfg.train.mask_false_negatives,
-        matryoshka_dims=cfg.train.matryoshka_dims, matryoshka_weights=cfg.train.matryoshka_weights,
-        layer_dims=cfg.train.layer_dims, layer_dims_weights=cfg.train.layer_dims_weights,
-        num_layers=model_config.num_layers, hidden_size=model_config.hidden_size, ring=cfg.train.ring, mesh=mesh,
-        similarity="maxsim" if per_token else "cos", reduce_tokens=head.reduce if per_token else None,
-    )
-    abstract_boxed = abstract_params(model, head, family)
-    shardings = state_shardings(abstract_boxed, tx, mesh, cfg.mesh.rules)
-    abstract_state = unbox(jax.eval_shape(lambda p: create_state(p, tx, cfg.seed), abstract_boxed))
+    objective = build_objective(cfg, data.kind, model, family, model_config, tokenizer, head=head, lora=lora,
+                                pooling=pooling, mesh=mesh)
+    abstract_boxed = abstract_params(model, head, family, lora)
+    shardings = state_shardings(abstract_boxed, tx, mesh, cfg.mesh.rules, trainable)
+    abstract_state = unbox(jax.eval_shape(lambda p: create_state(p, tx, cfg.seed, trainable), abstract_boxed))
     # Trace the objective on the first batch's shapes: loss options the loss rejects fail here.
     first = data.dataset[0]
-    jax.eval_shape(value_and_grad_fn(objective, cfg.train.gradcache_sub_batch), abstract_state.params,
+    jax.eval_shape(value_and_grad_fn(objective, cfg.train.gradcache_sub_batch, trainable), abstract_state.params,
                    jax.tree.map(lambda x: np.concatenate([x] * jax.process_count()), first), jax.random.PRNGKey(0))
 
     # ---- the workdir ----
@@ -283,7 +340,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
         log(f"resuming from step {latest} of {num_steps} ({checkpointer.directory / str(latest)})")
     else:
         state = jax.jit(
-            lambda key, backbone: create_state(init_encoder_params(model, head, family, key, backbone), tx, cfg.seed),
+            lambda key, backbone: create_state(init_encoder_params(model, head, family, key, backbone, lora), tx,
+                                               cfg.seed, trainable),
             out_shardings=shardings,
         )(jax.random.PRNGKey(cfg.seed), pretrained_params)
         data_state, start = None, 0
@@ -291,7 +349,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     metric_log = MetricLog(workdir, enabled=is_main)
     # Evaluation runs on the training mesh with the parameters sharded as the state holds them.
     encoder = Encoder(model, state.params, tokenizer, pooling=pooling, normalize=cfg.model.normalize,
-                      source=str(folder), mesh=mesh, rules=cfg.mesh.rules, head=head)
+                      source=str(folder), mesh=mesh, rules=cfg.mesh.rules, head=head, lora=lora,
+                      include_prompt=cfg.model.include_prompt)
     from embedjax.train.evaluators import Evaluators
 
     evaluators = Evaluators(encoder, sts_dev=cfg.eval.sts, sts_test=cfg.eval.sts_test, beir=cfg.eval.beir,
@@ -333,7 +392,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
                     bsh = batch_shardings(local, mesh, batch_axes)
                     step_fn = make_train_step(objective, tx, schedule, shardings, bsh, mesh,
-                                              gradcache_sub_batch=cfg.train.gradcache_sub_batch)
+                                              gradcache_sub_batch=cfg.train.gradcache_sub_batch, trainable=trainable)
                 t0 = time.perf_counter()
                 batch = jax.tree.map(
                     lambda x, sh: jax.make_array_from_process_local_data(sh, x), local, bsh
@@ -425,10 +484,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
             export_dir = pathlib.Path(cfg.export.dir) if cfg.export.dir else workdir / "export"
             host_params = jax.tree.map(np.asarray, _host_params(state.params))
             if is_main:
-                hf.export_pretrained(export_dir, model_config, host_params["backbone"], folder, pooling=pooling,
-                                     normalize=cfg.model.normalize, max_length=cfg.model.max_length, overwrite=True,
-                                     head=head, head_params=host_params["head"])
+                export_model(cfg, export_dir, workdir, model_config, host_params, folder, pooling=pooling, head=head,
+                             lora=lora)
             summary["export"] = str(export_dir.absolute())
+            if lora is not None:
+                summary["adapter"] = str(workdir / "adapter")
     metric_log.close()
     if is_main:
         _write_json_atomic(workdir / "summary.json", summary)

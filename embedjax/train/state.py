@@ -28,23 +28,26 @@ class TrainState:
     rng: jax.Array  # uint32 [2]: base key; step t uses fold_in(rng, t)
 
 
-def create_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state (step 0) around ``params`` (plain or logically boxed)."""
+def create_state(params, tx: optax.GradientTransformation, seed: int, trainable=None) -> TrainState:
+    """A fresh state (step 0) around ``params`` (plain or logically boxed). The optimizer state
+    covers only the ``trainable`` top-level entries (None: all), e.g. LoRA adapters and the head."""
+    from embedjax.train.step import trainable_part
+
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=tx.init(params),
+        opt_state=tx.init(trainable_part(params, trainable)),
         rng=jax.random.PRNGKey(seed),
     )
 
 
-def state_shardings(abstract_boxed_params, tx: optax.GradientTransformation, mesh, rules):
+def state_shardings(abstract_boxed_params, tx: optax.GradientTransformation, mesh, rules, trainable=None):
     """``NamedSharding`` for every leaf of the (unboxed) TrainState.
 
     ``abstract_boxed_params`` is ``jax.eval_shape(model.init, ...)["params"]``: shapes
     plus logical names, no memory.
     """
-    abstract_state = jax.eval_shape(lambda p: create_state(p, tx, 0), abstract_boxed_params)
+    abstract_state = jax.eval_shape(lambda p: create_state(p, tx, 0, trainable), abstract_boxed_params)
     return param_shardings(abstract_state, mesh, rules)
 
 

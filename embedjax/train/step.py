@@ -34,7 +34,7 @@ def _flatten_negatives(tokens_bkl: dict) -> dict:
     return {name: array.reshape(-1, array.shape[-1]) for name, array in tokens_bkl.items()}
 
 
-def make_embed(model, *, pooling: str, normalize: bool, head=None) -> Callable:
+def make_embed(model, *, pooling: str, normalize: bool, head=None, lora=None) -> Callable:
     """The training embedding function of a family's model, with dropout keyed by ``rng``.
 
     ``params`` is the encoder tree ``{"backbone", "head"}``.
@@ -42,38 +42,47 @@ def make_embed(model, *, pooling: str, normalize: bool, head=None) -> Callable:
     ``embed(params, tokens, rng, layers=(l1, l2, ...)) -> float32 [B, n, D]`` runs the
     encoder once, keeping every hidden state, and pools each listed layer (1 = the first
     transformer layer) with the same pooler (and normalisation) — what ``train.layer_dims``
-    needs, at the cost of one forward pass instead of one per layer.
+    needs, at the cost of one forward pass instead of one per layer. ``lora``: the `LoRAConfig` of
+    the tree's adapters. ``embed.precompute(params)`` is the head's batch-independent part (None
+    when it has none), passed back as ``embed(..., shared=...)``.
     """
     from embedjax.encoder import embed_batch
+    from embedjax.models.lora import apply_model
     from embedjax.models.poolers import l2_normalize, pool
 
-    def embed(params, tokens, rng, layers=None):
+    def embed(params, tokens, rng, layers=None, shared=None):
         rngs = {"dropout": rng}
         if layers is None:
             return embed_batch(model, params, tokens, pooling=pooling, normalize=normalize, head=head,
-                               deterministic=False, rngs=rngs)
+                               deterministic=False, rngs=rngs, lora=lora, head_shared=shared)
         if head is not None:
             raise ValueError("train.layer_dims pools transformer layers directly; it does not combine with a "
                              "trainable head (model.head): set one of them")
-        _, extras = model.apply({"params": params["backbone"]}, tokens, deterministic=False,
-                                output_hidden_states=True, rngs=rngs)
+        _, extras = apply_model(model, params, tokens, lora=lora, deterministic=False, output_hidden_states=True,
+                                rngs=rngs)
         mask = tokens.get("pool_mask", tokens["attention_mask"])
         pooled = [pool(extras["hidden_states"][layer], mask, pooling) for layer in layers]
         return jnp.stack([l2_normalize(e) if normalize else e for e in pooled], axis=1)
 
+    embed.precompute = None
+    if head is not None and hasattr(head, "batch_independent"):
+        embed.precompute = lambda params: head.batch_independent(params["head"])
     return embed
 
 
 class Objective(NamedTuple):
     """A loss split at the embeddings (what GradCache needs).
 
-    ``embed_columns(params, batch, rng) -> {name: float32 [b, ...]}`` embeds every text
-    column of a (sub-)batch; ``loss_from_embeddings(embeddings, batch) -> scalar`` scores
-    the global batch's embeddings with the batch's labels/ids.
+    ``embed_columns(params, batch, rng, shared=None) -> {name: float32 [b, ...]}`` embeds every
+    text column of a (sub-)batch; ``loss_from_embeddings(embeddings, batch) -> scalar`` scores
+    the global batch's embeddings with the batch's labels/ids. ``precompute(params)`` (optional)
+    is the batch-independent part of embedding (a head's latent keys and values): the step computes
+    it once and passes it to every ``embed_columns`` call as ``shared``.
     """
 
     embed_columns: Callable
     loss_from_embeddings: Callable
+    precompute: Callable | None = None
 
 
 def check_layer_dims(layer_dims, layer_dims_weights, *, num_layers, hidden_size, matryoshka: bool = False,
@@ -204,18 +213,18 @@ def make_objective(
             raise ValueError("train.layer_dims applies to retrieval data only; set train.layer_dims=()")
         from embedjax.losses.pairwise import cosent
 
-        def embed_sts(params, batch, rng):
+        def embed_sts(params, batch, rng, shared=None):
             # One forward pass over both sides (the pipeline pads them to one length): one
             # larger matmul per layer instead of two, and half the program to compile.
             b = batch["score"].shape[0]
             both = jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), batch["a"], batch["b"])
-            emb_2bd = embed(params, both, rng)
+            emb_2bd = embed(params, both, rng, **_shared_kw(shared))
             return {"a": emb_2bd[:b], "b": emb_2bd[b:]}
 
         def sts_loss(emb, batch):
             return cosent(emb["a"], emb["b"], batch["score"], scale=cosent_scale)
 
-        return Objective(embed_sts, sts_loss)
+        return Objective(embed_sts, sts_loss, getattr(embed, "precompute", None))
 
     contrastive = retrieval_loss_fn(loss, temperature=temperature, siglip_bias=siglip_bias,
                                     cosent_scale=cosent_scale, bidirectional=bidirectional, ring=ring, mesh=mesh,
@@ -226,7 +235,8 @@ def make_objective(
         pairs, weights = check_layer_dims(layer_dims, layer_dims_weights, num_layers=num_layers,
                                           hidden_size=hidden_size, ring=ring,
                                           matryoshka=bool(matryoshka_dims or matryoshka_weights))
-        return _layer_dims_objective(embed, contrastive, pairs, weights, mask_false_negatives)
+        return _layer_dims_objective(embed, contrastive, pairs, weights, mask_false_negatives)._replace(
+            precompute=getattr(embed, "precompute", None))
     prefixes = dict(matryoshka_dims=tuple(matryoshka_dims) or None,
                     matryoshka_weights=tuple(matryoshka_weights) or None)
 
@@ -237,12 +247,18 @@ def make_objective(
         return contrastive(emb["query"], emb["positive"], hard_negatives_bkd=emb.get("negatives"), **prefixes,
                            **masks, **_retrieval_ids(batch, "negatives" in emb, mask_false_negatives))
 
-    return Objective(functools.partial(_embed_retrieval, embed, {}), retrieval_loss)
+    return Objective(functools.partial(_embed_retrieval, embed, {}), retrieval_loss,
+                     getattr(embed, "precompute", None))
 
 
-def _embed_retrieval(embed, embed_options, params, batch, rng):
+def _shared_kw(shared) -> dict:
+    return {} if shared is None else {"shared": shared}
+
+
+def _embed_retrieval(embed, embed_options, params, batch, rng, shared=None):
     """{"query": [B, ...], "positive": [B, ...], "negatives": [B, K, ...] when the batch has them}."""
     rng_q, rng_d, rng_n = jax.random.split(rng, 3)
+    embed_options = {**embed_options, **_shared_kw(shared)}
     out = {"query": embed(params, batch["query"], rng_q, **embed_options),
            "positive": embed(params, batch["positive"], rng_d, **embed_options)}
     if "negatives" in batch:
@@ -316,24 +332,53 @@ def interleave_rows(batch, sub_batch_size: int):
     return jax.tree.map(lambda x: x[order], batch)
 
 
-def value_and_grad_fn(objective: Objective, gradcache_sub_batch: int = 0):
-    """``(params, batch, rng) -> (loss, grads)``: plain autodiff, or GradCache over sub-batches."""
-    if gradcache_sub_batch <= 0:
-        def plain(params, batch, rng):
-            return jax.value_and_grad(
-                lambda p: objective.loss_from_embeddings(objective.embed_columns(p, batch, rng), batch))(params)
+def trainable_part(params, trainable=None) -> dict:
+    """The entries of the encoder tree the optimizer updates: ``trainable`` top-level keys (e.g.
+    ``("head", "lora")`` for LoRA), or the whole tree when None."""
+    if trainable is None:
+        return params
+    missing = sorted(set(trainable) - set(params))
+    if missing:
+        raise ValueError(f"trainable entries {missing} are not in the parameter tree (keys {sorted(params)})")
+    return {k: params[k] for k in trainable}
 
-        return plain
 
-    from embedjax.losses.gradcache import gradcache_value_and_grad
+def value_and_grad_fn(objective: Objective, gradcache_sub_batch: int = 0, trainable=None):
+    """``(params, batch, rng) -> (loss, grads)``: plain autodiff, or GradCache over sub-batches.
 
-    def cached(params, batch, rng):
+    Gradients are taken for `trainable_part` only (the other entries are constants: no gradient
+    memory, no weight-gradient compute). The objective's ``precompute`` runs once, outside the
+    per-column and per-sub-batch embedding, and its gradient is pulled back into the parameters.
+    """
+    def plain(embed_columns, tree, batch, rng):
+        return jax.value_and_grad(lambda t: objective.loss_from_embeddings(embed_columns(t, batch, rng), batch))(tree)
+
+    def cached(embed_columns, tree, batch, rng):
+        from embedjax.losses.gradcache import gradcache_value_and_grad
+
         batch = interleave_rows(batch, gradcache_sub_batch)
-        return gradcache_value_and_grad(
-            objective.embed_columns, lambda emb: objective.loss_from_embeddings(emb, batch), params, batch,
-            sub_batch_size=gradcache_sub_batch, rng=rng)
+        return gradcache_value_and_grad(embed_columns, lambda emb: objective.loss_from_embeddings(emb, batch), tree,
+                                        batch, sub_batch_size=gradcache_sub_batch, rng=rng)
 
-    return cached
+    differentiate = cached if gradcache_sub_batch > 0 else plain
+
+    def fn(params, batch, rng):
+        train = trainable_part(params, trainable)
+        frozen = {k: v for k, v in params.items() if k not in train}
+
+        def full(t):
+            return {**frozen, **t}
+
+        if objective.precompute is None:
+            return differentiate(lambda t, b, r: objective.embed_columns(full(t), b, r), train, batch, rng)
+        shared, pullback = jax.vjp(lambda t: objective.precompute(full(t)), train)
+        loss, grads = differentiate(
+            lambda t, b, r: objective.embed_columns(full(t["params"]), b, r, shared=t["shared"]),
+            {"params": train, "shared": shared}, batch, rng)
+        (through_shared,) = pullback(grads["shared"])
+        return loss, jax.tree.map(jnp.add, grads["params"], through_shared)
+
+    return fn
 
 
 def batch_shardings(batch, mesh, batch_axes) -> dict:
@@ -344,15 +389,17 @@ def batch_shardings(batch, mesh, batch_axes) -> dict:
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule, state_shardings,
-                    batch_sharding_tree, mesh, *, gradcache_sub_batch: int = 0):
-    """jit(step): ``(state, batch) -> (new_state, metrics)``; the old state's buffers are donated."""
-    loss_and_grads = value_and_grad_fn(objective, gradcache_sub_batch)
+                    batch_sharding_tree, mesh, *, gradcache_sub_batch: int = 0, trainable=None):
+    """jit(step): ``(state, batch) -> (new_state, metrics)``; the old state's buffers are donated.
+    ``trainable``: the top-level entries of the params the optimizer updates (None: all)."""
+    loss_and_grads = value_and_grad_fn(objective, gradcache_sub_batch, trainable)
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         loss, grads = loss_and_grads(state.params, batch, rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        train = trainable_part(state.params, trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, train)
+        params = {**state.params, **optax.apply_updates(train, updates)}
         metrics = {
             "loss": loss,
             "grad_norm": global_l2_norm(grads),

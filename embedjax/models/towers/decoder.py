@@ -289,6 +289,7 @@ def _family(name: str) -> Family:
         # The LM head (untied checkpoints) and old checkpoints' rotary buffers are not used.
         hf_ignored=(r"lm_head\.", r"(layers\.\d+\.self_attn\.)?rotary_emb\."),
         hf_stripped_prefixes=("model.",),
+        tied_lm_head=("embed_tokens", "embedding"),
     )
 
 
