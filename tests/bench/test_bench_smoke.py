@@ -33,8 +33,9 @@ TINY = {
     "train": ["--steps", "3", "--batch-size", "2"],
     "scan": ["--batch-size", "2", "--length", "8", "--repeats", "1"],
     "long_context": ["--lengths", "1024,4096", "--ratio-from", "1024", "--position-extension", "grouped"],
+    "lora": ["--batch-size", "2", "--length", "8", "--rank", "2"],
 }
-NEEDS_MODEL = ("encode", "encode_scifact", "train", "scan", "long_context")  # run on the tiny random BERT folder
+NEEDS_MODEL = ("encode", "encode_scifact", "train", "scan", "long_context", "lora")  # run on the tiny random BERT folder
 
 
 def _bench(capsys, name, *extra):
@@ -72,6 +73,9 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
     if name == "long_context":  # 4x the tokens: chunked temporaries ~4x, dense ones ~16x
         growth = {r["impl"]: r["temp_ratio"] for r in result["rows"] if r["length"] == 4096}
         assert growth["chunked"] == result["chunked_growth"] < 6 and growth["explicit"] > 10, growth
+    if name == "lora":  # the adapters (4 kernels x 2 layers x (16 x 2 + 2 x 16)) are all LoRA trains
+        assert result["lora_trainable_params"] == 4 * 2 * 64 and result["full_trainable_params"] > 500_000
+        assert result["lora_optimizer_state_mib"] < result["full_optimizer_state_mib"] / 100
 
 
 def test_record_appends_rows_whose_figures_are_in_their_records(capsys, tmp_path, monkeypatch):
