@@ -4,14 +4,14 @@ ring InfoNCE with one hard negative, on NLI triplets + SciFact train + NFCorpus 
     python experiments/llm_pooling/prepare_data.py --out runs/llm_pooling/data
     python -m embedjax sweep --config configs/llm_pooling.py:smoke --workdir runs/llm_pooling
 
-ARG: ``smoke`` (sized for 2 shared CPU cores: 20 steps of 8 triplets at <= 32 tokens) or ``full``
+ARG: ``smoke`` (sized for 2 shared CPU cores: 6 steps of 8 triplets at <= 32 tokens) or ``full``
 (pod scale: 2,000 steps of 512, 256 tokens, LoRA dropout 0.1; the evaluation adds SciFact and
 NFCorpus test). ``root=DIR`` (after a comma) names the sweep's workdir when it is not
 ``runs/llm_pooling``: the MNTP -> contrastive chain starts from the MNTP run's export there.
 
 The grid (`get_sweep`): {causal, bidirectional} x {last token, mean, latent attention} x 2 seeds,
-and bidirectional + MNTP + mean (an MNTP run, then a contrastive run from its merged export). Seed 0
-of every cell runs first, so a partial sweep covers the whole grid once. Evaluation and the report:
+and bidirectional + MNTP + mean (an MNTP run, then a contrastive run from its merged export), in
+priority order (`get_sweep`). Evaluation and the report:
 ``experiments/llm_pooling/run.py``.
 """
 from embedjax.train.config import default_config
@@ -24,6 +24,9 @@ POOLERS = {  # cell label -> overrides
     "mean": {"model.pooling": "mean"},
     "latent attention": {"model.pooling": "mean", "model.head.type": "latent_attention"},
 }
+# NV-Embed's ablation cells (attention, pooler), run first.
+NV_EMBED_CELLS = (("causal", "last token"), ("bidirectional", "last token"), ("bidirectional", "mean"),
+                  ("bidirectional", "latent attention"))
 
 
 def _args(arg: str) -> tuple[str, str]:
@@ -62,15 +65,16 @@ def get_config(arg: str = "smoke"):
     c.checkpoint.async_save = False
     c.train.mntp_probability = 0.2  # LLM2Vec's choice for Llama models
     if size == "smoke":
-        # Sized for 2 CPU cores shared by several jobs (measured ~5-8 GFLOP/s for this process): 20 steps
-        # of 8 triplets x 3 columns x 32 tokens, ~0.5 TFLOP a step (forward + backward through the frozen
-        # backbone), every column padded to one shape (a new shape costs minutes of compilation here).
+        # Sized for 2 CPU cores shared by ~7 jobs (measured 35-90 s per step of 8 triplets x 3 columns
+        # x 32 tokens, ~0.6 TFLOP forward + backward through the frozen backbone, so ~7-18 GFLOP/s):
+        # 6 steps of 8 triplets, every column padded to one shape (a new shape costs minutes of
+        # compilation here). This tests the pipeline and gives a first reading, not converged models.
         c.model.max_length = 32
         c.data.pad_to_max_length = True
         c.train.batch_size = 8
-        c.train.num_steps = 20
+        c.train.num_steps = 6
         c.optim.learning_rate = 1e-3
-        c.optim.warmup_steps = 2
+        c.optim.warmup_steps = 1
     else:
         c.model.max_length = 256
         c.model.lora.dropout = 0.1
@@ -85,19 +89,23 @@ def get_config(arg: str = "smoke"):
 
 
 def get_sweep(arg: str = "smoke"):
+    """Runs in priority order, so a partial sweep answers the main question first: NV-Embed's four
+    cells (seed 0, then seed 1), then causal + mean / latent attention, then the MNTP chain."""
+    from embedjax.sweep import run_name
+
     _, root = _args(arg)
-    first, later = [], []
+
+    def cell(attention, pooler, seed):
+        return {"model.config.attention": attention, **POOLERS[pooler], "seed": seed}
+
+    nv_embed = [cell(a, p, seed) for seed in SEEDS for a, p in NV_EMBED_CELLS]
+    rest = [cell(a, p, seed) for seed in SEEDS for a in ATTENTIONS for p in POOLERS
+            if (a, p) not in NV_EMBED_CELLS]
+    chain = []
     for seed in SEEDS:
-        cells = []
-        for attention in ATTENTIONS:
-            for pooler in POOLERS.values():
-                cells.append({"model.config.attention": attention, **pooler, "seed": seed})
         mntp = {"train.objective": "mntp", "model.config.attention": "bidirectional", "model.pooling": "mean",
                 "seed": seed}
-        from embedjax.sweep import run_name
-
-        cells.append(mntp)
-        cells.append({"model.path": f"{root}/{run_name(mntp)}/export", "model.config.attention": "bidirectional",
+        chain.append(mntp)
+        chain.append({"model.path": f"{root}/{run_name(mntp)}/export", "model.config.attention": "bidirectional",
                       "model.pooling": "mean", "seed": seed})
-        (first if seed == SEEDS[0] else later).extend(cells)
-    return first + later
+    return nv_embed + rest + chain

@@ -30,6 +30,7 @@ CELLS = HERE / "cells"
 CONFIG = "configs/llm_pooling.py"
 MAX_LENGTH = 128  # documents (and every text) truncated at 128 tokens, as the issue fixes it
 NDCG = "ndcg@10"
+STSB_TEST_PAIRS = 1379
 BASELINE = ("trained", "causal", "last token")
 # NV-Embed-v1 Table (MTEB-56): the ordering the experiment checks.
 NV_EMBED_ORDER = [("bidirectional", "latent attention"), ("bidirectional", "mean"), ("bidirectional", "last token"),
@@ -108,7 +109,17 @@ def load_encoder(source):
     return encoder
 
 
-def evaluate_set(encoder, name: str) -> dict:
+def stsb_subset(num_pairs: int, total: int) -> list[int]:
+    """Indices of the STS-B test pairs evaluated: all of them (``num_pairs`` 0), or a seed-0 random
+    subset, sorted, the same for every cell (the paired tests need the same pairs)."""
+    if num_pairs < 0:
+        raise ValueError(f"--stsb-pairs {num_pairs}: use 0 (all {total} pairs) or a positive count")
+    if num_pairs == 0 or num_pairs >= total:
+        return list(range(total))
+    return sorted(int(i) for i in np.random.default_rng(0).choice(total, size=num_pairs, replace=False))
+
+
+def evaluate_set(encoder, name: str, stsb_pairs: int = 0) -> dict:
     """One evaluation set's scores, with what the paired tests need."""
     from embedjax.data.builders import resolve_source
     from embedjax.data.readers import read_beir, read_sts
@@ -117,13 +128,15 @@ def evaluate_set(encoder, name: str) -> dict:
 
     if name == "stsb":
         s1, s2, gold = read_sts(resolve_source("stsb/sts-test.csv"))
+        pairs = stsb_subset(stsb_pairs, len(gold))
+        s1, s2, gold = [s1[i] for i in pairs], [s2[i] for i in pairs], np.asarray(gold)[pairs]
         unique = list(dict.fromkeys([*s1, *s2]))
         emb = encoder.encode(unique, batch_size=32, show_progress=True)
         row = {s: i for i, s in enumerate(unique)}
         e1, e2 = emb[[row[s] for s in s1]], emb[[row[s] for s in s2]]
         scores = sts_scores(e1, e2, gold)
         cosine = pair_similarities(e1, e2)["cosine"]
-        return {"spearman": scores["spearman_cosine"], "pearson": scores["pearson_cosine"],
+        return {"spearman": scores["spearman_cosine"], "pearson": scores["pearson_cosine"], "pairs": pairs,
                 "cosine": [round(float(x), 6) for x in cosine]}
     folder, split = {"msmarco": ("msmarco", "test"), "scifact": ("scifact", "test"),
                      "nfcorpus": ("nfcorpus", "test")}[name]
@@ -154,15 +167,21 @@ def evaluate(args) -> dict:
     sets = [s for s in args.sets.split(",") if s] + (["scifact", "nfcorpus"] if args.full else [])
     CELLS.mkdir(exist_ok=True)
     done = []
+    refs = [r for r in args.refs.split(",") if r] if args.refs else list(REFERENCES)
+    unknown = sorted(set(refs) - set(REFERENCES))
+    if unknown:
+        raise ValueError(f"--refs {unknown}: not reference cells; choose from {sorted(REFERENCES)}")
     for name in sets:
         for cell, source in available_cells(sweep):
+            if cell["kind"] == "reference" and cell["name"] not in refs:
+                continue
             path = CELLS / f"{cell_name(cell)}.json"
             record = json.loads(path.read_text()) if path.is_file() else {"cell": cell, "sets": {}}
-            if name in record["sets"]:
+            if name in record["sets"] and (name != "stsb" or _covers(record["sets"][name], args.stsb_pairs)):
                 continue
             print(f"# {cell_name(cell)}: {name}", file=sys.stderr, flush=True)
             encoder = load_encoder(source)
-            record["sets"][name] = evaluate_set(encoder, name)
+            record["sets"][name] = evaluate_set(encoder, name, args.stsb_pairs)
             record["cell"] = cell
             record["max_length"] = MAX_LENGTH
             if cell["kind"] == "trained":
@@ -170,6 +189,12 @@ def evaluate(args) -> dict:
             _write(path, record)
             done.append(f"{cell_name(cell)}:{name}")
     return {"command": "evaluate", "evaluated": done}
+
+
+def _covers(stsb: dict, num_pairs: int) -> bool:
+    """An STS-B record holds every pair the requested subset needs (a full-set record covers any)."""
+    have = set(stsb.get("pairs", range(len(stsb["cosine"]))))
+    return set(stsb_subset(num_pairs, STSB_TEST_PAIRS)) <= have
 
 
 # ---------------------------------------------------------------- report
@@ -194,8 +219,29 @@ def report(args) -> dict:
     for record in load_cells():
         groups.setdefault(group_key(record["cell"]), []).append(record)
 
+    # Every row is scored on the same STS-B pairs: those of the smallest subset any cell evaluated
+    # (a cell evaluated on all pairs, e.g. a cheap reference, is restricted to them).
+    subsets = [m["sets"]["stsb"].get("pairs", list(range(len(gold)))) for g in groups.values() for m in g
+               if "stsb" in m["sets"]]
+    pairs = min(subsets, key=len) if subsets else list(range(len(gold)))
+    gold = np.asarray(gold)[pairs]
+
+    def sts_cosines(member):
+        stsb = member["sets"]["stsb"]
+        where = {p: i for i, p in enumerate(stsb.get("pairs", range(len(stsb["cosine"]))))}
+        missing = [p for p in pairs if p not in where]
+        if missing:
+            raise ValueError(f"{cell_name(member['cell'])}: STS-B pairs {missing[:5]}... not evaluated; re-run "
+                             "evaluate with the same --stsb-pairs for every cell")
+        return np.asarray(stsb["cosine"])[[where[p] for p in pairs]]
+
     def sts_rows(members):
-        return [m["sets"]["stsb"]["cosine"] for m in members if "stsb" in m["sets"]]
+        return [sts_cosines(m) for m in members if "stsb" in m["sets"]]
+
+    def spearman(member):
+        from scipy.stats import spearmanr
+
+        return 100.0 * float(spearmanr(sts_cosines(member), gold).statistic)
 
     def msmarco_scores(members):
         tables = [m["sets"]["msmarco"]["per_query_ndcg@10"] for m in members if "msmarco" in m["sets"]]
@@ -220,7 +266,8 @@ def report(args) -> dict:
         members = groups[key]
         row = {"group": list(key), "label": _label(key), "seeds": sorted(m["cell"].get("seed", 0) for m in members)}
         for name, metric in (("stsb", "spearman"), ("msmarco", NDCG)):
-            values = [m["sets"][name][metric] for m in members if name in m["sets"]]
+            values = [spearman(m) if name == "stsb" else m["sets"][name][metric] for m in members
+                      if name in m["sets"]]
             if values:
                 row[f"{name}_mean"] = float(np.mean(values))
                 row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -235,8 +282,9 @@ def report(args) -> dict:
                 row["vs_untrained"] = compare(groups[untrained], members)
         rows.append(row)
     verdict = _ordering_verdict(rows)
-    payload = {"rows": rows, "nv_embed_ordering": verdict, "samples": args.samples,
-               "note": "STS-B: Spearman x100 of cosine (paired bootstrap over the 1,379 pairs, statistic = mean over "
+    payload = {"rows": rows, "nv_embed_ordering": verdict, "samples": args.samples, "stsb_pairs": len(pairs),
+               "note": f"STS-B: Spearman x100 of cosine (paired bootstrap over {len(pairs)} of the 1,379 test pairs, "
+                       "statistic = mean over "
                        "seeds); msmarco: nDCG@10 x100 on the 43 judged queries (paired permutation test on the "
                        "seed-averaged per-query scores); every text truncated at 128 tokens."}
     _write(HERE / "results.json", payload)
@@ -344,6 +392,9 @@ def main(argv=None) -> dict:
     ev.add_argument("--sweep", default="runs/llm_pooling")
     ev.add_argument("--sets", default="stsb,msmarco")
     ev.add_argument("--full", action="store_true", help="also SciFact and NFCorpus test (the pod-scale evaluation)")
+    ev.add_argument("--stsb-pairs", type=int, default=0,
+                    help="evaluate a fixed seed-0 random subset of this many STS-B test pairs (0: all 1,379)")
+    ev.add_argument("--refs", default="", help="comma-separated reference cells to evaluate (default: all)")
     rep = sub.add_parser("report")
     rep.add_argument("--samples", type=int, default=10_000)
     args = parser.parse_args(argv)

@@ -166,7 +166,7 @@ def test_encoder_with_adapters_and_export_of_the_merged_folder(tiny, tmp_path):
     merged = L.merge_encoder_params(params, lora)
     assert "lora" not in merged
     out = hf.export_pretrained(tmp_path / "merged", config, jax.tree.map(np.asarray, merged["backbone"]), folder,
-                               pooling="mean", normalize=True)
+                               pooling="mean", normalize=True, max_length=32)
     reloaded = ej.Encoder.from_pretrained(out).encode(texts)
     assert np.min(np.sum(reloaded * ours, axis=1)) >= 1 - 1e-6
 
