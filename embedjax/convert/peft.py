@@ -145,7 +145,7 @@ def load_peft(folder: str | os.PathLike, config, backbone=None) -> tuple[dict, L
     rank = int(cfg.get("r", 8))
     by_module = {_module_name(r): r for rules in _kernel_rules(config).values() for r in rules}
     found: dict[str, dict[str, np.ndarray]] = {}
-    problems, unknown = [], []
+    problems, unknown = [], set()  # a module is named by its A and its B tensor: list it once
     pattern = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
     for name, value in raw.items():
         stripped = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
@@ -159,7 +159,7 @@ def load_peft(folder: str | os.PathLike, config, backbone=None) -> tuple[dict, L
             continue
         module, part = match.group("module"), match.group("part")
         if module not in by_module:
-            unknown.append(module)
+            unknown.add(module)
             continue
         found.setdefault(module, {})[part] = np.asarray(value, np.float32)
     if unknown:

@@ -19,7 +19,7 @@ DEFAULT_MASK_TOKEN = "_"  # LLM2Vec's mask for tokenizers without one (Llama, Mi
 
 
 def mask_token_id(tokenizer, mask_token: str = "") -> int:
-    """The id of ``mask_token`` (""": the tokenizer's own mask token, else ``"_"``); a token the
+    """The id of ``mask_token`` (empty: the tokenizer's own mask token, else ``"_"``); a token the
     vocabulary does not hold is an error."""
     token = mask_token or tokenizer.mask_token or DEFAULT_MASK_TOKEN
     token_id = tokenizer.backend.token_to_id(token)

@@ -282,6 +282,12 @@ def report(args) -> dict:
                 row["vs_untrained"] = compare(groups[untrained], members)
         rows.append(row)
     verdict = _ordering_verdict(rows)
+    # Each adjacent step of NV-Embed's ordering as a paired test (the better cell in NV-Embed as b):
+    # a ranking of means alone says nothing about noise.
+    verdict["adjacent_tests"] = [
+        {"a": f"{lo[0]}, {lo[1]}", "b": f"{hi[0]}, {hi[1]}",
+         **compare(groups[("trained", *lo)], groups[("trained", *hi)])}
+        for hi, lo in zip(NV_EMBED_ORDER, NV_EMBED_ORDER[1:]) if ("trained", *hi) in groups and ("trained", *lo) in groups]
     payload = {"rows": rows, "nv_embed_ordering": verdict, "samples": args.samples, "stsb_pairs": len(pairs),
                "note": f"STS-B: Spearman x100 of cosine (paired bootstrap over {len(pairs)} of the 1,379 test pairs, "
                        "statistic = mean over "

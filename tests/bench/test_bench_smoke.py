@@ -49,7 +49,8 @@ def test_every_bench_module_has_a_smoke_test():
     assert {n.split("_scifact")[0] for n in TINY} == set(cli._bench_modules())
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+# lora compiles two training steps (~140 s on 2 loaded cores): run by `make test-all`
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "lora" else n for n in sorted(TINY)])
 def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkeypatch, data_dir, request):
     extra = ["--model", str(request.getfixturevalue("tiny_st_model"))] if name in NEEDS_MODEL else []
     work = tmp_path / "cwd"

@@ -124,6 +124,7 @@ class _TinyBackbone:
         return hidden, {"hidden_states": None}
 
 
+@pytest.mark.slow  # compiles a training step twice (~140 s on 2 loaded cores)
 def test_latent_keys_and_values_are_computed_once_per_step(monkeypatch):
     """A retrieval step embeds 3 columns; with GradCache every sub-batch twice. K/V of the latents
     are computed once (traced once) and the gradients equal those of the naive per-call path."""

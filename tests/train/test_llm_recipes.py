@@ -57,6 +57,7 @@ LORA = ["model.lora.rank=4", "model.lora.alpha=8.0", "model.lora.dropout=0.1"]
 LATENT = ["model.head.type=latent_attention", "model.head.n_latents=4", "model.head.heads=2", "model.head.mlp_ratio=1"]
 
 
+@pytest.mark.slow  # a tiny LoRA + latent-attention run, export and peft reload (~180 s on 2 loaded cores)
 def test_lora_latent_attention_ring_training_exports_merged_and_peft(tiny_llama, nli_jsonl, tfds_cache, tmp_path):
     from embedjax.train.loop import train
 
