@@ -19,6 +19,8 @@ import os
 import pathlib
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # this checkout's embedjax
+
 
 def write_nli(data_dir: pathlib.Path, out: pathlib.Path) -> int:
     """NLI triplets -> jsonl (query = anchor, positive = entailment, negatives = [contradiction])."""

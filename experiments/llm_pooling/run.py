@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # this checkout's embedjax, not whichever one is installed
 CELLS = HERE / "cells"
 CONFIG = "configs/llm_pooling.py"
 MAX_LENGTH = 128  # documents (and every text) truncated at 128 tokens, as the issue fixes it
