@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from embedjax.index.code_index import CodeIndex
-from embedjax.kernels.maxsim import maxsim_rerank, quantize_tokens_int8
 from embedjax.kernels.topk import check_k
 from embedjax.multivector.muvera import fde, fde_dim
 
@@ -67,6 +66,8 @@ class MultiVectorIndex:
         first = CodeIndex.build(doc_fdes, kind, rescore=rescore)
         scales = None
         if token_storage == "int8":
+            from embedjax.kernels.maxsim import quantize_tokens_int8  # here: kernels.maxsim imports this package
+
             codes, scales = quantize_tokens_int8(tokens)
             tokens, scales = np.asarray(codes), np.asarray(scales)
         else:
@@ -94,6 +95,8 @@ class MultiVectorIndex:
             raise ValueError("a query has no unmasked token; MaxSim of an empty query is undefined")
         check_k(candidates, self.size, what="index")
         check_k(k, candidates, what="candidate list")
+        from embedjax.kernels.maxsim import maxsim_rerank
+
         _, cand = self.first_stage.search(np.asarray(fde(q, q_mask, kind="query", **self.fde_args)), candidates)
         scores, ids = maxsim_rerank(q, q_mask, cand, self.tokens, self.mask, k, impl, doc_scales=self.scales)
         return np.asarray(scores), np.asarray(ids)
