@@ -28,6 +28,7 @@ from embedjax.kernels.pallas_topk import next_pow2, pad_axis
 from embedjax.kernels.row_filter import NEG_INF, mark_missing
 from embedjax.kernels.topk import check_k, sort_by_score_then_id
 from embedjax.multivector.maxsim import reduce_token_sims
+from embedjax.quant.scalar import quantize_symmetric_int8
 
 
 def quantize_tokens_int8(tokens_nld):
@@ -35,9 +36,8 @@ def quantize_tokens_int8(tokens_nld):
     x = jnp.asarray(tokens_nld, jnp.float32)
     if x.ndim != 3:
         raise ValueError(f"tokens_nld must be [docs, tokens, dim]; got shape {x.shape}")
-    amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    return jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8), scale.astype(jnp.float32)
+    codes, scales = quantize_symmetric_int8(x.reshape(-1, x.shape[2]))  # each token is one vector
+    return codes.reshape(x.shape), scales.reshape(x.shape[:2])
 
 
 def _check(q, q_mask, cand, x, x_mask, x_scale, k):
