@@ -39,19 +39,20 @@ K_VALUES = (10, 100)
 
 
 def trained_export(variant: str, scale: str, runs: pathlib.Path) -> str:
-    """The export folder of a trained variant (trained now unless its summary exists)."""
+    """The export folder of a trained variant: trained now unless its summary says completed; an
+    interrupted run resumes from its last checkpoint (the loop restores it), so sittings add up."""
     import multivector as configs
 
     from embedjax.train.loop import train
 
     workdir = runs / variant
     summary_path = workdir / "summary.json"
-    if not summary_path.is_file():
+    if not summary_path.is_file() or json.loads(summary_path.read_text()).get("status") != "completed":
         arg = variant if scale in ("smoke", "check") else f"{variant},full"
         train(configs.get_config(arg), workdir)
     summary = json.loads(summary_path.read_text())
     if summary.get("status") != "completed":
-        raise RuntimeError(f"{workdir} did not complete ({summary.get('status')}); remove it to retrain")
+        raise RuntimeError(f"{workdir} did not complete ({summary.get('status')}); rerun to resume it")
     return summary["export"]
 
 
