@@ -14,6 +14,9 @@ Layouts (HF stores a Linear weight as [out, in]):
 - ``heads_in``: [heads * head_dim, d] -> DenseGeneral [d, heads, head_dim] (q, k, v kernels).
 - ``heads_bias``: [heads * head_dim] -> [heads, head_dim].
 - ``heads_out``: [d, heads * head_dim] -> DenseGeneral [heads, head_dim, d] (output projection).
+- ``conv``: a torch Conv2d weight [out, in, kh, kw] -> Flax Conv [kh, kw, in, out] (patch embeddings).
+- ``squeeze``: leading singleton axes dropped ([1, 1, d] -> [d], [1] -> []: ViT's class token,
+  SigLIP's logit scale); export restores ``hf_shape``.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-LAYOUTS = ("copy", "transpose", "heads_in", "heads_bias", "heads_out")
+LAYOUTS = ("copy", "transpose", "heads_in", "heads_bias", "heads_out", "conv", "squeeze")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,12 @@ def to_flax(array: np.ndarray, rule: TensorRule) -> np.ndarray:
         return array
     if rule.layout == "transpose":
         return array.T
+    if rule.layout == "conv":
+        return array.transpose(2, 3, 1, 0)
+    if rule.layout == "squeeze":
+        while array.ndim and array.shape[0] == 1:
+            array = array[0]
+        return array
     h = rule.heads
     if rule.layout == "heads_in":
         out, d = array.shape
@@ -66,6 +75,10 @@ def to_hf(array: np.ndarray, rule: TensorRule) -> np.ndarray:
         return array
     if rule.layout == "transpose":
         return array.T
+    if rule.layout == "conv":
+        return array.transpose(3, 2, 0, 1)
+    if rule.layout == "squeeze":
+        return array.reshape(rule.hf_shape)
     if rule.layout == "heads_in":
         d, h, k = array.shape
         return array.reshape(d, h * k).T

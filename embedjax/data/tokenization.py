@@ -115,6 +115,8 @@ class Tokenizer:
         pad_id = _token_id(backend, settings.get("pad_token", "[PAD]"))
         if pad_id is None:
             pad_id = eos_id if eos_id is not None else 0
+        if needs.pad_to_max_length:
+            buckets = (max_length,)
         tokenizer = cls(backend, max_length, pad_id, buckets,
                         padding_side=settings.get("padding_side") or needs.padding_side, eos_id=eos_id,
                         append_eos=needs.append_eos, token_type_ids=needs.token_type_ids)

@@ -10,7 +10,11 @@ A `Family` bundles everything embedjax needs to know about an architecture:
   ``(hidden_bld, extras)``, ``extras["hidden_states"]`` holding every layer's output on request;
 - ``hf_table(config)``: the family's HF name map (`embedjax.convert.tables.TensorRule` rows with the
   expected shapes as data);
-- ``tokenizer``: its `TokenizerNeeds` (padding side, EOS, token type ids).
+- ``tokenizer``: its `TokenizerNeeds` (padding side, EOS, token type ids);
+- ``modalities``: what it embeds, ``("text",)``, ``("image",)`` or both. A family with
+  ``features=True`` pools and projects inside its module: ``encode_text(tokens)`` /
+  ``encode_image(pixels_bhwc)`` (Linen ``method=``) return [B, D] features, no pooler or head
+  applies, and ``module.init(key, **example_inputs(config))`` creates every parameter.
 
 Code outside a family's own files asks the registry, never which family it has. Adding a family
 is one entry in ``_BUILTIN`` (or `register` at run time).
@@ -29,6 +33,7 @@ class TokenizerNeeds:
     padding_side: str = "right"  # default when the folder's tokenizer_config.json does not say
     append_eos: bool = False  # end every text with the EOS token (unless the tokenizer already does)
     token_type_ids: bool = False  # the model reads segment ids (BERT)
+    pad_to_max_length: bool = False  # every batch padded to max_length (SigLIP's text tower was trained so)
 
     def __post_init__(self):
         if self.padding_side not in ("left", "right"):
@@ -54,6 +59,19 @@ class Family:
     # Param path of the input embedding table that doubles as the LM head when the config ties
     # them (what MNTP predicts through); None: the family has no LM head embedjax can use.
     tied_lm_head: tuple[str, ...] | None = None
+    modalities: tuple[str, ...] = ("text",)
+    features: bool = False
+    # config -> keyword inputs of ``module.init`` touching every parameter (features families).
+    example_inputs: Callable[[Any], dict] | None = None
+
+    def __post_init__(self):
+        unknown = set(self.modalities) - {"text", "image"}
+        if unknown or not self.modalities:
+            raise ValueError(f"family {self.name!r}: modalities {self.modalities} must be 'text' and/or 'image'")
+        if "image" in self.modalities and not self.features:
+            raise ValueError(f"family {self.name!r} embeds images, so its module must give features (features=True)")
+        if self.features and self.example_inputs is None:
+            raise ValueError(f"family {self.name!r} gives features; it needs example_inputs for initialisation")
 
     def build(self, config, *, dtype: Any = "float32", remat: str = "none", scan_unroll: int = 1):
         """The family's Linen module for ``config`` (compute ``dtype``, remat policy, layers per scan step)."""
@@ -81,6 +99,9 @@ _BUILTIN: dict[str, str] = {
     "mistral": "embedjax.models.towers.decoder:MISTRAL",
     "qwen2": "embedjax.models.towers.decoder:QWEN2",
     "qwen3": "embedjax.models.towers.decoder:QWEN3",
+    "vit": "embedjax.models.towers.vit:FAMILY",
+    "clip": "embedjax.models.towers.clip:FAMILY",
+    "siglip": "embedjax.models.towers.siglip:FAMILY",
 }
 _LOADED: dict[str, Family] = {}
 
