@@ -30,6 +30,12 @@ params, or one int for all) counting those leading axes; each slice is then its 
 transformers checkpoint would be merged. (Head-split kernels such as ``[embed, heads, kv]`` hold
 the same entries as the checkpoint's matrix, so norms, angles and top-k agree.)
 
+LoRA adapters. Every method takes `embedjax.merge_lora.LoRAAdapter` objects in ``models`` with an
+explicit ``lora=`` mode: ``"fold"`` folds each adapter into ``base`` and merges the full trees;
+``"adapters"`` returns one adapter (exact rank concatenation for the linear methods, truncated
+SVD of the merged per-layer deltas to ``rank`` for SLERP, TIES and DARE, with the truncation error
+reported). See `embedjax.merge_lora`.
+
 Bad input is a `ValueError` naming it: trees whose structure or shapes differ (the first
 mismatching path), a density, ``p`` or ``t`` outside [0, 1], weight or lambda lists of the wrong
 length.
@@ -46,8 +52,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_compatible", "dare", "drop_and_rescale", "greedy_soup", "GreedySoup", "self_positioning",
+__all__ = ["check_compatible", "dare", "drop_and_rescale", "greedy_soup", "GreedySoup", "LoRAAdapter", "self_positioning",
            "SelfPositioning", "slerp", "soup", "stacked_axes", "task_arithmetic", "task_vectors", "ties"]
+
+def __getattr__(name):
+    if name == "LoRAAdapter":  # lazily: embedjax.merge_lora imports flax
+        from embedjax.merge_lora import LoRAAdapter
+
+        return LoRAAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PARALLEL_THRESHOLD = 0.9995  # |cos| above which SLERP falls back to linear interpolation
 
@@ -132,6 +146,27 @@ def _soup_weights(weights, n: int) -> list[float]:
     return values
 
 
+def _lora_mode(models, lora, base=None, rank=None) -> str | None:
+    """None for a merge of full trees; ``"fold"`` / ``"adapters"`` when ``models`` hold LoRA
+    adapters (`embedjax.merge_lora`; adapters without a mode, or a mode without adapters, are errors)."""
+    from embedjax import merge_lora
+
+    if not merge_lora.dispatch_needed(models, base, lora):
+        if rank is not None:
+            raise ValueError(f"rank={rank!r} is the rank of a merged LoRA adapter (lora='adapters'); these models are "
+                             "full trees: drop rank=")
+        return None
+    if lora == "fold" and rank is not None:
+        raise ValueError("rank= applies to lora='adapters' only (lora='fold' returns a full tree); drop rank=")
+    return lora
+
+
+def _base_only_when_folding(mode, base, method: str) -> None:
+    if base is not None and mode != "fold":
+        raise ValueError(f"{method} takes base= only with lora='fold' (the tree LoRA adapters are folded into); "
+                         "drop base=")
+
+
 # ---------------------------------------------------------------- leaf helpers
 
 
@@ -214,12 +249,23 @@ def _add_scaled(base: Tree, taus: Sequence[Tree], lambdas: Sequence[float]) -> T
     return jax.tree.map(lambda b, *ts: _add_scaled_leaf(b, ts, lambdas_n), base, *taus)
 
 
-def soup(models: Sequence[Tree], weights=None) -> Tree:
+def soup(models: Sequence[Tree], weights=None, *, lora: str | None = None, base: Tree = None,
+         rank: int | None = None) -> Tree:
     """The weighted mean of ``models`` (uniform by default).
 
     Computed as ``theta_1 + sum_i w_i (theta_i - theta_1) / sum(w)``, so a soup of identical
-    models is that model bit for bit.
+    models is that model bit for bit. LoRA adapters in ``models``: ``lora="fold"`` (with ``base``,
+    the tree they fold into) or ``lora="adapters"`` (the exact rank-concatenated adapter; with
+    ``rank``, its truncated SVD); see `embedjax.merge_lora`.
     """
+    mode = _lora_mode(models, lora, base, rank)
+    _base_only_when_folding(mode, base, "soup")
+    if mode is not None:
+        from embedjax import merge_lora
+
+        if mode == "fold":
+            return soup(merge_lora.fold_all(models, base, "soup"), weights)
+        return merge_lora.soup(models, weights, rank=rank)
     models = _check_models(models)
     w = _soup_weights(weights, len(models))
     total = sum(w)
@@ -228,8 +274,20 @@ def soup(models: Sequence[Tree], weights=None) -> Tree:
                        [wi / total for wi in w[1:]])
 
 
-def task_arithmetic(base: Tree, models: Sequence[Tree], lambdas=1.0) -> Tree:
-    """``theta_0 + sum_i lambda_i (theta_i - theta_0)``; ``lambdas`` one scalar or one per model."""
+def task_arithmetic(base: Tree, models: Sequence[Tree], lambdas=1.0, *, lora: str | None = None,
+                    rank: int | None = None) -> Tree:
+    """``theta_0 + sum_i lambda_i (theta_i - theta_0)``; ``lambdas`` one scalar or one per model.
+
+    LoRA adapters in ``models``: ``lora="fold"`` or ``lora="adapters"`` (the exact adapter of ``sum_i
+    lambda_i Delta_i`` by rank concatenation; ``base`` may be None, else the adapters must fit it);
+    see `embedjax.merge_lora`."""
+    mode = _lora_mode(models, lora, base, rank)
+    if mode is not None:
+        from embedjax import merge_lora
+
+        if mode == "fold":
+            return task_arithmetic(base, merge_lora.fold_all(models, base, "task_arithmetic"), lambdas)
+        return merge_lora.task_arithmetic(base, models, lambdas, rank=rank)
     models = _check_models(models, base)
     return _add_scaled(base, task_vectors(base, models), _per_model(lambdas, len(models), "lambdas", 1.0))
 
@@ -245,14 +303,34 @@ class GreedySoup:
     soup_scores: tuple[float, ...]
 
 
-def greedy_soup(models: Sequence[Tree], score_fn: Callable[[Tree], float], *, scores=None) -> GreedySoup:
+def greedy_soup(models: Sequence[Tree], score_fn: Callable[[Tree], float], *, scores=None, lora: str | None = None,
+                base: Tree = None, rank: int | None = None) -> GreedySoup:
     """Greedy soup: sort ``models`` by held-out score (best first), start from the best and add
     each next model only when ``score_fn`` of the uniform soup does not drop.
 
     ``score_fn(params) -> float`` (higher is better) must score held-out data, never the test
     set. ``scores``: the models' own scores when already known (saves one call per model).
+    LoRA adapters: ``lora="fold"`` (with ``base``) folds them first and ``score_fn`` gets full
+    trees; ``lora="adapters"`` soups adapters (`soup`'s adapter mode) and ``score_fn`` gets
+    `LoRAAdapter` objects (the best model alone is returned as given).
     """
+    mode = _lora_mode(models, lora, base, rank)
+    _base_only_when_folding(mode, base, "greedy_soup")
+    if mode == "fold":
+        from embedjax import merge_lora
+
+        return greedy_soup(merge_lora.fold_all(models, base, "greedy_soup"), score_fn, scores=scores)
+    if mode == "adapters":
+        from embedjax import merge_lora
+
+        models = merge_lora.check_adapters(models)
+        merge_lora.check_rank(rank, models)
+        return _greedy(models, score_fn, scores, lambda ms: soup(ms, lora="adapters", rank=rank))
     models = _check_models(models)
+    return _greedy(models, score_fn, scores, soup)
+
+
+def _greedy(models, score_fn, scores, average) -> GreedySoup:
     if scores is None:
         scores = [float(score_fn(m)) for m in models]
     scores = _per_model(scores, len(models), "scores", 0.0)
@@ -260,7 +338,7 @@ def greedy_soup(models: Sequence[Tree], score_fn: Callable[[Tree], float], *, sc
     kept, best, params = [order[0]], scores[order[0]], models[order[0]]
     history = [best]
     for i in order[1:]:
-        candidate = soup([models[k] for k in kept + [i]])
+        candidate = average([models[k] for k in kept + [i]])
         score = float(score_fn(candidate))
         if score >= best:
             kept, best, params = kept + [i], score, candidate
@@ -296,7 +374,8 @@ def _slerp_rows(a_gm, b_gm, t, threshold):
     return s0 * a_gm + s1 * b_gm
 
 
-def slerp(a: Tree, b: Tree, t: float, *, stacked=None, threshold: float = PARALLEL_THRESHOLD) -> Tree:
+def slerp(a: Tree, b: Tree, t: float, *, stacked=None, threshold: float = PARALLEL_THRESHOLD, lora: str | None = None,
+          base: Tree = None, rank: int | None = None) -> Tree:
     """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), per tensor.
 
     For each tensor, ``Omega = arccos(<a/|a|, b/|b|>)`` and the result is
@@ -304,8 +383,22 @@ def slerp(a: Tree, b: Tree, t: float, *, stacked=None, threshold: float = PARALL
     threshold`` (nearly parallel or anti-parallel) or a tensor is zero, ``(1-t) a + t b``. The
     endpoints are exact, and at t = 0.5 two equal-norm tensors give a tensor of the same norm.
     ``stacked``: see the module docstring.
+
+    LoRA adapters as ``a`` / ``b``: ``lora="fold"`` (with ``base``) interpolates ``W + Delta``;
+    ``lora="adapters"`` interpolates the per-layer deltas and re-factorises them by truncated SVD
+    to ``rank`` (default the larger input rank; ``r_a + r_b`` is exact); see `embedjax.merge_lora`.
     """
     t = _check_fraction(t, "t", "SLERP interpolates between a (t=0) and b (t=1)")
+    mode = _lora_mode([a, b], lora, base, rank)
+    _base_only_when_folding(mode, base, "slerp")
+    if mode is not None:
+        from embedjax import merge_lora
+
+        if mode == "fold":
+            a, b = merge_lora.fold_all([a, b], base, "slerp")
+            return slerp(a, b, t, stacked=stacked, threshold=threshold)
+        merge_lora.refuse_stacked(stacked, "slerp")
+        return merge_lora.slerp(a, b, t, rank=rank, threshold=threshold)
     _check_models([b], a)
     counts = _stacked_list(stacked, a)
     leaves_a, treedef = jax.tree_util.tree_flatten(a)
@@ -332,7 +425,7 @@ def _top_fraction_mask(x_gm, k: int):
 
 
 def ties(base: Tree, models: Sequence[Tree], density: float, weights=None, *, scale: float = 1.0,
-         stacked=None) -> Tree:
+         stacked=None, lora: str | None = None, rank: int | None = None) -> Tree:
     """TIES merging: ``theta_0 + scale * merged``, per tensor.
 
     1. Trim: keep each task vector's ``density`` fraction of entries with the largest magnitude
@@ -343,8 +436,20 @@ def ties(base: Tree, models: Sequence[Tree], density: float, weights=None, *, sc
 
     ``weights``: one per model (default 1), non-negative. ``scale``: the paper's lambda on the
     merged task vector. ``stacked``: see the module docstring.
+
+    LoRA adapters in ``models``: ``lora="fold"``, or ``lora="adapters"``: TIES on the per-layer
+    deltas (the task vectors), re-factorised by truncated SVD to ``rank`` (default the largest input
+    rank) with the truncation error reported; see `embedjax.merge_lora`.
     """
     density = _check_fraction(density, "density", "it is the fraction of each task vector's entries TIES keeps")
+    mode = _lora_mode(models, lora, base, rank)
+    if mode is not None:
+        from embedjax import merge_lora
+
+        if mode == "fold":
+            return ties(base, merge_lora.fold_all(models, base, "ties"), density, weights, scale=scale, stacked=stacked)
+        merge_lora.refuse_stacked(stacked, "ties")
+        return merge_lora.ties(base, models, density, weights, scale=scale, rank=rank)
     models = _check_models(models, base)
     w = _soup_weights(weights, len(models))
     if not math.isfinite(scale):
@@ -403,13 +508,25 @@ def _drop_leaf(x, p, key):
     return jnp.where(keep, x / (1.0 - p).astype(x.dtype), 0.0).astype(x.dtype)
 
 
-def dare(base: Tree, models: Sequence[Tree], p: float, seed: int, lambdas=1.0) -> Tree:
+def dare(base: Tree, models: Sequence[Tree], p: float, seed: int, lambdas=1.0, *, lora: str | None = None,
+         rank: int | None = None) -> Tree:
     """DARE + task arithmetic: ``theta_0 + sum_i lambda_i drop_and_rescale(tau_i, p)``.
 
     Model ``i`` draws its masks from ``fold_in(PRNGKey(seed), i)``: the same seed gives the same
     merge. With ``p = 0`` this is `task_arithmetic` exactly.
+
+    LoRA adapters in ``models``: ``lora="fold"``, or ``lora="adapters"``: DARE drops entries of the
+    per-layer deltas ``s A B`` (not of ``A`` or ``B``), then re-factorises by truncated SVD to
+    ``rank`` (default the largest input rank); see `embedjax.merge_lora`.
     """
     p = _check_fraction(p, "p", "it is the probability that DARE drops a task-vector entry")
+    mode = _lora_mode(models, lora, base, rank)
+    if mode is not None:
+        from embedjax import merge_lora
+
+        if mode == "fold":
+            return dare(base, merge_lora.fold_all(models, base, "dare"), p, seed, lambdas)
+        return merge_lora.dare(base, models, p, seed, lambdas, rank=rank)
     models = _check_models(models, base)
     lams = _per_model(lambdas, len(models), "lambdas", 1.0)
     key = jax.random.PRNGKey(int(seed))
@@ -432,7 +549,8 @@ class SelfPositioning:
 
 def self_positioning(base: Tree, models: Sequence[Tree], probe_batches: Sequence[Sequence[Any]],
                      loss_fn, *, steps: int = 100, learning_rate: float = 0.01, init=None,
-                     momentum: float = 0.0, optimizer: str = "sgd", progress: bool = False) -> SelfPositioning:
+                     momentum: float = 0.0, optimizer: str = "sgd", progress: bool = False, lora: str | None = None,
+                     rank: int | None = None) -> SelfPositioning:
     """Learn one coefficient per task vector, the vectors frozen: minimise over ``lambdas`` the
     probe loss of ``theta_0 + sum_i lambda_i tau_i``.
 
@@ -444,8 +562,23 @@ def self_positioning(base: Tree, models: Sequence[Tree], probe_batches: Sequence
         loss_fn: ``loss_fn(params, batch) -> scalar``, or one such function per probe task.
         steps: gradient steps. ``learning_rate``, ``momentum``: of ``optimizer`` ("sgd" or "adam").
         init: starting lambdas (default ``1 / len(models)`` each: the uniform soup's point).
+        lora: with LoRA adapters in ``models``, ``"fold"`` (fold them into ``base``, learn, return a
+            full tree) or ``"adapters"`` (the same lambdas, learned on the folded models, and
+            ``params`` the exact adapter of ``sum_i lambda_i Delta_i``; with ``rank``, its SVD).
     """
     import optax
+
+    mode = _lora_mode(models, lora, base, rank)
+    if mode is not None:
+        from embedjax import merge_lora
+
+        def run(folded):
+            return self_positioning(base, folded, probe_batches, loss_fn, steps=steps, learning_rate=learning_rate,
+                                    init=init, momentum=momentum, optimizer=optimizer, progress=progress)
+
+        if mode == "fold":
+            return run(merge_lora.fold_all(models, base, "self_positioning"))
+        return merge_lora.self_positioning(base, models, run, rank=rank)
 
     models = _check_models(models, base)
     n = len(models)

@@ -121,3 +121,75 @@ def test_mismatched_parameter_trees_name_the_first_path(tmp_path, tiny_st_model)
     with pytest.raises(ValueError, match=r"models\[1\]\['backbone'\]\['layers'\]\['mlp'\]\['mlp_in'\]\['kernel'\] has "
                                          r"shape \(2, 16, 5\) but models\[0\]"):
         merge.soup([a.params, other])
+
+
+def _peft_adapter(folder, model_folder, seed, rank):
+    """A peft LoRA folder on q and v of ``model_folder`` with random (non-zero) A and B."""
+    from embedjax.convert.peft import save_peft
+    from embedjax.models import lora as L
+    from embedjax.models.registry import family_for_config
+
+    base = read_model(model_folder)
+    model = family_for_config(base.config).build(base.config)
+    tokens = {"input_ids": np.full((2, 5), 7, np.int32), "attention_mask": np.ones((2, 5), np.int32)}
+    config = L.LoRAConfig(rank=rank, alpha=2.0 * rank, targets=(r"attention/(q|v)/kernel$",))
+    adapters = L.init_adapters(model, base.params["backbone"], tokens, config, jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda path, x: 0.3 * rng.standard_normal(x.shape).astype(np.float32) if path[-1].key == "b" else np.asarray(x),
+        adapters)
+    return save_peft(folder, adapters, config, base.config, base_model="tiny-bert")
+
+
+def test_peft_adapters_merge_through_the_cli_into_a_model_or_an_adapter(tmp_path, tiny_st_model, capsys):
+    """peft folders in; --lora fold writes a model folder, --lora adapters a peft folder that
+    transformers + peft load with the fold's hidden states (exact rank concatenation)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from embedjax.merge_lora import LoRAAdapter
+
+    a = _peft_adapter(tmp_path / "a", tiny_st_model, 1, rank=2)
+    b = _peft_adapter(tmp_path / "b", tiny_st_model, 2, rank=3)
+    base = read_model(tiny_st_model)
+    common = ["--method", "task_arithmetic", "--models", a, b, "--base", tiny_st_model, "--lambdas", "0.5", "1.5"]
+    code, folded, err = run_cli([*common, "--lora", "fold", "--out", tmp_path / "folded"], capsys)
+    assert code == 0, err
+    code, adapted, err = run_cli([*common, "--lora", "adapters", "--out", tmp_path / "adapted"], capsys)
+    assert code == 0, err
+    assert adapted["rank"] == 5 and adapted["truncation_error_max"] == 0.0 and folded["options"]["lora"] == "fold"
+
+    inputs = [LoRAAdapter.from_peft(f, base.config, base.params["backbone"]) for f in (a, b)]
+    expected = encode_params(base, merge.task_arithmetic(base.params, inputs, [0.5, 1.5], lora="fold"))
+    np.testing.assert_allclose(ej.Encoder.from_pretrained(tmp_path / "folded").encode(TEXTS), expected, atol=1e-6)
+    merged = LoRAAdapter.from_peft(tmp_path / "adapted", base.config, base.params["backbone"])
+    assert merged.config.rank == 5 and merged.config.scale == 1.0 and merged.base_model == "tiny-bert"
+
+    ids = torch.tensor([[101, 1037, 2158, 2003, 2652, 1037, 8928, 102]])
+    with torch.no_grad():
+        plain = AutoModel.from_pretrained(str(tmp_path / "folded")).eval()(input_ids=ids).last_hidden_state.numpy()
+        peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_st_model)), str(tmp_path / "adapted"))
+        with_adapter = peft_model.eval()(input_ids=ids).last_hidden_state.numpy()
+        untouched = AutoModel.from_pretrained(str(tiny_st_model)).eval()(input_ids=ids).last_hidden_state.numpy()
+    np.testing.assert_allclose(with_adapter, plain, atol=2e-5)
+    assert np.max(np.abs(with_adapter - untouched)) > 1e-2  # the adapters do change the model
+
+    # a non-linear merge refactorised to rank 2, with its truncation error reported per module
+    code, ties, err = run_cli(["--method", "ties", "--models", a, b, "--base", tiny_st_model, "--density", "0.5",
+                               "--lora", "adapters", "--rank", "2", "--out", tmp_path / "ties"], capsys)
+    assert code == 0, err
+    assert ties["rank"] == 2 and 0.0 < ties["truncation_error_max"] < 1.0
+    assert sorted(ties["truncation_error"]) == ["layers/attention/q", "layers/attention/v"]
+    assert LoRAAdapter.from_peft(tmp_path / "ties", base.config).config.rank == 2
+
+    cases = [([*common, "--out", tmp_path / "x"], r"--models\[0\] .* is a LoRA adapter folder: pass --lora fold"),
+             (["--method", "soup", "--models", a, b, "--lora", "adapters", "--out", tmp_path / "x"],
+              r"is a LoRA adapter folder: pass --base"),
+             ([*common, "--lora", "adapters", "--rank", "17", "--out", tmp_path / "x"], r"rank=17 cannot be met"),
+             (["--method", "soup", "--models", tiny_st_model, tiny_st_model, "--lora", "fold", "--out", tmp_path / "x"],
+              r"no --models folder is a LoRA adapter")]
+    for args, message in cases:
+        code, result, err = run_cli(args, capsys)
+        assert code == 2 and __import__("re").search(message, err), (message, err)
+        assert not (tmp_path / "x").exists()
