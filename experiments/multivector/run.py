@@ -195,6 +195,30 @@ def plot(curves: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_tables(out: pathlib.Path) -> pathlib.Path:
+    """``table.md`` from the committed artifacts ``results.json`` and ``curve.json`` (the README's
+    tables are copied from it, so every figure links the part of the artifact that holds it)."""
+    results = json.loads((out / "results.json").read_text())
+    curves = json.loads((out / "curve.json").read_text())["curves"]
+    lines = ["| set | method | nDCG@10 | recall@100 | nDCG@10 vs full MaxSim (p) | bytes / document | artifact |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for i, r in enumerate(results["rows"]):
+        delta = "—" if "delta_vs_maxsim" not in r else f"{r['delta_vs_maxsim']:+.2f} (p {r['p_vs_maxsim']:.3f})"
+        lines.append(f"| {r['eval_set']} | {r['method']} | {r['ndcg@10']:.2f} | {r['recall@100']:.2f} | {delta} | "
+                     f"{r['bytes_per_doc']:,.0f} | [json](results.json#/rows/{i}) |")
+    counts = sorted({int(n) for per_set in curves.values() for c in per_set.values() for n in c})
+    lines += ["", "Recall of the exact MaxSim top-100 among the first N candidates:", "",
+              "| set | first stage | " + " | ".join(f"N = {n}" for n in counts) + " | artifact |",
+              "|---|---|" + "---:|" * len(counts) + "---|"]
+    for name, per_set in curves.items():
+        for label, curve in per_set.items():
+            cells = " | ".join(f"{curve[str(n)]:.3f}" if str(n) in curve else "" for n in counts)
+            lines.append(f"| {name} | {label} | {cells} | [json](curve.json#/curves/{name}) |")
+    path = out / "table.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv=None) -> None:
     from embedjax.data.splits import parse_eval_sets
     from embedjax.encoder import Encoder
@@ -204,9 +228,15 @@ def main(argv=None) -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="smoke")
     parser.add_argument("--runs", default="runs/multivector", help="training workdirs (skipped when finished)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent), help="where the artifacts go")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="only rewrite table.md and the plot from the artifacts already in --out")
     args = parser.parse_args(argv)
     s = SCALES[args.scale]
     runs, out = pathlib.Path(args.runs) / args.scale, pathlib.Path(args.out)
+    if args.tables_only:
+        plot(json.loads((out / "curve.json").read_text())["curves"], out / "recall_curve.png")
+        print(json.dumps({"table": str(write_tables(out))}))
+        return
     encoders = {v: Encoder.from_pretrained(trained_export(v, args.scale, runs)) for v in VARIANTS[args.scale]}
     rows, curves = [], {}
     for spec in parse_eval_sets(s["eval_sets"]):
@@ -216,7 +246,7 @@ def main(argv=None) -> None:
     write_artifact(out / "results.json", {"scale": args.scale, "settings": s, "rows": rows})
     write_artifact(out / "curve.json", {"scale": args.scale, "curves": curves})
     plot(curves, out / "recall_curve.png")
-    print(json.dumps({"rows": len(rows), "results": str(out / "results.json")}))
+    print(json.dumps({"rows": len(rows), "results": str(out / "results.json"), "table": str(write_tables(out))}))
 
 
 if __name__ == "__main__":

@@ -133,6 +133,17 @@ def plot(report: dict, path: pathlib.Path) -> None:
     fig.savefig(path)
 
 
+def table_markdown(report: dict) -> str:
+    """The README's results table, each row linking the part of ``summary.json`` that holds it."""
+    lines = ["| set | metric | before | after | difference [95% CI] | p | d_z | queries | artifact |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for i, r in enumerate(report["rows"]):
+        lines.append(f"| {r['set']} | {r['metric']} | {r['before']:.2f} | {r['after']:.2f} | "
+                     f"{r['difference']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['p_value']:.3g} | "
+                     f"{r['effect_size']:+.2f} | {r['num_queries']} | [json](summary.json#/rows/{i}) |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/retrieval_finetune", help="the training run folder")
@@ -148,6 +159,7 @@ def main(argv=None) -> dict:
         writer.writerows(per_query)
     os.replace(tmp, out / "per_query.csv")
     plot(report, out / "ndcg10_before_after.png")
+    _write_atomic(out / "table.md", table_markdown(report))
     for r in report["rows"]:
         print(f"{r['set']:>14} {r['metric']:>10}: {r['before']:.2f} -> {r['after']:.2f} "
               f"({r['difference']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}], p={r['p_value']:.3g})",

@@ -29,3 +29,9 @@ def test_runner_check_scale(tmp_path):
     curves = json.loads((out / "curve.json").read_text())["curves"]["scifact-test"]
     assert set(curves) == {"single-vector heuristic", "MUVERA (2, 2, 8)"}
     assert (out / "recall_curve.png").stat().st_size > 1000
+    table = (out / "table.md").read_text().splitlines()
+    method_rows = [line for line in table if "](results.json#/rows/" in line]
+    assert len(method_rows) == len(results["rows"])
+    assert f"| {results['rows'][0]['ndcg@10']:.2f} |" in method_rows[0]
+    curve_rows = [line for line in table if "](curve.json#/curves/scifact-test)" in line]
+    assert len(curve_rows) == 2 and f"{curves['MUVERA (2, 2, 8)']['10']:.3f}" in curve_rows[1]

@@ -82,6 +82,9 @@ def test_report_pairs_before_and_after_per_set(run, tmp_path):
     assert float(first["before"]) == before["scifact-test/ndcg@10"]["s0"]
     assert float(first["after"]) == after["scifact-test/ndcg@10"]["s0"]
     assert (out / "ndcg10_before_after.png").stat().st_size > 1000
+    table = (out / "table.md").read_text().splitlines()[2:]
+    assert len(table) == 6 and table[0].startswith(f"| scifact-test | ndcg@10 | {scifact['before']:.2f} | ")
+    assert table[5].endswith("| [json](summary.json#/rows/5) |")
 
 
 def test_report_refuses_a_mined_file_changed_after_mining(run, tmp_path):
