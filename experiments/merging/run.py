@@ -5,14 +5,16 @@ both parents.
     # the parents (each skips itself when finished)
     python -m embedjax train --config configs/stsb_cosent.py --workdir runs/merging/parents/stsb
     python -m embedjax train --config configs/merging_retrieval_parent.py --workdir runs/merging/parents/retrieval
-    # merges, evaluations, artifacts (resumable: finished evaluations are kept in the workdir)
+    # merges, evaluations, artifacts (resumable: each grid point skips itself once evaluated)
     python experiments/merging/run.py --workdir runs/merging/smoke
     python experiments/merging/run.py --scale full --workdir runs/merging/full      # an accelerator
 
 All merges start from all-MiniLM-L6-v2 (the base, theta_0) and the two parents' exports. Every
 model is encoded at the scale's max length, its embeddings cached under WORKDIR/embeddings and its
 scores (with per-query / per-pair values for the paired tests) under WORKDIR/evals; a model whose
-weights hash matches a finished evaluation is not encoded again. Writes ``results.json`` (the
+weights hash matches a finished evaluation is not encoded again, and a grid point (method, value)
+whose evaluation names the same method, setting and parents is not even merged again, so the
+sweep spans sittings: stop it any time and rerun the same command. Writes ``results.json`` (the
 artifact), ``table.md`` and ``tradeoff.png`` beside this file (``--out-dir``).
 
 Scales (MiniLM costs ~22 MFLOP per token forward; 2 cores shared by ~7 agents gave ~6 GFLOP/s):
@@ -21,8 +23,9 @@ Scales (MiniLM costs ~22 MFLOP per token forward; 2 cores shared by ~7 agents ga
   tokens per text; a seeded random 500 of STS-B test's 1,379 pairs; scifact test's 300 queries
   against a 300-document sub-corpus (the 283 abstracts they judge relevant + 17 seeded random
   ones: the distractors are mostly other queries' relevant abstracts); the msmarco queries
-  against a seeded random 200 of its 5,000 passages (qrels restricted to them). One point per method: soup and SLERP at t = 0.5, task arithmetic lambda 1.0, TIES
-  density 0.2 lambda 1.0, DARE p 0.9 lambda 1.0; Self Positioning 10 Adam steps on 4 + 4 probe
+  against a seeded random 200 of its 5,000 passages (qrels restricted to them). A grid per method:
+  soup and SLERP at t in {0.25, 0.5, 0.75}, task arithmetic, TIES (density 0.2) and DARE (p 0.9)
+  at lambda in {0.5, 1.0, 1.5}; Self Positioning 10 Adam steps on 4 + 4 probe
   batches of 8 pairs; greedy soup of (base, STS parent, retrieval parent) on 500 STS-B dev pairs
   + a 200-document nfcorpus dev sub-corpus.
 - ``full``: 256 tokens, the whole STS-B test, scifact and msmarco corpora and nfcorpus dev, finer
@@ -77,7 +80,8 @@ class Scale:
 
 SCALES = {
     "smoke": Scale(sts_pairs=500, scifact_docs=300, msmarco_docs=200, heldout_docs=200, heldout_relevant=80,
-                   max_length=128, t_grid=(0.5,), ta_lambdas=(1.0,), ties=((0.2, 1.0),), dare=((0.9, 1.0),),
+                   max_length=128, t_grid=(0.25, 0.5, 0.75), ta_lambdas=(0.5, 1.0, 1.5),
+                   ties=((0.2, 0.5), (0.2, 1.0), (0.2, 1.5)), dare=((0.9, 0.5), (0.9, 1.0), (0.9, 1.5)),
                    sp_steps=10, sp_batches=4, sp_batch_size=8, samples=10_000),
     "full": Scale(sts_pairs=None, scifact_docs=None, msmarco_docs=None, heldout_docs=None, heldout_relevant=10**9,
                   max_length=256,
@@ -217,6 +221,16 @@ def evaluate(enc, params, name: str, sts, retrieval_sets, workdir: pathlib.Path)
     return record
 
 
+def finished_point(workdir: pathlib.Path, name: str, merge_record: dict) -> dict | None:
+    """The evaluation of grid point ``name`` when one exists for the same method, setting and input
+    models (``merge_record``): the point then needs neither merging nor encoding."""
+    path = workdir / "evals" / f"{slug(name)}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("merge") == merge_record else None
+
+
 def heldout_score(enc, params, sts, ret: RetrievalSet, workdir: pathlib.Path) -> dict:
     """Greedy soup's held-out score: mean of STS-B dev Spearman and nfcorpus dev nDCG@10 (cached)."""
     key = params_key(params)
@@ -313,6 +327,23 @@ def merge_grid(scale: Scale, base, stsb, retr, stacked) -> list[tuple[str, str, 
     return out
 
 
+def round_robin(grid: list) -> list:
+    """The grid reordered one point per method in turn (each method's values in order), so that a
+    sweep stopped part-way has points on every method's curve."""
+    by_method: dict = {}
+    for item in grid:
+        by_method.setdefault(item[1], []).append(item)
+    out, depth = [], max(len(v) for v in by_method.values())
+    for i in range(depth):
+        out += [items[i] for items in by_method.values() if i < len(items)]
+    return out
+
+
+def grid_value(setting: dict) -> float:
+    """The swept value of a grid point: t for soup / SLERP, lambda for the others."""
+    return setting["t"] if "t" in setting else setting["lambda"]
+
+
 def paired_tests(record: dict, parent: dict, gold, samples: int) -> dict:
     out = {"stsb": significance.paired_bootstrap_correlation_test(
         parent["stsb"]["cosine"], record["stsb"]["cosine"], gold, num_samples=samples, seed=0)}
@@ -370,11 +401,18 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
                                  ("scifact test nDCG@10 (sub-corpus)", "msmarco nDCG@10 (sub-corpus)")):
         for method, marker in (("soup", "o"), ("slerp", "s"), ("task_arithmetic", "^"), ("ties", "D"),
                                ("dare", "v")):
-            pts = [r for r in rows if r["method"] == method]
-            if method in ("soup", "slerp"):  # a path from the STS parent (t = 0) to the retrieval parent (t = 1)
-                pts = [by["stsb_parent"], *sorted(pts, key=lambda r: r["setting"]["t"]), by["retrieval_parent"]]
-            ax.plot([r["stsb_spearman"] for r in pts], [r[metric] for r in pts], marker=marker, label=method,
-                    alpha=0.8)
+            pts = sorted([r for r in rows if r["method"] == method], key=lambda r: grid_value(r["setting"]))
+            if not pts:
+                continue
+            # soup / SLERP: a path from the STS parent (t = 0) to the retrieval parent (t = 1);
+            # task arithmetic / TIES / DARE: a path from the base (lambda = 0) outwards.
+            ends = ([by["stsb_parent"]], [by["retrieval_parent"]]) if method in ("soup", "slerp") else ([by["base"]], [])
+            curve = [*ends[0], *pts, *ends[1]]
+            line, = ax.plot([r["stsb_spearman"] for r in curve], [r[metric] for r in curve], marker=marker,
+                            label=f"{method} ({'t' if method in ('soup', 'slerp') else 'lambda'})", alpha=0.8)
+            for r in pts:
+                ax.annotate(f"{grid_value(r['setting']):g}", (r["stsb_spearman"], r[metric]), fontsize=6,
+                            color=line.get_color(), xytext=(3, 3), textcoords="offset points")
         for name, marker, color in (("base", "*", "black"), ("stsb_parent", "P", "tab:red"),
                                     ("retrieval_parent", "X", "tab:blue"), ("self_positioning", "h", "tab:green"),
                                     ("greedy_soup", "p", "tab:purple")):
@@ -424,21 +462,37 @@ def main(argv=None) -> None:
     base, stsb, retr = (folders[k].params for k in ("base", "stsb_parent", "retrieval_parent"))
     stacked = layer_stacking(folders["base"])
 
+    inputs = {k: params_key(folders[k].params) for k in ("base", "stsb_parent", "retrieval_parent")}
     records, models = {}, []  # models: (name, method, setting)
     extra = {"self_positioning_losses": None, "heldout_scores": None}
-    expected = 3 + len(merge_grid(scale, base, stsb, retr, stacked)) + 2  # + Self Positioning, greedy soup
+    grid = merge_grid(scale, base, stsb, retr, stacked)
+    expected = 3 + len(grid) + 2  # + Self Positioning, greedy soup
+    # the table's row order, grouped by method (the sweep itself runs the grid round robin)
+    order = ["base", "stsb_parent", "retrieval_parent", *[g[0] for g in grid], "self_positioning", "greedy_soup"]
 
-    def run(name, method, setting, params):
-        records[name] = evaluate(enc, params, name, sts, retrieval_sets, workdir)
+    def add(name, method, setting, record):
+        records[name] = record
         models.append((name, method, setting))
         if "retrieval_parent" in records:  # the artifact after every model: a stopped run keeps its rows
-            write_outputs(args, scale, folders, records, models, retrieval_sets, gold, extra, out_dir,
+            ranked = sorted(models, key=lambda m: order.index(m[0]))
+            write_outputs(args, scale, folders, records, ranked, retrieval_sets, gold, extra, out_dir,
                           complete=len(models) == expected)
+
+    def run(name, method, setting, params):
+        add(name, method, setting, evaluate(enc, params, name, sts, retrieval_sets, workdir))
 
     for name in ("base", "stsb_parent", "retrieval_parent"):
         run(name, name, {}, folders[name].params)
-    for name, method, setting, build in merge_grid(scale, base, stsb, retr, stacked):
-        run(name, method, setting, build())
+    for name, method, setting, build in round_robin(grid):
+        merge_record = {"method": method, "setting": setting, "inputs": inputs}
+        done = finished_point(workdir, name, merge_record)
+        if done is not None:
+            print(json.dumps({"skipped": name, "reason": "evaluated in an earlier sitting"}), flush=True)
+            add(name, method, setting, done)
+            continue
+        record = {**evaluate(enc, build(), name, sts, retrieval_sets, workdir), "merge": merge_record}
+        write_json(workdir / "evals" / f"{slug(name)}.json", record)
+        add(name, method, setting, record)
 
     # Self Positioning: lambdas learned on the training-split probe set, then evaluated like the rest.
     sp_path = workdir / "self_positioning.json"
