@@ -11,6 +11,11 @@ reading any result back (so host-side padding overlaps device compute) and retur
 order. With a ``mesh``, parameters stay sharded by the logical-axis rules (an 8B encoder is
 evaluated across a pod without gathering it on one device) and batches are split over the data
 axes; embeddings come back replicated.
+
+Image-text families (CLIP, SigLIP; ViT for images only) declare ``features`` and their
+``modalities`` on the registry: ``encode`` then runs the model's own ``encode_text`` (its pooling
+and projection, no pooler or head), and ``encode_images`` preprocesses images as the folder's
+``preprocessor_config.json`` says (`embedjax.data.images`) and runs ``encode_image``.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embedjax.convert import hf
+from embedjax.data.images import ImageProcessor, as_images
 from embedjax.data.tokenization import Tokenizer, validate_texts
 from embedjax.models.heads import head_output
 from embedjax.models.poolers import get_pooler, l2_normalize, select_layers
@@ -74,6 +80,19 @@ def dummy_tokens(family, length: int = 8) -> dict:
     return batch
 
 
+def init_backbone(model, family, key):
+    """``model.init`` on the family's example inputs (a token batch, or its ``example_inputs``)."""
+    if family.features:
+        return model.init({"params": key}, **family.example_inputs(model.config))
+    return model.init({"params": key}, dummy_tokens(family))
+
+
+def _check_features_options(family, head, lora) -> None:
+    if family.features and (head is not None or lora is not None):
+        raise ValueError(f"the {family.name!r} family pools and projects inside its model; a trainable head or LoRA "
+                         "adapters do not apply to it")
+
+
 def init_encoder_params(model, head, family, key, backbone=None, lora=None) -> dict:
     """Fresh encoder params (unboxed): the given pretrained ``backbone`` (or a random one), a
     random head, and fresh LoRA adapters (``B = 0``) when ``lora`` (a `LoRAConfig`) is given.
@@ -82,10 +101,11 @@ def init_encoder_params(model, head, family, key, backbone=None, lora=None) -> d
 
     from embedjax.models.lora import init_adapters
 
+    _check_features_options(family, head, lora)
     tokens = dummy_tokens(family)
     backbone_key, head_key, lora_key = jax.random.split(key, 3)
     if backbone is None:
-        backbone = meta.unbox(model.init({"params": backbone_key}, tokens)["params"])
+        backbone = meta.unbox(init_backbone(model, family, backbone_key)["params"])
     params = encoder_params(backbone)
     if head is not None:
         last, extras = model.apply({"params": backbone}, tokens, output_hidden_states=head.needs_hidden_states)
@@ -102,9 +122,11 @@ def abstract_params(model, head, family, lora=None):
 
     from embedjax.models.lora import init_adapters
 
+    _check_features_options(family, head, lora)
+
     def init(key):
         tokens = dummy_tokens(family)
-        backbone = model.init({"params": key}, tokens)["params"]
+        backbone = init_backbone(model, family, key)["params"]
         params = encoder_params(backbone)
         if head is not None:
             last, extras = model.apply({"params": backbone}, tokens, output_hidden_states=head.needs_hidden_states)
@@ -133,7 +155,8 @@ class Encoder:
 
     def __init__(self, model, params, tokenizer: Tokenizer, *, pooling: str = "mean", normalize: bool = True,
                  layers=None, source: str | None = None, include_prompt: bool = True,
-                 prompts: dict[str, str] | None = None, mesh=None, rules: Any = "fsdp", head=None, lora=None):
+                 prompts: dict[str, str] | None = None, mesh=None, rules: Any = "fsdp", head=None, lora=None,
+                 image_processor=None):
         get_pooler(pooling)  # fail early on an unknown name
         if not isinstance(params, dict) or "backbone" not in params:
             raise ValueError("Encoder params must be the tree {'backbone': ..., 'head': ...}; wrap a backbone's "
@@ -143,7 +166,14 @@ class Encoder:
         self.lora = lora  # LoRAConfig of params["lora"] (None: no adapters)
         self.config = model.config
         self.family = family_for_config(model.config)
+        _check_features_options(self.family, head, lora)
+        if "text" in self.family.modalities and tokenizer is None:
+            raise ValueError(f"a {self.family.name!r} encoder reads text and needs a tokenizer")
+        if "image" in self.family.modalities and image_processor is None:
+            raise ValueError(f"a {self.family.name!r} encoder reads images and needs an image_processor "
+                             "(embedjax.data.images.ImageProcessor)")
         self.tokenizer = tokenizer
+        self.image_processor = image_processor
         self.pooling = pooling
         self.normalize = bool(normalize)
         self.layers = layers
@@ -157,7 +187,11 @@ class Encoder:
         self._param_shardings = self._shardings_for_params() if mesh is not None else None
         self.params = params
         self._jitted = self._compile()
-        out = jax.eval_shape(self.embed_fn, self.params, dummy_tokens(self.family))
+        self._jitted_images = self._compile(self.image_fn) if "image" in self.family.modalities else None
+        if "text" in self.family.modalities:
+            out = jax.eval_shape(self.embed_fn, self.params, dummy_tokens(self.family))
+        else:
+            out = jax.eval_shape(self.image_fn, self.params, self.family.example_inputs(self.config)["pixels_bhwc"])
         self.dim = int(out.shape[-1])
 
     # ---- construction ----
@@ -169,7 +203,7 @@ class Encoder:
                         attention_impl: str | None = None, mesh=None, rules: Any = "fsdp", remat: str = "none",
                         scan_unroll: int = 1) -> "Encoder":
         """Load a transformers / sentence-transformers folder (or a packaged alias: ``all-MiniLM-L6-v2``,
-        ``SmolLM2-135M-Instruct``).
+        ``SmolLM2-135M-Instruct``). Image families also read ``preprocessor_config.json``.
 
         Pooling, normalisation, max length, ``include_prompt`` and prompts default to what the folder
         declares (``1_Pooling/config.json``, ``modules.json``, ``sentence_bert_config.json``,
@@ -187,32 +221,34 @@ class Encoder:
         config, params = hf.load_pretrained(folder, attention=attention, rope_scaling=rope_scaling,
                                             position_extension=position_extension, attention_impl=attention_impl)
         settings = hf.read_pooling_settings(folder)
+        family = family_for_config(config)
+        reads_text = "text" in family.modalities
         if max_length is None and position_extension is not None:
             max_length = position_extension.get("max_length")
         max_length = max_length or settings.max_length or config.max_position_embeddings
-        if max_length > config.max_supported_length:
+        if reads_text and max_length > config.max_supported_length:
             raise ValueError(f"max_length={max_length} exceeds the {config.max_supported_length} positions this "
                              f"model supports as configured (max_position_embeddings="
                              f"{config.max_position_embeddings}); lower max_length")
-        family = family_for_config(config)
         model = family.build(config, dtype=dtype, remat=remat, scan_unroll=scan_unroll)
-        tokenizer = Tokenizer.from_folder(folder, max_length, needs=family.tokenizer)
+        tokenizer = Tokenizer.from_folder(folder, max_length, needs=family.tokenizer) if reads_text else None
+        images = ImageProcessor.from_folder(folder) if "image" in family.modalities else None
         pooling = pooling or settings.pooling
-        head, head_params = hf.read_head(folder, pooling)
+        head, head_params = (None, None) if family.features else hf.read_head(folder, pooling)
         return cls(model, encoder_params(params, head_params), tokenizer, head=head,
                    pooling=pooling,
                    normalize=settings.normalize if normalize is None else normalize,
                    layers=layers, source=str(folder),
                    include_prompt=settings.include_prompt if include_prompt is None else include_prompt,
-                   prompts=settings.prompt_dict, mesh=mesh, rules=rules)
+                   prompts=settings.prompt_dict, mesh=mesh, rules=rules, image_processor=images)
 
     def _shardings_for_params(self):
         from embedjax.sharding.partition import param_shardings
 
         return param_shardings(abstract_params(self.model, self.head, self.family, self.lora), self.mesh, self.rules)
 
-    def _compile(self):
-        embed = functools.partial(self.embed_fn, deterministic=True)
+    def _compile(self, fn=None):
+        embed = functools.partial(fn or self.embed_fn, deterministic=True)
         if self.mesh is None:
             return jax.jit(embed)
         from jax.sharding import NamedSharding, PartitionSpec
@@ -233,8 +269,8 @@ class Encoder:
 
     # ---- properties ----
     @property
-    def max_length(self) -> int:
-        return self.tokenizer.max_length
+    def max_length(self) -> int | None:
+        return self.tokenizer.max_length if self.tokenizer is not None else None
 
     def _data_parallel(self) -> int:
         if self.mesh is None:
@@ -244,9 +280,19 @@ class Encoder:
     # ---- embedding ----
     def embed_fn(self, params, batch: dict, deterministic: bool = True, rngs=None):
         """Pure, jittable: params + token batch -> float32 [B, D] (for training and GradCache)."""
+        if self.family.features:
+            emb_bd = self.model.apply({"params": params["backbone"]}, batch, method="encode_text",
+                                      deterministic=deterministic, rngs=rngs)
+            return l2_normalize(emb_bd) if self.normalize else emb_bd
         return embed_batch(self.model, params, batch, pooling=self.pooling, normalize=self.normalize,
                            layers=self.layers, head=self.head, deterministic=deterministic, rngs=rngs,
                            lora=self.lora)
+
+    def image_fn(self, params, pixels_bhwc, deterministic: bool = True, rngs=None):
+        """Pure, jittable: params + preprocessed pixels [B, H, W, C] -> float32 [B, D] image features."""
+        emb_bd = self.model.apply({"params": params["backbone"]}, pixels_bhwc, method="encode_image",
+                                  deterministic=deterministic, rngs=rngs)
+        return l2_normalize(emb_bd) if self.normalize else emb_bd
 
     def _place_batch(self, batch: dict):
         if self.mesh is None:
@@ -272,6 +318,8 @@ class Encoder:
         ``side="query"`` or ``"document"`` (`embedjax.data.late_interaction`), padded to the
         longest with mask False.
         """
+        if "text" not in self.family.modalities:
+            raise ValueError(f"this {self.family.name!r} encoder embeds images only; use encode_images")
         texts = validate_texts(texts)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
@@ -308,6 +356,37 @@ class Encoder:
             local = emb if self.mesh is None else emb.addressable_data(0)
             out[rows] = np.asarray(local)[: len(rows)]
             progress.update(len(rows))
+        progress.close()
+        return out
+
+    def encode_images(self, images, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        """Embed images -> float32 [N, D], rows in input order.
+
+        ``images``: uint8 [N, H, W, 3] or a list of PIL images / uint8 [H, W, 3] arrays (any sizes:
+        the folder's processor resizes them). A wrong shape, dtype or channel count is an error.
+        """
+        if "image" not in self.family.modalities:
+            raise ValueError(f"this {self.family.name!r} encoder embeds text only; it has no image tower")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        items = as_images(images)
+        if not items:
+            return np.zeros((0, self.dim), np.float32)
+        multiple = self._data_parallel()
+        pending = []
+        for start in range(0, len(items), batch_size):
+            pixels = self.image_processor(items[start:start + batch_size])
+            rows = _row_bucket(len(pixels), batch_size, multiple)
+            padded = np.zeros((rows, *pixels.shape[1:]), np.float32)
+            padded[: len(pixels)] = pixels
+            placed = self._place_batch({"pixels": padded})["pixels"]
+            pending.append((start, len(pixels), self._jitted_images(self.params, placed)))
+        out = np.empty((len(items), self.dim), np.float32)
+        progress = _progress(len(items), show_progress, desc="encode_images", unit="image")
+        for start, count, emb in pending:
+            local = emb if self.mesh is None else emb.addressable_data(0)
+            out[start:start + count] = np.asarray(local)[:count]
+            progress.update(count)
         progress.close()
         return out
 
@@ -364,7 +443,7 @@ class Encoder:
                 f"max_length={self.max_length})")
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "encode", unit: str = "text"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="encode", unit="text")
+    return tqdm(total=total, disable=not enabled, desc=desc, unit=unit)

@@ -80,3 +80,27 @@ def text_batch(rng, lengths, max_len, eos_id, vocab=99, pad_id=1):
         ids[i, n - 1] = eos_id
         mask[i, :n] = 1
     return ids, mask
+
+
+WORDS = ["a", "photo", "of", "the", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+         "nine", "cat", "dog", "blurry", "small", "big"]
+
+
+def save_word_tokenizer(folder, *, bos: bool, eos_id: int = 98, vocab: int = 99):
+    """A word-level tokenizer.json over `WORDS` (ids 3...), pad id 1, EOS ``eos_id`` appended (and a
+    BOS id 0 in front when ``bos``), with tokenizer_config.json naming the special tokens."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    ids = {"<bos>": 0, "<pad>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}, "<eos>": eos_id}
+    assert max(ids.values()) < vocab
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = ("<bos> $A <eos>" if bos else "$A <eos>")
+    special = [("<eos>", eos_id)] + ([("<bos>", 0)] if bos else [])
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=special)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
