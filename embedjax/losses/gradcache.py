@@ -58,13 +58,26 @@ def gradcache_value_and_grad(embed_fn: Callable, loss_fn: Callable, params, batc
 
     Returns ``(loss, grads)`` with grads shaped like params (float32 accumulation).
     """
-    count, chunks = _split(batch, sub_batch_size)
-    indices = jnp.arange(count)
-    frozen = lax.stop_gradient(params)
-
-    embeddings = _merge(lax.map(lambda xs: embed_fn(frozen, xs[1], _sub_key(rng, xs[0])), (indices, chunks)))
+    embeddings = embed_without_grad(embed_fn, params, batch, sub_batch_size=sub_batch_size, rng=rng)
     loss, emb_grads = jax.value_and_grad(loss_fn)(embeddings)
-    _, emb_grad_chunks = _split(emb_grads, sub_batch_size)
+    grads = pull_back(embed_fn, params, batch, emb_grads, sub_batch_size=sub_batch_size, rng=rng)
+    return loss, grads
+
+
+def embed_without_grad(embed_fn: Callable, params, batch, *, sub_batch_size: int, rng=None):
+    """GradCache's first pass: ``embed_fn`` over ``batch`` one sub-batch at a time, no gradients
+    kept; the embeddings come back concatenated (leading axis B)."""
+    count, chunks = _split(batch, sub_batch_size)
+    frozen = lax.stop_gradient(params)
+    return _merge(lax.map(lambda xs: embed_fn(frozen, xs[1], _sub_key(rng, xs[0])), (jnp.arange(count), chunks)))
+
+
+def pull_back(embed_fn: Callable, params, batch, cotangents, *, sub_batch_size: int, rng=None):
+    """GradCache's second pass: the parameter gradients of ``<cotangents, embed_fn(params, batch)>``,
+    re-running one sub-batch at a time under ``jax.vjp`` (same dropout keys as the first pass);
+    float32 accumulation, returned in the params' dtypes."""
+    count, chunks = _split(batch, sub_batch_size)
+    _, cotangent_chunks = _split(cotangents, sub_batch_size)
 
     def accumulate(total, xs):
         index, chunk, cotangent = xs
@@ -73,9 +86,8 @@ def gradcache_value_and_grad(embed_fn: Callable, loss_fn: Callable, params, batc
         return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    grads, _ = lax.scan(accumulate, zeros, (indices, chunks, emb_grad_chunks))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return loss, grads
+    grads, _ = lax.scan(accumulate, zeros, (jnp.arange(count), chunks, cotangent_chunks))
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
 def reference_value_and_grad(embed_fn: Callable, loss_fn: Callable, params, batch, *, sub_batch_size: int,
