@@ -59,3 +59,21 @@ def test_table_and_plot_draw_each_method_from_a_partial_grid(run, tmp_path):
     assert text.count("\n") == len(rows) + 1 and "| soup t=0.25 | 81.00 |" in text
     run.plot(rows, tmp_path / "tradeoff.png")
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_paired_tests_are_computed_once_per_pair_of_models(run, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    gold = rng.uniform(0, 5, 40)
+
+    def record(key, noise):
+        return {"params": key, "stsb": {"cosine": (gold + noise * rng.standard_normal(40)).tolist()},
+                **{s: {"per_query_ndcg@10": rng.uniform(0, 1, 12).tolist()} for s in run.RETRIEVAL_SETS}}
+
+    a, b = record("a", 0.5), record("b", 2.0)
+    first = run.paired_tests(b, a, gold, 200, tmp_path)
+    assert first["stsb"]["difference"] < 0 and (tmp_path / "b-vs-a-200.json").is_file()
+    b["stsb"]["cosine"] = a["stsb"]["cosine"]  # were it recomputed, the difference would now be 0
+    assert run.paired_tests(b, a, gold, 200, tmp_path) == first
+    assert run.paired_tests(b, a, gold, 200)["stsb"]["difference"] == 0

@@ -344,17 +344,27 @@ def grid_value(setting: dict) -> float:
     return setting["t"] if "t" in setting else setting["lambda"]
 
 
-def paired_tests(record: dict, parent: dict, gold, samples: int) -> dict:
+def paired_tests(record: dict, parent: dict, gold, samples: int, cache: pathlib.Path | None = None) -> dict:
+    """Paired tests of ``record`` against ``parent`` on every set; kept in ``cache`` (a folder) by
+    the two models' weight hashes, because the artifact is rewritten after every model and the
+    STS bootstrap (10,000 rank correlations of 500 pairs) would otherwise be redone for every row."""
+    path = cache / f"{record['params']}-vs-{parent['params']}-{samples}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
     out = {"stsb": significance.paired_bootstrap_correlation_test(
         parent["stsb"]["cosine"], record["stsb"]["cosine"], gold, num_samples=samples, seed=0)}
     for name in RETRIEVAL_SETS:
         out[name] = significance.paired_permutation_test(parent[name]["per_query_ndcg@10"],
                                                          record[name]["per_query_ndcg@10"], num_samples=samples, seed=0)
-    return {k: {"difference": v["mean_difference"], "p_value": v["p_value"], "ci_low": v["ci_low"],
-                "ci_high": v["ci_high"]} for k, v in out.items()}
+    tests = {k: {"difference": v["mean_difference"], "p_value": v["p_value"], "ci_low": v["ci_low"],
+                 "ci_high": v["ci_high"]} for k, v in out.items()}
+    if path is not None:
+        write_json(path, tests)
+    return tests
 
 
-def row(name: str, method: str, setting: dict, record: dict, parents: dict, gold, samples: int) -> dict:
+def row(name: str, method: str, setting: dict, record: dict, parents: dict, gold, samples: int,
+        cache: pathlib.Path | None = None) -> dict:
     out = {"name": name, "method": method, "setting": setting, "params": record["params"],
            "stsb_spearman": record["stsb"]["spearman"],
            **{f"{s}_ndcg@10": record[s]["ndcg@10"] for s in RETRIEVAL_SETS},
@@ -362,7 +372,7 @@ def row(name: str, method: str, setting: dict, record: dict, parents: dict, gold
            "tests": {}}
     for parent_name, parent in parents.items():
         if parent["params"] != record["params"]:
-            out["tests"][f"vs_{parent_name}"] = paired_tests(record, parent, gold, samples)
+            out["tests"][f"vs_{parent_name}"] = paired_tests(record, parent, gold, samples, cache)
     return out
 
 
@@ -537,7 +547,9 @@ def write_outputs(args, scale: Scale, folders: dict, records: dict, models: list
                   out_dir: pathlib.Path, *, complete: bool) -> None:
     """results.json (the artifact), table.md and tradeoff.png from the models evaluated so far."""
     parents = {"stsb_parent": records["stsb_parent"], "retrieval_parent": records["retrieval_parent"]}
-    rows = [row(name, method, setting, records[name], parents, gold, scale.samples) for name, method, setting in models]
+    cache = pathlib.Path(args.workdir) / "tests"
+    rows = [row(name, method, setting, records[name], parents, gold, scale.samples, cache)
+            for name, method, setting in models]
     out_dir.mkdir(parents=True, exist_ok=True)
     artifact = out_dir / "results.json"
     parent_runs = {k: {"folder": str(folders[k].path)} for k in ("stsb_parent", "retrieval_parent")}
