@@ -23,7 +23,7 @@ demo: install
 	$(PY) -m embedjax train --config configs/quickstart.py --workdir runs/quickstart
 
 test: install
-	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 test-all: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
