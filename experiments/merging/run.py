@@ -491,54 +491,69 @@ def main(argv=None) -> None:
     def run(name, method, setting, params):
         add(name, method, setting, evaluate(enc, params, name, sts, retrieval_sets, workdir))
 
-    for name in ("base", "stsb_parent", "retrieval_parent"):
-        run(name, name, {}, folders[name].params)
-    for name, method, setting, build in round_robin(grid):
+    def grid_point(name, method, setting, build):
         merge_record = {"method": method, "setting": setting, "inputs": inputs}
         done = finished_point(workdir, name, merge_record)
         if done is not None:
             print(json.dumps({"skipped": name, "reason": "evaluated in an earlier sitting"}), flush=True)
             add(name, method, setting, done)
-            continue
+            return
         record = {**evaluate(enc, build(), name, sts, retrieval_sets, workdir), "merge": merge_record}
         write_json(workdir / "evals" / f"{slug(name)}.json", record)
         add(name, method, setting, record)
 
-    # Self Positioning: lambdas learned on the training-split probe set, then evaluated like the rest.
-    sp_path = workdir / "self_positioning.json"
-    if sp_path.is_file():
-        sp = json.loads(sp_path.read_text())
-    else:
-        enc.params = base
-        result = merge.self_positioning(base, [stsb, retr], probe_batches(data, enc, scale), probe_losses(enc),
-                                        steps=scale.sp_steps, learning_rate=0.05, init=0.5, optimizer="adam",
-                                        progress=True)
-        sp = {"lambdas": result.lambdas.tolist(), "losses": result.losses.tolist()}
-        write_json(sp_path, sp)
-    extra["self_positioning_losses"] = sp["losses"]
-    sp_setting = {"lambda_stsb": sp["lambdas"][0], "lambda_retrieval": sp["lambdas"][1], "steps": scale.sp_steps,
-                  "optimizer": "adam", "learning_rate": 0.05, "init": 0.5,
-                  "probe": f"{scale.sp_batches} + {scale.sp_batches} batches of {scale.sp_batch_size} pairs",
-                  "probe_loss_first": sp["losses"][0], "probe_loss_last": sp["losses"][-1]}
-    run("self_positioning", "self_positioning", sp_setting, merge.task_arithmetic(base, [stsb, retr], sp["lambdas"]))
+    def self_positioning_point():
+        """Lambdas learned on the training-split probe set, then evaluated like the rest."""
+        sp_path = workdir / "self_positioning.json"
+        if sp_path.is_file():
+            sp = json.loads(sp_path.read_text())
+        else:
+            enc.params = base
+            result = merge.self_positioning(base, [stsb, retr], probe_batches(data, enc, scale), probe_losses(enc),
+                                            steps=scale.sp_steps, learning_rate=0.05, init=0.5, optimizer="adam",
+                                            progress=True)
+            sp = {"lambdas": result.lambdas.tolist(), "losses": result.losses.tolist()}
+            write_json(sp_path, sp)
+        extra["self_positioning_losses"] = sp["losses"]
+        sp_setting = {"lambda_stsb": sp["lambdas"][0], "lambda_retrieval": sp["lambdas"][1], "steps": scale.sp_steps,
+                      "optimizer": "adam", "learning_rate": 0.05, "init": 0.5,
+                      "probe": f"{scale.sp_batches} + {scale.sp_batches} batches of {scale.sp_batch_size} pairs",
+                      "probe_loss_first": sp["losses"][0], "probe_loss_last": sp["losses"][-1]}
+        run("self_positioning", "self_positioning", sp_setting,
+            merge.task_arithmetic(base, [stsb, retr], sp["lambdas"]))
 
-    # Greedy soup over (base, STS parent, retrieval parent) on held-out data.
-    held_sts, held_ret = heldout_sets(data, scale)
-    held = {}
+    def greedy_soup_point():
+        """Greedy soup over (base, STS parent, retrieval parent) on held-out data."""
+        held_sts, held_ret = heldout_sets(data, scale)
+        held = {}
 
-    def score(params):
-        record = heldout_score(enc, params, held_sts, held_ret, workdir)
-        held[record["params"]] = record
-        return record["score"]
+        def score(params):
+            record = heldout_score(enc, params, held_sts, held_ret, workdir)
+            held[record["params"]] = record
+            return record["score"]
 
-    ingredients = ["base", "stsb_parent", "retrieval_parent"]
-    greedy = merge.greedy_soup([folders[k].params for k in ingredients], score)
-    greedy_setting = {"kept": [ingredients[i] for i in greedy.kept],
-                      "heldout_scores": dict(zip(ingredients, greedy.scores)),
-                      "soup_scores": list(greedy.soup_scores),
-                      "heldout": {"stsb_dev_pairs": len(held_sts[0]), "nfcorpus_dev": held_ret.describe()}}
-    extra["heldout_scores"] = list(held.values())
-    run("greedy_soup", "greedy_soup", greedy_setting, greedy.params)
+        ingredients = ["base", "stsb_parent", "retrieval_parent"]
+        greedy = merge.greedy_soup([folders[k].params for k in ingredients], score)
+        greedy_setting = {"kept": [ingredients[i] for i in greedy.kept],
+                          "heldout_scores": dict(zip(ingredients, greedy.scores)),
+                          "soup_scores": list(greedy.soup_scores),
+                          "heldout": {"stsb_dev_pairs": len(held_sts[0]), "nfcorpus_dev": held_ret.describe()}}
+        extra["heldout_scores"] = list(held.values())
+        run("greedy_soup", "greedy_soup", greedy_setting, greedy.params)
+
+    # Run order: what earlier sittings evaluated first (cheap: their scores are on disk), so the
+    # artifact holds every finished model early; then the new grid points, one method at a time.
+    for name in ("base", "stsb_parent", "retrieval_parent"):
+        run(name, name, {}, folders[name].params)
+    points = round_robin(grid)
+    earlier = [g for g in points if (workdir / "evals" / f"{slug(g[0])}.json").is_file()]
+    for point in earlier:
+        grid_point(*point)
+    self_positioning_point()
+    greedy_soup_point()
+    for point in points:
+        if point not in earlier:
+            grid_point(*point)
 
     print(json.dumps({"out": str(out_dir / "results.json"), "models": len(models), "complete": len(models) == expected}))
 
