@@ -227,6 +227,10 @@ def export_pretrained(
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLERS)}")
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: use one of {sorted(EXPORT_DTYPES)}")
+    family = family_for_config(config)
+    if family.features:
+        raise ValueError(f"export_pretrained writes sentence-transformers text folders; a {family.name!r} model "
+                         "is written with tensors_from_params(params, config) and config.to_hf() (its HF names)")
     out = pathlib.Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder or pass overwrite=True")

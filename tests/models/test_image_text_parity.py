@@ -111,3 +111,17 @@ def test_export_round_trips_through_transformers(tmp_path, save):
     for name, value in kept.items():
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
     assert family.config_cls.from_hf(config.to_hf()) == config
+
+
+def test_sentence_transformers_export_refuses_image_families(tmp_path):
+    config = hf.read_config(_saved_config(tmp_path))
+    with pytest.raises(ValueError, match="export_pretrained writes sentence-transformers text folders"):
+        hf.export_pretrained(tmp_path / "out", config, {}, tmp_path)
+
+
+def _saved_config(folder):
+    import json
+
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit", "image_size": [16, 24], "patch_size": 8,
+                                                    "hidden_size": 32, "num_attention_heads": 4}))
+    return folder
