@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 
 from embedjax.convert import safetensors_io, tables
+from embedjax.jsonfile import read_json_file
 from embedjax.models.registry import family_for_config, family_for_hf_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "vocab.json",
@@ -27,12 +28,7 @@ EXPORT_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": safet
 def read_hf_config(folder: str | os.PathLike) -> dict:
     """The folder's ``config.json`` as a dict (a missing or broken file is a clear error)."""
     path = pathlib.Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a model folder needs the transformers config.json")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    hf = read_json_file(path, missing="a model folder needs the transformers config.json")
     if not isinstance(hf, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return hf

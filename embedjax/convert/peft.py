@@ -20,6 +20,7 @@ import tempfile
 import numpy as np
 
 from embedjax.convert import safetensors_io, tables
+from embedjax.jsonfile import read_json_file
 from embedjax.models.lora import LoRAConfig, adapter_leaves, path_string
 from embedjax.models.registry import family_for_config
 
@@ -109,12 +110,7 @@ def save_peft(folder: str | os.PathLike, adapters, lora: LoRAConfig, config, *, 
 
 def _read_adapter_config(folder: pathlib.Path) -> dict:
     path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a peft adapter folder has {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    cfg = read_json_file(path, missing=f"a peft adapter folder has {CONFIG_FILE} and {WEIGHTS_FILE}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type={cfg.get('peft_type')!r}; embedjax reads LoRA adapters only")
     refused = {"use_dora": cfg.get("use_dora"), "use_rslora": cfg.get("use_rslora"),

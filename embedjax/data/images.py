@@ -13,12 +13,13 @@ and rejects anything else with an error naming the problem.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any
 
 import numpy as np
+
+from embedjax.jsonfile import read_json_file
 
 PIL_FILTERS = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
 
@@ -102,13 +103,7 @@ class ImageProcessor:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "ImageProcessor":
         path = pathlib.Path(folder) / "preprocessor_config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: an image model folder needs its preprocessor_config.json")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(cfg)
+        return cls.from_dict(read_json_file(path, missing="an image model folder needs its preprocessor_config.json"))
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ImageProcessor":
