@@ -15,8 +15,8 @@ Scales (MiniLM ~22 MFLOP per token forward plus ~9 kFLOP x L per token of attent
 ~270 MFLOP per token plus ~70 kFLOP x L; 2 loaded CPU cores give ~10-15 GFLOP/s):
 
 - ``smoke``: passkey only; 8 candidates and 8 queries per length (LongEmbed: 100 and 50);
-  MiniLM at 256 ... 8192 tokens (~8 TFLOP per extended method, most of it at 8192), SmolLM2 at
-  256 ... 4096 (~27 TFLOP per method, 18 of them at 4096; inside its trained context: the CPU run
+  MiniLM at 256 ... 8192 tokens (~9 TFLOP per extended method, 6 of them at 8192), SmolLM2 at
+  256 ... 4096 (~30 TFLOP per method, 18 of them at 4096; inside its trained context: the CPU run
   measures what each scaling costs where none is needed; going past 8k is the full run's). About
   an hour on 2 idle cores; compilation adds ~30-60 s per model, method and length.
 - ``check``: a few documents at two lengths; checks the runner end to end in minutes.
