@@ -18,8 +18,8 @@ call, FAISS applies one selector per call, so its queries are grouped by identic
 
 Timing: for every configuration embedjax and FAISS runs alternate (one warm-up each, then
 ``repeats`` interleaved timed runs), the median is kept, and the 1-minute load average is
-recorded beside it: the machine is shared, so absolute rates and ratios are provisional
-until re-measured on an idle machine. Recall figures do not depend on load.
+recorded beside it (on 2 cores a load near 2 means the run had the machine to itself; read
+rows with a higher load as provisional). Recall figures do not depend on load.
 
 Recall@10 (``data.filtered_benchmark.recall_at_k``): a returned row counts when its exact
 score reaches the exact filtered 10th score (ties count either way); every returned row
@@ -192,7 +192,7 @@ def measure(args) -> dict:
         "commit": _commit(), "size": args.size, "repeats": repeats, "k": K, "nlist": NLIST,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": __import__("jax").__version__,
                     "faiss": faiss.__version__, "embedjax": embedjax.__version__,
-                    "note": "shared, loaded machine: rates are provisional until re-measured idle"},
+                    "note": "rates are comparable where each row's load_1min is near the core count (an idle machine)"},
         "dataset": {"documents": int(docs.shape[0]), "queries": int(queries.shape[0]),
                     "embeddings_sha256": bench.manifest["embeddings_sha256"]},
         "ivf": {kind: {"blocks": int(index.block_ids.shape[0]), "block_rows": int(index.block_ids.shape[1]),
@@ -254,7 +254,7 @@ def from_log(args) -> dict:
         "nlist": NLIST, "complete": len(finished) == len(planned), "workloads": finished,
         "workloads_missing": [w for w in planned if w not in finished],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "note": "shared, loaded machine: rates are provisional until re-measured idle"},
+                    "note": "rates are comparable where each row's load_1min is near the core count (an idle machine)"},
         "rows": rows, "matched_recall": matched_recall(rows),
     }
 
