@@ -9,6 +9,6 @@ __all__ = ["document_text", "retrieval", "retrieval_from_embeddings", "retrieval
 
 
 def __getattr__(name):
-    if name in {"analysis", "embedding_report", "limit", "querybank", "retention", "significance"}:
+    if name in {"analysis", "embedding_report", "limit", "querybank", "retention", "significance", "zero_shot"}:
         return importlib.import_module(f"embedjax.eval.{name}")
     raise AttributeError(f"module 'embedjax.eval' has no attribute {name!r}")

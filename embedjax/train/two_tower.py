@@ -5,7 +5,8 @@ SigLIP loss dense or on the exact ring, and GradCache per tower.
 Parameters are one tree ``{"text": ..., "image": ..., "logit": {"log_scale", ["bias"]}}``; a tower
 is a pure function ``fn(tower_params, inputs, rng) -> [B, D]`` features (``rng`` None:
 deterministic). `dual_encoder_towers` makes the pair for a CLIP/SigLIP family module; any other
-pair works (a text `Encoder.embed_fn` and a vision tower, or a locked tower's precomputed table).
+pair works (`module_tower` of any Linen module, a text `Encoder.embed_fn`, or `precomputed_tower`: a locked
+tower's outputs computed once).
 
 `TwoTowerObjective.value_and_grad` computes both towers' features, differentiates the loss with
 respect to the features and the logit parameters, then pulls the feature gradients back through
@@ -148,19 +149,40 @@ def make_train_step(objective: TwoTowerObjective, optimizer):
     return step
 
 
+def module_tower(model, method: str | None = None) -> Callable:
+    """A Linen module (or one of its methods) as a tower ``fn(params, inputs, rng) -> [B, D]``;
+    ``rng`` feeds dropout (None: deterministic)."""
+
+    def fn(p, inputs, rng):
+        rngs = None if rng is None else {"dropout": rng}
+        kwargs = {} if method is None else {"method": method}
+        return model.apply({"params": p}, inputs, deterministic=rng is None, rngs=rngs, **kwargs)
+
+    return fn
+
+
 def dual_encoder_towers(model) -> tuple[Callable, Callable]:
     """``(text_fn, image_fn)`` of a dual-encoder family module (CLIP, SigLIP): each applies the
     module's ``encode_text`` / ``encode_image`` to its half of `split_dual_params`."""
+    return module_tower(model, "encode_text"), module_tower(model, "encode_image")
 
-    def text_fn(p, tokens, rng):
-        rngs = None if rng is None else {"dropout": rng}
-        return model.apply({"params": p}, tokens, method="encode_text", deterministic=rng is None, rngs=rngs)
 
-    def image_fn(p, pixels, rng):
-        rngs = None if rng is None else {"dropout": rng}
-        return model.apply({"params": p}, pixels, method="encode_image", deterministic=rng is None, rngs=rngs)
+def precomputed_tower(table_nd) -> Callable:
+    """A locked tower whose outputs were computed once: ``fn({}, ids_b, rng) -> table_nd[ids_b]``.
 
-    return text_fn, image_fn
+    LiT against a frozen encoder (any family) sees the same features for the same input every
+    step, so embedding each distinct input once (e.g. every caption with `Encoder.encode`) and
+    feeding row ids replaces re-running the frozen model per step. Its params are ``{}``; lock it
+    (``locked=("text",)``)."""
+    table = jnp.asarray(table_nd, jnp.float32)
+    if table.ndim != 2:
+        raise ValueError(f"a precomputed tower's table must be [N, D]; got shape {tuple(table.shape)}")
+
+    def fn(p, ids_b, rng):
+        del p, rng  # nothing trains and nothing is random
+        return jnp.take(table, jnp.asarray(ids_b), axis=0)
+
+    return fn
 
 
 DUAL_TOWER_KEYS = {"text": ("text", "text_projection"), "image": ("vision", "image_projection")}

@@ -187,3 +187,43 @@ def test_bad_objective_options():
         tt.TwoTowerObjective(None, None, loss="infonce")
     with pytest.raises(ValueError, match=r"name towers from \('text', 'image'\)"):
         tt.TwoTowerObjective(None, None, locked=("vision",))
+
+
+def test_lit_on_a_precomputed_table_equals_the_locked_tower():
+    """A locked text tower's outputs computed once and looked up by row (LiT's shortcut) give the
+    same loss and image/logit gradients as running the locked tower every step."""
+    model, params = _tiny_dual("clip")
+    text_fn, image_fn = tt.dual_encoder_towers(model)
+    texts = _batch(b=6, seed=7)["tokens"]
+    table = text_fn(params["text"], texts, None)  # 6 distinct "captions"
+    ids = np.array([4, 0, 5, 2, 2, 1, 3, 0])  # repeated captions, as templates repeat
+    batch = _batch(b=8, seed=8)
+    batch["tokens"] = jax.tree.map(lambda x: x[ids], texts)
+    locked = tt.TwoTowerObjective(text_fn, image_fn, locked=("text",))
+    want_loss, want = locked.value_and_grad(params, batch)
+    lookup = tt.TwoTowerObjective(tt.precomputed_tower(table), image_fn, locked=("text",))
+    loss, grads = jax.jit(lookup.value_and_grad)({**params, "text": {}}, {**batch, "tokens": ids})
+    np.testing.assert_allclose(loss, want_loss, **TOL)
+    _assert_trees_close(grads["image"], want["image"])
+    _assert_trees_close(grads["logit"], want["logit"])
+    assert grads["text"] == {}
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        tt.precomputed_tower(np.ones(3))
+
+
+def test_projected_image_tower_is_the_vision_tower_then_a_linear_map():
+    from embedjax.models.towers.vision import ProjectedImageTower, VisionTower
+
+    spec = VisionSpec(hidden_size=12, num_layers=1, num_heads=2, intermediate_size=20, image_size=(8, 12),
+                      patch_size=4)
+    tower = ProjectedImageTower(spec, projection_dim=5)
+    pixels = _batch(b=3)["pixels"]
+    from flax.linen import meta
+
+    params = meta.unbox(tower.init(jax.random.PRNGKey(1), pixels)["params"])
+    assert set(params) == {"vision", "image_projection"}  # a dual encoder's image-half names
+    _, pooled = VisionTower(spec).apply({"params": params["vision"]}, pixels)
+    want = np.asarray(pooled, np.float64) @ np.asarray(params["image_projection"]["kernel"], np.float64)
+    got = tt.module_tower(tower)(params, pixels, None)
+    assert got.shape == (3, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

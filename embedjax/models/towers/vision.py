@@ -165,3 +165,27 @@ class VisionTower(nn.Module):
         else:
             pooled_bd = MAPHead(s, self.dtype, name="head")(x_bnd.astype(self.dtype))
         return x_bnd, pooled_bd.astype(jnp.float32)
+
+
+class ProjectedImageTower(nn.Module):
+    """``pixels_bhwc -> [B, projection_dim]``: a `VisionTower` pooled and mapped linearly (no bias, as
+    CLIP's ``visual_projection``) into another model's embedding space. It is the image side of LiT
+    against a text encoder of any family (a locked BERT, say): the text tower needs no dual-encoder
+    config of its own. Params: ``{"vision": ..., "image_projection": {"kernel"}}`` (the names of a
+    dual encoder's image half). Output float32, unnormalised."""
+
+    spec: VisionSpec
+    projection_dim: int
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_unroll: int = 1
+
+    @nn.compact
+    def __call__(self, pixels_bhwc, *, deterministic: bool = True):
+        _, pooled_bd = VisionTower(self.spec, self.dtype, self.remat, self.scan_unroll, name="vision")(
+            pixels_bhwc, deterministic=deterministic)
+        init = nn.initializers.normal(self.spec.initializer_range)
+        projected_bp = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                                kernel_init=layers.logical(init, ("embed", None)),
+                                name="image_projection")(pooled_bd.astype(self.dtype))
+        return projected_bp.astype(jnp.float32)
