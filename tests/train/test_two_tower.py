@@ -200,7 +200,7 @@ def test_lit_on_a_precomputed_table_equals_the_locked_tower():
     batch = _batch(b=8, seed=8)
     batch["tokens"] = jax.tree.map(lambda x: x[ids], texts)
     locked = tt.TwoTowerObjective(text_fn, image_fn, locked=("text",))
-    want_loss, want = locked.value_and_grad(params, batch)
+    want_loss, want = jax.jit(locked.value_and_grad)(params, batch)
     lookup = tt.TwoTowerObjective(tt.precomputed_tower(table), image_fn, locked=("text",))
     loss, grads = jax.jit(lookup.value_and_grad)({**params, "text": {}}, {**batch, "tokens": ids})
     np.testing.assert_allclose(loss, want_loss, **TOL)
@@ -222,8 +222,8 @@ def test_projected_image_tower_is_the_vision_tower_then_a_linear_map():
 
     params = meta.unbox(tower.init(jax.random.PRNGKey(1), pixels)["params"])
     assert set(params) == {"vision", "image_projection"}  # a dual encoder's image-half names
-    _, pooled = VisionTower(spec).apply({"params": params["vision"]}, pixels)
+    _, pooled = jax.jit(VisionTower(spec).apply)({"params": params["vision"]}, pixels)
     want = np.asarray(pooled, np.float64) @ np.asarray(params["image_projection"]["kernel"], np.float64)
-    got = tt.module_tower(tower)(params, pixels, None)
+    got = jax.jit(tt.module_tower(tower))(params, pixels, None)
     assert got.shape == (3, 5)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
