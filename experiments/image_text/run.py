@@ -492,7 +492,22 @@ def plot(records: list[dict], summary: dict, out: pathlib.Path) -> list[str]:
     return ["zero_shot.png", "curves.png"]
 
 
-def write_artifacts(records: list[dict], summary: dict, out: pathlib.Path, scale: str, settings: dict) -> dict:
+def caption_cosines(text_cd) -> dict:
+    """Mean cosine between the locked caption embeddings: same digit (other template) and other digit
+    (how far apart the fixed text targets are; the image tower can only separate what these separate)."""
+    import numpy as np
+
+    unit = text_cd / np.linalg.norm(text_cd, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    label = np.arange(len(text_cd)) // len(TEMPLATES)
+    same = (label[:, None] == label[None]) & ~np.eye(len(text_cd), dtype=bool)
+    other = label[:, None] != label[None]
+    return {"same_digit_mean": float(sims[same].mean()), "other_digit_mean": float(sims[other].mean()),
+            "other_digit_max": float(sims[other].max())}
+
+
+def write_artifacts(records: list[dict], summary: dict, out: pathlib.Path, scale: str, settings: dict,
+                    text_cd) -> dict:
     from embedjax import provenance
 
     out.mkdir(parents=True, exist_ok=True)
@@ -503,7 +518,8 @@ def write_artifacts(records: list[dict], summary: dict, out: pathlib.Path, scale
         small["losses_every_10"] = r["losses"][9::10]
         provenance.write_artifact(per_seed / f"{r['config']}_seed{r['seed']}.json", small)
     first = records[0]
-    meta = {"scale": scale, "num_train": first["num_train"], "num_held_out": first["num_held_out"],
+    meta = {"scale": scale, "caption_cosines": caption_cosines(text_cd),
+            "num_train": first["num_train"], "num_held_out": first["num_held_out"],
             "num_t2i_queries": len(first["per_query"]["t2i_r1"]),
             "held_out_exact_duplicates_of_train": first["held_out_exact_duplicates_of_train"],
             "templates": list(TEMPLATES), "settings": settings}
@@ -540,7 +556,8 @@ def main(argv=None) -> dict:
     if not records:
         raise RuntimeError(f"no finished runs under {runs / args.scale}")
     summary = summarise(records, ring_dense_gaps(records, runs, args.scale))
-    written = write_artifacts(records, summary, pathlib.Path(args.out), args.scale, config.to_dict())
+    written = write_artifacts(records, summary, pathlib.Path(args.out), args.scale, config.to_dict(),
+                              caption_table(runs))
     brief = {name: round(row["zero_shot_top1"]["mean"], 2) for name, row in summary["configs"].items()}
     result = {"scale": args.scale, "zero_shot_top1_mean": brief, "out": args.out, **written["meta"]}
     print(json.dumps(result))
