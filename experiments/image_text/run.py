@@ -531,7 +531,7 @@ def write_artifacts(records: list[dict], summary: dict, out: pathlib.Path, scale
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", default="smoke", choices=("smoke", "full", "check"))
+    parser.add_argument("--scale", default="smoke", choices=("smoke", "quick", "full", "check"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "image_text"))
     parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
     parser.add_argument("--aggregate-only", action="store_true",
