@@ -199,7 +199,7 @@ def measure(args) -> dict:
                        "padding_fraction": round(index.padding_fraction(), 4)}
                 for kind, index in ivf.items()},
         "rows": rows,
-        "matched_recall": matched_recall(rows),
+        "matched_recall": matched_recall(rows), "best_at_recall": best_at_recall(rows),
     }
 
 
@@ -233,6 +233,31 @@ def matched_recall(rows, targets=(0.8, 0.9, 0.95, 0.99)) -> list:
     return out
 
 
+def best_at_recall(rows, targets=(0.8, 0.9, 0.95, 0.99)) -> list:
+    """Per workload and target: each library's fastest configuration of any kind (exhaustive or IVF, any
+    strategy and nprobe) reaching the target recall@10, and the ratio of their rates: the question a
+    user with this corpus asks ("which library answers fastest at this recall?")."""
+    def entry(i):
+        r = rows[i]
+        configuration = f"{r['index']} {r['strategy']}" + ("" if r["nprobe"] is None else f" nprobe {r['nprobe']}")
+        return {"row": i, "configuration": configuration, "recall@10": r["recall@10"],
+                "queries_per_s": r["queries_per_s"], "load_1min": r["load_1min"]}
+
+    out = []
+    for workload in sorted({r["workload"] for r in rows}):
+        for target in targets:
+            best = {}
+            for i, r in enumerate(rows):
+                if r["workload"] == workload and r["recall@10"] >= target:
+                    if r["system"] not in best or r["queries_per_s"] > rows[best[r["system"]]]["queries_per_s"]:
+                        best[r["system"]] = i
+            if {"embedjax", "faiss"} <= set(best):
+                e, f = entry(best["embedjax"]), entry(best["faiss"])
+                out.append({"workload": workload, "target_recall": target, "embedjax": e, "faiss": f,
+                            "ratio_vs_faiss": round(e["queries_per_s"] / f["queries_per_s"], 3)})
+    return out
+
+
 def from_log(args) -> dict:
     """results.json from the rows a measuring run printed to stderr (one JSON object per line), for a run that
     was stopped before it wrote results.json: the rows of every workload it finished, the rest listed missing."""
@@ -255,7 +280,7 @@ def from_log(args) -> dict:
         "workloads_missing": [w for w in planned if w not in finished],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                     "note": "rates are comparable where each row's load_1min is near the core count (an idle machine)"},
-        "rows": rows, "matched_recall": matched_recall(rows),
+        "rows": rows, "matched_recall": matched_recall(rows), "best_at_recall": best_at_recall(rows),
     }
 
 
