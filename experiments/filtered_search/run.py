@@ -203,20 +203,31 @@ def measure(args) -> dict:
     }
 
 
-def matched_recall(rows, targets=(0.8, 0.9, 0.95, 0.99)) -> list:
+RECALL_TARGETS = (0.8, 0.9, 0.95, 0.99)
+
+
+def fastest_reaching(rows, workload: str, target: float, group, eligible=lambda r: True) -> dict:
+    """``{group(row): index}``: per group, the index of the fastest eligible row of ``workload`` whose
+    recall@10 reaches ``target`` (the earlier row on a tie)."""
+    best = {}
+    for i, r in enumerate(rows):
+        if r["workload"] != workload or r["recall@10"] < target or not eligible(r):
+            continue
+        key = group(r)
+        if key not in best or r["queries_per_s"] > rows[best[key]]["queries_per_s"]:
+            best[key] = i
+    return best
+
+
+def matched_recall(rows, targets=RECALL_TARGETS) -> list:
     """Per workload and target: the fastest configuration of each IVF system reaching the target recall, and the
     ratio of embedjax's rate to FAISS IVFFlat's (both measured in the same run)."""
     out = []
-    workloads = sorted({r["workload"] for r in rows})
-    for workload in workloads:
+    for workload in sorted({r["workload"] for r in rows}):
         for target in targets:
-            best = {}
-            for r in rows:
-                if r["workload"] != workload or r["nprobe"] is None or r["recall@10"] < target:
-                    continue
-                key = (r["system"], r["index"], r["strategy"])
-                if key not in best or r["queries_per_s"] > best[key]["queries_per_s"]:
-                    best[key] = r
+            best = {key: rows[i] for key, i in fastest_reaching(
+                rows, workload, target, group=lambda r: (r["system"], r["index"], r["strategy"]),
+                eligible=lambda r: r["nprobe"] is not None).items()}
             # FAISS's row is "selector" under a filter, "none" on the unfiltered workload
             faiss_row = best.get(("faiss", "ivf float32", "selector")) or best.get(("faiss", "ivf float32", "none"))
             for (system, index, strategy), r in sorted(best.items()):
@@ -233,7 +244,7 @@ def matched_recall(rows, targets=(0.8, 0.9, 0.95, 0.99)) -> list:
     return out
 
 
-def best_at_recall(rows, targets=(0.8, 0.9, 0.95, 0.99)) -> list:
+def best_at_recall(rows, targets=RECALL_TARGETS) -> list:
     """Per workload and target: each library's fastest configuration of any kind (exhaustive or IVF, any
     strategy and nprobe) reaching the target recall@10, and the ratio of their rates: the question a
     user with this corpus asks ("which library answers fastest at this recall?")."""
@@ -246,11 +257,7 @@ def best_at_recall(rows, targets=(0.8, 0.9, 0.95, 0.99)) -> list:
     out = []
     for workload in sorted({r["workload"] for r in rows}):
         for target in targets:
-            best = {}
-            for i, r in enumerate(rows):
-                if r["workload"] == workload and r["recall@10"] >= target:
-                    if r["system"] not in best or r["queries_per_s"] > rows[best[r["system"]]]["queries_per_s"]:
-                        best[r["system"]] = i
+            best = fastest_reaching(rows, workload, target, group=lambda r: r["system"])
             if {"embedjax", "faiss"} <= set(best):
                 e, f = entry(best["embedjax"]), entry(best["faiss"])
                 out.append({"workload": workload, "target_recall": target, "embedjax": e, "faiss": f,
