@@ -279,7 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher_args", default="",
                         help="options for launch/<launcher>.sh as one string, e.g. \"--name v5e --zone us-west4-a\"")
     parser.add_argument("--dry_run", action="store_true", help="print each run's command; run nothing")
-    parser.add_argument("--only", default="", help="run only runs whose name contains this text")
+    parser.add_argument("--only", default="", help="run only runs whose name contains this text (a run's exact "
+                        "name selects that run alone, even where it is part of another run's name)")
     # --config.KEY=VALUE flags apply to every run; the CLI hands them over as args.overrides
     parser.set_defaults(overrides=[], accepts_overrides=True)
 
@@ -291,7 +292,8 @@ def plan(args) -> tuple[list[dict], list[str]]:
     extra = [f"--config.{o}" for o in split_overrides(getattr(args, "overrides", None) or [])]
     runs = expand(load_sweep(args.config))
     if args.only:
-        runs = [r for r in runs if args.only in r["name"]]
+        exact = [r for r in runs if r["name"] == args.only]
+        runs = exact or [r for r in runs if args.only in r["name"]]
         if not runs:
             raise ValueError(f"--only {args.only!r} matches no run of the sweep")
     if args.launcher == "inprocess" and not is_local(args.workdir):

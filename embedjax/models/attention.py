@@ -11,10 +11,16 @@ sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS
   lives at a time, forward and backward. Runs on every backend.
 - ``"explicit"``: the dense float32 reference (all scores at once), also the path that applies
   attention dropout. It is the slow twin the chunked kernel is tested against.
+- ``"blocked"``: the dense computation of ``explicit``, a few batch rows at a time (a ``lax.map``
+  over batch blocks sized so one block's scores stay in cache, `batch_block`). On CPU, XLA's dense
+  attention over a whole batch writes every [L, L] score matrix to memory and reads it back for the
+  softmax and again for the value product; a cache-sized block avoids those round trips (measured
+  1.9x faster than ``xla`` at 64 x 256 tokens, MiniLM's 12 heads; BENCHMARKS.md).
 
 ``"auto"`` picks per call (`resolve_impl`): on a GPU, ``xla`` for half-precision inputs without
-SelfExtend (cuDNN's fused kernel), else ``chunked``; on CPU and TPU, ``xla`` for sequences up to
-``chunk_size`` (one block: nothing to save) and ``chunked`` beyond.
+SelfExtend (cuDNN's fused kernel), else ``chunked``; on TPU, ``xla`` for sequences up to
+``chunk_size`` (one block: nothing to save) and ``chunked`` beyond; on CPU, ``blocked`` up to
+``chunk_size`` and ``chunked`` beyond.
 
 SelfExtend (``self_extend_window`` w): each query/key pair closer than w positions uses the normally
 rotated q and k; farther pairs use the grouped rotations (a key before the query pairs the
@@ -35,8 +41,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "explicit")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "explicit", "blocked")
 DEFAULT_CHUNK = 512
+# Scores one batch block of `blocked_attention` may hold (float32 [rows, H, L, L]). Tuned on the
+# 2-core CPU at 64 rows x 12 heads (BENCHMARKS.md): the best block held 3-6 MiB at L = 128 and 256;
+# 6 MiB picks 64 rows at L = 32, 32 at 64, 8 at 128, 2 at 256, 1 at 512.
+BLOCK_SCORE_BYTES = 6 << 20
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -59,7 +69,9 @@ def resolve_impl(impl: str, *, length: int, dtype, self_extend: bool, backend: s
     if backend == "gpu":
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         return "xla" if half and not self_extend else "chunked"
-    return "chunked" if (self_extend or length > chunk_size) else "xla"
+    if self_extend or length > chunk_size:
+        return "chunked"
+    return "blocked" if backend == "cpu" else "xla"
 
 
 class Masking(NamedTuple):
@@ -129,6 +141,37 @@ def explicit_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     ctx = jnp.einsum("bgrqc,bcgk->bqgrk", probs.astype(v.dtype), v)
     return ctx.reshape(b, length, h, d).astype(qs[0].dtype)
+
+
+def batch_block(batch: int, heads: int, length: int, budget_bytes: int = BLOCK_SCORE_BYTES) -> int:
+    """Batch rows per block of `blocked_attention`: as many as keep float32 [rows, H, L, L] scores
+    within ``budget_bytes`` (at least one, at most the batch)."""
+    return max(1, min(batch, budget_bytes // (4 * heads * length * length)))
+
+
+def blocked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *, block: int | None = None):
+    """`explicit_attention` (no dropout) over batch blocks of ``block`` rows (default `batch_block`)
+    -> [B, L, H, K]; same arguments. The batch is padded to a multiple of the block with masked rows,
+    whose outputs are dropped. Differentiable: the backward pass maps over the same blocks."""
+    b, length, h, _ = qs[0].shape
+    block = batch_block(b, h, length) if block is None else block
+    if block < 1:
+        raise ValueError(f"block={block} must be at least 1")
+    n = -(-b // block)
+    if n == 1:
+        return explicit_attention(qs, ks, v, key_mask_bl, positions_bl, masking)
+
+    def split(x):
+        x = jnp.pad(x, [(0, n * block - b)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(n, block, *x.shape[1:])
+
+    def one_block(args):
+        q_blk, k_blk, v_blk, mask_blk, pos_blk = args
+        return explicit_attention(q_blk, k_blk, v_blk, mask_blk, pos_blk, masking)
+
+    out = jax.lax.map(one_block, (tuple(map(split, qs)), tuple(map(split, ks)), split(v), split(key_mask_bl),
+                                  split(positions_bl)))
+    return out.reshape(n * block, *out.shape[2:])[:b]
 
 
 # ---- chunked online softmax ------------------------------------------------------------------

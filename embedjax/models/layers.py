@@ -191,6 +191,8 @@ def attend(q_blhk, k_blgk, v_blgk, key_mask_bl, *, causal: bool, window: int | N
         return kernels.xla_attention(q_blhk, k_blgk, v_blgk, key_mask_bl, masking)
     if chosen == "chunked":
         return kernels.chunked_attention(qs, ks, v_blgk, key_mask_bl, positions, masking, chunk_size=chunk_size)
+    if chosen == "blocked":
+        return kernels.blocked_attention(qs, ks, v_blgk, key_mask_bl, positions, masking)
     return kernels.explicit_attention(qs, ks, v_blgk, key_mask_bl, positions, masking)
 
 

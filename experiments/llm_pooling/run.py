@@ -178,6 +178,8 @@ def evaluate(args) -> dict:
                 continue
             path = CELLS / f"{cell_name(cell)}.json"
             record = json.loads(path.read_text()) if path.is_file() else {"cell": cell, "sets": {}}
+            if cell["kind"] == "trained" and record.get("training") != run_summary(source):
+                record = {"cell": cell, "sets": {}}  # the run was retrained: its old scores are stale
             if name in record["sets"] and (name != "stsb" or _covers(record["sets"][name], args.stsb_pairs)):
                 continue
             print(f"# {cell_name(cell)}: {name}", file=sys.stderr, flush=True)

@@ -20,6 +20,8 @@ sys.path.insert(0, str(REPO / "tests" / "docs"))
 import figure_artifacts  # noqa: E402  (the README/BENCHMARKS artifact checker)
 
 TINY = {
+    "attention": ["--batch", "3", "--lengths", "8,21", "--heads", "2", "--head-dim", "4", "--repeats", "1",
+                  "--chunk-size", "8"],
     "search": ["--n", "2000", "--bits", "64", "--dim", "16", "--queries", "3", "--k", "5", "--repeats", "1",
                "--bandwidth-mib", "8"],
     "kernels": ["--n", "300", "--bits", "64", "--dim", "20", "--queries", "7", "--k", "5", "--blocks", "8x128",
@@ -69,6 +71,9 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
         assert result["texts"] == int(TINY[name][TINY[name].index("--num-texts") + 1]) and result["ratio"] > 0
     if name == "train":
         assert result["batch"] == 2 and result["steps"] == 3 and result["sentence-transformers pairs/s"] > 0
+    if name == "attention":  # every kernel agrees with PyTorch's SDPA on the real tokens
+        assert [r["shape"] for r in result["rows"]] == ["3x8x2x4", "3x21x2x4"]
+        assert all(r["max_abs_diff_vs_torch"] < 1e-5 and r["ratio_blocked"] > 0 for r in result["rows"])
     if name == "scan":
         assert result["layers"] == 2 and result["max_abs_embedding_diff"] < 1e-5
     if name == "long_context":  # 4x the tokens: chunked temporaries ~4x, dense ones ~16x

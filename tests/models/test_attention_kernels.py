@@ -1,5 +1,5 @@
-"""The attention kernels (issue 15): the chunked online-softmax kernel against the dense float32
-reference (its slow twin), `jax.nn.dot_product_attention` and a float64 NumPy attention, at awkward
+"""The attention kernels (issue 15): the chunked online-softmax kernel and the batch-blocked dense
+kernel (issue 17) against the dense float32 reference (their slow twin), `jax.nn.dot_product_attention` and a float64 NumPy attention, at awkward
 lengths that are not multiples of the block, with left and right padding, GQA, causal masks and a
 sliding window; gradients through the hand-written backward pass; compiled memory that grows
 linearly in the length.
@@ -67,9 +67,10 @@ def test_chunked_equals_dense_and_float64_attention(length, chunk, causal, windo
     dense = kernels.explicit_attention((q,), (k,), v, mask, positions, masking)
     chunked = kernels.chunked_attention((q,), (k,), v, mask, positions, masking, chunk_size=chunk)
     xla = kernels.xla_attention(q, k, v, mask, masking)
+    blocked = kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=2)  # 3 rows: one padded
     ref, defined = _numpy_attention(q, k, v, mask, causal, window)
     real = mask[:, :, None] & defined  # queries that are real tokens and see at least one key
-    for name, ours in (("chunked", chunked), ("dense", dense), ("xla", xla)):
+    for name, ours in (("chunked", chunked), ("dense", dense), ("xla", xla), ("blocked", blocked)):
         err = np.abs(np.asarray(ours, np.float64) - ref)[real].max()
         assert err <= 1e-5, (name, err)
     assert np.abs(np.asarray(chunked) - np.asarray(dense))[real].max() <= 1e-5
@@ -114,6 +115,39 @@ def test_chunked_self_extend_gradients_equal_dense_ones():
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(a).max()), 1.0)
 
 
+def test_blocked_gradients_and_self_extend_equal_the_dense_ones():
+    """lax.map over batch blocks (5 rows in blocks of 2: the last block padded) differentiates to the
+    dense gradients; SelfExtend's score selection passes through the blocks unchanged."""
+    rng = np.random.default_rng(11)
+    q, k, v, mask, positions = _inputs(rng, 5, 23, 4, 2, 8, "left")
+    extra = [jnp.asarray(rng.normal(size=x.shape), jnp.float32) for x in (q, q, k)]
+    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * mask[:, :, None, None]
+    for masking in (kernels.Masking(True, 6), kernels.Masking(False, None, self_extend_window=5)):
+        def loss(fn):
+            def value(q, qb, qa, k, kg, v):
+                qs, ks = ((q, qb, qa), (k, kg)) if masking.self_extend_window else ((q,), (k,))
+                return jnp.sum(fn(qs, ks, v, mask, positions, masking) * weights)
+            return value
+
+        args = (q, extra[0], extra[1], k, extra[2], v)
+        dense = jax.value_and_grad(loss(kernels.explicit_attention), argnums=tuple(range(6)))(*args)
+        blocked = jax.value_and_grad(loss(lambda *a: kernels.blocked_attention(*a, block=2)),
+                                     argnums=tuple(range(6)))(*args)
+        assert abs(float(dense[0] - blocked[0])) <= 1e-4 * max(abs(float(dense[0])), 1.0)
+        for a, b in zip(dense[1], blocked[1]):
+            assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(a).max()), 1.0)
+    assert float(jnp.abs(dense[1][1]).max()) > 0  # the grouped query really carried gradient
+
+
+def test_batch_block_keeps_a_block_of_scores_within_the_budget():
+    assert [kernels.batch_block(64, 12, n) for n in (32, 64, 128, 256, 512)] == [64, 32, 8, 2, 1]
+    assert kernels.batch_block(3, 12, 4096) == 1 and kernels.batch_block(5, 1, 8) == 5
+    assert kernels.batch_block(64, 12, 128, budget_bytes=4 * 12 * 128 * 128 * 3) == 3
+    with pytest.raises(ValueError, match="block=0"):
+        kernels.blocked_attention(*(lambda t: ((t[0],), (t[1],), t[2], t[3], t[4]))(
+            _inputs(np.random.default_rng(0), 2, 4, 2, 2, 4, "right")), kernels.Masking(), block=0)
+
+
 def test_chunked_bfloat16_stays_close_to_float32():
     rng = np.random.default_rng(5)
     q, k, v, mask, positions = _inputs(rng, 2, 70, 4, 4, 32, "right")
@@ -127,7 +161,8 @@ def test_chunked_bfloat16_stays_close_to_float32():
 
 def test_auto_picks_a_kernel_per_backend_length_and_dtype():
     resolve = kernels.resolve_impl
-    assert resolve("auto", length=512, dtype=jnp.float32, self_extend=False, backend="cpu") == "xla"
+    assert resolve("auto", length=512, dtype=jnp.float32, self_extend=False, backend="cpu") == "blocked"
+    assert resolve("auto", length=512, dtype=jnp.float32, self_extend=False, backend="tpu") == "xla"
     assert resolve("auto", length=513, dtype=jnp.float32, self_extend=False, backend="cpu") == "chunked"
     assert resolve("auto", length=64, dtype=jnp.float32, self_extend=True, backend="tpu") == "chunked"
     assert resolve("auto", length=32768, dtype=jnp.bfloat16, self_extend=False, backend="gpu") == "xla"

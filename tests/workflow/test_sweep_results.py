@@ -186,6 +186,20 @@ def test_bad_sweeps_are_refused_with_the_reason(tmp_path, family):
         sweep.plan(_args(family, tmp_path / "r", only="pooling=max"))
 
 
+def test_only_selects_by_substring_and_an_exact_name_alone(tmp_path):
+    """A chained run's name can contain another run's whole name (configs/llm_pooling.py: the
+    contrastive run after MNTP); naming a run exactly must not start the chained one too."""
+    chained = tmp_path / "chained.py"
+    chained.write_text(FAMILY.split("def get_sweep")[0] + '''
+def get_sweep():
+    return [{"model.pooling": "mean", "seed": 0}, {"model.path": "base", "model.pooling": "mean", "seed": 0}]
+''')
+    names = lambda only: [r["name"] for r in sweep.plan(_args(chained, tmp_path / "r", only=only))[0]]
+    assert names("pooling=mean,seed=0") == ["pooling=mean,seed=0"]
+    assert names("pooling=mean") == ["pooling=mean,seed=0", "path=base,pooling=mean,seed=0"]
+    assert names("path=") == ["path=base,pooling=mean,seed=0"]
+
+
 def _args(config, root, launcher="local", dry_run=False, overrides=(), only=""):
     import argparse
 
