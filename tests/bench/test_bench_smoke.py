@@ -30,6 +30,7 @@ TINY = {
              "--budget-gib", "0.0005", "--max-search-batch", "4096"],
     "train_step": ["--layers", "1", "--hidden", "16", "--heads", "2", "--intermediate", "32", "--vocab", "1200",
                    "--batch", "4", "--seq", "8", "--steps", "2", "--matmul-size", "64"],
+    "matmul": ["--tokens", "37", "--hidden", "12", "--heads", "3", "--intermediate", "20", "--repeats", "1"],
     "encode": ["--num-texts", "6", "--batch-size", "4", "--repeats", "1"],
     "encode_scifact": ["--corpus", "scifact", "--num-texts", "3", "--batch-size", "4", "--repeats", "1"],
     "train": ["--steps", "3", "--batch-size", "2"],
@@ -74,6 +75,9 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
     if name == "attention":  # every kernel agrees with PyTorch's SDPA on the real tokens
         assert [r["shape"] for r in result["rows"]] == ["3x8x2x4", "3x21x2x4"]
         assert all(r["max_abs_diff_vs_torch"] < 1e-5 and r["ratio_blocked"] > 0 for r in result["rows"])
+    if name == "matmul":  # XLA's products equal PyTorch's (float32 sums of 12-20 terms)
+        assert [r["product"] for r in result["rows"]] == ["qkv_heads", "qkv", "mlp_up", "mlp_down"]
+        assert all(r["max_abs_diff"] < 1e-4 and r["xla_gflops"] > 0 and r["ratio"] > 0 for r in result["rows"])
     if name == "scan":
         assert result["layers"] == 2 and result["max_abs_embedding_diff"] < 1e-5
     if name == "long_context":  # 4x the tokens: chunked temporaries ~4x, dense ones ~16x
