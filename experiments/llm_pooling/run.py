@@ -172,9 +172,17 @@ def evaluate(args) -> dict:
     unknown = sorted(set(refs) - set(REFERENCES))
     if unknown:
         raise ValueError(f"--refs {unknown}: not reference cells; choose from {sorted(REFERENCES)}")
+    available = available_cells(sweep)
+    only = [c for c in args.cells.split(",") if c] if getattr(args, "cells", "") else []
+    missing = sorted(set(only) - {cell_name(cell) for cell, _ in available})
+    if missing:
+        raise ValueError(f"--cells {missing}: not available; choose from {[cell_name(c) for c, _ in available]} "
+                         "(a trained cell is available once its run has finished and exported)")
     for name in sets:
-        for cell, source in available_cells(sweep):
-            if cell["kind"] == "reference" and cell["name"] not in refs:
+        for cell, source in available:
+            if cell["kind"] == "reference" and cell["name"] not in refs and not only:
+                continue
+            if only and cell_name(cell) not in only:
                 continue
             path = CELLS / f"{cell_name(cell)}.json"
             record = json.loads(path.read_text()) if path.is_file() else {"cell": cell, "sets": {}}
@@ -404,6 +412,8 @@ def main(argv=None) -> dict:
     ev.add_argument("--stsb-pairs", type=int, default=0,
                     help="evaluate a fixed seed-0 random subset of this many STS-B test pairs (0: all 1,379)")
     ev.add_argument("--refs", default="", help="comma-separated reference cells to evaluate (default: all)")
+    ev.add_argument("--cells", default="", help="comma-separated cells (references or trained, e.g. "
+                    "causal-lasttoken-seed0) to evaluate, for a costly set such as msmarco (default: all available)")
     rep = sub.add_parser("report")
     rep.add_argument("--samples", type=int, default=10_000)
     args = parser.parse_args(argv)
