@@ -347,11 +347,11 @@ def main(args) -> dict:
         return result
     if is_local(args.workdir):
         root = pathlib.Path(args.workdir)
+        # The manifest lists the whole sweep, also when --only runs part of it: readers of the
+        # sweep (results, experiment reports) find every run there, started or not.
         manifest = {"config": args.config, "common_overrides": extra,
-                    "runs": [{"name": r["name"], "overrides": r["overrides"]} for r in runs]}
-        previous = root / MANIFEST
-        if previous.is_file() and args.only:  # a partial sweep keeps the full manifest
-            manifest = json.loads(previous.read_text())
+                    "runs": [{"name": r["name"], "overrides": r["overrides"]}
+                             for r in expand(load_sweep(args.config))]}
         _write_json(root / MANIFEST, manifest)
         for run in runs:
             _write_json(pathlib.Path(run["workdir"]) / RUN_RECORD, {"name": run["name"], "overrides": run["overrides"]})

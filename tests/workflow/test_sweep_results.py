@@ -239,6 +239,11 @@ def test_local_sweep_runs_each_pending_run_once_and_records_the_manifest(family,
     with pytest.raises(RuntimeError):
         sweep.main(_args(family, root))
     assert calls.read_text().split() == [names[-1]]
+    # A partial sweep (--only, in a fresh root) still records the whole sweep in its manifest.
+    fresh = tmp_path / "fresh"
+    sweep.main(_args(family, fresh, only=names[2]))
+    assert [r["name"] for r in json.loads((fresh / "sweep.json").read_text())["runs"]] == names
+    assert sweep.run_status(str(fresh / names[2])) == "finished" and not (fresh / names[0]).exists()
 
 
 # ---------------------------------------------------------------- results on synthetic runs
