@@ -143,27 +143,33 @@ def explicit_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *
     return ctx.reshape(b, length, h, d).astype(qs[0].dtype)
 
 
-def batch_block(batch: int, heads: int, length: int, budget_bytes: int = BLOCK_SCORE_BYTES) -> int:
+def batch_block(batch: int, heads: int, length: int, budget_bytes: int = BLOCK_SCORE_BYTES, shards: int = 1) -> int:
     """Batch rows per block of `blocked_attention`: as many as keep float32 [rows, H, L, L] scores
-    within ``budget_bytes`` (at least one, at most the batch)."""
-    return max(1, min(batch, budget_bytes // (4 * heads * length * length)))
+    within ``budget_bytes`` per shard (at least one per shard), times ``shards``, at most the batch."""
+    rows = max(1, budget_bytes // (4 * heads * length * length))
+    return max(1, min(batch, rows * shards))
 
 
 def blocked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *, block: int | None = None):
-    """`explicit_attention` (no dropout) over batch blocks of ``block`` rows (default `batch_block`)
-    -> [B, L, H, K]; same arguments. The batch is padded to a multiple of the block with masked rows,
-    whose outputs are dropped. Differentiable: the backward pass maps over the same blocks."""
+    """`explicit_attention` (no dropout) over batch blocks of ``block`` rows -> [B, L, H, K]; same
+    arguments. ``block`` defaults to `batch_block` with one share per device.
+
+    Row r of the (padded) batch goes to block r // n, step r % n of the ``lax.map`` over n steps:
+    each step takes every n-th row, so a batch sharded in contiguous pieces over the devices stays
+    sharded along the block axis (each device maps over its own rows; no all-gather) when the block
+    is a multiple of the shard count. The batch is padded to a multiple of the block with masked
+    rows, whose outputs are dropped. Differentiable: the backward pass maps over the same blocks."""
     b, length, h, _ = qs[0].shape
-    block = batch_block(b, h, length) if block is None else block
+    block = batch_block(b, h, length, shards=jax.device_count()) if block is None else block
     if block < 1:
         raise ValueError(f"block={block} must be at least 1")
     n = -(-b // block)
     if n == 1:
         return explicit_attention(qs, ks, v, key_mask_bl, positions_bl, masking)
 
-    def split(x):
+    def split(x):  # [B, ...] -> [n, block, ...], row r at [r % n, r // n]
         x = jnp.pad(x, [(0, n * block - b)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape(n, block, *x.shape[1:])
+        return jnp.swapaxes(x.reshape(block, n, *x.shape[1:]), 0, 1)
 
     def one_block(args):
         q_blk, k_blk, v_blk, mask_blk, pos_blk = args
@@ -171,7 +177,7 @@ def blocked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *,
 
     out = jax.lax.map(one_block, (tuple(map(split, qs)), tuple(map(split, ks)), split(v), split(key_mask_bl),
                                   split(positions_bl)))
-    return out.reshape(n * block, *out.shape[2:])[:b]
+    return jnp.swapaxes(out, 0, 1).reshape(n * block, *out.shape[2:])[:b]
 
 
 # ---- chunked online softmax ------------------------------------------------------------------

@@ -143,9 +143,29 @@ def test_batch_block_keeps_a_block_of_scores_within_the_budget():
     assert [kernels.batch_block(64, 12, n) for n in (32, 64, 128, 256, 512)] == [64, 32, 8, 2, 1]
     assert kernels.batch_block(3, 12, 4096) == 1 and kernels.batch_block(5, 1, 8) == 5
     assert kernels.batch_block(64, 12, 128, budget_bytes=4 * 12 * 128 * 128 * 3) == 3
+    assert kernels.batch_block(64, 12, 256, shards=8) == 16 and kernels.batch_block(6, 12, 512, shards=8) == 6
     with pytest.raises(ValueError, match="block=0"):
         kernels.blocked_attention(*(lambda t: ((t[0],), (t[1],), t[2], t[3], t[4]))(
             _inputs(np.random.default_rng(0), 2, 4, 2, 2, 4, "right")), kernels.Masking(), block=0)
+
+
+def test_blocked_keeps_a_sharded_batch_on_its_devices():
+    """A batch sharded over the suite's 8 CPU devices: each device maps over its own rows (no
+    all-gather in the compiled program) and the result equals the dense kernel's."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    assert len(devices) == 8, "the suite runs on 8 fake CPU devices (tests/conftest.py)"
+    sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+    rng = np.random.default_rng(2)
+    q, k, v, mask, positions = _inputs(rng, 16, 300, 16, 16, 8, "right")  # ~5.8 MB of scores per row
+    q, k, v, mask, positions = (jax.device_put(jnp.asarray(x), sharding) for x in (q, k, v, mask, positions))
+    masking = kernels.Masking()
+    assert kernels.batch_block(16, 16, 300, shards=8) == 8  # 2 map steps, 1 row per device each
+    blocked = jax.jit(lambda *a: kernels.blocked_attention((a[0],), (a[1],), a[2], a[3], a[4], masking))
+    assert "all-gather" not in blocked.lower(q, k, v, mask, positions).compile().as_text()
+    dense = kernels.explicit_attention((q,), (k,), v, mask, positions, masking)
+    assert float(jnp.abs(blocked(q, k, v, mask, positions) - dense).max()) <= 1e-5
 
 
 def test_chunked_bfloat16_stays_close_to_float32():
