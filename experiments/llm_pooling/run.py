@@ -305,7 +305,7 @@ def report(args) -> dict:
                        "seeds); msmarco: nDCG@10 x100 on the 43 judged queries (paired permutation test on the "
                        "seed-averaged per-query scores); every text truncated at 128 tokens."}
     _write(HERE / "results.json", payload)
-    (HERE / "table.md").write_text(markdown_table(rows))
+    (HERE / "table.md").write_text(markdown_table(rows) + "\n" + ordering_table(verdict["adjacent_tests"]))
     plot(rows, HERE / "pooling.png")
     return {"command": "report", "rows": len(rows), "verdict": verdict.get("holds")}
 
@@ -374,6 +374,21 @@ def markdown_table(rows) -> str:
                      f"{_p(row, 'vs_causal_last_token', 'stsb')} | {_p(row, 'vs_causal_last_token', 'msmarco')} | "
                      f"{_p(row, 'vs_untrained', 'stsb')} | {_p(row, 'vs_untrained', 'msmarco')} | "
                      f"[json](results.json#/rows/{i}) |")
+    return "\n".join(lines) + "\n"
+
+
+def ordering_table(tests) -> str:
+    """NV-Embed's ordering, one adjacent step per line: the paired difference (better in NV-Embed
+    minus worse) with its 95% interval and p, per set measured for both cells."""
+    lines = ["| step of the ordering (better in NV-Embed first) | STS-B difference | 95% CI | p "
+             "| msmarco difference | p | artifact |", "|---|---|---|---|---|---|---|"]
+    for i, t in enumerate(tests):
+        sts, ms = t.get("stsb"), t.get("msmarco")
+        sts_cells = (f"{sts['mean_difference']:+.2f} | [{sts['ci_low']:.2f}, {sts['ci_high']:.2f}] | "
+                     f"{sts['p_value']:.4f}") if sts else "- | - | -"
+        ms_cells = f"{ms['mean_difference']:+.2f} | {ms['p_value']:.4f}" if ms else "- | -"
+        lines.append(f"| {t['b']} over {t['a']} | {sts_cells} | {ms_cells} | "
+                     f"[json](results.json#/nv_embed_ordering/adjacent_tests/{i}) |")
     return "\n".join(lines) + "\n"
 
 
