@@ -181,8 +181,8 @@ def test_chunked_bfloat16_stays_close_to_float32():
 
 def test_auto_picks_a_kernel_per_backend_length_and_dtype():
     resolve = kernels.resolve_impl
-    assert resolve("auto", length=512, dtype=jnp.float32, self_extend=False, backend="cpu") == "blocked"
-    assert resolve("auto", length=512, dtype=jnp.float32, self_extend=False, backend="tpu") == "xla"
+    assert resolve("auto", length=512, dtype=jnp.float32, self_extend=False, backend="cpu") == "xla"
+    assert resolve("blocked", length=512, dtype=jnp.float32, self_extend=False, backend="cpu") == "blocked"
     assert resolve("auto", length=513, dtype=jnp.float32, self_extend=False, backend="cpu") == "chunked"
     assert resolve("auto", length=64, dtype=jnp.float32, self_extend=True, backend="tpu") == "chunked"
     assert resolve("auto", length=32768, dtype=jnp.bfloat16, self_extend=False, backend="gpu") == "xla"
