@@ -65,10 +65,11 @@ def get_config(arg: str = "smoke"):
     c.checkpoint.async_save = False
     c.train.mntp_probability = 0.2  # LLM2Vec's choice for Llama models
     if size == "smoke":
-        # Sized for 2 idle CPU cores: a step of 16 triplets x 3 columns x 32 tokens is ~0.9 TFLOP
-        # forward + backward through the frozen backbone, measured ~10 s (~90 GFLOP/s), so 24 steps
-        # (384 triplets) train in ~4 minutes and STS-B test (all 1,379 pairs) adds ~2. Every column is
-        # padded to one shape: a new shape costs a compilation. A first reading, not converged models.
+        # Sized for 2 CPU cores: a step of 16 triplets x 3 columns x 32 tokens is ~0.9 TFLOP forward
+        # + backward through the frozen backbone, measured ~10-15 s, so a run of 24 steps (384
+        # triplets) takes ~6 minutes with its compilation and STS-B test (all 1,379 pairs) ~1 more.
+        # Every column is padded to one shape: a new shape costs a compilation. A first reading, not
+        # converged models.
         c.model.max_length = 32
         c.data.pad_to_max_length = True
         c.train.batch_size = 16

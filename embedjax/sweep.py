@@ -285,12 +285,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(overrides=[], accepts_overrides=True)
 
 
-def plan(args) -> tuple[list[dict], list[str]]:
-    """-> (runs with name, overrides, workdir, status, command; the common override flags)."""
+def plan(args) -> tuple[list[dict], list[str], list[dict]]:
+    """-> (the selected runs with name, overrides, workdir, status, command; the common override
+    flags; every run of the sweep, selected or not, as name and overrides)."""
     from embedjax.train.cli import split_overrides
 
     extra = [f"--config.{o}" for o in split_overrides(getattr(args, "overrides", None) or [])]
     runs = expand(load_sweep(args.config))
+    whole = [{"name": r["name"], "overrides": r["overrides"]} for r in runs]
     if args.only:
         exact = [r for r in runs if r["name"] == args.only]
         runs = exact or [r for r in runs if args.only in r["name"]]
@@ -309,7 +311,7 @@ def plan(args) -> tuple[list[dict], list[str]]:
         run["status"] = run_status(run["workdir"])
         run["command"] = launch_command(args.launcher, run, args.workdir, args.config, extra, launcher_args,
                                         command=command)
-    return runs, extra
+    return runs, extra, whole
 
 
 def run_in_process(argv: Sequence[str], log_path: pathlib.Path) -> int:
@@ -334,7 +336,7 @@ def run_in_process(argv: Sequence[str], log_path: pathlib.Path) -> int:
 
 
 def main(args) -> dict:
-    runs, extra = plan(args)
+    runs, extra, whole = plan(args)
     todo = [r for r in runs if r["status"] != "finished"]
     for run in runs:
         mark = "skip (finished)" if run["status"] == "finished" else run["status"]
@@ -349,9 +351,7 @@ def main(args) -> dict:
         root = pathlib.Path(args.workdir)
         # The manifest lists the whole sweep, also when --only runs part of it: readers of the
         # sweep (results, experiment reports) find every run there, started or not.
-        manifest = {"config": args.config, "common_overrides": extra,
-                    "runs": [{"name": r["name"], "overrides": r["overrides"]}
-                             for r in expand(load_sweep(args.config))]}
+        manifest = {"config": args.config, "common_overrides": extra, "runs": whole}
         _write_json(root / MANIFEST, manifest)
         for run in runs:
             _write_json(pathlib.Path(run["workdir"]) / RUN_RECORD, {"name": run["name"], "overrides": run["overrides"]})

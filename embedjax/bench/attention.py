@@ -3,8 +3,8 @@
 One row per padded length: bidirectional attention over ``--batch`` rows of ``--heads`` heads of
 ``--head-dim`` (default MiniLM's 12 x 32), keys padded at random to between half and all of the
 length. Each of embedjax's implementations (`embedjax.models.attention`: ``xla`` is
-`jax.nn.dot_product_attention`, ``blocked`` the batch-blocked dense kernel that ``auto`` picks on
-CPU, ``explicit`` the dense reference, ``chunked`` the online-softmax kernel) is jitted and timed
+`jax.nn.dot_product_attention` (what ``auto`` picks up to 512 tokens on CPU), ``blocked`` the
+batch-blocked dense kernel, ``explicit`` the dense reference, ``chunked`` the online-softmax kernel) is jitted and timed
 (median of ``--repeats`` after a warm-up), alternating with
 ``torch.nn.functional.scaled_dot_product_attention`` on the same numbers in PyTorch's [B, H, L, D]
 layout (the transposes are made before timing). ``ratio_<impl>`` is SDPA's time over the
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
                 times[impl].append(median_seconds(lambda p=program: p(*device_args), args.repeats))
         torch_ms = 1e3 * float(np.median(times["torch"]))
         row = {"shape": f"{args.batch}x{length}x{args.heads}x{args.head_dim}", "torch_sdpa_ms": sig(torch_ms),
-               "blocked_rows": batch_block(args.batch, args.heads, length)}
+               "blocked_rows": batch_block(args.batch, args.heads, length, shards=jax.device_count())}
         worst = 0.0
         for impl, program in programs.items():
             ms = 1e3 * float(np.median(times[impl]))

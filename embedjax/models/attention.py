@@ -15,7 +15,7 @@ sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS
   over batch blocks sized so one block's scores stay in cache, `batch_block`). On CPU, XLA's dense
   attention over a whole batch writes every [L, L] score matrix to memory and reads it back for the
   softmax and again for the value product; a cache-sized block avoids those round trips (measured
-  1.9x faster than ``xla`` at 64 x 256 tokens, MiniLM's 12 heads; BENCHMARKS.md).
+  1.7-1.8x faster than ``xla`` at 64 x 128 and 64 x 256 tokens, MiniLM's 12 heads, idle; BENCHMARKS.md).
 
 ``"auto"`` picks per call (`resolve_impl`): on a GPU, ``xla`` for half-precision inputs without
 SelfExtend (cuDNN's fused kernel), else ``chunked``; on CPU and TPU, ``xla`` for sequences up to

@@ -173,7 +173,7 @@ def evaluate(args) -> dict:
     if unknown:
         raise ValueError(f"--refs {unknown}: not reference cells; choose from {sorted(REFERENCES)}")
     available = available_cells(sweep)
-    only = [c for c in args.cells.split(",") if c] if getattr(args, "cells", "") else []
+    only = [c for c in args.cells.split(",") if c]
     missing = sorted(set(only) - {cell_name(cell) for cell, _ in available})
     if missing:
         raise ValueError(f"--cells {missing}: not available; choose from {[cell_name(c) for c, _ in available]} "
@@ -186,7 +186,8 @@ def evaluate(args) -> dict:
                 continue
             path = CELLS / f"{cell_name(cell)}.json"
             record = json.loads(path.read_text()) if path.is_file() else {"cell": cell, "sets": {}}
-            if cell["kind"] == "trained" and record.get("training") != run_summary(source):
+            training = run_summary(source) if cell["kind"] == "trained" else None
+            if training is not None and record.get("training") != training:
                 record = {"cell": cell, "sets": {}}  # the run was retrained: its old scores are stale
             if name in record["sets"] and (name != "stsb" or _covers(record["sets"][name], args.stsb_pairs)):
                 continue
@@ -195,8 +196,8 @@ def evaluate(args) -> dict:
             record["sets"][name] = evaluate_set(encoder, name, args.stsb_pairs)
             record["cell"] = cell
             record["max_length"] = MAX_LENGTH
-            if cell["kind"] == "trained":
-                record["training"] = run_summary(source)
+            if training is not None:
+                record["training"] = training
             _write(path, record)
             done.append(f"{cell_name(cell)}:{name}")
     return {"command": "evaluate", "evaluated": done}
