@@ -1,6 +1,6 @@
 """Scaled dot-product attention kernels that `embedjax.models.layers.attend` chooses between.
 
-Three implementations of the same function (GQA, key-padding mask, optional causal mask with a
+Four implementations of the same function (GQA, key-padding mask, optional causal mask with a
 sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS``:
 
 - ``"xla"``: `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs for bfloat16/float16
@@ -18,12 +18,14 @@ sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS
   1.7-1.8x faster than ``xla`` at 64 x 128 and 64 x 256 tokens, MiniLM's 12 heads, idle; BENCHMARKS.md).
 
 ``"auto"`` picks per call (`resolve_impl`): on a GPU, ``xla`` for half-precision inputs without
-SelfExtend (cuDNN's fused kernel), else ``chunked``; on CPU and TPU, ``xla`` for sequences up to
-``chunk_size`` (one block: nothing to save) and ``chunked`` beyond. ``blocked`` is faster on CPU
-but is not the default there: it computes the scores as ``explicit`` does, and in an
-ill-conditioned model (SmolLM2 made bidirectional, 30 layers) its float32 rounding ends 2.9e-4
-from a float64 run, against 6.3e-5 for ``xla`` and 2.6e-5 for transformers' float32 (measured
-2026-12-02; why the two dense spellings round differently is not yet known).
+SelfExtend (cuDNN's fused kernel), else ``chunked``; on TPU, ``xla`` for sequences up to
+``chunk_size`` (one block: nothing to save) and ``chunked`` beyond; on CPU, ``blocked`` up to
+``chunk_size`` and ``chunked`` beyond.
+
+The dense paths spell the score product so that XLA:CPU gives the query the dot's left operand, as
+`jax.nn.dot_product_attention` does: with the operands the other way round its GEMM rounds ~1.5x
+further from float64 (mean error, measured on random inputs), and the three dense
+implementations would not agree to the bit.
 
 SelfExtend (``self_extend_window`` w): each query/key pair closer than w positions uses the normally
 rotated q and k; farther pairs use the grouped rotations (a key before the query pairs the
@@ -72,7 +74,9 @@ def resolve_impl(impl: str, *, length: int, dtype, self_extend: bool, backend: s
     if backend == "gpu":
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         return "xla" if half and not self_extend else "chunked"
-    return "chunked" if (self_extend or length > chunk_size) else "xla"
+    if self_extend or length > chunk_size:
+        return "chunked"
+    return "blocked" if backend == "cpu" else "xla"
 
 
 class Masking(NamedTuple):
@@ -105,7 +109,10 @@ def _scores(qs, ks, pos_q, pos_k, masking: Masking, scale: float):
     normal query (and, with SelfExtend, the before/after grouped ones); ``ks`` [B, C, G, K] each:
     the normal key (and the grouped one)."""
     def dot(q, k):
-        return jnp.einsum("bqgrk,bcgk->bgrqc", q, k, preferred_element_type=jnp.float32)
+        # [b, g, q, r, c], then r moved before q: with (q, r) adjacent XLA:CPU keeps q as the dot's
+        # left operand (module docstring: ~1.5x closer to float64 than the k-first product).
+        s = jnp.einsum("bqgrk,bcgk->bgqrc", q, k, preferred_element_type=jnp.float32)
+        return jnp.swapaxes(s, 2, 3)
 
     if masking.self_extend_window is None:
         return dot(qs[0], ks[0]) * jnp.float32(scale)
