@@ -8,7 +8,8 @@ Triton; on CPU they run in interpret mode, so keep ``--n`` tiny there) it:
   matrix-product rate;
 * for the Hamming search (``--bits``-bit codes) and the int8 inner-product search
   (``--dim`` dims) over ``--n`` random corpus vectors, at each query batch and k,
-  runs the Pallas kernel at each ``--blocks`` setting and the XLA twin, checks that
+  runs the Pallas kernel at each ``--blocks`` setting and ``--select`` top-k selection
+  (the running top-k in the scan, or tile maxima + rescoring) and the XLA twin, checks that
   they return the same distances/scores and ids (exactly: both reduce integers and
   break ties toward the smaller id), and reports median times, the corpus bytes
   streamed per second as a fraction of the measured bandwidth, and the arithmetic
@@ -26,6 +27,7 @@ import numpy as np
 
 from embedjax.bench import report
 from embedjax.bench.timing import copy_bandwidth_gbs, matmul_tflops, median_seconds, sig
+from embedjax.kernels.two_pass_topk import check_selection
 
 SECTION = "Kernels on an accelerator"
 
@@ -38,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", default="10,100", help="comma-separated k values")
     parser.add_argument("--blocks", default="16x128", help="Pallas block_q x block_n settings, comma-separated")
     parser.add_argument("--paths", default="hamming,int8", help="which searches to run")
+    parser.add_argument("--select", default="running,two_pass",
+                        help="Pallas top-k selections to time (embedjax.kernels.two_pass_topk.SELECTIONS)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per cell (median reported)")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="buffer size of the bandwidth ceiling")
     parser.add_argument("--matmul-size", type=int, default=8192, help="size of the bf16 matmul ceiling")
@@ -63,8 +67,9 @@ def _hamming_searches(q_codes, x_codes, n):
 
     interpret = jax.default_backend() not in ("gpu", "tpu")
 
-    def pallas(k, bq, bn):
-        return lambda: hamming_topk_pallas(q_codes, x_codes, k, n, block_q=bq, block_n=bn, interpret=interpret)
+    def pallas(k, bq, bn, select):
+        return lambda: hamming_topk_pallas(q_codes, x_codes, k, n, block_q=bq, block_n=bn, interpret=interpret,
+                                           select=select)
 
     def xla(k):
         return lambda: hamming_topk_xla(q_codes, x_codes, k, n)
@@ -78,9 +83,9 @@ def _int8_searches(q, x, q_scale, x_scale, n):
     interpret = jax.default_backend() not in ("gpu", "tpu")
     q_offset = jnp.zeros((q.shape[0],), jnp.float32)
 
-    def pallas(k, bq, bn):
+    def pallas(k, bq, bn, select):
         return lambda: _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n, kind="int8", block_q=bq, block_n=bn,
-                                      interpret=interpret)
+                                      interpret=interpret, select=select)
 
     def xla(k):
         return lambda: _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n, kind="int8")
@@ -94,14 +99,17 @@ def _mismatches(got, want) -> int:
     return int(np.sum(np.any((gv != wv) | (gi != wi), axis=1)))
 
 
-def _cells(kind, searches, qs, ks, blocks, corpus_bytes, ops_per_query, repeats, ceilings):
+def _cells(kind, searches, qs, ks, blocks, selects, corpus_bytes, ops_per_query, repeats, ceilings):
     """One row per (queries, k, implementation); Pallas rows carry the check against the twin."""
     rows = []
     for q, (pallas, xla) in searches.items():
         for k in ks:
             reference = xla(k)
             want = jax.block_until_ready(reference())
-            variants = [("xla", None, reference)] + [(f"pallas {bq}x{bn}", (bq, bn), pallas(k, bq, bn)) for bq, bn in blocks]
+            variants = [("xla", None, reference)]
+            for select in selects:
+                suffix = "" if select == "running" else f" {select}"
+                variants += [(f"pallas {bq}x{bn}{suffix}", (bq, bn), pallas(k, bq, bn, select)) for bq, bn in blocks]
             base = None
             for name, _, fn in variants:
                 row = dict(kernel=kind, impl=name, queries=q, k=k, error="")
@@ -130,6 +138,7 @@ def run(args: argparse.Namespace) -> dict:
     ks = [int(v) for v in args.k.split(",")]
     blocks = parse_blocks(args.blocks)
     paths = [p for p in args.paths.split(",") if p]
+    selects = [check_selection(v) for v in args.select.split(",") if v]
     if unknown := set(paths) - {"hamming", "int8"}:
         raise ValueError(f"--paths may name hamming and int8; got {sorted(unknown)}")
     if args.bits % 32:
@@ -148,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         searches = {q: _hamming_searches(jax.random.bits(jax.random.fold_in(key, q), (q, words), jnp.uint32), x, args.n)
                     for q in qs}
         # Per query and corpus word: one XOR, one popcount, one add.
-        rows += _cells("hamming", searches, qs, ks, blocks, x.nbytes, 3 * args.n * words, args.repeats, ceilings)
+        rows += _cells("hamming", searches, qs, ks, blocks, selects, x.nbytes, 3 * args.n * words, args.repeats, ceilings)
         del x, searches
     if "int8" in paths:
         kx, ks_ = jax.random.split(jax.random.fold_in(key, 1))
@@ -160,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
             q_codes = jax.random.randint(kq, (q, args.dim), -127, 128, jnp.int32).astype(jnp.int8)
             searches[q] = _int8_searches(q_codes, x, jnp.ones((q,), jnp.float32), x_scale, args.n)
         # Per query and corpus code: one multiply-add per dimension (2 ops).
-        rows += _cells("int8", searches, qs, ks, blocks, x.nbytes, 2 * args.n * args.dim, args.repeats, ceilings)
+        rows += _cells("int8", searches, qs, ks, blocks, selects, x.nbytes, 2 * args.n * args.dim, args.repeats, ceilings)
         del x, searches
 
     device = report.device_description()

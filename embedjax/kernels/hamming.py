@@ -12,6 +12,7 @@ from embedjax.kernels.dispatch import resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
 from embedjax.kernels.row_filter import as_row_filter, check_row_ids, distances_from_scores
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
+from embedjax.kernels.two_pass_topk import check_selection, two_pass_topk
 
 
 def check_codes(q_codes, x_codes, *, q_name="q_codes", x_name="x_codes"):
@@ -54,24 +55,27 @@ def _hamming_tile(q_refs, x_refs, offset, block_n):
     return -acc.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "target_splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "target_splits", "interpret", "select"))
 def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=64, interpret=False,
-                        row_filter=None, row_ids=None):
+                        row_filter=None, row_ids=None, select="running"):
     words = next_pow2(q_codes.shape[1])
     # Zero words XOR to zero, so padding the width adds nothing to a distance. The kernel sees
     # the bits as int32: XOR and popcount ignore signedness, and Triton compiles popcount of
     # signed words (uint32 words failed to compile on an H200, jax 0.11.2).
     q = lax.bitcast_convert_type(pad_axis(q_codes, 1, words), jnp.int32)
     x_t = lax.bitcast_convert_type(pad_axis(x_codes, 1, words), jnp.int32).T  # corpus axis last: tiles [words, block_n]
-    s, i = running_topk_call(
-        _hamming_tile, (q,), (x_t,), n_valid, k,
-        block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
-        row_filter=row_filter, row_ids=row_ids,
-    )
+    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
+                   row_filter=row_filter, row_ids=row_ids)
+    if select == "two_pass":
+        s, i = two_pass_topk(_hamming_tile, hamming_scores_chunk, (q,), (x_t,), (q_codes,), (x_codes,), n_valid, k,
+                             **options)
+    else:
+        s, i = running_topk_call(_hamming_tile, (q,), (x_t,), n_valid, k, **options)
     return distances_from_scores(s), i
 
 
-def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=32768, filter=None, row_ids=None):
+def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=32768, filter=None, row_ids=None,
+                 select="running"):
     """Nearest codes by Hamming distance.
 
     q_codes uint32 [Q, W], x_codes uint32 [N, W] -> (distances int32 [Q, k],
@@ -82,8 +86,11 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     rows pass the missing results are index -1 with distance int32 max.
     ``row_ids`` int32 [N]: ids reported for (and breaking ties by) the rows.
     ``impl``: "xla" (chunked jnp scan, memory O(Q * chunk_size)), "pallas" (the
-    Pallas kernel; interpret mode on CPU) or "auto".
+    Pallas kernel; interpret mode on CPU) or "auto". ``select`` (Pallas only): "running" (a
+    running top-k inside the scan) or "two_pass" (tile maxima, then the best tiles rescored;
+    ``kernels.two_pass_topk``). Both are exact.
     """
+    check_selection(select)
     q_codes = jnp.asarray(q_codes)
     x_codes = jnp.asarray(x_codes)
     check_codes(q_codes, x_codes)
@@ -96,6 +103,6 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     impl, interpret = resolve_impl(impl)
     if impl == "pallas":
         return hamming_topk_pallas(q_codes, x_codes, k, n_valid, interpret=interpret, row_filter=row_filter,
-                                   row_ids=row_ids)
+                                   row_ids=row_ids, select=select)
     return hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=chunk_size, row_filter=row_filter,
                             row_ids=row_ids)

@@ -9,6 +9,9 @@ running top-k (larger is better, ties -> smaller index).
   the query with ``affine_query_transform`` (x_scale = 1, q_offset = the
   query's constant term), so the ranking equals the dequantised inner product.
 
+``select=`` (Pallas only): "running" (a running top-k inside the scan) or "two_pass" (tile
+maxima, then the best tiles rescored by the jnp twin; ``kernels.two_pass_topk``); both exact.
+
 ``filter=`` (mask [N] / [Q, N] or ``RowPredicates``, see ``kernels.row_filter``)
 removes rows inside the scan; when fewer than k rows pass, the missing results are
 id -1 with score -inf. ``row_ids=`` int32 [N] replaces the row index as reported
@@ -27,6 +30,7 @@ from embedjax.kernels.dispatch import resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
 from embedjax.kernels.row_filter import as_row_filter, check_row_ids
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
+from embedjax.kernels.two_pass_topk import check_selection, two_pass_topk
 from embedjax.quant.scalar import unpack_int4
 
 FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
@@ -109,12 +113,14 @@ def _fp8_chunk(q_args, x_args):
     return _epilogue(_float_dot(q, x), q_scale, x_scale, q_offset)
 
 
+CHUNK_SCORERS = {"int8": _int8_chunk, "int4": _int4_chunk, "fp8": _fp8_chunk}
+
+
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size", "kind"))
 def _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, chunk_size=32768, row_filter=None,
                 row_ids=None):
-    fn = {"int8": _int8_chunk, "int4": _int4_chunk, "fp8": _fp8_chunk}[kind]
-    return chunked_topk(fn, (q, q_scale, q_offset), (x, x_scale), k, n_valid=n_valid, chunk_size=chunk_size,
-                        row_filter=row_filter, row_ids=row_ids)
+    return chunked_topk(CHUNK_SCORERS[kind], (q, q_scale, q_offset), (x, x_scale), k, n_valid=n_valid,
+                        chunk_size=chunk_size, row_filter=row_filter, row_ids=row_ids)
 
 
 # ---------------------------------------------------------------- Pallas
@@ -176,9 +182,9 @@ def _decode_int4(q_refs, start, x_tile, depth_block):
     return jnp.dot(q_even, low, preferred_element_type=jnp.int32) + jnp.dot(q_odd, high, preferred_element_type=jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "kind", "block_q", "block_n", "target_splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k", "kind", "block_q", "block_n", "target_splits", "interpret", "select"))
 def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_q=16, block_n=128,
-                   target_splits=64, interpret=False, row_filter=None, row_ids=None):
+                   target_splits=64, interpret=False, row_filter=None, row_ids=None, select="running"):
     if kind == "int4":
         q2 = pad_axis(q, 1, 2 * x.shape[1])
         q_main, q_extra = q2[:, 0::2], (q2[:, 1::2],)
@@ -191,50 +197,52 @@ def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_
     padded = -(-depth // db) * db
     q_ops = (pad_axis(q_main, 1, padded), q_scale[:, None], q_offset[:, None]) + tuple(pad_axis(e, 1, padded) for e in q_extra)
     x_ops = (pad_axis(x, 1, padded).T, x_scale[None, :])
-    return running_topk_call(
-        _dot_tile(decode, db, acc), q_ops, x_ops, n_valid, k,
-        block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
-        row_filter=row_filter, row_ids=row_ids,
-    )
+    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
+                   row_filter=row_filter, row_ids=row_ids)
+    if select == "two_pass":
+        return two_pass_topk(_dot_tile(decode, db, acc), CHUNK_SCORERS[kind], q_ops, x_ops, (q, q_scale, q_offset),
+                             (x, x_scale), n_valid, k, **options)
+    return running_topk_call(_dot_tile(decode, db, acc), q_ops, x_ops, n_valid, k, **options)
 
 
 # ---------------------------------------------------------------- public
 
 
-def _run(kind, q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids):
+def _run(kind, q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids, select):
+    check_selection(select)
     row_filter = as_row_filter(filter, q.shape[0], x.shape[0])
     row_ids = check_row_ids(row_ids, x.shape[0])
     impl, interpret = resolve_impl(impl)
     if impl == "pallas":
         return _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, interpret=interpret,
-                              row_filter=row_filter, row_ids=row_ids)
+                              row_filter=row_filter, row_ids=row_ids, select=select)
     return _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, chunk_size=chunk_size,
                        row_filter=row_filter, row_ids=row_ids)
 
 
 def int8_topk(q, q_scale, x, x_scale, k, impl="auto", *, q_offset=None, n_valid=None, chunk_size=32768,
-              filter=None, row_ids=None):
+              filter=None, row_ids=None, select="running"):
     """int8 codes q [Q, D], x [N, D]; scales float32 [Q], [N] (None = 1) -> (scores f32 [Q, k], ids int32 [Q, k])."""
     args = _prepare(q, q_scale, x, x_scale, q_offset, k, n_valid, q_dtypes=(jnp.int8,), x_dtypes=(jnp.int8,),
                     q_width=lambda d: d, kind="int8_topk")
     q, q_scale, x, x_scale, q_offset, n_valid = args
-    return _run("int8", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids)
+    return _run("int8", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids, select)
 
 
 def int4_topk(q, q_scale, x, x_scale, k, impl="auto", *, q_offset=None, n_valid=None, chunk_size=32768,
-              filter=None, row_ids=None):
+              filter=None, row_ids=None, select="running"):
     """int8 query codes q [Q, D] against packed int4 corpus codes x uint8 [N, ceil(D/2)]."""
     args = _prepare(q, q_scale, x, x_scale, q_offset, k, n_valid, q_dtypes=(jnp.int8,), x_dtypes=(jnp.uint8,),
                     q_width=lambda d: -(-d // 2), kind="int4_topk")
     q, q_scale, x, x_scale, q_offset, n_valid = args
-    return _run("int4", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids)
+    return _run("int4", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids, select)
 
 
 def fp8_topk(q, q_scale, x, x_scale, k, impl="auto", *, q_offset=None, n_valid=None, chunk_size=32768,
-             filter=None, row_ids=None):
+             filter=None, row_ids=None, select="running"):
     """fp8 (e4m3 / e5m2) corpus codes x [N, D]; q fp8 or float32 [Q, D]; float32 accumulation."""
     args = _prepare(q, q_scale, x, x_scale, q_offset, k, n_valid,
                     q_dtypes=FP8_DTYPES + (jnp.float32, jnp.bfloat16), x_dtypes=FP8_DTYPES,
                     q_width=lambda d: d, kind="fp8_topk")
     q, q_scale, x, x_scale, q_offset, n_valid = args
-    return _run("fp8", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids)
+    return _run("fp8", q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, filter, row_ids, select)

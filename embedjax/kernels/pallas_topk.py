@@ -22,7 +22,7 @@ never share an output block (no cross-program accumulation).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +101,71 @@ def filter_operands(row_filter: RowFilter | None, padded_queries: int, padded_ro
     return (attrs, lo, hi), specs, predicate_tile
 
 
+class ScanLayout(NamedTuple):
+    """How a scan kernel lays the corpus out: padded operands, their block specs and sizes."""
+
+    queries: int  # real queries Q
+    padded_queries: int
+    per_split: int  # tiles per program
+    splits: int
+    operands: tuple  # n_valid, q_ops, x_ops, filter operands, row ids (in the kernel's ref order)
+    in_specs: list
+    counts: tuple  # (len q_ops, len x_ops, len filter operands, len id operands)
+    tile_pass: Callable | None
+
+
+def scan_layout(q_ops: Sequence, x_ops: Sequence, n_valid, *, block_q: int, block_n: int, target_splits: int,
+                row_filter: RowFilter | None, row_ids) -> ScanLayout:
+    """Pads queries to ``block_q`` and the corpus to whole splits; grid ``(query blocks, splits)``."""
+    q = q_ops[0].shape[0]
+    n = x_ops[0].shape[1]
+    qp = -(-q // block_q) * block_q
+    per_split, splits = split_layout(n, block_n, target_splits)
+    split_len = per_split * block_n
+    np_ = splits * split_len
+    q_ops = [pad_axis(a, 0, qp) for a in q_ops]
+    x_ops = [pad_axis(a, 1, np_) for a in x_ops]
+    n_valid_arr = jnp.reshape(jnp.asarray(n_valid, jnp.int32), (1,))
+    f_ops, f_specs, tile_pass = filter_operands(row_filter, qp, np_, block_q, split_len)
+    id_ops = () if row_ids is None else (pad_axis(jnp.asarray(row_ids, jnp.int32)[None, :], 1, np_),)
+    in_specs = [pl.BlockSpec((1,), lambda i, s: (0,))]
+    in_specs += [pl.BlockSpec((block_q, a.shape[1]), lambda i, s: (i, 0)) for a in q_ops]
+    in_specs += [pl.BlockSpec((a.shape[0], split_len), lambda i, s: (0, s)) for a in x_ops]
+    in_specs += list(f_specs)
+    in_specs += [pl.BlockSpec((1, split_len), lambda i, s: (0, s)) for _ in id_ops]
+    return ScanLayout(q, qp, per_split, splits, (n_valid_arr, *q_ops, *x_ops, *f_ops, *id_ops), in_specs,
+                      (len(q_ops), len(x_ops), len(f_ops), len(id_ops)), tile_pass)
+
+
+def masked_tile_fn(layout: ScanLayout, tile_score: Callable, refs, *, block_q: int, block_n: int):
+    """``tile(j) -> (scores float32 [block_q, block_n], ids int32 [block_q, block_n])`` for tile j
+    of the current program's split: rows past ``n_valid``, failing the filter or with a negative
+    id score -inf; ids are the row ids (or the corpus positions). ``refs``: the kernel's input refs."""
+    n_q, n_x, n_f, n_id = layout.counts
+    nv_ref, refs = refs[0], refs[1:]
+    q_refs, x_refs = refs[:n_q], refs[n_q:n_q + n_x]
+    f_refs, id_refs = refs[n_q + n_x:n_q + n_x + n_f], refs[n_q + n_x + n_f:n_q + n_x + n_f + n_id]
+    split_len = layout.per_split * block_n
+    split = pl.program_id(1)
+    col = lax.broadcasted_iota(jnp.int32, (block_q, block_n), 1)
+
+    def tile(j):
+        offset = pl.multiple_of(j * block_n, block_n)
+        scores = tile_score(q_refs, x_refs, offset, block_n)
+        position = split * split_len + offset + col
+        keep = position < nv_ref[0]
+        if layout.tile_pass is not None:
+            keep = keep & layout.tile_pass(f_refs, offset, block_n)
+        if id_refs:
+            ids = jnp.broadcast_to(id_refs[0][:, pl.ds(offset, block_n)], (block_q, block_n))
+            keep = keep & (ids >= 0)
+        else:
+            ids = position
+        return jnp.where(keep, scores, -jnp.inf), ids
+
+    return tile
+
+
 def running_topk_call(
     tile_score: Callable,
     q_ops: Sequence,
@@ -124,45 +189,19 @@ def running_topk_call(
     ``kernels.row_filter``; ``row_ids`` int32 [N]: reported ids and tie-breakers
     (negative = never matches). Missing results (fewer than k rows pass): id -1, -inf.
     """
-    q = q_ops[0].shape[0]
-    n = x_ops[0].shape[1]
     kp = next_pow2(k)
-    qp = -(-q // block_q) * block_q
-    per_split, splits = split_layout(n, block_n, target_splits)
-    split_len = per_split * block_n
-    np_ = splits * split_len
-    q_ops = [pad_axis(a, 0, qp) for a in q_ops]
-    x_ops = [pad_axis(a, 1, np_) for a in x_ops]
-    n_valid_arr = jnp.reshape(jnp.asarray(n_valid, jnp.int32), (1,))
-    f_ops, f_specs, tile_pass = filter_operands(row_filter, qp, np_, block_q, split_len)
-    id_ops = () if row_ids is None else (pad_axis(jnp.asarray(row_ids, jnp.int32)[None, :], 1, np_),)
-    n_q, n_x, n_f = len(q_ops), len(x_ops), len(f_ops)
+    layout = scan_layout(q_ops, x_ops, n_valid, block_q=block_q, block_n=block_n, target_splits=target_splits,
+                         row_filter=row_filter, row_ids=row_ids)
+    qp, splits = layout.padded_queries, layout.splits
 
-    def kernel(nv_ref, *refs):
-        q_refs = refs[:n_q]
-        x_refs = refs[n_q : n_q + n_x]
-        f_refs = refs[n_q + n_x : n_q + n_x + n_f]
-        id_refs = refs[n_q + n_x + n_f : -2]
+    def kernel(*refs):
         out_s_ref, out_i_ref = refs[-2:]
-        split = pl.program_id(1)
-        limit = nv_ref[0]
-        col = lax.broadcasted_iota(jnp.int32, (block_q, block_n), 1)
+        masked_tile = masked_tile_fn(layout, tile_score, refs[:-2], block_q=block_q, block_n=block_n)
         slot = lax.broadcasted_iota(jnp.int32, (block_q, kp), 1)
         init = (jnp.full((block_q, kp), -jnp.inf, jnp.float32), INT_MAX - slot)
 
         def tile_step(j, best):
-            offset = pl.multiple_of(j * block_n, block_n)
-            tile = tile_score(q_refs, x_refs, offset, block_n)
-            position = split * split_len + offset + col
-            keep = position < limit
-            if tile_pass is not None:
-                keep = keep & tile_pass(f_refs, offset, block_n)
-            if id_refs:
-                gid = jnp.broadcast_to(id_refs[0][:, pl.ds(offset, block_n)], (block_q, block_n))
-                keep = keep & (gid >= 0)
-            else:
-                gid = position
-            tile = jnp.where(keep, tile, -jnp.inf)
+            tile, gid = masked_tile(j)
 
             def candidate(tile, bs, bi):
                 t_best = jnp.max(tile, axis=1, keepdims=True)
@@ -190,20 +229,15 @@ def running_topk_call(
             _, bs, bi, _ = lax.while_loop(cond, body, (tile, bs, bi, go))
             return bs, bi
 
-        bs, bi = lax.fori_loop(0, per_split, tile_step, init)
+        bs, bi = lax.fori_loop(0, layout.per_split, tile_step, init)
         out_s_ref[...] = bs
         out_i_ref[...] = bi
 
-    in_specs = [pl.BlockSpec((1,), lambda i, s: (0,))]
-    in_specs += [pl.BlockSpec((block_q, a.shape[1]), lambda i, s: (i, 0)) for a in q_ops]
-    in_specs += [pl.BlockSpec((a.shape[0], split_len), lambda i, s: (0, s)) for a in x_ops]
-    in_specs += list(f_specs)
-    in_specs += [pl.BlockSpec((1, split_len), lambda i, s: (0, s)) for _ in id_ops]
     out_spec = pl.BlockSpec((pl.squeezed, block_q, kp), lambda i, s: (s, i, 0))
     scores, ids = pl.pallas_call(
         kernel,
         grid=(qp // block_q, splits),
-        in_specs=in_specs,
+        in_specs=layout.in_specs,
         out_specs=[out_spec, out_spec],
         out_shape=[
             jax.ShapeDtypeStruct((splits, qp, kp), jnp.float32),
@@ -211,7 +245,8 @@ def running_topk_call(
         ],
         interpret=interpret,
         name="running_topk",
-    )(n_valid_arr, *q_ops, *x_ops, *f_ops, *id_ops)
+    )(*layout.operands)
+    q = layout.queries
     scores = jnp.transpose(scores, (1, 0, 2)).reshape(qp, splits * kp)[:q]
     ids = jnp.transpose(ids, (1, 0, 2)).reshape(qp, splits * kp)[:q]
     neg, ids = lax.sort((-scores, ids), dimension=1, num_keys=2)
