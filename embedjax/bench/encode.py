@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median reported)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attention-impl", default="auto",
+                        help="embedjax's attention kernel (embedjax.models.attention.ATTENTION_IMPLS; auto: blocked on CPU)")
     report.add_arguments(parser)
 
 
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> dict:
 
     sentences = load_texts(args.corpus, args.data, args.num_texts)
     folder = resolve_model_dir(args.model)
-    enc = ej.Encoder.from_pretrained(folder, dtype=args.dtype, max_length=args.max_length)
+    enc = ej.Encoder.from_pretrained(folder, dtype=args.dtype, max_length=args.max_length,
+                                     attention_impl=args.attention_impl)
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch_device == "cuda":
         # JAX's default float32 matmul precision on GPUs is TF32; give PyTorch the same.
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_length": args.max_length,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
+        "attention_impl": args.attention_impl,
         "embedjax_texts_per_s": round(ej_rate, 1),
         "st_texts_per_s": round(st_rate, 1),
         "ratio": round(ej_rate / st_rate, 3),

@@ -32,7 +32,8 @@ TINY = {
                    "--batch", "4", "--seq", "8", "--steps", "2", "--matmul-size", "64"],
     "matmul": ["--tokens", "37", "--hidden", "12", "--heads", "3", "--intermediate", "20", "--repeats", "1"],
     "encode": ["--num-texts", "6", "--batch-size", "4", "--repeats", "1"],
-    "encode_scifact": ["--corpus", "scifact", "--num-texts", "3", "--batch-size", "4", "--repeats", "1"],
+    "encode_scifact": ["--corpus", "scifact", "--num-texts", "3", "--batch-size", "4", "--repeats", "1",
+                       "--attention-impl", "xla"],
     "train": ["--steps", "3", "--batch-size", "2"],
     "scan": ["--batch-size", "2", "--length", "8", "--repeats", "1"],
     "long_context": ["--lengths", "1024,4096", "--ratio-from", "1024", "--position-extension", "grouped"],
@@ -70,6 +71,7 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
         assert result["all_match_xla"] is True
     if name.startswith("encode"):
         assert result["texts"] == int(TINY[name][TINY[name].index("--num-texts") + 1]) and result["ratio"] > 0
+        assert result["attention_impl"] == ("xla" if name == "encode_scifact" else "auto")
     if name == "train":
         assert result["batch"] == 2 and result["steps"] == 3 and result["sentence-transformers pairs/s"] > 0
     if name == "attention":  # every kernel agrees with PyTorch's SDPA on the real tokens
