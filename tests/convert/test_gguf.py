@@ -183,9 +183,9 @@ def test_smollm2_matches_transformers(smollm2, attention):
     2.6e-5 from its float64 run on an Intel Xeon, 8.1e-5 on an AMD EPYC; max over tokens). On the
     EPYC, XLA:CPU's float32 GEMM rounds ~1.4x (mean) to ~2x (max) further from float64 than torch's
     on SmolLM2's shapes (128 x 576 x 1536 products), so two correct float32 runs sit ~3e-4 apart.
-    Bidirectional float32 is therefore held to transformers' float64 run: every token within 4x
-    (max) and 3x (mean) of transformers' float32 distance to it (measured 2.8x and 2.0x on the
-    EPYC); a real defect (a wrong mask or rotation) is off by 1e-2 or more.
+    Bidirectional float32 is therefore held to transformers' float64 run: the max and the mean over
+    tokens within 4x of transformers' float32 distance to it (measured 2.8x and 2.0x on the EPYC,
+    2.4x max on the Xeon); a real defect (a wrong mask or rotation) is off by 1e-2 or more.
     Bidirectional bf16 (transformers' own reaches only ~0.93-0.97 last-token cosine to its float32
     run) is held to at least transformers' bf16 closeness."""
     import torch
@@ -201,7 +201,7 @@ def test_smollm2_matches_transformers(smollm2, attention):
         ref64 = hf_last_hidden(smollm2, batch, bidirectional=True, dtype=torch.float64)
         ours_error, theirs_error = token_relative_errors(ours, ref64, mask), token_relative_errors(ref, ref64, mask)
         assert ours_error.max() <= 4 * theirs_error.max(), (ours_error.max(), theirs_error.max())
-        assert ours_error.mean() <= 3 * theirs_error.mean(), (ours_error.mean(), theirs_error.mean())
+        assert ours_error.mean() <= 4 * theirs_error.mean(), (ours_error.mean(), theirs_error.mean())
     else:
         assert token_relative_errors(ours, ref, mask).max() <= 1e-4
     low = np.asarray(bf16.model.apply({"params": bf16.params["backbone"]}, batch)[0], np.float32)
