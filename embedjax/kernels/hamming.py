@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from embedjax.kernels.dispatch import resolve_impl
+from embedjax.kernels.dispatch import device_array, resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
 from embedjax.kernels.row_filter import as_row_filter, check_row_ids, distances_from_scores
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
@@ -91,8 +91,7 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     ``kernels.two_pass_topk``). Both are exact.
     """
     check_selection(select)
-    q_codes = jnp.asarray(q_codes)
-    x_codes = jnp.asarray(x_codes)
+    q_codes, x_codes = device_array(q_codes), device_array(x_codes)
     check_codes(q_codes, x_codes)
     n_valid = resolve_n_valid(n_valid, x_codes.shape[0])
     check_k(k, n_valid)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from embedjax.kernels.dispatch import resolve_impl
+from embedjax.kernels.dispatch import device_array, resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
 from embedjax.kernels.row_filter import as_row_filter, check_row_ids
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
@@ -52,7 +52,7 @@ def _check_vec(a, n, name):
 
 
 def _prepare(q, q_scale, x, x_scale, q_offset, k, n_valid, *, q_dtypes, x_dtypes, q_width, kind):
-    q, x = jnp.asarray(q), jnp.asarray(x)
+    q, x = device_array(q), device_array(x)
     _check_2d(q, "q")
     _check_2d(x, "x")
     if q.dtype not in q_dtypes:

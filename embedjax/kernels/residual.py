@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from embedjax.kernels.dispatch import resolve_impl
+from embedjax.kernels.dispatch import device_array, resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
 from embedjax.kernels.row_filter import as_row_filter
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
@@ -79,7 +79,7 @@ def _check(q, x, dim, weights):
 
 def residual_bits_score(q, x_codes, *, dim, weights=None):
     """All-pairs scores float32 [Q, N] (plain jnp; see the module docstring for the modes)."""
-    q, x = jnp.asarray(q), jnp.asarray(x_codes)
+    q, x = jnp.asarray(q), device_array(x_codes)
     mode = _check(q, x, dim, weights)
     if mode == "asym":
         qp = pad_axis(q.astype(jnp.float32), 2, x.shape[2] * WORD_BITS)
@@ -153,7 +153,7 @@ def residual_topk(q, x_codes, k, impl="auto", *, dim, weights=None, n_valid=None
     ``filter``: mask [N] / [Q, N] or ``RowPredicates`` (``kernels.row_filter``); when
     fewer than k rows pass, the missing results are id -1 with score -inf.
     """
-    q, x = jnp.asarray(q), jnp.asarray(x_codes)
+    q, x = jnp.asarray(q), device_array(x_codes)
     mode = _check(q, x, dim, weights)
     n_valid = resolve_n_valid(n_valid, x.shape[0])
     check_k(k, n_valid)
