@@ -30,7 +30,7 @@ bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time l
   fi
 }
 
-bench kernels 220 kernels --n 2000000 --queries 64,512 --k 10,100 --blocks 16x128,32x128,64x64 --repeats 5
+bench kernels 330 kernels --n 2000000 --queries 64,512 --k 10,100 --blocks 16x128,32x128,64x64 --select running,two_pass --repeats 5
 bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
 bench train_step_b1024 80 train_step --batch 1024 --seq 128 --steps 10
 bench loss 150 loss --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --budget-gib 120 --max-search-batch 1048576 --repeats 5
