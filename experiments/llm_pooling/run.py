@@ -33,6 +33,12 @@ MAX_LENGTH = 128  # documents (and every text) truncated at 128 tokens, as the i
 NDCG = "ndcg@10"
 STSB_TEST_PAIRS = 1379
 BASELINE = ("trained", "causal", "last token")
+# The grid's other questions, each a paired test of b against a: does bidirectional attention help
+# a given pooler, and does LLM2Vec's MNTP stage help bidirectional mean pooling?
+CONTRASTS = [(f"bidirectional attention, {p}", ("trained", "causal", p), ("trained", "bidirectional", p))
+             for p in ("last token", "mean", "latent attention")] + [
+    ("MNTP before contrastive (LLM2Vec)", ("trained", "bidirectional", "mean"),
+     ("trained", "bidirectional", "mean + MNTP"))]
 # NV-Embed-v1 Table (MTEB-56): the ordering the experiment checks.
 NV_EMBED_ORDER = [("bidirectional", "latent attention"), ("bidirectional", "mean"), ("bidirectional", "last token"),
                   ("causal", "last token")]
@@ -300,13 +306,18 @@ def report(args) -> dict:
         {"a": f"{lo[0]}, {lo[1]}", "b": f"{hi[0]}, {hi[1]}",
          **compare(groups[("trained", *lo)], groups[("trained", *hi)])}
         for hi, lo in zip(NV_EMBED_ORDER, NV_EMBED_ORDER[1:]) if ("trained", *hi) in groups and ("trained", *lo) in groups]
-    payload = {"rows": rows, "nv_embed_ordering": verdict, "samples": args.samples, "stsb_pairs": len(pairs),
+    contrasts = [{"a": f"{a[1]}, {a[2]}", "b": f"{b[1]}, {b[2]}", "question": question,
+                  **compare(groups[a], groups[b])}
+                 for question, a, b in CONTRASTS if a in groups and b in groups]
+    payload = {"rows": rows, "nv_embed_ordering": verdict, "contrasts": contrasts, "samples": args.samples,
+               "stsb_pairs": len(pairs),
                "note": f"STS-B: Spearman x100 of cosine (paired bootstrap over {len(pairs)} of the 1,379 test pairs, "
                        "statistic = mean over "
                        "seeds); msmarco: nDCG@10 x100 on the 43 judged queries (paired permutation test on the "
                        "seed-averaged per-query scores); every text truncated at 128 tokens."}
     _write(HERE / "results.json", payload)
-    (HERE / "table.md").write_text(markdown_table(rows) + "\n" + ordering_table(verdict["adjacent_tests"]))
+    (HERE / "table.md").write_text(markdown_table(rows) + "\n" + ordering_table(verdict["adjacent_tests"]) + "\n"
+                                   + contrast_table(contrasts))
     plot(rows, HERE / "pooling.png")
     return {"command": "report", "rows": len(rows), "verdict": verdict.get("holds")}
 
@@ -390,6 +401,20 @@ def ordering_table(tests) -> str:
         ms_cells = f"{ms['mean_difference']:+.2f} | {ms['p_value']:.4f}" if ms else "- | -"
         lines.append(f"| {t['b']} over {t['a']} | {sts_cells} | {ms_cells} | "
                      f"[json](results.json#/nv_embed_ordering/adjacent_tests/{i}) |")
+    return "\n".join(lines) + "\n"
+
+
+def contrast_table(contrasts) -> str:
+    """The grid's other paired questions (`CONTRASTS`): b minus a, per set measured for both."""
+    lines = ["| question | b over a | STS-B difference | 95% CI | p | msmarco difference | p | artifact |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, t in enumerate(contrasts):
+        sts, ms = t.get("stsb"), t.get("msmarco")
+        sts_cells = (f"{sts['mean_difference']:+.2f} | [{sts['ci_low']:.2f}, {sts['ci_high']:.2f}] | "
+                     f"{sts['p_value']:.4f}") if sts else "- | - | -"
+        ms_cells = f"{ms['mean_difference']:+.2f} | {ms['p_value']:.4f}" if ms else "- | -"
+        lines.append(f"| {t['question']} | {t['b']} over {t['a']} | {sts_cells} | {ms_cells} | "
+                     f"[json](results.json#/contrasts/{i}) |")
     return "\n".join(lines) + "\n"
 
 
