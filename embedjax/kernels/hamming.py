@@ -15,17 +15,37 @@ from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
 from embedjax.kernels.two_pass_topk import check_selection, two_pass_topk
 
 
-def check_codes(q_codes, x_codes, *, q_name="q_codes", x_name="x_codes"):
+LAYOUTS = ("rows", "words")
+
+
+def check_codes(q_codes, x_codes, *, q_name="q_codes", x_name="x_codes", layout="rows"):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a corpus layout; choose 'rows' (codes [N, W]) or 'words' "
+                         "(word-major [W, N], embedjax.kernels.hamming.word_major)")
     for a, name in ((q_codes, q_name), (x_codes, x_name)):
         if getattr(a, "ndim", None) != 2:
-            raise ValueError(f"{name} must be a 2-D array [rows, words]; got shape {getattr(a, 'shape', None)}")
+            shape = "[words, rows]" if (name == x_name and layout == "words") else "[rows, words]"
+            raise ValueError(f"{name} must be a 2-D array {shape}; got shape {getattr(a, 'shape', None)}")
         if a.dtype != jnp.uint32:
             raise TypeError(f"{name} must be uint32 packed codes (embedjax.quant.pack_bits); got dtype {a.dtype}")
-    if q_codes.shape[1] != x_codes.shape[1]:
+    x_words = x_codes.shape[1] if layout == "rows" else x_codes.shape[0]
+    if q_codes.shape[1] != x_words:
         raise ValueError(
-            f"code widths differ: {q_name} has {q_codes.shape[1]} words per vector, {x_name} {x_codes.shape[1]}; "
+            f"code widths differ: {q_name} has {q_codes.shape[1]} words per vector, {x_name} {x_words}"
+            f"{' (word-major: axis 0)' if layout == 'words' else ''}; "
             "pack queries and corpus from embeddings of the same dimension"
         )
+
+
+def word_major(x_codes):
+    """Codes [N, W] -> the word-major corpus [W, N] (a transposed copy, made once per index).
+
+    The XLA scan over a word-major corpus XORs one word of every row at a time, a contiguous
+    vector over rows, and vectorises the popcounts across rows: measured ~2x the row-major scan
+    on an AMD EPYC with AVX-512 VPOPCNTDQ (64 queries over 262,144 x 1024-bit codes, 50 vs 105 ms,
+    under load); `bench search` times both layouts against FAISS."""
+    x_codes = device_array(x_codes)
+    return jnp.transpose(x_codes)
 
 
 def hamming_scores_chunk(q_args, x_args):
@@ -35,10 +55,21 @@ def hamming_scores_chunk(q_args, x_args):
     return -d.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
-def hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=32768, row_filter=None, row_ids=None):
-    s, i = chunked_topk(hamming_scores_chunk, (q_codes,), (x_codes,), k, n_valid=n_valid, chunk_size=chunk_size,
-                        row_filter=row_filter, row_ids=row_ids)
+def hamming_scores_words_chunk(q_args, x_args):
+    """Negated Hamming distances float32 [Q, C] of codes [Q, W] vs a word-major chunk [W, C]:
+    one XOR + popcount per word, each over a contiguous row vector (unrolled over the W words)."""
+    (q,), (x_t,) = q_args, x_args
+    d = lax.population_count(q[:, :1] ^ x_t[None, 0]).astype(jnp.int32)
+    for w in range(1, q.shape[1]):
+        d = d + lax.population_count(q[:, w:w + 1] ^ x_t[None, w]).astype(jnp.int32)
+    return -d.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "layout"))
+def hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=32768, row_filter=None, row_ids=None, layout="rows"):
+    score, axis = (hamming_scores_chunk, 0) if layout == "rows" else (hamming_scores_words_chunk, 1)
+    s, i = chunked_topk(score, (q_codes,), (x_codes,), k, n_valid=n_valid, chunk_size=chunk_size,
+                        row_filter=row_filter, row_ids=row_ids, corpus_axis=axis)
     return distances_from_scores(s), i
 
 
@@ -55,19 +86,23 @@ def _hamming_tile(q_refs, x_refs, offset, block_n):
     return -acc.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "target_splits", "interpret", "select"))
+@functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "target_splits", "interpret", "select",
+                                             "layout"))
 def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=64, interpret=False,
-                        row_filter=None, row_ids=None, select="running"):
+                        row_filter=None, row_ids=None, select="running", layout="rows"):
     words = next_pow2(q_codes.shape[1])
     # Zero words XOR to zero, so padding the width adds nothing to a distance. The kernel sees
     # the bits as int32: XOR and popcount ignore signedness, and Triton compiles popcount of
     # signed words (uint32 words failed to compile on an H200, jax 0.11.2).
     q = lax.bitcast_convert_type(pad_axis(q_codes, 1, words), jnp.int32)
-    x_t = lax.bitcast_convert_type(pad_axis(x_codes, 1, words), jnp.int32).T  # corpus axis last: tiles [words, block_n]
+    # The kernel reads the corpus word-major (corpus axis last: tiles [words, block_n]).
+    x_t = x_codes.T if layout == "rows" else x_codes
+    x_t = lax.bitcast_convert_type(pad_axis(x_t, 0, words), jnp.int32)
+    x_rows = x_codes if layout == "rows" else x_codes.T  # the twin's layout, for the two-pass rescore
     options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
                    row_filter=row_filter, row_ids=row_ids)
     if select == "two_pass":
-        s, i = two_pass_topk(_hamming_tile, hamming_scores_chunk, (q,), (x_t,), (q_codes,), (x_codes,), n_valid, k,
+        s, i = two_pass_topk(_hamming_tile, hamming_scores_chunk, (q,), (x_t,), (q_codes,), (x_rows,), n_valid, k,
                              **options)
     else:
         s, i = running_topk_call(_hamming_tile, (q,), (x_t,), n_valid, k, **options)
@@ -75,7 +110,7 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
 
 
 def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=32768, filter=None, row_ids=None,
-                 select="running"):
+                 select="running", layout="rows"):
     """Nearest codes by Hamming distance.
 
     q_codes uint32 [Q, W], x_codes uint32 [N, W] -> (distances int32 [Q, k],
@@ -88,20 +123,23 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     ``impl``: "xla" (chunked jnp scan, memory O(Q * chunk_size)), "pallas" (the
     Pallas kernel; interpret mode on CPU) or "auto". ``select`` (Pallas only): "running" (a
     running top-k inside the scan) or "two_pass" (tile maxima, then the best tiles rescored;
-    ``kernels.two_pass_topk``). Both are exact.
+    ``kernels.two_pass_topk``). Both are exact. ``layout``: "rows" (x_codes [N, W]) or "words"
+    (the word-major corpus [W, N] of `word_major`, faster to scan on CPUs that vectorise
+    popcounts across rows; same results).
     """
     check_selection(select)
     q_codes, x_codes = device_array(q_codes), device_array(x_codes)
-    check_codes(q_codes, x_codes)
-    n_valid = resolve_n_valid(n_valid, x_codes.shape[0])
+    check_codes(q_codes, x_codes, layout=layout)
+    num_rows = x_codes.shape[0] if layout == "rows" else x_codes.shape[1]
+    n_valid = resolve_n_valid(n_valid, num_rows)
     check_k(k, n_valid)
     if q_codes.shape[0] == 0:
         raise ValueError("q_codes is empty (0 queries)")
-    row_filter = as_row_filter(filter, q_codes.shape[0], x_codes.shape[0])
-    row_ids = check_row_ids(row_ids, x_codes.shape[0])
+    row_filter = as_row_filter(filter, q_codes.shape[0], num_rows)
+    row_ids = check_row_ids(row_ids, num_rows)
     impl, interpret = resolve_impl(impl)
     if impl == "pallas":
         return hamming_topk_pallas(q_codes, x_codes, k, n_valid, interpret=interpret, row_filter=row_filter,
-                                   row_ids=row_ids, select=select)
+                                   row_ids=row_ids, select=select, layout=layout)
     return hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=chunk_size, row_filter=row_filter,
-                            row_ids=row_ids)
+                            row_ids=row_ids, layout=layout)

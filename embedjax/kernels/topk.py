@@ -94,10 +94,12 @@ def chunked_topk(
     id_offset=0,
     row_filter: RowFilter | None = None,
     row_ids=None,
+    corpus_axis: int = 0,
 ):
     """Top-k (scores float32 [Q, k], ids int32 [Q, k]) of ``score_chunk(q_args, x_chunk_args)``.
 
-    ``x_args`` are arrays whose leading axis is the corpus axis (length N);
+    ``x_args`` are arrays whose axis ``corpus_axis`` (the leading one by default) is the corpus
+    axis (length N), sliced into chunks along it;
     ``score_chunk`` returns float32 scores [Q, C] for a chunk of C rows.
     ``n_valid`` (int or traced int32 scalar) limits the search to rows < n_valid;
     ``id_offset`` is added to the returned ids (for shards of a larger corpus).
@@ -105,7 +107,7 @@ def chunked_topk(
     replaces the row index as reported id and tie-breaker (negative ids never match).
     Missing results (fewer than k rows pass) are id -1 with score -inf.
     """
-    n = x_args[0].shape[0]
+    n = x_args[0].shape[corpus_axis]
     chunk = int(min(chunk_size, n))
     if chunk < k:
         chunk = min(n, k)
@@ -115,7 +117,7 @@ def chunked_topk(
 
     def scores_of(c):
         start = jnp.minimum(c * chunk, n - chunk)
-        xs = [lax.dynamic_slice_in_dim(a, start, chunk, axis=0) for a in x_args]
+        xs = [lax.dynamic_slice_in_dim(a, start, chunk, axis=corpus_axis) for a in x_args]
         s = score_chunk(q_args, xs).astype(jnp.float32)
         pos = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
         # Rows re-read by the clamped last chunk, padding rows and filtered rows never count.

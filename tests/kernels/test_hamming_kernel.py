@@ -125,3 +125,35 @@ def test_numpy_codes_reach_the_search_without_a_second_host_copy():
         got = hamming_topk(q_codes, corpus, 7, impl="xla")
         np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_word_major_corpus_gives_the_row_major_results(impl):
+    """layout="words" (the corpus transposed once by `word_major`) returns exactly what the
+    row-major scan returns, with a per-query filter, row ids (ties by id) and padding rows."""
+    from embedjax.kernels.hamming import word_major
+
+    q, x = awkward_inputs(21, 301, 96, 6)
+    q_codes, x_codes = pack_bits(q), pack_bits(x)
+    x_words = word_major(x_codes)
+    assert x_words.shape == (3, 301)
+    flt = np.random.default_rng(2).random((6, 301)) < 0.7
+    ids = np.arange(301, dtype=np.int32)[::-1].copy()
+    for kwargs in ({}, {"filter": flt, "row_ids": ids, "n_valid": 280}):
+        want = hamming_topk(q_codes, x_codes, 12, impl="xla", chunk_size=64, **kwargs)
+        got = hamming_topk(q_codes, x_words, 12, impl=impl, chunk_size=64, layout="words", **kwargs)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    if impl == "pallas":
+        got = hamming_topk(q_codes, x_words, 12, impl="pallas", layout="words", select="two_pass")
+        want = hamming_topk(q_codes, x_codes, 12, impl="xla")
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_bad_layouts_are_named():
+    q, x = awkward_inputs(1, 40, 64, 2)
+    q_codes, x_codes = pack_bits(q), pack_bits(x)
+    with pytest.raises(ValueError, match="layout='columns' is not a corpus layout"):
+        hamming_topk(q_codes, x_codes, 3, layout="columns")
+    with pytest.raises(ValueError, match=r"q_codes has 2 words per vector, x_codes 40 \(word-major: axis 0\)"):
+        hamming_topk(q_codes, x_codes, 3, layout="words")  # a row-major corpus passed as word-major
