@@ -424,7 +424,7 @@ def plot(rows, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, (name, title) in zip(axes, (("stsb", "STS-B test, Spearman x100"), ("msmarco", "msmarco, nDCG@10 x100"))):
         shown = [r for r in rows if f"{name}_mean" in r]
         labels = [r["label"].replace("SmolLM2 + LoRA, ", "").replace("SmolLM2-135M-Instruct ", "SmolLM2 ")
@@ -439,7 +439,7 @@ def plot(rows, path: pathlib.Path) -> None:
     fig.suptitle("SmolLM2-135M-Instruct + LoRA r=16: pooling x attention (blue causal, red bidirectional, grey "
                  "references)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # the long row labels stay inside the image
     plt.close(fig)
 
 
