@@ -98,10 +98,10 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
     # The kernel reads the corpus word-major (corpus axis last: tiles [words, block_n]).
     x_t = x_codes.T if layout == "rows" else x_codes
     x_t = lax.bitcast_convert_type(pad_axis(x_t, 0, words), jnp.int32)
-    x_rows = x_codes if layout == "rows" else x_codes.T  # the twin's layout, for the two-pass rescore
     options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
                    row_filter=row_filter, row_ids=row_ids)
     if select == "two_pass":
+        x_rows = x_codes if layout == "rows" else x_codes.T  # the twin's layout, for the rescore
         s, i = two_pass_topk(_hamming_tile, hamming_scores_chunk, (q,), (x_t,), (q_codes,), (x_rows,), n_valid, k,
                              **options)
     else:

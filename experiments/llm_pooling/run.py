@@ -389,17 +389,23 @@ def markdown_table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _test_cells(test) -> str:
+    """A paired test's table cells: STS-B difference | 95% CI | p | msmarco difference | p
+    ("-" for a set not measured in both cells)."""
+    sts, ms = test.get("stsb"), test.get("msmarco")
+    sts_cells = (f"{sts['mean_difference']:+.2f} | [{sts['ci_low']:.2f}, {sts['ci_high']:.2f}] | "
+                 f"{sts['p_value']:.4f}") if sts else "- | - | -"
+    ms_cells = f"{ms['mean_difference']:+.2f} | {ms['p_value']:.4f}" if ms else "- | -"
+    return f"{sts_cells} | {ms_cells}"
+
+
 def ordering_table(tests) -> str:
     """NV-Embed's ordering, one adjacent step per line: the paired difference (better in NV-Embed
     minus worse) with its 95% interval and p, per set measured for both cells."""
     lines = ["| step of the ordering (better in NV-Embed first) | STS-B difference | 95% CI | p "
              "| msmarco difference | p | artifact |", "|---|---|---|---|---|---|---|"]
     for i, t in enumerate(tests):
-        sts, ms = t.get("stsb"), t.get("msmarco")
-        sts_cells = (f"{sts['mean_difference']:+.2f} | [{sts['ci_low']:.2f}, {sts['ci_high']:.2f}] | "
-                     f"{sts['p_value']:.4f}") if sts else "- | - | -"
-        ms_cells = f"{ms['mean_difference']:+.2f} | {ms['p_value']:.4f}" if ms else "- | -"
-        lines.append(f"| {t['b']} over {t['a']} | {sts_cells} | {ms_cells} | "
+        lines.append(f"| {t['b']} over {t['a']} | {_test_cells(t)} | "
                      f"[json](results.json#/nv_embed_ordering/adjacent_tests/{i}) |")
     return "\n".join(lines) + "\n"
 
@@ -409,11 +415,7 @@ def contrast_table(contrasts) -> str:
     lines = ["| question | b over a | STS-B difference | 95% CI | p | msmarco difference | p | artifact |",
              "|---|---|---|---|---|---|---|---|"]
     for i, t in enumerate(contrasts):
-        sts, ms = t.get("stsb"), t.get("msmarco")
-        sts_cells = (f"{sts['mean_difference']:+.2f} | [{sts['ci_low']:.2f}, {sts['ci_high']:.2f}] | "
-                     f"{sts['p_value']:.4f}") if sts else "- | - | -"
-        ms_cells = f"{ms['mean_difference']:+.2f} | {ms['p_value']:.4f}" if ms else "- | -"
-        lines.append(f"| {t['question']} | {t['b']} over {t['a']} | {sts_cells} | {ms_cells} | "
+        lines.append(f"| {t['question']} | {t['b']} over {t['a']} | {_test_cells(t)} | "
                      f"[json](results.json#/contrasts/{i}) |")
     return "\n".join(lines) + "\n"
 
