@@ -2,14 +2,15 @@
 
 Measures queries/s for
   * Hamming top-k over N x bits binary codes: embedjax XLA twin (row-major codes, and the
-    word-major corpus of ``kernels.hamming.word_major``: path ``hamming-words``) vs FAISS
+    word-major corpus of ``kernels.hamming.word_major``: path ``hamming-words``; the two-pass
+    selection under the bare name, others suffixed, e.g. ``hamming-running``) vs FAISS
     ``IndexBinaryFlat`` and ``faiss.knn_hamming``;
   * inner-product top-k over N x dim float32: XLA vs ``IndexFlatIP``;
   * int8 top-k over N x dim codes: XLA int8 kernel vs ``IndexScalarQuantizer`` (SQ8);
 for query batches and k values given on the command line, the ratio to FAISS,
 the achieved corpus bytes/s against the machine's memory bandwidth (a large
 numpy copy timed in the same run), and the compiled temporary memory of the
-chunked XLA Hamming search (bounded by Q x chunk_size, independent of N).
+default (two-pass) XLA Hamming search (Q x N / 32 tile maxima plus one chunk of scores).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=32768, help="XLA corpus chunk (rows)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best is kept)")
     parser.add_argument("--paths", default="hamming,float,int8", help="which searches to run")
+    parser.add_argument("--selects", default="two_pass,running",
+                        help="Hamming top-k selections to time (kernels.two_pass_topk.SELECTIONS)")
     parser.add_argument("--bandwidth-mib", type=int, default=512, help="buffer size of the copy-bandwidth ceiling")
     report.add_arguments(parser)
 
@@ -68,6 +71,7 @@ def _hamming_cells(args, rng, qs, ks, bandwidth):
     import jax
 
     from embedjax.kernels.hamming import hamming_topk, hamming_topk_xla, word_major
+    from embedjax.kernels.two_pass_topk import check_selection
     from embedjax.quant.binary import to_faiss_bytes
 
     words = args.bits // 32
@@ -77,6 +81,10 @@ def _hamming_cells(args, rng, qs, ks, bandwidth):
     # NumPy allocation, so the NumPy column pays what a caller holding such an array pays.
     layouts = {"hamming": (xj, x, "rows"),
                "hamming-words": (jax.block_until_ready(word_major(xj)), np.ascontiguousarray(x.T), "words")}
+    # The default selection (XLA: two-pass) keeps the bare path name; the others are suffixed.
+    selects = [check_selection(select) for select in args.selects.split(",")]
+    paths = {(path if select == "two_pass" else f"{path}-{select}"): (*corpora, select)
+             for path, corpora in layouts.items() for select in selects}
     x_bytes = to_faiss_bytes(x, args.bits)
     index = faiss.IndexBinaryFlat(args.bits)
     index.add(x_bytes)
@@ -89,15 +97,15 @@ def _hamming_cells(args, rng, qs, ks, bandwidth):
             t_flat = _best_time(lambda: index.search(qb, k), args.repeats)
             t_knn = _best_time(lambda: faiss.knn_hamming(qb, x_bytes, k), args.repeats)
             d_ref, _ = index.search(qb, k)
-            for path, (corpus, corpus_numpy, layout) in layouts.items():
+            for path, (corpus, corpus_numpy, layout, select) in paths.items():
                 run = lambda: jax.block_until_ready(hamming_topk_xla(qj, corpus, k, args.n, chunk_size=args.chunk_size,
-                                                                     layout=layout))
+                                                                     layout=layout, select=select))
                 run()  # compile
                 t_ours = _best_time(run, args.repeats)
                 # The public search fed numpy arrays: what a caller pays who does not keep codes on the
                 # device (`kernels.dispatch.device_array`: one device_put copy, none for 64-byte-aligned buffers).
                 t_numpy = _best_time(
-                    lambda: jax.block_until_ready(hamming_topk(qc, corpus_numpy, k, impl="xla",
+                    lambda: jax.block_until_ready(hamming_topk(qc, corpus_numpy, k, impl="xla", select=select,
                                                                chunk_size=args.chunk_size, layout=layout)),
                     args.repeats)
                 for ref_name, t_ref in (("IndexBinaryFlat", t_flat), ("knn_hamming", t_knn)):

@@ -12,7 +12,7 @@ from embedjax.kernels.dispatch import device_array, resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
 from embedjax.kernels.row_filter import as_row_filter, check_row_ids, distances_from_scores
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
-from embedjax.kernels.two_pass_topk import check_selection, two_pass_topk
+from embedjax.kernels.two_pass_topk import check_selection, two_pass_topk, xla_two_pass_topk
 
 
 LAYOUTS = ("rows", "words")
@@ -55,6 +55,21 @@ def hamming_scores_chunk(q_args, x_args):
     return -d.astype(jnp.float32)
 
 
+def hamming_scores_rows_cq(q_args, x_args):
+    """Negated Hamming distances float32 [C, Q] (corpus-major) of word-major query codes [W, Q] vs a
+    chunk [C, W].
+
+    Vectorised over queries: each corpus word is XORed with one contiguous vector of every query's
+    word, so a row-major corpus scans as fast as a word-major one once there are a few dozen
+    queries, without a second copy of the corpus. The queries come transposed once, outside the
+    scan: a transpose inside it fuses into the scoring loop as strided loads (3-4x slower on CPU)."""
+    (q_t,), (x,) = q_args, x_args
+    d = lax.population_count(x[:, :1] ^ q_t[None, 0]).astype(jnp.int32)
+    for w in range(1, q_t.shape[0]):
+        d = d + lax.population_count(x[:, w:w + 1] ^ q_t[None, w]).astype(jnp.int32)
+    return -d.astype(jnp.float32)
+
+
 def hamming_scores_words_chunk(q_args, x_args):
     """Negated Hamming distances float32 [Q, C] of codes [Q, W] vs a word-major chunk [W, C]:
     one XOR + popcount per word, each over a contiguous row vector (unrolled over the W words)."""
@@ -65,11 +80,24 @@ def hamming_scores_words_chunk(q_args, x_args):
     return -d.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "layout"))
-def hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=32768, row_filter=None, row_ids=None, layout="rows"):
-    score, axis = (hamming_scores_chunk, 0) if layout == "rows" else (hamming_scores_words_chunk, 1)
-    s, i = chunked_topk(score, (q_codes,), (x_codes,), k, n_valid=n_valid, chunk_size=chunk_size,
-                        row_filter=row_filter, row_ids=row_ids, corpus_axis=axis)
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "layout", "select"))
+def hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=32768, row_filter=None, row_ids=None, layout="rows",
+                     select="two_pass"):
+    if layout == "rows":  # scores [C, Q], vectorised over the queries (transposed once, here)
+        scan = dict(score_chunk=hamming_scores_rows_cq, q_args=(q_codes.T,), corpus_axis=0, scores_layout="cq")
+        rescore = hamming_scores_chunk
+    else:
+        scan = dict(score_chunk=hamming_scores_words_chunk, q_args=(q_codes,), corpus_axis=1, scores_layout="qc")
+        rescore = hamming_scores_words_chunk
+    if select == "two_pass":
+        if row_ids is not None:
+            raise ValueError("the XLA two-pass Hamming search does not take row_ids; pass select='running'")
+        # Hamming scores are integers: the rescore agrees with the scan to the bit, as two_pass needs.
+        s, i = xla_two_pass_topk(x_args=(x_codes,), rescore_chunk=rescore, rescore_q_args=(q_codes,), n_valid=n_valid,
+                                 k=k, chunk_size=chunk_size, row_filter=row_filter, **scan)
+    else:
+        s, i = chunked_topk(x_args=(x_codes,), k=k, n_valid=n_valid, chunk_size=chunk_size, row_filter=row_filter,
+                            row_ids=row_ids, **scan)
     return distances_from_scores(s), i
 
 
@@ -110,7 +138,7 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
 
 
 def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=32768, filter=None, row_ids=None,
-                 select="running", layout="rows"):
+                 select="auto", layout="rows"):
     """Nearest codes by Hamming distance.
 
     q_codes uint32 [Q, W], x_codes uint32 [N, W] -> (distances int32 [Q, k],
@@ -121,13 +149,16 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     rows pass the missing results are index -1 with distance int32 max.
     ``row_ids`` int32 [N]: ids reported for (and breaking ties by) the rows.
     ``impl``: "xla" (chunked jnp scan, memory O(Q * chunk_size)), "pallas" (the
-    Pallas kernel; interpret mode on CPU) or "auto". ``select`` (Pallas only): "running" (a
-    running top-k inside the scan) or "two_pass" (tile maxima, then the best tiles rescored;
-    ``kernels.two_pass_topk``). Both are exact. ``layout``: "rows" (x_codes [N, W]) or "words"
-    (the word-major corpus [W, N] of `word_major`, faster to scan on CPUs that vectorise
-    popcounts across rows; same results).
+    Pallas kernel; interpret mode on CPU) or "auto". ``select``: "running" (a running top-k
+    merged chunk by chunk, or tile by tile in the Pallas scan), "two_pass" (tile maxima, then each
+    query's k best tiles rescored; ``kernels.two_pass_topk``; the XLA form keeps Q * N / 32 maxima
+    and takes no ``row_ids``) or "auto" (two_pass on XLA without row_ids, else running). All are
+    exact. ``layout``: "rows" (x_codes [N, W]; the XLA scan vectorises over queries) or "words"
+    (the word-major corpus [W, N] of `word_major`; the scan vectorises over rows, faster for a
+    handful of queries; same results).
     """
-    check_selection(select)
+    if select != "auto":
+        check_selection(select)
     q_codes, x_codes = device_array(q_codes), device_array(x_codes)
     check_codes(q_codes, x_codes, layout=layout)
     num_rows = x_codes.shape[0] if layout == "rows" else x_codes.shape[1]
@@ -138,8 +169,10 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     row_filter = as_row_filter(filter, q_codes.shape[0], num_rows)
     row_ids = check_row_ids(row_ids, num_rows)
     impl, interpret = resolve_impl(impl)
+    if select == "auto":  # the Pallas two-pass kernel is not yet timed on a GPU; the XLA one is (CPU)
+        select = "two_pass" if impl == "xla" and row_ids is None else "running"
     if impl == "pallas":
         return hamming_topk_pallas(q_codes, x_codes, k, n_valid, interpret=interpret, row_filter=row_filter,
                                    row_ids=row_ids, select=select, layout=layout)
     return hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=chunk_size, row_filter=row_filter,
-                            row_ids=row_ids, layout=layout)
+                            row_ids=row_ids, layout=layout, select=select)

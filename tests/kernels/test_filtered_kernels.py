@@ -67,8 +67,8 @@ def check(result, ref_scores, ref_ids, *, distances=False):
 
 
 @pytest.mark.parametrize("form", ["shared", "per_query", "predicates"])
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_hamming_filtered(form, impl):
+@pytest.mark.parametrize("impl, select", [("xla", "running"), ("xla", "two_pass"), ("pallas", "running")])
+def test_hamming_filtered(form, impl, select):
     k, n = 10, 300
     rng, q, x, ham = binary_data(1, 6, n, 96)
     if form == "shared":
@@ -82,8 +82,8 @@ def test_hamming_filtered(form, impl):
     else:
         flt, mask_qn = predicates_for(rng, 6, n)
     ref_s, ref_i = numpy_filtered_topk(-ham, mask_qn, k)
-    check(hamming_topk(pack_bits(q), pack_bits(x), k, impl=impl, chunk_size=70, filter=flt), ref_s, ref_i,
-          distances=True)
+    check(hamming_topk(pack_bits(q), pack_bits(x), k, impl=impl, chunk_size=70, filter=flt, select=select), ref_s,
+          ref_i, distances=True)
 
 
 @pytest.mark.parametrize("form", ["shared", "per_query", "predicates"])

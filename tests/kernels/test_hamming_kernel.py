@@ -36,14 +36,32 @@ def awkward_inputs(seed, n, d, q):
 CASES = [(64, 1, 300), (96, 10, 257), (384, 100, 300), (1024, 10, 131)]
 
 
+@pytest.mark.parametrize("select", ["running", "two_pass"])
+@pytest.mark.parametrize("layout", ["rows", "words"])
 @pytest.mark.parametrize("dim, k, n", CASES)
-def test_xla_twin_equals_numpy(dim, k, n):
+def test_xla_twin_equals_numpy(dim, k, n, layout, select):
+    """Both XLA selections over both corpus layouts: chunks of 70 rows (64 for the two-pass
+    scan's 32-row tiles) leave a clamped or short last chunk; k=100 over 300 rows rescores every
+    tile."""
+    from embedjax.kernels.hamming import word_major
+
     q, x = awkward_inputs(dim + k, n, dim, 9)
     ref_d, ref_i = numpy_hamming_topk(q, x, k)
-    dist, idx = hamming_topk(pack_bits(q), pack_bits(x), k, impl="xla", chunk_size=70)
+    x_codes = pack_bits(x) if layout == "rows" else word_major(pack_bits(x))
+    dist, idx = hamming_topk(pack_bits(q), x_codes, k, impl="xla", chunk_size=70, layout=layout, select=select)
     np.testing.assert_array_equal(np.asarray(dist), ref_d)
     np.testing.assert_array_equal(np.asarray(idx), ref_i)
     assert dist.dtype == jnp.int32 and idx.dtype == jnp.int32
+
+
+def test_xla_two_pass_rejects_row_ids_and_auto_falls_back():
+    q, x = awkward_inputs(8, 90, 64, 3)
+    ids = np.arange(90, dtype=np.int32)[::-1].copy()
+    with pytest.raises(ValueError, match="does not take row_ids"):
+        hamming_topk(pack_bits(q), pack_bits(x), 5, impl="xla", row_ids=ids, select="two_pass")
+    got = hamming_topk(pack_bits(q), pack_bits(x), 5, impl="xla", row_ids=ids)  # auto: the running scan
+    want = hamming_topk(pack_bits(q), pack_bits(x), 5, impl="xla", row_ids=ids, select="running")
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
 @pytest.mark.parametrize("dim, k, n", CASES)
@@ -58,12 +76,13 @@ def test_pallas_equals_twin_and_numpy(dim, k, n):
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(twin[1]))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_n_valid_ignores_padding_rows(impl):
+@pytest.mark.parametrize("impl, select", [("xla", "running"), ("xla", "two_pass"), ("pallas", "running")])
+def test_n_valid_ignores_padding_rows(impl, select):
     q, x = awkward_inputs(3, 200, 64, 4)
     x[150:] = q[2]  # padding rows that would win if they were searched
     ref_d, ref_i = numpy_hamming_topk(q, x, 10, n_valid=150)
-    dist, idx = hamming_topk(pack_bits(q), pack_bits(x), 10, impl=impl, n_valid=150)
+    # chunks of 64 rows: the chunk holding row 150 is masked, the ones before it are not
+    dist, idx = hamming_topk(pack_bits(q), pack_bits(x), 10, impl=impl, n_valid=150, chunk_size=64, select=select)
     np.testing.assert_array_equal(np.asarray(dist), ref_d)
     np.testing.assert_array_equal(np.asarray(idx), ref_i)
 
