@@ -21,14 +21,31 @@ def resolve_impl(impl: str) -> tuple[str, bool]:
     return "xla", False
 
 
+CPU_ALIAS_ALIGNMENT = 64  # bytes: jax.device_put aliases a NumPy buffer on CPU only at this alignment
+
+
+def aligned_copy(x: np.ndarray, alignment: int = CPU_ALIAS_ALIGNMENT) -> np.ndarray:
+    """A C-contiguous copy of ``x`` whose buffer starts on an ``alignment``-byte boundary."""
+    buf = np.empty(x.nbytes + alignment, np.uint8)
+    start = (-buf.ctypes.data) % alignment
+    out = buf[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    np.copyto(out, x)
+    return out
+
+
 def device_array(x):
     """A kernel input as a ``jax.Array`` without a second host copy where the backend allows.
 
     jax arrays pass through. Anything else goes through ``jax.device_put``, which on CPU aliases
-    a NumPy buffer aligned to 64 bytes instead of copying it, and copies others about twice as
-    fast as ``jnp.asarray`` (measured on 1M x 1024-bit codes, 128 MB: alias 0.03 ms, device_put
-    copy 55 ms, jnp.asarray 39-100 ms). An aliased buffer must not be written while a search
-    that reads it is still running (JAX dispatches asynchronously)."""
+    a NumPy buffer aligned to 64 bytes instead of copying it. NumPy allocates large arrays on
+    16-byte boundaries, so most arrays miss that; those are copied by NumPy into an aligned buffer
+    which is then aliased: ~6x faster than device_put's own copy (1M x 1024-bit codes, 128 MB,
+    2-core AMD EPYC: 14 ms against 84 ms; aliasing an aligned one: 0.03 ms). An aliased buffer
+    must not be written while a search that reads it is still running (JAX dispatches
+    asynchronously)."""
     if isinstance(x, jax.Array):
         return x
-    return jax.device_put(np.asarray(x))
+    x = np.asarray(x)
+    if jax.default_backend() == "cpu" and x.ctypes.data % CPU_ALIAS_ALIGNMENT:
+        x = aligned_copy(x)
+    return jax.device_put(x)

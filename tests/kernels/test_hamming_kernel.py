@@ -112,30 +112,24 @@ def test_bad_inputs_raise_clear_errors():
         hamming_topk(codes, codes, 1, n_valid=9)
 
 
-def _aligned(array: np.ndarray, align: int = 64) -> np.ndarray:
-    """A copy of ``array`` whose buffer starts on an ``align``-byte boundary."""
-    buf = np.empty(array.nbytes + align, np.uint8)
-    start = (-buf.ctypes.data) % align
-    out = buf[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
-    out[...] = array
-    return out
-
-
 def test_numpy_codes_reach_the_search_without_a_second_host_copy():
     """`device_array` aliases a 64-byte-aligned NumPy buffer on CPU (no copy of the corpus per
-    search), copies a misaligned one, passes jax arrays through; the search from NumPy codes
-    equals the search from device arrays."""
+    search), copies a misaligned one into an aligned NumPy buffer that it then aliases, passes jax
+    arrays through; the search from NumPy codes equals the search from device arrays."""
     import jax
 
-    from embedjax.kernels.dispatch import device_array
+    from embedjax.kernels.dispatch import aligned_copy, device_array
 
     q, x = awkward_inputs(5, 300, 128, 3)
     codes = np.asarray(pack_bits(x))
-    aligned = _aligned(codes)
+    aligned = aligned_copy(codes)
     assert device_array(aligned).unsafe_buffer_pointer() == aligned.ctypes.data
-    misaligned = _aligned(np.zeros(codes.size + 1, codes.dtype))[1:].reshape(codes.shape)  # 4 bytes past a boundary
+    misaligned = aligned_copy(np.zeros(codes.size + 1, codes.dtype))[1:].reshape(codes.shape)  # 4 bytes past a boundary
     misaligned[...] = codes
-    assert misaligned.ctypes.data % 64 and device_array(misaligned).unsafe_buffer_pointer() != misaligned.ctypes.data
+    copied = device_array(misaligned)
+    assert misaligned.ctypes.data % 64 and copied.unsafe_buffer_pointer() != misaligned.ctypes.data
+    assert copied.unsafe_buffer_pointer() % 64 == 0
+    np.testing.assert_array_equal(np.asarray(copied), codes)
     on_device = jax.device_put(codes)
     assert device_array(on_device) is on_device
     q_codes = np.asarray(pack_bits(q))
