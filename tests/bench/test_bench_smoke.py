@@ -100,10 +100,11 @@ def test_record_appends_rows_whose_figures_are_in_their_records(capsys, tmp_path
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert text.index("## Search") < text.index(report.HISTORY_HEADING), "new sections go above the history"
     records = [json.loads(line) for line in (tmp_path / "benchmarks" / "search.jsonl").read_text().splitlines()]
-    # 2 runs x (row-major, word-major corpus) x (IndexBinaryFlat, knn_hamming)
-    assert len(records) == 8 and records[7]["ratio_numpy_vs_faiss"] > 0
-    assert [r["path"] for r in records[:4]] == ["hamming", "hamming", "hamming-words", "hamming-words"]
-    assert "[json](benchmarks/search.jsonl#/7)" in text
+    # 2 runs x (row-major, word-major corpus) x (two-pass, running selection) x (IndexBinaryFlat, knn_hamming)
+    assert len(records) == 16 and records[15]["ratio_numpy_vs_faiss"] > 0
+    assert [r["path"] for r in records[:8:2]] == ["hamming", "hamming-running", "hamming-words",
+                                                  "hamming-words-running"]
+    assert "[json](benchmarks/search.jsonl#/15)" in text
     subprocess.run(["git", "-C", str(tmp_path), "add", "-A"], check=True)
     figure_artifacts.tracked_files.cache_clear()
     assert figure_artifacts.check_markdown(tmp_path / "BENCHMARKS.md", tmp_path) == []
