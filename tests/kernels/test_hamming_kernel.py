@@ -54,6 +54,18 @@ def test_xla_twin_equals_numpy(dim, k, n, layout, select):
     assert dist.dtype == jnp.int32 and idx.dtype == jnp.int32
 
 
+@pytest.mark.parametrize("select", ["running", "two_pass"])
+def test_single_queries_take_their_own_scorer_and_equal_numpy(select):
+    """One query scans row-major codes with the per-row scorer ([1, C]), not the query-vectorised
+    one; each of the awkward queries (all-zero, a duplicated corpus row) searched alone."""
+    q, x = awkward_inputs(11, 301, 96, 3)
+    ref_d, ref_i = numpy_hamming_topk(q, x, 12)
+    for i in range(3):
+        dist, idx = hamming_topk(pack_bits(q[i:i + 1]), pack_bits(x), 12, impl="xla", chunk_size=70, select=select)
+        np.testing.assert_array_equal(np.asarray(dist), ref_d[i:i + 1])
+        np.testing.assert_array_equal(np.asarray(idx), ref_i[i:i + 1])
+
+
 def test_xla_two_pass_rejects_row_ids_and_auto_falls_back():
     q, x = awkward_inputs(8, 90, 64, 3)
     ids = np.arange(90, dtype=np.int32)[::-1].copy()
