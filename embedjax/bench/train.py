@@ -43,11 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="", help="embedjax run folder (default: a temporary folder)")
     parser.add_argument("--length-buckets", default="",
                         help="comma-separated padded lengths for embedjax (default: the recipe's ladder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a config override for the embedjax side, repeatable (e.g. model.remat=dots_no_batch)")
     report.add_arguments(parser)
 
 
 def _embedjax_run(steps: int, workdir: str, batch_size: int | None, model: str | None,
-                  length_buckets: str = "") -> tuple[dict, object]:
+                  length_buckets: str = "", overrides=()) -> tuple[dict, object]:
     from embedjax.train.config import apply_overrides, load_config_file
     from embedjax.train.loop import prepare_data, train
     from embedjax.data.tokenization import Tokenizer
@@ -59,7 +61,8 @@ def _embedjax_run(steps: int, workdir: str, batch_size: int | None, model: str |
                           ["train.progress=False", "mesh.num_devices=1",
                            *([f"train.batch_size={batch_size}"] if batch_size else []),
                            *([f"model.path={model}"] if model else []),
-                           *([f"data.length_buckets=({length_buckets},)"] if length_buckets else [])])
+                           *([f"data.length_buckets=({length_buckets},)"] if length_buckets else []),
+                           *overrides])
     summary = train(cfg, workdir, log=lambda m: None)
     buckets = tuple(cfg.data.length_buckets) + (cfg.model.max_length,)
     tokenizer = Tokenizer.from_folder(resolve_model_dir(cfg.model.path), cfg.model.max_length, buckets)
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     started = report.start(args)
     with tempfile.TemporaryDirectory() as tmp:
         summary, (cfg, data) = _embedjax_run(args.steps, args.workdir or os.path.join(tmp, "run"), args.batch_size,
-                                             args.model, args.length_buckets)
+                                             args.model, args.length_buckets, args.overrides)
         reference = _reference_run(cfg, data, args.steps)
     ours = summary["train_pairs_per_s_steady"]
     theirs = reference["pairs_per_s"]
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "batch": cfg.train.batch_size,
         "length buckets": " ".join(str(b) for b in cfg.data.length_buckets),
+        "overrides": " ".join(args.overrides),
         "embedjax pairs/s (steady)": round(ours, 2),
         "embedjax pairs/s (incl. compiles)": round(summary["train_pairs_per_s"], 2),
         "compiled shapes": summary["compiled_shapes"],
