@@ -118,6 +118,13 @@ def _reference_run(cfg, data, steps: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def _config_value(cfg, dotted_key: str):
+    node = cfg
+    for part in dotted_key.split("."):
+        node = node[part]
+    return node
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.steps < 3:
         raise ValueError(f"--steps={args.steps}: time at least 3 steps (the first one is not timed)")
@@ -129,12 +136,16 @@ def run(args: argparse.Namespace) -> dict:
                                              args.model, args.length_buckets, args.overrides)
         reference = _reference_run(cfg, data, args.steps)
     ours = summary["train_pairs_per_s_steady"]
+    if ours is None:
+        raise ValueError(f"no step of the {args.steps} ran with an already-compiled shape, so there is no steady "
+                         "pairs/s to compare; raise --steps or pass fewer --length-buckets")
     theirs = reference["pairs_per_s"]
     row = {
         "steps": args.steps,
         "batch": cfg.train.batch_size,
         "length buckets": " ".join(str(b) for b in cfg.data.length_buckets),
-        "overrides": " ".join(args.overrides),
+        # read back from the config the run used, so a row shows what was applied
+        "overrides": " ".join(f"{key}={_config_value(cfg, key)}" for key in (o.split("=", 1)[0] for o in args.overrides)),
         "embedjax pairs/s (steady)": round(ours, 2),
         "embedjax pairs/s (incl. compiles)": round(summary["train_pairs_per_s"], 2),
         "compiled shapes": summary["compiled_shapes"],

@@ -34,7 +34,7 @@ TINY = {
     "encode": ["--num-texts", "6", "--batch-size", "4", "--repeats", "1"],
     "encode_scifact": ["--corpus", "scifact", "--num-texts", "3", "--batch-size", "4", "--repeats", "1",
                        "--attention-impl", "xla"],
-    "train": ["--steps", "3", "--batch-size", "2"],
+    "train": ["--steps", "3", "--batch-size", "2", "--length-buckets", "64", "--set", "model.remat=dots"],
     "scan": ["--batch-size", "2", "--length", "8", "--repeats", "1"],
     "long_context": ["--lengths", "1024,4096", "--ratio-from", "1024", "--position-extension", "grouped"],
     "lora": ["--batch-size", "2", "--length", "8", "--rank", "2"],
@@ -74,6 +74,7 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
         assert result["attention_impl"] == ("xla" if name == "encode_scifact" else "auto")
     if name == "train":
         assert result["batch"] == 2 and result["steps"] == 3 and result["sentence-transformers pairs/s"] > 0
+        assert result["length buckets"] == "64" and result["overrides"] == "model.remat=dots"
     if name == "attention":  # every kernel agrees with PyTorch's SDPA on the real tokens
         assert [r["shape"] for r in result["rows"]] == ["3x8x2x4", "3x21x2x4"]
         assert all(r["max_abs_diff_vs_torch"] < 1e-5 and r["ratio_blocked"] > 0 for r in result["rows"])
