@@ -80,18 +80,19 @@ def hamming_scores_words_chunk(q_args, x_args):
     return -d.astype(jnp.float32)
 
 
+# Per corpus layout: the axis that indexes rows, and the jnp scorer returning [Q, C] (the rescore twin).
+CORPUS_AXIS = {"rows": 0, "words": 1}
+TWIN_SCORERS = {"rows": hamming_scores_chunk, "words": hamming_scores_words_chunk}
+
+
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size", "layout", "select"))
 def hamming_topk_xla(q_codes, x_codes, k, n_valid, chunk_size=32768, row_filter=None, row_ids=None, layout="rows",
                      select="two_pass"):
+    rescore = TWIN_SCORERS[layout]
     if layout == "rows" and q_codes.shape[0] >= 2:  # scores [C, Q], vectorised over the queries
         scan = dict(score_chunk=hamming_scores_rows_cq, q_args=(q_codes.T,), corpus_axis=0, scores_layout="cq")
-        rescore = hamming_scores_chunk
-    elif layout == "rows":  # one query: [1, C], vectorised over each row's words (1.6x the above, EPYC)
-        scan = dict(score_chunk=hamming_scores_chunk, q_args=(q_codes,), corpus_axis=0, scores_layout="qc")
-        rescore = hamming_scores_chunk
-    else:
-        scan = dict(score_chunk=hamming_scores_words_chunk, q_args=(q_codes,), corpus_axis=1, scores_layout="qc")
-        rescore = hamming_scores_words_chunk
+    else:  # one query over rows ([1, C], vectorised over each row's words: 1.6x the above, EPYC), or words
+        scan = dict(score_chunk=rescore, q_args=(q_codes,), corpus_axis=CORPUS_AXIS[layout], scores_layout="qc")
     if select == "two_pass":
         if row_ids is not None:
             raise ValueError("the XLA two-pass Hamming search does not take row_ids; pass select='running'")
@@ -131,10 +132,9 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
     x_t = lax.bitcast_convert_type(pad_axis(x_t, 0, words), jnp.int32)
     options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
                    row_filter=row_filter, row_ids=row_ids)
-    if select == "two_pass":
-        x_rows = x_codes if layout == "rows" else x_codes.T  # the twin's layout, for the rescore
-        s, i = two_pass_topk(_hamming_tile, hamming_scores_chunk, (q,), (x_t,), (q_codes,), (x_rows,), n_valid, k,
-                             **options)
+    if select == "two_pass":  # the rescore gathers rows from the corpus as given, with its layout's twin
+        s, i = two_pass_topk(_hamming_tile, TWIN_SCORERS[layout], (q,), (x_t,), (q_codes,), (x_codes,), n_valid, k,
+                             corpus_axis=CORPUS_AXIS[layout], **options)
     else:
         s, i = running_topk_call(_hamming_tile, (q,), (x_t,), n_valid, k, **options)
     return distances_from_scores(s), i
@@ -165,7 +165,7 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
         check_selection(select)
     q_codes, x_codes = device_array(q_codes), device_array(x_codes)
     check_codes(q_codes, x_codes, layout=layout)
-    num_rows = x_codes.shape[0] if layout == "rows" else x_codes.shape[1]
+    num_rows = x_codes.shape[CORPUS_AXIS[layout]]
     n_valid = resolve_n_valid(n_valid, num_rows)
     check_k(k, n_valid)
     if q_codes.shape[0] == 0:

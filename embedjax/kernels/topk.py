@@ -130,6 +130,20 @@ def fast_top_k(scores, k: int, layout: str = "qc"):
     return blocked_top_k(scores, k, block, layout)
 
 
+def searched_rows(start, size: int, n_valid, row_filter: RowFilter | None, first_row=None):
+    """bool [1 or Q, size]: which corpus rows ``start .. start + size`` a scan counts: those below
+    ``n_valid`` that pass ``row_filter`` and, for a chunk clamped to end at row N, not before
+    ``first_row`` (the rows it re-reads)."""
+    pos = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    valid = (pos < n_valid) & rows_pass(row_filter, start, size)
+    return valid if first_row is None else valid & (pos >= first_row)
+
+
+def mask_scores(scores, valid, scores_layout: str = "qc"):
+    """Scores [Q, C] ("qc") or [C, Q] ("cq") with the rows ``valid`` [1 or Q, C] leaves out at -inf."""
+    return jnp.where(valid.T if scores_layout == "cq" else valid, scores, NEG_INF)
+
+
 def _merge(best_s, best_i, new_s, new_i, k):
     # Earlier ids come first in the concatenation and top_k is stable, so equal
     # scores keep the smaller id.
@@ -180,16 +194,13 @@ def chunked_topk(
     def masked_top(c):
         start = jnp.minimum(c * chunk, n - chunk)
         s = chunk_scores(start)
-        pos = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
         # Rows re-read by the clamped last chunk, padding rows and filtered rows never count.
-        valid = (pos >= c * chunk) & (pos < n_valid) & rows_pass(row_filter, start, chunk)  # [1 or Q, C]
+        valid = searched_rows(start, chunk, n_valid, row_filter, first_row=c * chunk)  # [1 or Q, C]
         if row_ids is not None:  # ties must go to the smaller id, not the earlier row
             ids = lax.dynamic_slice_in_dim(row_ids, start, chunk)[None, :]
-            s_qc = s.T if scores_layout == "cq" else s
-            s_qc = jnp.where(valid & (ids >= 0), s_qc, NEG_INF)
+            s_qc = mask_scores(s.T if scores_layout == "cq" else s, valid & (ids >= 0))
             return top_k_by_score_then_id(s_qc, jnp.broadcast_to(ids, s_qc.shape), k)
-        s = jnp.where(valid.T if scores_layout == "cq" else valid, s, NEG_INF)
-        top_s, p = fast_top_k(s, k, scores_layout)
+        top_s, p = fast_top_k(mask_scores(s, valid, scores_layout), k, scores_layout)
         return top_s, start + p
 
     def unmasked_top(c):

@@ -35,8 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from embedjax.kernels.pallas_topk import INT_MAX, masked_tile_fn, scan_layout
-from embedjax.kernels.row_filter import NEG_INF, RowFilter, gathered_pass, mark_missing, rows_pass
-from embedjax.kernels.topk import MAX_EXACT_ID, fast_top_k, sort_by_score_then_id, top_k_by_score_then_id
+from embedjax.kernels.row_filter import NEG_INF, RowFilter, gathered_pass, mark_missing
+from embedjax.kernels.topk import (MAX_EXACT_ID, fast_top_k, mask_scores, searched_rows, sort_by_score_then_id,
+                                   top_k_by_score_then_id)
 
 SELECTIONS = ("running", "two_pass")
 
@@ -130,12 +131,12 @@ def rescore_tiles(tiles_qk, block_n: int, score_chunk: Callable, q_args: Sequenc
 
 def two_pass_topk(tile_score: Callable, score_chunk: Callable, q_ops: Sequence, x_ops: Sequence, q_args: Sequence,
                   x_args: Sequence, n_valid, k: int, *, block_q: int, block_n: int, target_splits: int,
-                  interpret: bool, row_filter: RowFilter | None = None, row_ids=None):
+                  interpret: bool, row_filter: RowFilter | None = None, row_ids=None, corpus_axis: int = 0):
     """Exact top-k (scores float32 [Q, k], ids int32 [Q, k]) by tile maxima + rescoring (module doc).
 
     ``tile_score``/``q_ops``/``x_ops``: the Pallas scan's scorer and operands (`running_topk_call`);
-    ``score_chunk``/``q_args``/``x_args``: the same scores from the jnp twin, corpus rows leading
-    (`chunked_topk`). Missing results (fewer than k rows pass): id -1, -inf."""
+    ``score_chunk``/``q_args``/``x_args``: the same scores from the jnp twin, corpus axis
+    ``corpus_axis`` (`chunked_topk`). Missing results (fewer than k rows pass): id -1, -inf."""
     best_qt, key_qt = tile_maxima_call(tile_score, q_ops, x_ops, n_valid, block_q=block_q, block_n=block_n,
                                        target_splits=target_splits, interpret=interpret, row_filter=row_filter,
                                        row_ids=row_ids)
@@ -150,7 +151,7 @@ def two_pass_topk(tile_score: Callable, score_chunk: Callable, q_ops: Sequence, 
         order = lax.sort((-best_qt, key_qt, tile_index), dimension=1, num_keys=2)
         tiles_qk = order[2][:, :chosen]
     return rescore_tiles(tiles_qk, block_n, score_chunk, q_args, x_args, n_valid, k, row_filter=row_filter,
-                         row_ids=row_ids)
+                         row_ids=row_ids, corpus_axis=corpus_axis)
 
 
 XLA_TILE = 32  # corpus rows per tile of the XLA scan: 1/32 of the scores kept; k * 32 rows rescored
@@ -185,9 +186,7 @@ def xla_tile_maxima(score_chunk: Callable, q_args: Sequence, x_args: Sequence, n
         s = score_chunk(q_args, [lax.dynamic_slice_in_dim(a, start, size, axis=corpus_axis) for a in x_args])
         s = s.astype(jnp.float32)
         if masked:
-            pos = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
-            valid = (pos < n_valid) & rows_pass(row_filter, start, size)  # [1 or Q, size]
-            s = jnp.where(valid.T if cq else valid, s, NEG_INF)
+            s = mask_scores(s, searched_rows(start, size, n_valid, row_filter), scores_layout)
         pad = -size % block_n
         if pad:
             s = jnp.pad(s, ((0, pad), (0, 0)) if cq else ((0, 0), (0, pad)), constant_values=NEG_INF)
