@@ -22,6 +22,11 @@ Batch layouts (numpy, leading dimension = this process's rows ``b``):
   ``"negatives": tokens [b, k, L]`` and ``"negative_ids": int32 [b, k]``
 
 where ``tokens`` is ``{"input_ids", "attention_mask", "token_type_ids"}`` int32 [b, L].
+
+With packing (``pack``, `embedjax.data.packing`) every column is a packed token batch instead: the
+retrieval columns each pack their texts (negatives flattened to b * k texts, pair-major), and an
+``"sts"`` batch is ``{"texts": packed (a_0, b_0, a_1, b_1, ...), "score": float32 [b]}``, both sides
+in one batch as they go through one forward pass.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from embedjax.data import builders
+from embedjax.data import builders, packing
 from embedjax.data.mixing import BatchPlan
 from embedjax.data.samplers import EpochBatches
 from embedjax.data.tokenization import bucket_length
@@ -48,6 +53,19 @@ class DatasetSpec:
     weight: float = 1.0
     split: str = "test"
     min_relevance: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSpec:
+    """Packing settings: rows of ``row_length`` tokens (a batch whose longest text is longer gets
+    rows of that text's length bucket), texts split into ``shards`` groups (the data-parallel devices)."""
+
+    row_length: int
+    shards: int = 1
+
+    def __post_init__(self):
+        if self.row_length < 2 or self.shards < 1:
+            raise ValueError(f"packing needs row_length >= 2 and shards >= 1, got {self.row_length} and {self.shards}")
 
 
 def text_id(value: str) -> int:
@@ -73,7 +91,14 @@ class BatchLoader:
 
     def __init__(self, sources, kind: str, tokenizer, *, num_negatives: int, process_index: int,
                  process_count: int, pad_to_max_length: bool = False, framing=None, prompts=None,
-                 pool_masks: bool = False):
+                 pool_masks: bool = False, pack: PackSpec | None = None):
+        if pack is not None and (framing is not None or pad_to_max_length):
+            raise ValueError("data.pack packs texts into rows of their own lengths; it does not combine with "
+                             "data.pad_to_max_length or a multi-vector head's framing: turn one of them off")
+        if pack is not None and pack.shards % process_count:
+            raise ValueError(f"{pack.shards} packing shards (data-parallel devices) do not split evenly over "
+                             f"{process_count} processes")
+        self.pack = pack
         self.sources = sources
         # A late-interaction framing (`embedjax.data.late_interaction`): queries and documents get
         # their markers, query expansion and skiplist, and every column a pool_mask of scored tokens.
@@ -103,7 +128,18 @@ class BatchLoader:
             padded["pool_mask"] = mask * (np.cumsum(mask, axis=1) > skip)
         return padded
 
+    def _packed(self, ids, prompt: str | None) -> dict:
+        """This process's shards of the packed batch of ``ids`` (all the global batch's texts)."""
+        row_length = max(self.pack.row_length, bucket_length(max(map(len, ids)), self.tokenizer.buckets))
+        skip = self.tokenizer.pool_skip(prompt) if (self.pool_masks and prompt) else 0
+        packed = packing.pack(ids, row_length=row_length, pad_id=self.tokenizer.pad_id, shards=self.pack.shards,
+                              token_type_ids=self.tokenizer.token_type_ids, pool_skip=skip)
+        count = self.pack.shards // self.process_count
+        return packing.shard_slice(packed, self.pack.shards, self.process_index * count, count)
+
     def _tokens(self, texts: Sequence[str], rows: slice, side: str = "document", prompt: str | None = None) -> dict:
+        if self.pack is not None:
+            return self._packed(self.tokenizer.token_ids(texts, prompt=prompt), prompt)
         if self.framing is None:
             padded = self._pad(self.tokenizer.token_ids(texts, prompt=prompt), prompt)
         else:
@@ -128,11 +164,15 @@ class BatchLoader:
             # and the number of compiled shapes stays the number of buckets.
             ids_a = self.tokenizer.token_ids([_decode(r["sentence1"]) for r in records], prompt=query_prompt)
             ids_b = self.tokenizer.token_ids([_decode(r["sentence2"]) for r in records], prompt=query_prompt)
+            score = np.asarray([r["score"] for r in records], dtype=np.float32)[rows]
+            if self.pack is not None:
+                pairs = [text for pair in zip(ids_a, ids_b) for text in pair]
+                return {"texts": self._packed(pairs, query_prompt), "score": score}
             length = self.pad_length or bucket_length(max(map(len, ids_a + ids_b)), self.tokenizer.buckets)
             return {
                 "a": {k: v[rows] for k, v in self._pad(ids_a, query_prompt, length).items()},
                 "b": {k: v[rows] for k, v in self._pad(ids_b, query_prompt, length).items()},
-                "score": np.asarray([r["score"] for r in records], dtype=np.float32)[rows],
+                "score": score,
             }
         batch = {
             "query": self._tokens([_decode(r["query"]) for r in records], rows, side="query", prompt=query_prompt),
@@ -152,7 +192,7 @@ class BatchLoader:
                 negatives += [_decode(n) for n in r["negatives"][:k]]
                 negative_ids += [text_id(_decode(n)) for n in r["negative_ids"][:k]]
             flat = self._tokens(negatives, slice(None), prompt=document_prompt)
-            batch["negatives"] = {
+            batch["negatives"] = flat if self.pack is not None else {
                 name: array.reshape(len(records), k, -1)[rows] for name, array in flat.items()
             }
             batch["negative_ids"] = np.asarray(negative_ids, np.int32).reshape(len(records), k)[rows]
@@ -211,6 +251,7 @@ def build_train_data(
     framing=None,
     prompts=None,
     pool_masks: bool = False,
+    pack: PackSpec | None = None,
 ) -> TrainData:
     """Prepare every source (ArrayRecord via TFDS) and return the step-indexed pipeline.
 
@@ -223,6 +264,7 @@ def build_train_data(
     for late interaction.
     ``prompts``: ``(query prompt, document prompt)`` per source (`embedjax.data.instructions`);
     ``pool_masks``: give every column a ``pool_mask`` that leaves the prompt out of pooling.
+    ``pack``: pack each column's texts into rows (`PackSpec`, `embedjax.data.packing`).
     """
     if not specs:
         raise ValueError("no training datasets given: set config.data.train to at least one source")
@@ -259,7 +301,7 @@ def build_train_data(
     loader = BatchLoader(
         sources, kind, tokenizer, num_negatives=num_negatives, process_index=process_index,
         process_count=process_count, pad_to_max_length=pad_to_max_length, framing=framing, prompts=prompts,
-        pool_masks=pool_masks,
+        pool_masks=pool_masks, pack=pack,
     )
     dataset = grain.MapDataset.source(plan).map(loader)
     return TrainData(

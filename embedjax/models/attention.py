@@ -33,6 +33,11 @@ rotated q and k; farther pairs use the grouped rotations (a key before the query
 ``key_grouped``). Which score a pair gets depends only on the two positions, so the chunked kernel
 selects per block exactly as the dense reference selects over [L, L].
 
+Packed sequences (several texts per row, `embedjax.data.packing`): the key-padding mask is then
+a `Segments` of segment ids (0: padding, one id per text) and ``Masking.segments`` is set; a
+query reads only the keys of its own segment, in every implementation, so each text attends as
+if it were alone in its row (masked scores' exponentials are exactly 0).
+
 Scores and softmax are float32 whatever the compute dtype. Masked scores take float32's most
 negative finite value, so a query with no visible key (a padding row) stays finite; such rows are
 not defined beyond that (the implementations may average different keys there), and callers mask
@@ -85,11 +90,23 @@ class Masking(NamedTuple):
     causal: bool = False
     window: int | None = None  # causal sliding window: query i sees keys i - window < j <= i
     self_extend_window: int | None = None  # SelfExtend's neighbour window (None: plain attention)
+    segments: bool = False  # the key mask holds segment ids of packed texts (see `Segments`)
 
 
-def _allowed(key_mask_bc, q_index, k_index, masking: Masking):
-    """bool [B, 1, 1, Lq, C]: key padding, causal order and the sliding window, for keys ``k_index``."""
+class Segments(NamedTuple):
+    """Segment ids [B, L] of packed texts (0: padding; the tokens of one text share an id),
+    passed where the key-padding mask goes: attention then stays within each segment."""
+
+    ids: jax.Array
+
+
+def _allowed(key_mask_bc, q_index, k_index, masking: Masking, query_segments_bl=None):
+    """bool [B, 1, 1, Lq, C]: key padding, causal order and the sliding window, for keys ``k_index``;
+    with ``masking.segments`` the key mask holds segment ids and a key must share the query's
+    (``query_segments_bl``)."""
     allowed = key_mask_bc.astype(bool)[:, None, None, None, :]
+    if masking.segments:
+        allowed = allowed & (query_segments_bl[:, None, None, :, None] == key_mask_bc[:, None, None, None, :])
     if masking.causal:
         visible = k_index[None, :] <= q_index[:, None]
         if masking.window is not None:
@@ -142,7 +159,7 @@ def explicit_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *
     qs5 = tuple(q.reshape(b, length, g, h // g, d) for q in qs)
     index = jnp.arange(length)
     scores = _scores(qs5, ks, positions_bl, positions_bl, masking, d ** -0.5)
-    scores = jnp.where(_allowed(key_mask_bl, index, index, masking), scores, _NEG)
+    scores = jnp.where(_allowed(key_mask_bl, index, index, masking, key_mask_bl), scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rng is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
@@ -218,7 +235,7 @@ def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int):
         m, l, acc = carry
         ks_c, v_c, mask_c, pos_c, k_index = block
         s = _scores(qs, ks_c, positions, pos_c, masking, scale)
-        s = jnp.where(_allowed(mask_c, q_index, k_index, masking), s, _NEG)
+        s = jnp.where(_allowed(mask_c, q_index, k_index, masking, key_mask), s, _NEG)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
@@ -257,7 +274,7 @@ def _chunked_bwd(masking, chunk, residuals, dout):
 
     def step(dqs, block):
         ks_c, v_c, mask_c, pos_c, k_index = block
-        allowed = _allowed(mask_c, q_index, k_index, masking)
+        allowed = _allowed(mask_c, q_index, k_index, masking, key_mask)
         s = jnp.where(allowed, _scores(qs, ks_c, positions, pos_c, masking, scale), _NEG)
         p = jnp.exp(s - lse[..., None])
         dv_c = jnp.einsum("bgrqc,bgrqk->bcgk", p, dout)
@@ -289,13 +306,17 @@ def chunked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *,
     g = v.shape[2]
     chunk = min(chunk_size, length)
     qs5 = tuple(q.reshape(b, length, g, h // g, d) for q in qs)
-    out = _chunked(qs5, tuple(ks), v, key_mask_bl.astype(bool), positions_bl.astype(jnp.int32), masking, chunk)
+    key_mask = key_mask_bl.astype(jnp.int32 if masking.segments else bool)
+    out = _chunked(qs5, tuple(ks), v, key_mask, positions_bl.astype(jnp.int32), masking, chunk)
     return jnp.moveaxis(out, 3, 1).reshape(b, length, h, d).astype(qs[0].dtype)
 
 
 def xla_attention(q, k, v, key_mask_bl, masking: Masking):
     """`jax.nn.dot_product_attention` (fused where the backend has a kernel); no SelfExtend."""
     window = masking.window
+    mask = key_mask_bl.astype(bool)[:, None, None, :]
+    if masking.segments:  # [B, 1, Lq, Lk]: the same nonzero segment
+        mask = mask & (key_mask_bl[:, None, :, None] == key_mask_bl[:, None, None, :])
     return jax.nn.dot_product_attention(
-        q, k, v, mask=key_mask_bl.astype(bool)[:, None, None, :], is_causal=masking.causal,
+        q, k, v, mask=mask, is_causal=masking.causal,
         local_window_size=(window - 1, 0) if window is not None else None)

@@ -172,9 +172,14 @@ def attend(q_blhk, k_blgk, v_blgk, key_mask_bl, *, causal: bool, window: int | N
     says. ``self_extend``: ``(q_before_blhk, q_after_blhk, k_grouped_blgk, positions_bl, window)``
     for SelfExtend (q and k above are then the normally rotated ones). Masked scores take a large
     finite negative, so a fully masked row (a padding query under causal masking) stays finite.
+    ``key_mask_bl``: the key-padding mask [B, L], or a `kernels.Segments` of packed texts' segment
+    ids (attention within each segment).
     """
+    packed = isinstance(key_mask_bl, kernels.Segments)
+    if packed:
+        key_mask_bl = key_mask_bl.ids
     masking = kernels.Masking(causal=causal, window=window,
-                              self_extend_window=None if self_extend is None else self_extend[4])
+                              self_extend_window=None if self_extend is None else self_extend[4], segments=packed)
     if self_extend is None:
         qs, ks, positions = (q_blhk,), (k_blgk,), None
     else:
@@ -337,6 +342,17 @@ def check_token_batch(tokens: Mapping[str, Any]):
     if ids.ndim != 2 or mask.shape != ids.shape:
         raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [B, L]")
     return ids, mask
+
+
+def attention_key_mask(tokens: Mapping[str, Any], mask_bl):
+    """What the blocks' attention reads as its key mask: ``mask_bl``, or for a packed batch
+    (``segment_ids`` [B, L], `embedjax.data.packing`) its `kernels.Segments`."""
+    segments_bl = tokens.get("segment_ids")
+    if segments_bl is None:
+        return mask_bl
+    if segments_bl.shape != mask_bl.shape:
+        raise ValueError(f"segment_ids {segments_bl.shape} and attention_mask {mask_bl.shape} must both be [B, L]")
+    return kernels.Segments(segments_bl)
 
 
 def hidden_states_tuple(embedded_bld, per_layer_nbld, last_bld) -> tuple:

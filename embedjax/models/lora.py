@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embedjax.data import packing
+
 # q, k, v, o attention projections and the gated MLP's gate/up/down, in every family's naming
 # (BERT's plain MLP is mlp_in / mlp_out: name them to adapt it).
 DEFAULT_TARGETS = (r"(^|/)(q|k|v|o|gate|up|down)/kernel$",)
@@ -268,19 +270,34 @@ def apply_model(model, params, tokens, *, lora: LoRAConfig | None = None, determ
     """``model.apply`` on the encoder tree's backbone, with its LoRA adapters when it has any.
 
     ``params``: the encoder tree ``{"backbone", "head", ["lora"]}``. With adapters, ``lora`` (their
-    `LoRAConfig`) is required and the backbone is held constant (``stop_gradient``).
+    `LoRAConfig`) is required and the backbone is held constant (``stop_gradient``). A packed token
+    batch (`embedjax.data.packing`) comes back unpacked: every returned state is [N texts, P, D].
     """
     adapters = params.get("lora") if isinstance(params, Mapping) else None
     if not adapters:
-        return model.apply({"params": params["backbone"]}, tokens, deterministic=deterministic,
-                           output_hidden_states=output_hidden_states, rngs=rngs)
+        last, extras = model.apply({"params": params["backbone"]}, tokens, deterministic=deterministic,
+                                   output_hidden_states=output_hidden_states, rngs=rngs)
+        return _per_text(last, extras, tokens)
     if lora is None:
         raise ValueError("the parameters carry LoRA adapters but no LoRAConfig was given (scale and dropout); "
                          "pass lora=LoRAConfig(...) or merge the adapters first (embedjax.models.lora.merge)")
     variables = {"params": jax.lax.stop_gradient(params["backbone"]), COLLECTION: adapters}
     with lora_scope(lora, deterministic=deterministic):
-        return model.apply(variables, tokens, deterministic=deterministic,
-                           output_hidden_states=output_hidden_states, rngs=rngs)
+        last, extras = model.apply(variables, tokens, deterministic=deterministic,
+                                   output_hidden_states=output_hidden_states, rngs=rngs)
+    return _per_text(last, extras, tokens)
+
+
+def _per_text(last_bld, extras: dict, tokens):
+    """The model's outputs with packed rows gathered back into one row per text (unchanged when
+    the batch is not packed)."""
+    if not packing.is_packed(tokens):
+        return last_bld, extras
+    index = tokens["unpack_index"]
+    hidden = extras.get("hidden_states")
+    if hidden is not None:
+        extras = {**extras, "hidden_states": tuple(packing.unpack_states(h, index) for h in hidden)}
+    return packing.unpack_states(last_bld, index), extras
 
 
 # ---- merging ----

@@ -60,6 +60,9 @@ class Family:
     # them (what MNTP predicts through); None: the family has no LM head embedjax can use.
     tied_lm_head: tuple[str, ...] | None = None
     modalities: tuple[str, ...] = ("text",)
+    # The module reads packed token batches (`embedjax.data.packing`: ``segment_ids`` and per-text
+    # ``position_ids``, attention kept within each text), so training may pack (``data.pack``).
+    packs_sequences: bool = False
     features: bool = False
     # config -> keyword inputs of ``module.init`` touching every parameter (features families).
     example_inputs: Callable[[Any], dict] | None = None

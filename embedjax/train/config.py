@@ -61,6 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_negatives = 0  # hard negatives per query taken from the dataset (retrieval kinds)
     c.data.length_buckets = ()  # padded lengths to choose from; () = the tokenizer's default ladder
     c.data.pad_to_max_length = False  # True: every batch padded to model.max_length (one compiled shape)
+    # True: pack each column's texts end to end into rows (embedjax.data.packing; attention stays
+    # within each text, so embeddings equal the padded batch's) instead of padding each text: no
+    # compute on padding. Rows hold data.pack_length tokens, or the longest text's length bucket.
+    c.data.pack = False
+    c.data.pack_length = 64
     c.data.min_relevance = 1
     # True lets a run train on one of its evaluation sets or on evaluation-only data (refused otherwise,
     # before anything runs); the summary then records the overlap under "eval_overlap".

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from embedjax.data.pipeline import DatasetSpec, build_train_data
+from embedjax.data.pipeline import DatasetSpec, PackSpec, build_train_data
 from embedjax.data.splits import check_disjoint, parse_train_sources
 from embedjax.data.tokenization import Tokenizer
 from embedjax.train import optim
@@ -191,7 +191,23 @@ def source_prompts(cfg):
                 document_template=cfg.data.document_instruction, tasks=cfg.data.tasks.to_dict())
 
 
-def prepare_data(cfg, tokenizer, framing=None):
+def check_packing(cfg, family) -> None:
+    """``data.pack`` needs a family that reads packed batches and a step that keeps each column whole."""
+    if not cfg.data.pack:
+        return
+    if not family.packs_sequences:
+        raise ValueError(f"data.pack=True: the {family.name!r} family does not read packed batches "
+                         "(Family.packs_sequences); set data.pack=False")
+    if cfg.train.gradcache_sub_batch > 0:
+        raise ValueError("data.pack=True does not combine with GradCache (its sub-batches cut the batch by rows, "
+                         "and packed rows mix texts): set train.gradcache_sub_batch=0 or data.pack=False")
+    if cfg.train.objective == "mntp":
+        raise ValueError("data.pack=True applies to the contrastive objective; MNTP predicts over padded rows: "
+                         "set data.pack=False")
+
+
+def prepare_data(cfg, tokenizer, framing=None, shards: int = 1):
+    """The run's training data; ``shards``: the data-parallel devices (packed batches pack per device)."""
     prompts = source_prompts(cfg)
     specs = [DatasetSpec(kind=s.kind, path=s.path, weight=s.weight, split=s.split or "test",
                          min_relevance=cfg.data.min_relevance) for s in parse_train_sources(cfg.data.train)]
@@ -212,6 +228,7 @@ def prepare_data(cfg, tokenizer, framing=None):
         framing=framing,
         prompts=prompts,
         pool_masks=not cfg.model.include_prompt and any(q or d for q, d in prompts),
+        pack=PackSpec(cfg.data.pack_length, shards) if cfg.data.pack else None,
     )
     if jax.process_count() == 1:
         return build_train_data(specs, tokenizer, **kwargs)
@@ -310,7 +327,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     lora = LoRAConfig.from_dict(cfg.model.lora.to_dict())
     # With LoRA the backbone is frozen: the optimizer (and its state) holds the adapters and the head.
     trainable = ("head", "lora") if lora is not None else None
-    data = prepare_data(cfg, tokenizer, head.framing if per_token else None)
+    check_packing(cfg, family)
+    data = prepare_data(cfg, tokenizer, head.framing if per_token else None,
+                        shards=mesh.shape["data"] * mesh.shape["fsdp"])
     num_steps = data.num_steps
     warmup = optim.warmup_steps_for(num_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_steps)
     schedule = optim.learning_rate_schedule(cfg.optim.learning_rate, num_steps, warmup, cfg.optim.schedule)

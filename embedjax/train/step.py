@@ -31,6 +31,11 @@ def global_l2_norm(tree) -> jax.Array:
 
 
 def _flatten_negatives(tokens_bkl: dict) -> dict:
+    """[B, K, L] negatives -> [B * K, L] texts (a packed column holds them flat already)."""
+    from embedjax.data.packing import is_packed
+
+    if is_packed(tokens_bkl):
+        return tokens_bkl
     return {name: array.reshape(-1, array.shape[-1]) for name, array in tokens_bkl.items()}
 
 
@@ -214,6 +219,9 @@ def make_objective(
         from embedjax.losses.pairwise import cosent
 
         def embed_sts(params, batch, rng, shared=None):
+            if "texts" in batch:  # packed: both sides in one batch, pair-interleaved (a_0, b_0, a_1, ...)
+                emb_2bd = embed(params, batch["texts"], rng, **_shared_kw(shared))
+                return {"a": emb_2bd[0::2], "b": emb_2bd[1::2]}
             # One forward pass over both sides (the pipeline pads them to one length): one
             # larger matmul per layer instead of two, and half the program to compile.
             b = batch["score"].shape[0]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from embedjax.data import builders
-from embedjax.data.pipeline import DatasetSpec, build_train_data
+from embedjax.data.pipeline import DatasetSpec, PackSpec, build_train_data
 from embedjax.data.readers import read_sts
 from embedjax.data.tokenization import Tokenizer
 
@@ -121,3 +121,52 @@ def test_mixture_batches_each_come_whole_from_one_dataset(tokenizer, cache, tmp_
         assert synthetic[0] == (data.plan[step][0] == 1)
         origins.append(synthetic[0])
     assert 0 < sum(origins) < 24  # both datasets are drawn
+
+
+def _packed_texts(packed):
+    """Each text's token ids, rebuilt from a packed column through its unpacking index."""
+    flat = packed["input_ids"].reshape(-1)
+    return [flat[index[mask > 0]].tolist() if mask.any() else []
+            for index, mask in zip(packed["unpack_index"], packed["pool_mask"])]
+
+
+def test_packed_sts_batches_hold_the_padded_batches_pairs(tokenizer, cache, data_dir):
+    """Packing (issue 17): the same step's pairs, interleaved (a_0, b_0, a_1, ...), over 4 shards; two
+    processes' parts put together are the one-process batch."""
+    spec = [DatasetSpec("sts", str(data_dir / "stsb" / "sts-train.csv"))]
+    kw = dict(global_batch_size=16, seed=7, num_steps=3, cache_dir=cache)
+    padded = next(build_train_data(spec, tokenizer, **kw).iterator())
+    pack = PackSpec(row_length=48, shards=4)
+    whole = next(build_train_data(spec, tokenizer, pack=pack, **kw).iterator())
+    assert sorted(whole) == ["score", "texts"] and np.array_equal(whole["score"], padded["score"])
+    texts = _packed_texts(whole["texts"])
+    for i in range(16):
+        for j, side in enumerate("ab"):
+            mask = padded[side]["attention_mask"][i] > 0
+            assert texts[2 * i + j] == padded[side]["input_ids"][i][mask].tolist()
+    rows = whole["texts"]["input_ids"].shape[0]
+    assert rows % 4 == 0 and rows < 32  # several texts per row
+    parts = [next(build_train_data(spec, tokenizer, pack=pack, process_index=p, process_count=2, **kw).iterator())
+             for p in range(2)]
+    for name, array in whole["texts"].items():
+        assert np.array_equal(np.concatenate([p["texts"][name] for p in parts]), array), name
+    with pytest.raises(ValueError, match="do not split evenly over 3 processes"):
+        build_train_data(spec, tokenizer, pack=pack, process_index=0, process_count=3,
+                         **{**kw, "global_batch_size": 18})
+
+
+def test_packed_negatives_stay_pair_major(tokenizer, cache, tmp_path):
+    path = tmp_path / "triplets.jsonl"
+    rows = [{"query": f"question number {i}", "positive": f"answer {i}",
+             "negatives": [f"wrong {i} a", f"wrong {i} b"]} for i in range(8)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    batch = next(build_train_data([DatasetSpec("jsonl", str(path))], tokenizer, global_batch_size=4, seed=0,
+                                  num_steps=1, cache_dir=cache, num_negatives=2, shuffle=False,
+                                  pack=PackSpec(row_length=16, shards=2)).iterator())
+    decode = lambda ids: tokenizer.backend.decode(ids)  # noqa: E731
+    queries = [decode(t) for t in _packed_texts(batch["query"])]
+    negatives = [decode(t) for t in _packed_texts(batch["negatives"])]
+    assert len(negatives) == 8
+    for i, q in enumerate(queries):
+        number = q.split()[-1]
+        assert negatives[2 * i:2 * i + 2] == [f"wrong {number} a", f"wrong {number} b"]

@@ -169,8 +169,8 @@ class BertModel(nn.Module):
     """``apply({"params": p}, tokens, deterministic=True, output_hidden_states=False)`` ->
     ``(last_hidden_bld, {"hidden_states": (embeddings, layer 1, ..., layer N) or None})``.
 
-    ``tokens``: ``input_ids``, ``attention_mask`` and optionally ``token_type_ids`` and
-    ``position_ids``, each [B, L]. Dropout is active when ``deterministic=False`` (rng collection
+    ``tokens``: ``input_ids``, ``attention_mask`` and optionally ``token_type_ids``,
+    ``position_ids`` and (packed texts, `embedjax.data.packing`) ``segment_ids``, each [B, L]. Dropout is active when ``deterministic=False`` (rng collection
     ``"dropout"``).
     """
 
@@ -189,6 +189,9 @@ class BertModel(nn.Module):
                              f"this model supports (max_position_embeddings={cfg.max_position_embeddings}, "
                              f"position_extension={cfg.extension}); lower max_length or extend the positions")
         ext = cfg.extension
+        if ext and "segment_ids" in tokens:
+            raise ValueError(f"packed sequences (segment_ids) run on the trained position table only; this model has "
+                             f"position_extension={ext}: turn data.pack off or drop the extension")
         unwind = None
         if ext and ext["type"] == "pcw":
             tokens, unwind = cut_windows(tokens, cfg.max_position_embeddings)
@@ -216,7 +219,8 @@ class BertModel(nn.Module):
         embedded_bld = nn.Dropout(cfg.hidden_dropout)(x_bld, deterministic=deterministic)
         x_bld, per_layer = layers.layer_stack(
             cfg.block_spec(), cfg.num_layers, dtype=self.dtype, remat=self.remat, unroll=self.scan_unroll,
-            deterministic=deterministic, collect=output_hidden_states)(embedded_bld, mask_bl, None)
+            deterministic=deterministic, collect=output_hidden_states)(
+                embedded_bld, layers.attention_key_mask(tokens, mask_bl), None)
         hidden = layers.hidden_states_tuple(embedded_bld, per_layer, x_bld) if output_hidden_states else None
         if unwind is not None:
             x_bld = unwind(x_bld)
@@ -303,4 +307,5 @@ FAMILY = Family(
     hf_ignored=(r"embeddings\.position_ids", r"pooler\."),
     hf_stripped_prefixes=("bert.", "model."),
     hf_prepare_tensors=prepare_tensors,
+    packs_sequences=True,
 )

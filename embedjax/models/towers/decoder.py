@@ -230,10 +230,14 @@ class DecoderModel(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         embedded_bld = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                                 embedding_init=layers.logical(init, ("vocab", "embed")), name="embed_tokens")(ids_bl)
-        rope = rotary_tables(positions_from_mask(mask_bl), cfg.head_dim, cfg.rope_theta, cfg.scaling)
+        # Packed texts carry their own positions (each text counts from 0).
+        positions_bl = tokens.get("position_ids")
+        rope = rotary_tables(positions_from_mask(mask_bl) if positions_bl is None else positions_bl,
+                             cfg.head_dim, cfg.rope_theta, cfg.scaling)
         x_bld, per_layer = layers.layer_stack(
             cfg.block_spec(), cfg.num_layers, dtype=self.dtype, remat=self.remat, unroll=self.scan_unroll,
-            deterministic=deterministic, collect=output_hidden_states)(embedded_bld.astype(jnp.float32), mask_bl, rope)
+            deterministic=deterministic, collect=output_hidden_states)(
+                embedded_bld.astype(jnp.float32), layers.attention_key_mask(tokens, mask_bl), rope)
         x_bld = layers.Norm(layers.NormSpec("rmsnorm", cfg.rms_norm_eps, bias=False), self.dtype, name="norm")(x_bld)
         hidden = layers.hidden_states_tuple(embedded_bld, per_layer, x_bld) if output_hidden_states else None
         return x_bld, {"hidden_states": hidden}
@@ -290,6 +294,7 @@ def _family(name: str) -> Family:
         hf_ignored=(r"lm_head\.", r"(layers\.\d+\.self_attn\.)?rotary_emb\."),
         hf_stripped_prefixes=("model.",),
         tied_lm_head=("embed_tokens", "embedding"),
+        packs_sequences=True,
     )
 
 

@@ -1,0 +1,61 @@
+"""Training on packed batches (``data.pack``, issue 17) follows the padded run's losses step for step.
+
+Packing changes no embedding (tests/models/test_packed_models.py), so with dropout off the losses
+of a packed run equal the padded run's up to float32 reduction order: the tiny retrieval config
+(ring InfoNCE over 8 devices, Matryoshka) against the 1-device padded reference, and a tiny CoSENT
+run on STS-B pairs (both sides in one packed column) against its padded twin. Held to 1e-5 over
+the first steps (as the sharded-equality tests): a text that read its row-mates, or texts paired
+with the wrong partners (splitting the interleaved column in halves), moves the loss by > 1e-1.
+"""
+import types
+
+import numpy as np
+import pytest
+
+from train_runs import read_losses, tiny_config
+
+STEPS = 6
+TOLERANCE = 1e-5
+PACKED = ("data.pack=True", "data.pad_to_max_length=False", "data.pack_length=24")
+
+
+def _losses(workdir):
+    losses = read_losses(workdir)
+    return np.array([losses[s][-1] for s in sorted(losses)])
+
+
+def test_packed_ring_infonce_on_eight_devices_matches_the_padded_run(tmp_path, reference_run, tfds_cache):
+    from embedjax.train.loop import train
+
+    _, _, ref = reference_run  # 40 steps, padded to max_length, 1 device
+    summary = train(tiny_config("train.num_steps=40", f"train.stop_after={STEPS}", f"data.cache_dir={tfds_cache}",
+                                *PACKED), tmp_path, log=lambda m: None)
+    assert summary["devices"] == 8
+    want = np.array([ref[s][-1] for s in range(1, STEPS + 1)])
+    np.testing.assert_allclose(_losses(tmp_path), want, rtol=0, atol=TOLERANCE)
+
+
+def test_packed_cosent_matches_the_padded_run(tmp_path, tfds_cache):
+    from embedjax.train.loop import train
+
+    sts = ("data.train=sts:stsb/sts-train.csv", "train.loss=cosent", "train.ring=False",
+           "train.bidirectional=False", "train.matryoshka_dims=()", f"train.num_steps={STEPS}",
+           f"data.cache_dir={tfds_cache}", "mesh.num_devices=2", "data.pad_to_max_length=False")
+    train(tiny_config(*sts), tmp_path / "padded", log=lambda m: None)
+    train(tiny_config(*sts, *PACKED), tmp_path / "packed", log=lambda m: None)
+    padded, packed = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
+    assert len(packed) == STEPS
+    np.testing.assert_allclose(packed, padded, rtol=0, atol=TOLERANCE)
+
+
+def test_packing_refuses_what_it_cannot_run():
+    from embedjax.train.loop import check_packing
+
+    bert = types.SimpleNamespace(name="bert", packs_sequences=True)
+    with pytest.raises(ValueError, match="'clip' family does not read packed batches"):
+        check_packing(tiny_config("data.pack=True"), types.SimpleNamespace(name="clip", packs_sequences=False))
+    with pytest.raises(ValueError, match="GradCache"):
+        check_packing(tiny_config("data.pack=True", "train.gradcache_sub_batch=4"), bert)
+    with pytest.raises(ValueError, match="MNTP"):
+        check_packing(tiny_config("data.pack=True", "train.objective=mntp"), bert)
+    check_packing(tiny_config("data.pack=True"), bert)  # the tiny config itself packs
