@@ -3,7 +3,8 @@
 Packing changes no embedding (tests/models/test_packed_models.py), so with dropout off the losses
 of a packed run equal the padded run's up to float32 reduction order: the tiny retrieval config
 (ring InfoNCE over 8 devices, Matryoshka) against the 1-device padded reference, and a tiny CoSENT
-run on STS-B pairs (both sides in one packed column) against its padded twin. Held to 1e-5 over
+run on STS-B pairs (both sides in one packed column) and an InfoNCE run with one hard negative per
+NLI triplet, each against its padded twin. Held to 1e-5 over
 the first steps (as the sharded-equality tests): a text that read its row-mates, or texts paired
 with the wrong partners (splitting the interleaved column in halves), moves the loss by > 1e-1.
 """
@@ -35,14 +36,19 @@ def test_packed_ring_infonce_on_eight_devices_matches_the_padded_run(tmp_path, r
     np.testing.assert_allclose(_losses(tmp_path), want, rtol=0, atol=TOLERANCE)
 
 
-def test_packed_cosent_matches_the_padded_run(tmp_path, tfds_cache):
+@pytest.mark.parametrize("recipe", [
+    ("data.train=sts:stsb/sts-train.csv", "train.loss=cosent", "train.ring=False", "train.bidirectional=False",
+     "train.matryoshka_dims=()"),
+    # NLI triplets: the contradiction as one hard negative per pair (a packed column of its own).
+    ("data.train=triplets:nli/triplets.tsv", "data.num_negatives=1", "train.ring=False"),
+], ids=["cosent-sts", "infonce-hard-negatives"])
+def test_packed_runs_match_their_padded_twins(tmp_path, tfds_cache, recipe):
     from embedjax.train.loop import train
 
-    sts = ("data.train=sts:stsb/sts-train.csv", "train.loss=cosent", "train.ring=False",
-           "train.bidirectional=False", "train.matryoshka_dims=()", f"train.num_steps={STEPS}",
-           f"data.cache_dir={tfds_cache}", "mesh.num_devices=2", "data.pad_to_max_length=False")
-    train(tiny_config(*sts), tmp_path / "padded", log=lambda m: None)
-    train(tiny_config(*sts, *PACKED), tmp_path / "packed", log=lambda m: None)
+    common = (*recipe, f"train.num_steps={STEPS}", f"data.cache_dir={tfds_cache}", "mesh.num_devices=2",
+              "data.pad_to_max_length=False")
+    train(tiny_config(*common), tmp_path / "padded", log=lambda m: None)
+    train(tiny_config(*common, *PACKED), tmp_path / "packed", log=lambda m: None)
     padded, packed = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
     assert len(packed) == STEPS
     np.testing.assert_allclose(packed, padded, rtol=0, atol=TOLERANCE)

@@ -170,8 +170,8 @@ class BertModel(nn.Module):
     ``(last_hidden_bld, {"hidden_states": (embeddings, layer 1, ..., layer N) or None})``.
 
     ``tokens``: ``input_ids``, ``attention_mask`` and optionally ``token_type_ids``,
-    ``position_ids`` and (packed texts, `embedjax.data.packing`) ``segment_ids``, each [B, L]. Dropout is active when ``deterministic=False`` (rng collection
-    ``"dropout"``).
+    ``position_ids`` and (packed texts, `embedjax.data.packing`) ``segment_ids``, each [B, L].
+    Dropout is active when ``deterministic=False`` (rng collection ``"dropout"``).
     """
 
     config: BertConfig

@@ -212,7 +212,10 @@ class DecoderConfig:
 class DecoderModel(nn.Module):
     """``apply({"params": p}, tokens, deterministic=True, output_hidden_states=False)`` ->
     ``(last_hidden_bld, {"hidden_states": (embeddings, layer 1, ..., normed layer N) or None})``,
-    the last hidden state after the final RMSNorm, as transformers' ``last_hidden_state``."""
+    the last hidden state after the final RMSNorm, as transformers' ``last_hidden_state``.
+
+    ``tokens``: ``input_ids`` and ``attention_mask`` [B, L]; optionally ``position_ids`` (else the
+    real tokens are counted from 0) and, for packed texts (`embedjax.data.packing`), ``segment_ids``."""
 
     config: DecoderConfig
     dtype: Dtype = jnp.float32
