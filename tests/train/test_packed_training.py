@@ -4,10 +4,11 @@ Packing changes no embedding (tests/models/test_packed_models.py), so with dropo
 of a packed run equal the padded run's up to float32 reduction order: the tiny retrieval config
 (ring InfoNCE over 8 devices, Matryoshka) against the 1-device padded reference, and a tiny CoSENT
 run on STS-B pairs (both sides in one packed column) and an InfoNCE run with one hard negative per
-NLI triplet, each against its padded twin. Held to 1e-5 over
+NLI triplet (120 real triplets as a jsonl source), each against its padded twin. Held to 1e-5 over
 the first steps (as the sharded-equality tests): a text that read its row-mates, or texts paired
 with the wrong partners (splitting the interleaved column in halves), moves the loss by > 1e-1.
 """
+import json
 import types
 
 import numpy as np
@@ -36,16 +37,28 @@ def test_packed_ring_infonce_on_eight_devices_matches_the_padded_run(tmp_path, r
     np.testing.assert_allclose(_losses(tmp_path), want, rtol=0, atol=TOLERANCE)
 
 
-@pytest.mark.parametrize("recipe", [
-    ("data.train=sts:stsb/sts-train.csv", "train.loss=cosent", "train.ring=False", "train.bidirectional=False",
-     "train.matryoshka_dims=()"),
-    # NLI triplets: the contradiction as one hard negative per pair (a packed column of its own).
-    ("data.train=triplets:nli/triplets.tsv", "data.num_negatives=1", "train.ring=False"),
-], ids=["cosent-sts", "infonce-hard-negatives"])
-def test_packed_runs_match_their_padded_twins(tmp_path, tfds_cache, recipe):
+@pytest.fixture(scope="module")
+def nli_jsonl(tmp_path_factory, data_dir):
+    """The first 120 NLI triplets as a jsonl source: the contradiction is each pair's hard negative."""
+    lines = (data_dir / "nli" / "triplets.tsv").read_text(encoding="utf-8").splitlines()[1:121]
+    path = tmp_path_factory.mktemp("nli") / "nli-120.jsonl"
+    rows = [dict(zip(("query", "positive", "negative"), line.split("\t")[:3])) for line in lines]
+    path.write_text("".join(json.dumps({"query": r["query"], "positive": r["positive"],
+                                        "negatives": [r["negative"]]}) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["cosent-sts", "infonce-hard-negatives"])
+def test_packed_runs_match_their_padded_twins(tmp_path, tfds_cache, nli_jsonl, recipe):
     from embedjax.train.loop import train
 
-    common = (*recipe, f"train.num_steps={STEPS}", f"data.cache_dir={tfds_cache}", "mesh.num_devices=2",
+    options = {
+        "cosent-sts": ("data.train=sts:stsb/sts-train.csv", "train.loss=cosent", "train.ring=False",
+                       "train.bidirectional=False", "train.matryoshka_dims=()"),
+        # One hard negative per pair: the negatives are a packed column of their own.
+        "infonce-hard-negatives": (f"data.train=jsonl:{nli_jsonl}", "data.num_negatives=1", "train.ring=False"),
+    }[recipe]
+    common = (*options, f"train.num_steps={STEPS}", f"data.cache_dir={tfds_cache}", "mesh.num_devices=2",
               "data.pad_to_max_length=False")
     train(tiny_config(*common), tmp_path / "padded", log=lambda m: None)
     train(tiny_config(*common, *PACKED), tmp_path / "packed", log=lambda m: None)
