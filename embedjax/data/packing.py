@@ -1,7 +1,8 @@
 """Sequence packing: several texts end to end in each row of a token batch, each attending to itself only.
 
-A padded batch computes on its padding: sixteen STS-B pairs hold ~230 real tokens per side but
-fill 32 x 40 padded positions, and every matmul of the encoder pays for all of them. A packed batch
+A padded batch computes on its padding: sixteen STS-B pairs hold ~460 real tokens, padded to
+~1,270 positions (both sides at one length bucket), and every matmul of the encoder pays for all
+of them. A packed batch
 places the texts one after another in rows of ``row_length`` tokens (first-fit decreasing), gives
 every token its text's segment id and every text positions counted from 0, and a family that
 reads packed batches (``Family.packs_sequences``) keeps attention within each segment
