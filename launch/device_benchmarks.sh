@@ -34,6 +34,9 @@ bench kernels 330 kernels --n 2000000 --queries 64,512 --k 10,100 --blocks 16x12
 bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
 bench train_step_b1024 80 train_step --batch 1024 --seq 128 --steps 10
 bench loss 150 loss --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --budget-gib 120 --max-search-batch 1048576 --repeats 5
+# The ring's time on one GPU is mostly per-tile overhead at the default 1024 tile (1,024 tiles per pass
+# at 32k, ~8 us of matmul each): the same shape with 4096 tiles (64 per pass) shows how much of the 3.8x is that.
+bench loss_tile4096 90 loss --batch 65536 --dim 768 --tile 4096 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
 if [[ -n "${MODEL_DIR:-}" && -n "${STS_FILE:-}" ]]; then
   bench encode_b64 110 encode --model "$MODEL_DIR" --data "$STS_FILE" --batch-size 64 --repeats 5
 fi

@@ -131,6 +131,12 @@ def _sha256_of_strings(strings) -> str:
     return digest.hexdigest()
 
 
+# Scores of unit vectors: float32 rounding of a score is ~6e-8; the vectors encoded on a 2-core AMD EPYC
+# move the ground-truth scores computed on a Xeon by at most 4.4e-7;
+# 2e-5 leaves room for other CPUs and still refuses vectors moved by 1e-3 per component (tested).
+GT_SCORE_TOLERANCE = 2e-5
+
+
 def array_sha256(a: np.ndarray) -> str:
     a = np.ascontiguousarray(a)
     return hashlib.sha256(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()
@@ -143,8 +149,8 @@ def embed_cached(texts: BenchmarkTexts, cache_dir=None, encoder=None, batch_size
     """MiniLM embeddings ``(docs float32 [N, 384], queries float32 [Q, 384])``, cached on disk.
 
     The cache file name holds a hash of every text and of the encoder's settings, so a
-    changed text or model never reads a stale file. Encoding the corpus takes ~20-40 min
-    on a 2-core CPU; later calls load the file.
+    changed text or model never reads a stale file. Encoding the corpus took 765 s on a
+    2-core AMD EPYC (13,816 documents, 666 queries); later calls load the file.
     """
     import embedjax as ej
     from embedjax.models.pretrained import minilm_path
@@ -330,18 +336,44 @@ def load(out_dir) -> FilteredBenchmark:
     return FilteredBenchmark(manifest, attrs, filters, gt_ids, gt_scores)
 
 
-def load_embeddings(bench: FilteredBenchmark, data_dir, cache_dir=None, encoder=None):
+def load_embeddings(bench: FilteredBenchmark, data_dir, cache_dir=None, encoder=None,
+                    score_tolerance: float = GT_SCORE_TOLERANCE):
     """The benchmark's embeddings ``(docs [N, D], queries [Q, D])`` from the cache (encoding on a miss),
-    checked against the manifest's hashes so ground truth and vectors always belong together."""
+    checked against the manifest so ground truth and vectors always belong together.
+
+    Bit-identical vectors (the manifest's SHA-256) pass at once. Vectors encoded on another
+    CPU differ in the last bits (XLA's CPU code generation follows the instruction set), so
+    they pass when they reproduce every committed ground-truth score to ``score_tolerance``.
+    """
     texts = read_benchmark_texts(data_dir)
     if _sha256_of_strings(texts.doc_ids) != bench.manifest["doc_ids_sha256"]:
         raise ValueError("the shared data's documents differ from the ones the benchmark was built from; rebuild it")
     docs, queries = embed_cached(texts, cache_dir, encoder)
     expected = bench.manifest["embeddings_sha256"]
-    if array_sha256(docs) != expected["documents"] or array_sha256(queries) != expected["queries"]:
-        raise ValueError("the cached embeddings differ from the ones the ground truth was computed on (model code or "
-                         "numerics changed); rebuild the benchmark with `python -m embedjax filtered-benchmark`")
+    if array_sha256(docs) == expected["documents"] and array_sha256(queries) == expected["queries"]:
+        return docs, queries
+    drift = ground_truth_score_drift(bench, docs, queries)
+    if not drift <= score_tolerance:
+        raise ValueError(
+            f"the cached embeddings differ from the ones the ground truth was computed on (model code or numerics "
+            f"changed: ground-truth scores move by up to {drift:.2e}, tolerance {score_tolerance:.0e}); rebuild the "
+            "benchmark with `python -m embedjax filtered-benchmark`")
     return docs, queries
+
+
+def ground_truth_score_drift(bench: FilteredBenchmark, docs_nd, queries_qd) -> float:
+    """Largest |float64 score of (query, ground-truth row) - committed score| over every workload
+    (inf when the shapes do not match the manifest)."""
+    if docs_nd.shape[0] != bench.manifest["num_documents"] or queries_qd.shape[0] != bench.manifest["num_queries"]:
+        return float("inf")
+    q64, d64 = np.asarray(queries_qd, np.float64), np.asarray(docs_nd, np.float64)
+    drift = 0.0
+    for workload, ids in bench.gt_ids.items():
+        found = ids >= 0
+        rows = np.nonzero(found)[0]
+        scores = np.einsum("md,md->m", q64[rows], d64[ids[found]])
+        drift = max(drift, float(np.max(np.abs(scores - bench.gt_scores[workload][found]), initial=0.0)))
+    return drift
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from embedjax.data.packing import is_packed
 from embedjax.train.state import TrainState
 
 LOSSES_FOR_KIND = {"sts": ("cosent",), "retrieval": ("infonce", "siglip", "cosent")}
@@ -32,8 +33,6 @@ def global_l2_norm(tree) -> jax.Array:
 
 def _flatten_negatives(tokens_bkl: dict) -> dict:
     """[B, K, L] negatives -> [B * K, L] texts (a packed column holds them flat already)."""
-    from embedjax.data.packing import is_packed
-
     if is_packed(tokens_bkl):
         return tokens_bkl
     return {name: array.reshape(-1, array.shape[-1]) for name, array in tokens_bkl.items()}

@@ -34,6 +34,17 @@ class HashEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+class NoisyHashEncoder(HashEncoder):
+    """The stand-in's vectors moved by ``noise`` per component, as another CPU's or another model's would be."""
+
+    def __init__(self, noise):
+        self.noise, self.source = noise, f"hash-encoder-noise-{noise}"
+
+    def encode(self, texts, batch_size=64, show_progress=False):
+        out = super().encode(texts)
+        return out + self.noise * np.random.default_rng(0).standard_normal(out.shape).astype(np.float32)
+
+
 def test_texts_are_the_three_corpora_and_their_test_queries(texts):
     assert len(texts.doc_ids) == 5183 + 3633 + 5000
     assert np.bincount(texts.doc_source).tolist() == [5183, 3633, 5000]
@@ -105,6 +116,13 @@ def test_build_and_load_with_a_stand_in_encoder(tmp_path, data_dir):
     assert abs(sel["tenant_50pct"]["mean_selectivity"] - 0.5) < 1e-3
     assert abs(sel["range_10pct"]["mean_selectivity"] - 0.1) < 2e-3
     assert sel["none"]["mean_selectivity"] == 1.0
+    # Vectors off in the last bits (another CPU) still load; vectors of another model are refused.
+    assert fb.load_embeddings(bench, data_dir, tmp_path / "cache", HashEncoder())[0] is not None  # hash matches
+    near_docs, near_queries = fb.load_embeddings(bench, data_dir, tmp_path / "cache", NoisyHashEncoder(1e-7))
+    assert fb.array_sha256(near_docs) != fb.array_sha256(docs)
+    assert 0 < fb.ground_truth_score_drift(bench, near_docs, near_queries) < fb.GT_SCORE_TOLERANCE
+    with pytest.raises(ValueError, match="ground-truth scores move by up to"):
+        fb.load_embeddings(bench, data_dir, tmp_path / "cache", NoisyHashEncoder(1e-3))
 
 
 def test_committed_artifacts_reproduce_from_the_shared_data(texts):
@@ -128,7 +146,7 @@ def test_committed_artifacts_reproduce_from_the_shared_data(texts):
 
 @pytest.mark.slow
 def test_ground_truth_and_ivf_recall_on_the_real_embeddings(data_dir):
-    """Slow (MiniLM embeddings from the cache; ~30-60 min of encoding on 2 cores if it is empty): the committed
+    """Slow (MiniLM embeddings from the cache; ~13 min of encoding on 2 cores if it is empty): the committed
     ground truth equals embedjax's exact filtered search, and IVF recall@10 rises with nprobe."""
     from embedjax.index.ivf import IVFIndex
 
@@ -136,7 +154,9 @@ def test_ground_truth_and_ivf_recall_on_the_real_embeddings(data_dir):
     docs, queries = fb.load_embeddings(bench, data_dir)
     for workload in bench.filters:
         _, ids = search_embeddings(queries, docs, fb.GT_K, filter=bench.filters[workload], filter_strategy="in")
-        recall = fb.recall_at_k(ids, bench.gt_ids[workload], bench.gt_scores[workload], queries, docs)
+        # Vectors encoded on another CPU reproduce the committed scores to GT_SCORE_TOLERANCE, not bit for bit.
+        recall = fb.recall_at_k(ids, bench.gt_ids[workload], bench.gt_scores[workload], queries, docs,
+                                tolerance=fb.GT_SCORE_TOLERANCE)
         assert np.nanmin(recall) == 1.0, workload
     ivf = IVFIndex.build(docs, 128, "float32", seed=0)
     for workload in ("none", "tenant_10pct", "source_same"):
@@ -144,7 +164,7 @@ def test_ground_truth_and_ivf_recall_on_the_real_embeddings(data_dir):
         for nprobe in (1, 2, 4, 8, 16, 32, 64, 128):
             _, ids = ivf.search(queries, 10, nprobe=nprobe, filter=bench.filters[workload], filter_strategy="in")
             recall = float(np.nanmean(fb.recall_at_k(ids, bench.gt_ids[workload], bench.gt_scores[workload],
-                                                     queries, docs)))
+                                                     queries, docs, tolerance=fb.GT_SCORE_TOLERANCE)))
             assert recall >= previous, (workload, nprobe, recall, previous)
             previous = recall
         assert previous == 1.0

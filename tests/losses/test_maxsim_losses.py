@@ -69,7 +69,9 @@ def _value_and_grads(loss_fn, arrays, masks, **options):
     def f(a, t):
         return loss_fn(**a, **masks, temperature=t, similarity="maxsim", **options)
 
-    return jax.value_and_grad(f, argnums=(0, 1))({k: jnp.asarray(v) for k, v in arrays.items()}, jnp.float32(0.1))
+    # Under jit: one compile of the whole loss (eagerly, every op of the tiled loops compiles on its own).
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))({k: jnp.asarray(v) for k, v in arrays.items()},
+                                                          jnp.float32(0.1))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
