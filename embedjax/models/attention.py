@@ -8,9 +8,12 @@ sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS
 - ``"chunked"``: online-softmax attention over key blocks of ``chunk_size`` (a ``lax.scan``), with
   a hand-written backward pass that recomputes each block from the saved log-sum-exp (the flash
   attention recurrence). Memory grows linearly in L: one [L, chunk_size] block of scores per head
-  lives at a time, forward and backward. Runs on every backend.
+  lives at a time, forward and backward. Runs on every backend. Attention dropout draws each key
+  block's mask from the dropout key folded with the block index (`chunk_dropout_keep`), so the
+  backward pass regenerates it and no [L, L] mask is stored.
 - ``"explicit"``: the dense float32 reference (all scores at once), also the path that applies
-  attention dropout. It is the slow twin the chunked kernel is tested against.
+  attention dropout when the chosen kernel is not ``chunked``. It is the slow twin the chunked
+  kernel is tested against.
 - ``"blocked"``: the dense computation of ``explicit``, a few batch rows at a time (a ``lax.map``
   over batch blocks sized so one block's scores stay in cache, `batch_block`). On CPU, XLA's dense
   attention over a whole batch writes every [L, L] score matrix to memory and reads it back for the
@@ -223,8 +226,25 @@ def _unblock(x, length: int):
     return jnp.moveaxis(x, 0, 1).reshape(b, n * chunk, *x.shape[3:])[:, :length]
 
 
-def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int):
-    """-> (out f32 [B, G, R, Lq, K], lse f32 [B, G, R, Lq]); qs [B, Lq, G, R, K]."""
+def chunk_dropout_keep(key_data, block_index, shape, rate: float):
+    """bool [B, G, R, Lq, C]: which attention probabilities of key block ``block_index`` survive
+    dropout (Bernoulli(1 - rate)), drawn from the dropout key folded with the block index, so the
+    backward pass regenerates the forward's mask one block at a time. ``key_data``: uint32 key data."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), block_index)
+    return jax.random.bernoulli(key, 1.0 - rate, shape)
+
+
+def _dropped(p, key_data, k_index, chunk: int, rate: float):
+    """The block's probabilities after dropout (kept ones scaled by 1 / (1 - rate)); unchanged at rate 0."""
+    if rate == 0.0:
+        return p
+    keep = chunk_dropout_keep(key_data, k_index[0] // chunk, p.shape, rate)
+    return jnp.where(keep, p * jnp.float32(1.0 / (1.0 - rate)), 0.0)
+
+
+def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate: float, key_data):
+    """-> (out f32 [B, G, R, Lq, K], lse f32 [B, G, R, Lq]); qs [B, Lq, G, R, K]. With dropout the
+    normaliser sums the undropped probabilities and the value product reads the dropped ones."""
     b, length, g, r, d = qs[0].shape
     scale = d ** -0.5
     q_index = jnp.arange(length)
@@ -240,7 +260,8 @@ def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int):
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(axis=-1)
-        pv = jnp.einsum("bgrqc,bcgk->bgrqk", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bgrqc,bcgk->bgrqk", _dropped(p, key_data, k_index, chunk, rate).astype(v.dtype), v_c,
+                        preferred_element_type=jnp.float32)
         return (m_new, l, acc * correction[..., None] + pv), None
 
     init = (jnp.full((b, g, r, length), _NEG, jnp.float32), jnp.zeros((b, g, r, length), jnp.float32),
@@ -249,21 +270,23 @@ def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int):
     return acc / l[..., None], m + jnp.log(l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _chunked(qs, ks, v, key_mask, positions, masking: Masking, chunk: int):
-    out, _ = _forward(qs, ks, v, key_mask, positions, masking, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _chunked(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate: float, key_data):
+    out, _ = _forward(qs, ks, v, key_mask, positions, masking, chunk, rate, key_data)
     return out
 
 
-def _chunked_fwd(qs, ks, v, key_mask, positions, masking, chunk):
-    out, lse = _forward(qs, ks, v, key_mask, positions, masking, chunk)
-    return out, (qs, ks, v, key_mask, positions, out, lse)
+def _chunked_fwd(qs, ks, v, key_mask, positions, masking, chunk, rate, key_data):
+    out, lse = _forward(qs, ks, v, key_mask, positions, masking, chunk, rate, key_data)
+    return out, (qs, ks, v, key_mask, positions, key_data, out, lse)
 
 
-def _chunked_bwd(masking, chunk, residuals, dout):
+def _chunked_bwd(masking, chunk, rate, residuals, dout):
     """The flash-attention backward pass: per key block, recompute p = exp(s - lse), then
-    dv = p^T dout, ds = p * (dout v^T - rowsum(dout * out)), dq += ds k, dk = ds^T q."""
-    qs, ks, v, key_mask, positions, out, lse = residuals
+    dv = p^T dout, ds = p * (dout v^T - rowsum(dout * out)), dq += ds k, dk = ds^T q. With
+    dropout (z = keep / (1 - rate)): dv = (p z)^T dout and ds = p * (z dout v^T - rowsum(dout * out)),
+    ``out`` being the dropped output (its rowsum with dout equals sum_c p z dout v^T)."""
+    qs, ks, v, key_mask, positions, key_data, out, lse = residuals
     length, d = qs[0].shape[1], qs[0].shape[-1]
     scale = d ** -0.5
     q_index = jnp.arange(length)
@@ -277,8 +300,8 @@ def _chunked_bwd(masking, chunk, residuals, dout):
         allowed = _allowed(mask_c, q_index, k_index, masking, key_mask)
         s = jnp.where(allowed, _scores(qs, ks_c, positions, pos_c, masking, scale), _NEG)
         p = jnp.exp(s - lse[..., None])
-        dv_c = jnp.einsum("bgrqc,bgrqk->bcgk", p, dout)
-        dp = jnp.einsum("bgrqk,bcgk->bgrqc", dout, v_c.astype(jnp.float32))
+        dv_c = jnp.einsum("bgrqc,bgrqk->bcgk", _dropped(p, key_data, k_index, chunk, rate), dout)
+        dp = _dropped(jnp.einsum("bgrqk,bcgk->bgrqc", dout, v_c.astype(jnp.float32)), key_data, k_index, chunk, rate)
         ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * jnp.float32(scale)
         dks_c = [jnp.zeros(k.shape, jnp.float32) for k in ks_c]
         dqs = list(dqs)
@@ -291,24 +314,38 @@ def _chunked_bwd(masking, chunk, residuals, dout):
     dqs, (dks, dv) = jax.lax.scan(step, init, xs)
     dqs = tuple(dq.astype(q.dtype) for dq, q in zip(dqs, qs))
     dks = tuple(_unblock(dk, length).astype(k.dtype) for dk, k in zip(dks, ks))
-    return dqs, dks, _unblock(dv, length).astype(v.dtype), None, None
+    return dqs, dks, _unblock(dv, length).astype(v.dtype), None, None, None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def chunked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *, chunk_size: int = DEFAULT_CHUNK):
+def chunked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *, chunk_size: int = DEFAULT_CHUNK,
+                      dropout_rate: float = 0.0, dropout_rng=None):
     """Online-softmax attention over key blocks -> [B, L, H, K] in the query's dtype; same
-    arguments as `explicit_attention` (no dropout). Differentiable with linear memory."""
+    arguments as `explicit_attention`. Differentiable with linear memory, dropout included: each
+    key block's mask comes from ``dropout_rng`` folded with the block index (`chunk_dropout_keep`),
+    so no [L, L] mask is stored either (a different random stream from `explicit_attention`'s)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be at least 1")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate={dropout_rate} must be in [0, 1)")
+    rate = float(dropout_rate) if dropout_rng is not None else 0.0
+    key_data = dropout_key_data(dropout_rng) if rate > 0.0 else jnp.zeros((2,), jnp.uint32)
     b, length, h, d = qs[0].shape
     g = v.shape[2]
     chunk = min(chunk_size, length)
     qs5 = tuple(q.reshape(b, length, g, h // g, d) for q in qs)
     key_mask = key_mask_bl.astype(jnp.int32 if masking.segments else bool)
-    out = _chunked(qs5, tuple(ks), v, key_mask, positions_bl.astype(jnp.int32), masking, chunk)
+    out = _chunked(qs5, tuple(ks), v, key_mask, positions_bl.astype(jnp.int32), masking, chunk, rate, key_data)
     return jnp.moveaxis(out, 3, 1).reshape(b, length, h, d).astype(qs[0].dtype)
+
+
+def dropout_key_data(rng):
+    """uint32 key data of a dropout key, typed (`jax.random.key`) or raw (`jax.random.PRNGKey`)."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return rng
 
 
 def xla_attention(q, k, v, key_mask_bl, masking: Masking):

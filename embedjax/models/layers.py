@@ -11,8 +11,8 @@ A family describes its block with a `BlockSpec` (data, no code) and gets the res
   bidirectional, or causal, optionally within a sliding window. Scores and softmax are float32.
   How it is computed is data (``AttentionSpec.impl``, `embedjax.models.attention`):
   `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs), a chunked online-softmax
-  kernel whose memory grows linearly in the length, or the explicit dense path, which is also
-  the one that applies attention dropout (training).
+  kernel whose memory grows linearly in the length (attention dropout included), or the explicit
+  dense path, which applies attention dropout for the other choices (training).
 - `MLP`: GELU (exact, tanh or quick) or gated (SwiGLU: ``down(act(gate(x)) * up(x))``).
 - `Block`: attention + MLP with residuals, norms before (pre-LN: Llama, ViT) or after (post-LN: BERT).
   Residual sums run in float32; pre-LN blocks carry the residual stream in float32 between layers
@@ -168,8 +168,9 @@ def attend(q_blhk, k_blgk, v_blgk, key_mask_bl, *, causal: bool, window: int | N
     """Scaled dot-product attention with GQA -> [B, L, H, K] in q's dtype.
 
     ``impl`` picks the kernel (`embedjax.models.attention.resolve_impl`); with attention dropout
-    active (``dropout_rng`` given and a positive rate) the explicit path runs whatever ``impl``
-    says. ``self_extend``: ``(q_before_blhk, q_after_blhk, k_grouped_blgk, positions_bl, window)``
+    active (``dropout_rng`` given and a positive rate) the chunked kernel applies it block by block
+    when it is the one chosen, and the explicit path runs for every other choice (neither
+    `jax.nn.dot_product_attention` nor the blocked kernel drops). ``self_extend``: ``(q_before_blhk, q_after_blhk, k_grouped_blgk, positions_bl, window)``
     for SelfExtend (q and k above are then the normally rotated ones). Masked scores take a large
     finite negative, so a fully masked row (a padding query under causal masking) stays finite.
     ``key_mask_bl``: the key-padding mask [B, L], or a `kernels.Segments` of packed texts' segment
@@ -187,11 +188,14 @@ def attend(q_blhk, k_blgk, v_blgk, key_mask_bl, *, causal: bool, window: int | N
         qs, ks = (q_blhk, q_before, q_after), (k_blgk, k_grouped)
     if positions is None:
         positions = jnp.zeros(key_mask_bl.shape, jnp.int32)
-    if dropout_rng is not None and dropout_rate > 0.0:
-        return kernels.explicit_attention(qs, ks, v_blgk, key_mask_bl, positions, masking,
-                                          dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     chosen = kernels.resolve_impl(impl, length=q_blhk.shape[1], dtype=q_blhk.dtype,
                                   self_extend=self_extend is not None, chunk_size=chunk_size)
+    if dropout_rng is not None and dropout_rate > 0.0:
+        if chosen == "chunked":  # dropout block by block: still no [L, L] scores or mask
+            return kernels.chunked_attention(qs, ks, v_blgk, key_mask_bl, positions, masking, chunk_size=chunk_size,
+                                             dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+        return kernels.explicit_attention(qs, ks, v_blgk, key_mask_bl, positions, masking,
+                                          dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     if chosen == "xla":
         return kernels.xla_attention(q_blhk, k_blgk, v_blgk, key_mask_bl, masking)
     if chosen == "chunked":

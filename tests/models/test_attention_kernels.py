@@ -216,25 +216,45 @@ def test_auto_picks_a_kernel_per_backend_length_and_dtype():
         layers.AttentionSpec(2, 2, 4, impl="flash")
 
 
-def test_dropout_runs_the_explicit_path_whatever_the_implementation():
+def test_dropout_runs_in_the_chunked_kernel_or_else_on_the_explicit_path():
     rng = np.random.default_rng(9)
     q, k, v, mask, _ = _inputs(rng, 1, 12, 2, 2, 4, "right")
     key = jax.random.PRNGKey(0)
-    a = layers.attend(q, k, v, mask, causal=False, dropout_rate=0.5, dropout_rng=key, impl="chunked")
-    b = layers.attend(q, k, v, mask, causal=False, dropout_rate=0.5, dropout_rng=key, impl="explicit")
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    positions, masking = jnp.zeros((1, 12), jnp.int32), kernels.Masking()
+
+    def attend(impl):
+        return np.asarray(layers.attend(q, k, v, mask, causal=False, dropout_rate=0.5, dropout_rng=key, impl=impl,
+                                        chunk_size=8))
+
+    explicit = np.asarray(kernels.explicit_attention((q,), (k,), v, mask, positions, masking, dropout_rate=0.5,
+                                                     dropout_rng=key))
+    chunked = np.asarray(kernels.chunked_attention((q,), (k,), v, mask, positions, masking, chunk_size=8,
+                                                   dropout_rate=0.5, dropout_rng=key))
+    np.testing.assert_array_equal(attend("chunked"), chunked)
+    for impl in ("explicit", "blocked", "xla"):  # kernels without dropout of their own
+        np.testing.assert_array_equal(attend(impl), explicit)
+    assert np.abs(chunked - explicit)[mask].max() > 0.1  # two random streams, both dropping
 
 
-def _temp_bytes(impl, length, chunk=128):
+def _temp_bytes(impl, length, chunk=128, dropout=False):
+    """Compiled temporaries of attention at ``length`` tokens; with ``dropout``: of a training step's
+    gradient through attention with dropout 0.1."""
     shape_q, shape_kv = (1, length, 4, 32), (1, length, 2, 32)
     q = jax.ShapeDtypeStruct(shape_q, jnp.float32)
     kv = jax.ShapeDtypeStruct(shape_kv, jnp.float32)
     mask = jax.ShapeDtypeStruct((1, length), jnp.bool_)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
-    def run(q, k, v, mask):
+    def run(q, k, v, mask, key):
         return layers.attend(q, k, v, mask, causal=False, impl=impl, chunk_size=chunk)
 
-    return jax.jit(run).lower(q, kv, kv, mask).compile().memory_analysis().temp_size_in_bytes
+    def train(q, k, v, mask, key):
+        return jax.grad(lambda q, k, v: jnp.sum(layers.attend(q, k, v, mask, causal=False, impl=impl, chunk_size=chunk,
+                                                              dropout_rate=0.1, dropout_rng=key)),
+                        argnums=(0, 1, 2))(q, k, v)
+
+    compiled = jax.jit(train if dropout else run).lower(q, kv, kv, mask, key).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_chunked_compiled_memory_grows_linearly_in_the_length():
@@ -243,3 +263,13 @@ def test_chunked_compiled_memory_grows_linearly_in_the_length():
     dense = _temp_bytes("explicit", 8192) / _temp_bytes("explicit", 1024)
     assert chunked <= 10, chunked
     assert dense >= 40, dense
+
+
+def test_chunked_dropout_training_memory_grows_linearly_in_the_length():
+    """Gradients through attention with dropout: the chunked kernel draws each block's mask in the
+    loop (forward and backward), so 8x the tokens grow its temporaries ~8x; the explicit path's
+    [L, L] scores and mask grow ~64x."""
+    chunked = _temp_bytes("chunked", 8192, dropout=True) / _temp_bytes("chunked", 1024, dropout=True)
+    dense = _temp_bytes("explicit", 4096, dropout=True) / _temp_bytes("explicit", 1024, dropout=True)
+    assert chunked <= 10, chunked
+    assert dense >= 10, dense  # 4x the tokens: ~16x
