@@ -8,8 +8,8 @@ in the same process, one after the other, on the same machine:
 
 - embedjax: the real ``train`` entry point (config ``stsb_cosent.py:steps=N``, which packs
   each step's 32 sentences into rows of 64 tokens, ``data.pack``; ``--set data.pack=False``
-  times padded batches); pairs/s in steady state (steps whose padded shape was compiled earlier in the run)
-  and over steps 2..N including the compilations of first-time length buckets (a
+  times padded batches); pairs/s in steady state (steps whose batch shape was compiled
+  earlier in the run) and over steps 2..N including the compilations of first-time length buckets (a
   short run pays them all; a full epoch amortises them).
 - reference: sentence-transformers' model and ``CoSENTLoss`` in a torch loop with the
   optimizer, schedule and clipping the transformers Trainer uses for these settings

@@ -234,12 +234,17 @@ def chunk_dropout_keep(key_data, block_index, shape, rate: float):
     return jax.random.bernoulli(key, 1.0 - rate, shape)
 
 
-def _dropped(p, key_data, k_index, chunk: int, rate: float):
-    """The block's probabilities after dropout (kept ones scaled by 1 / (1 - rate)); unchanged at rate 0."""
+def _dropout_scale(key_data, k_index, chunk: int, rate: float, shape):
+    """float32 [B, G, R, Lq, C] multiplier of the block's probabilities: 1 / (1 - rate) where kept,
+    0 where dropped; None at rate 0 (no dropout)."""
     if rate == 0.0:
-        return p
-    keep = chunk_dropout_keep(key_data, k_index[0] // chunk, p.shape, rate)
-    return jnp.where(keep, p * jnp.float32(1.0 / (1.0 - rate)), 0.0)
+        return None
+    keep = chunk_dropout_keep(key_data, k_index[0] // chunk, shape, rate)
+    return jnp.where(keep, jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
+
+
+def _times(x, scale):
+    return x if scale is None else x * scale
 
 
 def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate: float, key_data):
@@ -260,8 +265,8 @@ def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate:
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(axis=-1)
-        pv = jnp.einsum("bgrqc,bcgk->bgrqk", _dropped(p, key_data, k_index, chunk, rate).astype(v.dtype), v_c,
-                        preferred_element_type=jnp.float32)
+        z = _dropout_scale(key_data, k_index, chunk, rate, p.shape)
+        pv = jnp.einsum("bgrqc,bcgk->bgrqk", _times(p, z).astype(v.dtype), v_c, preferred_element_type=jnp.float32)
         return (m_new, l, acc * correction[..., None] + pv), None
 
     init = (jnp.full((b, g, r, length), _NEG, jnp.float32), jnp.zeros((b, g, r, length), jnp.float32),
@@ -300,8 +305,9 @@ def _chunked_bwd(masking, chunk, rate, residuals, dout):
         allowed = _allowed(mask_c, q_index, k_index, masking, key_mask)
         s = jnp.where(allowed, _scores(qs, ks_c, positions, pos_c, masking, scale), _NEG)
         p = jnp.exp(s - lse[..., None])
-        dv_c = jnp.einsum("bgrqc,bgrqk->bcgk", _dropped(p, key_data, k_index, chunk, rate), dout)
-        dp = _dropped(jnp.einsum("bgrqk,bcgk->bgrqc", dout, v_c.astype(jnp.float32)), key_data, k_index, chunk, rate)
+        z = _dropout_scale(key_data, k_index, chunk, rate, p.shape)  # drawn once, used by dv and dp
+        dv_c = jnp.einsum("bgrqc,bgrqk->bcgk", _times(p, z), dout)
+        dp = _times(jnp.einsum("bgrqk,bcgk->bgrqc", dout, v_c.astype(jnp.float32)), z)
         ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * jnp.float32(scale)
         dks_c = [jnp.zeros(k.shape, jnp.float32) for k in ks_c]
         dqs = list(dqs)

@@ -170,7 +170,8 @@ def attend(q_blhk, k_blgk, v_blgk, key_mask_bl, *, causal: bool, window: int | N
     ``impl`` picks the kernel (`embedjax.models.attention.resolve_impl`); with attention dropout
     active (``dropout_rng`` given and a positive rate) the chunked kernel applies it block by block
     when it is the one chosen, and the explicit path runs for every other choice (neither
-    `jax.nn.dot_product_attention` nor the blocked kernel drops). ``self_extend``: ``(q_before_blhk, q_after_blhk, k_grouped_blgk, positions_bl, window)``
+    `jax.nn.dot_product_attention` nor the blocked kernel drops).
+    ``self_extend``: ``(q_before_blhk, q_after_blhk, k_grouped_blgk, positions_bl, window)``
     for SelfExtend (q and k above are then the normally rotated ones). Masked scores take a large
     finite negative, so a fully masked row (a padding query under causal masking) stays finite.
     ``key_mask_bl``: the key-padding mask [B, L], or a `kernels.Segments` of packed texts' segment
