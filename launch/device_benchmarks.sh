@@ -7,6 +7,9 @@
 #
 #   EMBEDJAX_COMMIT=$(git rev-parse --short HEAD) launch/device_benchmarks.sh [OUT_DIR]
 #
+# ONLY="loss loss_pallas ..." runs just the named benches (the whole set takes ~15 minutes, more than
+# one 10-minute call on a lent machine: run it in two calls).
+#
 # With MODEL_DIR (a sentence-transformers folder) and STS_FILE (STS-B format) set, the
 # encode comparison with sentence-transformers runs too. OUT_DIR (default: bench_out) receives each bench's JSON line, its log and a copy of
 # BENCHMARKS.md and benchmarks/ (set EMBEDJAX_DIRTY=0/1 with EMBEDJAX_COMMIT where the tree travels without .git). Runs with the python3 on PATH and the repo on PYTHONPATH (no install:
@@ -22,6 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 
 bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time limit, keep its JSON line and log
   local name="$1" limit="$2" module="$3"; shift 3
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return; fi
   local start=$SECONDS
   if timeout "$limit" "$py" -m "embedjax.bench.$module" "$@" --record >"$out/$name.json" 2>"$out/$name.log"; then
     echo "== $name ok ($((SECONDS - start)) s)"
@@ -33,10 +37,14 @@ bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time l
 bench kernels 330 kernels --n 2000000 --queries 64,512 --k 10,100 --blocks 16x128,32x128,64x64 --select running,two_pass --repeats 5
 bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
 bench train_step_b1024 80 train_step --batch 1024 --seq 128 --steps 10
+# Attention dropout inside the chunked kernel (no [L, L] scores or mask) against auto's explicit softmax.
+bench train_step_b256_chunked 80 train_step --batch 256 --seq 128 --steps 20 --attention-impl chunked
 bench loss 150 loss --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --budget-gib 120 --max-search-batch 1048576 --repeats 5
 # The ring's time on one GPU is mostly per-tile overhead at the default 1024 tile (1,024 tiles per pass
 # at 32k, ~8 us of matmul each): the same shape with 4096 tiles (64 per pass) shows how much of the 3.8x is that.
 bench loss_tile4096 90 loss --batch 65536 --dim 768 --tile 4096 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
+# The fused Pallas tiles (embedjax/kernels/infonce_tiles.py): one launch per pass, 10 B^2 d FLOPs; first Triton compile.
+bench loss_pallas 120 loss --ring-impl pallas --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
 if [[ -n "${MODEL_DIR:-}" && -n "${STS_FILE:-}" ]]; then
   bench encode_b64 110 encode --model "$MODEL_DIR" --data "$STS_FILE" --batch-size 64 --repeats 5
 fi

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from embedjax.bench import report  # noqa: E402
 from embedjax.bench.timing import median_seconds  # noqa: E402
+from embedjax.kernels import infonce_tiles as tiles  # noqa: E402
 from embedjax.losses import allgather, ring  # noqa: E402
 
 SECTION = "Loss: ring vs all-gather InfoNCE"
@@ -39,6 +40,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=65_536, help="global batch for the memory comparison")
     parser.add_argument("--dim", type=int, default=768, help="embedding dim")
     parser.add_argument("--tile", type=int, default=None, help="ring tile size (default: the ring's default)")
+    parser.add_argument("--ring-impl", choices=ring.TILE_IMPLS, default="xla",
+                        help="the ring's tiles: XLA fori_loop tiles or the fused Pallas kernels "
+                             "(embedjax.kernels.infonce_tiles; interpret mode on CPU: slow)")
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--budget-gib", type=float, default=16.0, help="per-device memory budget for the max-batch search")
     parser.add_argument("--max-search-batch", type=int, default=2 ** 24, help="stop the doubling search here")
@@ -50,9 +54,9 @@ def add_arguments(parser) -> None:
     report.add_arguments(parser)
 
 
-def _loss_fns(mesh, temperature, tile):
+def _loss_fns(mesh, temperature, tile, impl="xla"):
     return {
-        "ring": lambda q, d: ring.ring_infonce(q, d, mesh=mesh, temperature=temperature, tile=tile),
+        "ring": lambda q, d: ring.ring_infonce(q, d, mesh=mesh, temperature=temperature, tile=tile, impl=impl),
         "allgather": lambda q, d: allgather.allgather_infonce(q, d, mesh=mesh, temperature=temperature),
     }
 
@@ -119,9 +123,9 @@ def run(args) -> dict:
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices),), ("data",))
     n = len(devices)
-    fns = _loss_fns(mesh, args.temperature, args.tile)
+    fns = _loss_fns(mesh, args.temperature, args.tile, args.ring_impl)
     result = dict(device=f"{n} x {devices[0].device_kind}", platform=devices[0].platform,
-                  batch=args.batch, dim=args.dim)
+                  batch=args.batch, dim=args.dim, ring_impl=args.ring_impl)
 
     # 1. Compiled memory at the headline size.
     temp = {name: _footprint(_compile(fn, args.batch, args.dim))["temp"] for name, fn in fns.items()}
@@ -133,7 +137,7 @@ def run(args) -> dict:
     # 2. Largest global batch under the per-device budget (compiled, not executed).
     budget = int(args.budget_gib * GIB)
     result["budget_gib"] = args.budget_gib
-    tile = args.tile or ring.DEFAULT_TILE
+    tile = args.tile or (ring.DEFAULT_TILE if args.ring_impl == "xla" else tiles.DEFAULT_BLOCK)
     for name, fn in ({} if args.skip_max_batch else fns).items():
         step = n * tile
         batch, used, tried = largest_batch(fn, args.dim, budget, step, args.max_search_batch)
@@ -153,14 +157,17 @@ def run(args) -> dict:
 
     # 4. Gradient error against float64 (small size).
     small_q, small_d = q[: 64 * n, :64], d[: 64 * n, :64]
-    small = _loss_fns(mesh, args.temperature, 24)   # 24 does not divide the 64 local rows
+    # 24 does not divide the 64 local rows; the Pallas blocks are powers of two (16: 4 x 4 blocks)
+    small = _loss_fns(mesh, args.temperature, 24 if args.ring_impl == "xla" else 16, args.ring_impl)
     for name, fn in small.items():
         result[f"{name}_grad_rel_err_vs_f64"] = float(f"{_grad_error(fn, small_q, small_d, args.temperature):.2e}")
 
     # 5. FLOPs per step at the timing size.
     b, dim = args.time_batch, args.time_dim
     reference = 6 * b * b * dim
-    ring_flops = 8 * b * b * dim   # fwd tile matmul 2, bwd recompute 2 + two pullback matmuls 4 (x B^2 d)
+    # XLA tiles: fwd tile matmul 2, bwd recompute 2 + two pullback matmuls 4 (x B^2 d); the fused
+    # kernels recompute the scores in each of their two backward kernels: 2 + 2 x (2 + 2)
+    ring_flops = (8 if args.ring_impl == "xla" else 10) * b * b * dim
     result["ring_flops_over_6B2d"] = round(ring_flops / reference, 3)
     cost = _compile(fns["allgather"], b, dim).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -169,7 +176,7 @@ def run(args) -> dict:
     result["ring_achieved_gflops"] = round(ring_flops / (result["ring_step_ms"] / 1e3) / 1e9, 2)
 
     result["time_shape"] = f"{result['time_batch']}x{result['time_dim']}"
-    shown = [k for k in result if k in ("device", "batch", "dim", "ring_temp_mib_per_device",
+    shown = [k for k in result if k in ("device", "batch", "dim", "ring_impl", "ring_temp_mib_per_device",
                                           "allgather_temp_mib_per_device", "temp_ratio_allgather_over_ring",
                                           "time_shape")
              or "max_batch_16" in k or k.endswith("_step_ms") or "grad_rel_err" in k or "over_6B2d" in k]

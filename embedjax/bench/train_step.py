@@ -22,6 +22,7 @@ import argparse
 import numpy as np
 
 from embedjax.bench import report
+from embedjax.models.attention import ATTENTION_IMPLS
 
 SECTION = "Train step on an accelerator"
 TEMPERATURE = 0.05
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=128, help="padded sequence length")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side (median reported)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
+                        help="embedjax's attention (auto: cuDNN flash where it applies; under dropout the "
+                             "explicit softmax, or 'chunked' for the kernel that draws its dropout per key block)")
     parser.add_argument("--no-torch", action="store_true", help="time embedjax only")
     parser.add_argument("--matmul-size", type=int, default=8192, help="size of the bf16 matmul ceiling")
     report.add_arguments(parser)
@@ -76,7 +80,8 @@ def _embedjax_step_seconds(args, ids, mask) -> tuple[float, float]:
     from embedjax.models.poolers import l2_normalize, mean_pool
 
     cfg = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                     intermediate_size=args.intermediate, max_position_embeddings=max(512, args.seq))
+                     intermediate_size=args.intermediate, max_position_embeddings=max(512, args.seq),
+                     attention_impl=args.attention_impl)
     model = get_family("bert").build(cfg, dtype=args.dtype)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     params = model.init(jax.random.key(0), {"input_ids": ids[:2], "attention_mask": mask[:2]})["params"]
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     ceiling = matmul_tflops(args.matmul_size)
     ours, our_loss = _embedjax_step_seconds(args, ids, mask)
     result = dict(device=report.device_description(), batch_pairs=args.batch, seq=args.seq,
-                  layers=args.layers, hidden=args.hidden, dtype=args.dtype,
+                  layers=args.layers, hidden=args.hidden, dtype=args.dtype, attention_impl=args.attention_impl,
                   embedjax_ms=sig(ours * 1e3), embedjax_pairs_per_s=sig(args.batch / ours),
                   embedjax_mfu=sig(flops / ours / 1e12 / ceiling), bf16_matmul_TFLOPs=sig(ceiling),
                   embedjax_final_loss=sig(our_loss))

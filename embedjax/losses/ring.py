@@ -27,6 +27,12 @@ accumulated chunk by chunk over the prefix boundaries, giving every prefix's
 similarity for the cost of one full-width matmul. Inputs may be bfloat16; all
 tile products, statistics and gradient accumulators are float32.
 
+``impl="pallas"`` (InfoNCE with one prefix and no filter) replaces each pass's tile loop by
+fused kernels (`embedjax.kernels.infonce_tiles`): one launch scores, masks and folds all tiles
+of a (tile family, block) pair, and two launches form its gradients; the ring around them is
+the same. It is exact (tests against the dense loss) but untimed on a GPU, so "xla" stays the
+default.
+
 `ring_infonce` / `ring_siglip` take exactly the options of the dense
 `embedjax.losses.contrastive.infonce` / `siglip` (see there for their meaning)
 and return the same value and gradients.
@@ -43,6 +49,9 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from embedjax.kernels import infonce_tiles as tiles
+from embedjax.kernels.dispatch import resolve_impl
+from embedjax.kernels.pallas_topk import next_pow2
 from embedjax.losses import contrastive as dense
 from embedjax.losses import validation as val
 from embedjax.multivector.maxsim import maxsim_paired, reduce_token_sims
@@ -67,6 +76,8 @@ class _Config:
     margin: float | None
     guide_margin: float
     maxsim: bool = False           # token vectors with masks; tiles score MaxSim
+    impl: str = "xla"              # "xla": fori_loop over t x t tiles; "pallas": one fused launch per pass
+    interpret: bool = False        # Pallas in interpret mode (CPU)
 
     @property
     def chunks(self):
@@ -137,18 +148,13 @@ def _guide_sims(ga_tg, gk_tg):
 
 
 def _pair_masks(kind, rows, keys):
-    """Positive and candidate-negative masks [t, t] from per-example metadata only."""
-    both_valid = rows["valid"][:, None] & keys["valid"][None, :]
-    if kind == "qh":
-        return None, both_valid & (keys["hnid"][None, :] != rows["doc"][:, None])
-    same_group = rows["group"][:, None] == keys["group"][None, :]
-    if kind == "qq":
-        return None, both_valid & ~same_group
-    same_doc = rows["doc"][:, None] == keys["doc"][None, :]
-    negative = both_valid & ~same_group & ~same_doc
-    if kind == "dd":
-        return None, negative
-    return both_valid & same_group, negative
+    """Positive and candidate masks [t, t] from per-example metadata only (`tiles.pair_masks`)."""
+    key_doc = keys["hnid"] if kind == "qh" else keys["doc"]
+    key_group = keys["hnid"] if kind == "qh" else keys["group"]  # unused for hard negatives
+    positive, candidates = tiles.pair_masks(kind, rows["group"][:, None], rows["doc"][:, None],
+                                            rows["valid"][:, None], key_group[None, :], key_doc[None, :],
+                                            keys["valid"][None, :])
+    return positive, candidates if positive is None else candidates & ~positive
 
 
 def _filter_keep(cfg, sims_mtt, guide_tt, diag_mt, gdiag_t, axis):
@@ -305,6 +311,8 @@ def _finish_stats(cfg, stats):
 
 def _forward_pass(cfg, local, block, row_stats, col_stats):
     """Fold every tile of (local rows) x (visiting block) into the statistics."""
+    if cfg.impl == "pallas":
+        return _pallas_forward_pass(cfg, local, block, row_stats, col_stats)
     for kind, anchor, key, do_rows, do_cols in cfg.pairs():
         n_rows, n_keys = _tile_count(cfg, local, block, anchor, key)
 
@@ -330,6 +338,8 @@ def _forward_pass(cfg, local, block, row_stats, col_stats):
 
 def _backward_pass(cfg, local, block, local_grads, block_grads):
     """Recompute every tile, form its score cotangent and pull it back to both sides."""
+    if cfg.impl == "pallas":
+        return _pallas_backward_pass(cfg, local, block, local_grads, block_grads)
     for kind, anchor, key, do_rows, do_cols in cfg.pairs():
         n_rows, n_keys = _tile_count(cfg, local, block, anchor, key)
 
@@ -364,6 +374,61 @@ def _backward_pass(cfg, local, block, local_grads, block_grads):
             return local_grads, block_grads
 
         local_grads, block_grads = lax.fori_loop(0, n_rows * n_keys, tile, (local_grads, block_grads))
+    return local_grads, block_grads
+
+
+# ------------------------------------------------- fused passes (Pallas, `tiles`)
+
+
+def _pallas_sides(cfg, local, block, anchor, key):
+    """(anchor, inverse norms, metadata) of the local rows and of the visiting keys for one tile family."""
+    row_meta = (local["group"], local["doc"], local["valid"])
+    if key == "h":  # a hard negative's id plays the document id; it has no group
+        key_meta = (block["hnid"], block["hnid"], block["hvalid"])
+    else:
+        key_meta = (block["group"], block["doc"], block["valid"])
+    return (local[anchor], local["r" + anchor][0], row_meta), (block[key], block["r" + key][0], key_meta)
+
+
+def _merge_stats(stats, part):
+    """Fold a pass's (max, sum-exp) vectors into the running [1, n] statistics."""
+    out = dict(stats)
+    for which in ("all", "pos"):
+        if "m_" + which in part:
+            m, l = tiles.merge_lse(stats["m_" + which][0], stats["l_" + which][0], part["m_" + which],
+                                   part["l_" + which])
+            out["m_" + which], out["l_" + which] = m[None], l[None]
+    return out
+
+
+def _pallas_forward_pass(cfg, local, block, row_stats, col_stats):
+    """`_forward_pass` with one fused kernel launch per tile family (single prefix, InfoNCE)."""
+    for kind, anchor, key, do_rows, do_cols in cfg.pairs():
+        (a, ra, row_meta), (k, rk, key_meta) = _pallas_sides(cfg, local, block, anchor, key)
+        rows, cols = tiles.lse_partials(a, k, ra, rk, row_meta, key_meta, local["scale"], local["shift"], kind=kind,
+                                        do_rows=do_rows, do_cols=do_cols, block=cfg.tile, interpret=cfg.interpret)
+        if do_rows:
+            row_stats = _merge_stats(row_stats, rows)
+        if do_cols:
+            col_stats = _merge_stats(col_stats, cols)
+    return row_stats, col_stats
+
+
+def _pallas_backward_pass(cfg, local, block, local_grads, block_grads):
+    """`_backward_pass` with the fused gradient kernels: anchor-side and key-side launches per family."""
+    first = lambda saved: {name: value[0] for name, value in saved.items()}  # noqa: E731  [1, n] -> [n]
+    for kind, anchor, key, do_rows, do_cols in cfg.pairs():
+        (a, ra, row_meta), (k, rk, key_meta) = _pallas_sides(cfg, local, block, anchor, key)
+        rows_saved = first(local["row_saved"]) if do_rows else None
+        keys_saved = first(block["col_saved"]) if do_cols else None
+        grads = tiles.tile_gradients(a, k, ra, rk, row_meta, key_meta, local["scale"], local["shift"], rows_saved,
+                                     keys_saved, kind=kind, do_rows=do_rows, do_cols=do_cols, block=cfg.tile,
+                                     interpret=cfg.interpret)
+        local_grads = {**local_grads, anchor: local_grads[anchor] + grads["a"],
+                       "r" + anchor: local_grads["r" + anchor] + grads["ra"][None],
+                       "scale": local_grads["scale"] + grads["scale"], "shift": local_grads["shift"] + grads["shift"]}
+        block_grads = {**block_grads, key: block_grads[key] + grads["k"],
+                       "r" + key: block_grads["r" + key] + grads["rk"][None]}
     return local_grads, block_grads
 
 
@@ -575,6 +640,30 @@ def _check_tile(tile, local_batch, token_pairs: int = 1):
     return tile
 
 
+TILE_IMPLS = ("xla", "pallas")
+
+
+def _with_tile_impl(cfg, impl, tile, local_batch):
+    """``cfg`` with its tile implementation; the fused Pallas tiles take single-vector InfoNCE with one
+    prefix and no similarity filter, in blocks of a power of two >= 16 rows (Triton's dot sizes)."""
+    if impl not in TILE_IMPLS:
+        raise ValueError(f"impl must be one of {TILE_IMPLS}; got {impl!r}")
+    if impl == "xla":
+        return cfg
+    unsupported = [name for name, on in (("several matryoshka_dims", len(cfg.dims) > 1),
+                                         ("similarity='maxsim'", cfg.maxsim), ("guide embeddings", cfg.guided),
+                                         ("margin", cfg.margin is not None)) if on]
+    if unsupported:
+        raise ValueError(f"impl='pallas' fuses single-prefix InfoNCE tiles without filters; "
+                         f"{', '.join(unsupported)} need impl='xla'")
+    if tile is None:
+        tile = min(tiles.DEFAULT_BLOCK, max(tiles.MIN_BLOCK, next_pow2(local_batch)))
+    elif tile < tiles.MIN_BLOCK or tile & (tile - 1):
+        raise ValueError(f"impl='pallas' needs tile to be a power of two >= {tiles.MIN_BLOCK} "
+                         f"(Triton's dot sizes); got {tile}")
+    return dataclasses.replace(cfg, tile=tile, impl="pallas", interpret=resolve_impl("pallas")[1])
+
+
 def _context_mesh(mesh):
     """The mesh to run the shard_map on.
 
@@ -628,7 +717,7 @@ def ring_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, hard_nega
                  same_side: bool = False, margin: float | None = None, guide_q_bg=None, guide_d_bg=None,
                  guide_hard_negatives_bkg=None, guide_margin: float = 0.0, focal_gamma: float = 0.0,
                  similarity: str = "dot", matryoshka_dims=None, matryoshka_weights=None, q_mask_bl=None,
-                 d_mask_bl=None, hard_negatives_mask_bkl=None):
+                 d_mask_bl=None, hard_negatives_mask_bkl=None, impl: str = "xla"):
     """InfoNCE over the global batch sharded on mesh axis ``axis``, exact and memory-tiled.
 
     Same options, value and gradients as `embedjax.losses.contrastive.infonce`.
@@ -639,6 +728,10 @@ def ring_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, hard_nega
     token products stay near 2**24 floats); any positive size works (the local batch is
     padded to whole tiles with masked rows).
     Per-device memory is O(B/n * D + M * tile^2) and no [B, B] array exists.
+    ``impl``: "xla" (default) loops over tiles in XLA; "pallas" runs each pass's tiles in fused
+    kernels (`embedjax.kernels.infonce_tiles`: one prefix, no margin, guide or MaxSim; ``tile`` is
+    the kernel block, default min(64, B / n), a power of two >= 16; interpret mode on CPU). Not
+    the default until a GPU has timed it against the XLA tiles.
     """
     val.check_similarity(similarity)
     batch = dense.prepare_pairs(q_bd, d_bd, hard_negatives_bkd, group_ids_b, doc_ids_b, hard_negative_ids_bk,
@@ -651,6 +744,7 @@ def ring_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, hard_nega
     cfg = _Config("infonce", axis, n, _check_tile(tile, batch.q_bd.shape[0] // n, _token_pairs(batch)), batch.dims,
                   batch.h_bkd is not None, batch.guide_q_bg is not None, bool(bidirectional), bool(same_side),
                   None if margin is None else float(margin), float(guide_margin), similarity == "maxsim")
+    cfg = _with_tile_impl(cfg, impl, tile, batch.q_bd.shape[0] // n)
     return _run(cfg, mesh, batch, similarity, batch.weights, float(focal_gamma), 1.0 / temperature, 0.0)
 
 

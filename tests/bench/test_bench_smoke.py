@@ -28,6 +28,8 @@ TINY = {
                 "--repeats", "1", "--bandwidth-mib", "4", "--matmul-size", "64"],
     "loss": ["--batch", "64", "--dim", "16", "--time-batch", "512", "--time-dim", "64", "--repeats", "1",
              "--budget-gib", "0.0005", "--max-search-batch", "4096"],
+    "loss_pallas": ["--batch", "128", "--dim", "16", "--time-batch", "128", "--time-dim", "16", "--repeats", "1",
+                    "--skip-max-batch", "--ring-impl", "pallas"],
     "train_step": ["--layers", "1", "--hidden", "16", "--heads", "2", "--intermediate", "32", "--vocab", "1200",
                    "--batch", "4", "--seq", "8", "--steps", "2", "--matmul-size", "64"],
     "matmul": ["--tokens", "37", "--hidden", "12", "--heads", "3", "--intermediate", "20", "--repeats", "1"],
@@ -40,17 +42,22 @@ TINY = {
     "lora": ["--batch-size", "2", "--length", "8", "--rank", "2"],
 }
 NEEDS_MODEL = ("encode", "encode_scifact", "train", "scan", "long_context", "lora")  # run on the tiny random BERT folder
+VARIANTS = {"encode_scifact": "encode", "loss_pallas": "loss"}  # a second configuration of one bench
+
+
+def _module(name):
+    return VARIANTS.get(name, name)
 
 
 def _bench(capsys, name, *extra):
-    argv = ["bench", name.split("_scifact")[0], *TINY[name], *extra]
+    argv = ["bench", _module(name), *TINY[name], *extra]
     code = cli.main(argv)
     out = capsys.readouterr().out.strip().splitlines()
     return code, json.loads(out[-1])
 
 
 def test_every_bench_module_has_a_smoke_test():
-    assert {n.split("_scifact")[0] for n in TINY} == set(cli._bench_modules())
+    assert {_module(n) for n in TINY} == set(cli._bench_modules())
 
 
 # lora compiles two training steps (~140 s on 2 loaded cores): run by `make test-all`
@@ -69,6 +76,9 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
         assert record["measured"] in ("idle", "under load") and record["command"].startswith("python -m embedjax")
     if name == "kernels":
         assert result["all_match_xla"] is True
+    if name == "loss_pallas":  # the fused tiles (interpret mode) in the bench: exact, and their FLOP count
+        assert result["ring_impl"] == "pallas" and result["ring_grad_rel_err_vs_f64"] < 1e-5
+        assert result["ring_flops_over_6B2d"] == pytest.approx(10 / 6, abs=1e-3)
     if name.startswith("encode"):
         assert result["texts"] == int(TINY[name][TINY[name].index("--num-texts") + 1]) and result["ratio"] > 0
         assert result["attention_impl"] == ("xla" if name == "encode_scifact" else "auto")

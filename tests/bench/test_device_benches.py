@@ -4,6 +4,7 @@ Their numbers only mean something on a GPU (launch/device_benchmarks.sh); here w
 check that they run end to end through the CLI, that the Pallas-vs-XLA check they
 report really compares results, and the FLOP count they divide by.
 """
+import argparse
 import json
 import subprocess
 import sys
@@ -78,6 +79,22 @@ def test_train_step_bench_trains_both_sides():
         assert 0 < out[f"{side}_final_loss"] < bound
         assert out[f"{side}_ms"] > 0
     assert out["speedup_vs_torch"] == pytest.approx(out["torch_ms"] / out["embedjax_ms"], rel=1e-2)
+
+
+def test_train_step_attention_impl_reaches_the_model():
+    """--attention-impl picks the attention kernel: under dropout, the chunked kernel draws its masks
+    per key block and the explicit softmax draws one [L, L] mask, so the same step's loss differs."""
+    parser = argparse.ArgumentParser()
+    train_step.add_arguments(parser)
+    ids, mask = train_step.random_batch(4, 8, 1200)
+    losses = {}
+    for impl in ("explicit", "chunked"):
+        args = parser.parse_args(["--layers", "1", "--hidden", "16", "--heads", "2", "--intermediate", "32",
+                                  "--vocab", "1200", "--batch", "4", "--seq", "8", "--steps", "1", "--dtype",
+                                  "float32", "--attention-impl", impl])
+        losses.setdefault(impl, []).append(train_step._embedjax_step_seconds(args, ids, mask)[1])
+    assert losses["chunked"][0] != losses["explicit"][0]
+    assert all(0 < x < 2 / train_step.TEMPERATURE + np.log(4) for x in losses["chunked"] + losses["explicit"])
 
 
 def test_significant_digits_keep_tiny_rates_visible():

@@ -267,3 +267,51 @@ def test_ring_over_one_axis_of_a_two_axis_mesh():
         lambda **kw: ring.ring_infonce(**kw, mesh=mesh2, axis="data", tile=4), arrays, options)
     _assert_close(dense_loss, ring_loss, "loss")
     _assert_close(dense_grads, ring_grads, "grad", _scalar_scales(dense_loss, options))
+
+
+PALLAS_COMBOS = {  # the fused tiles take one prefix and no filter: metadata, hard negatives, both directions,
+    "plain": dict(features=(False,) * len(FEATURES), similarity="dot"),  # same-side terms and focal
+    "all": dict(features=(True, True, True, True, False, False, True, False), similarity="cos"),
+}
+
+
+@pytest.mark.parametrize("name", PALLAS_COMBOS)
+def test_ring_infonce_with_fused_pallas_tiles_matches_dense(mesh, name):
+    """impl="pallas" (`embedjax.kernels.infonce_tiles`, interpret mode here): 3 rows per device
+    padded to one 16-row block, 6 hard-negative keys per device, all merged across the ring."""
+    combo = PALLAS_COMBOS[name]
+    arrays, options = make_inputs(8, combo["features"])
+    options["similarity"] = combo["similarity"]
+    dense_loss, dense_grads = _value_and_grads(contrastive.infonce, arrays, options)
+    fused_loss, fused_grads = _value_and_grads(
+        lambda **kw: ring.ring_infonce(**kw, mesh=mesh, impl="pallas"), arrays, options)
+    _assert_close(dense_loss, fused_loss, "loss")
+    _assert_close(dense_grads, fused_grads, "grad", _scalar_scales(dense_loss, options))
+
+
+def test_fused_pallas_tiles_refuse_what_they_do_not_fuse(mesh):
+    arrays, options = make_inputs(1, (False,) * len(FEATURES))
+    with pytest.raises(ValueError, match="margin need impl='xla'"):
+        ring.ring_infonce(**arrays, **options, margin=0.1, mesh=mesh, impl="pallas")
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        ring.ring_infonce(**arrays, **options, mesh=mesh, impl="pallas", tile=TILE)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ring.ring_infonce(**arrays, **options, mesh=mesh, impl="triton")
+
+
+def test_fused_pallas_tiles_take_bfloat16_inputs(mesh):
+    """bf16 embeddings through the fused tiles: the loss as the dense loss of the same bf16 values,
+    bf16 gradients within the bound the XLA tiles meet (2^-7 of the largest entry; both measure
+    5.2e-3 here) although the cotangent tile is rounded to bf16 for the tensor-core product, as
+    flash attention rounds its probabilities."""
+    arrays, options = make_inputs(4, (True, True, True, False, False, False, False, False))
+    bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in arrays.items()}
+    dense_loss, dense_grads = _value_and_grads(contrastive.infonce, bf16, options)
+    fused_loss, fused_grads = _value_and_grads(lambda **kw: ring.ring_infonce(**kw, mesh=mesh, impl="pallas"),
+                                               bf16, options)
+    assert fused_loss.dtype == jnp.float32
+    _assert_close(dense_loss, fused_loss, "bf16 loss")
+    for name in ("q_bd", "d_bd", "hard_negatives_bkd"):
+        assert fused_grads[0][name].dtype == jnp.bfloat16
+        e, a = np.asarray(dense_grads[0][name], np.float32), np.asarray(fused_grads[0][name], np.float32)
+        assert np.max(np.abs(a - e)) <= 2 ** -7 * np.max(np.abs(e)), name

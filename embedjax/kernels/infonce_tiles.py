@@ -1,0 +1,394 @@
+"""Flash-style Pallas tiles for the ring InfoNCE: scores, masks, log-sum-exp and gradients fused.
+
+The ring loss (`embedjax.losses.ring`) scores each device's rows against a visiting key block
+tile by tile. Its XLA tiles run one ``fori_loop`` iteration per t x t tile, and every iteration
+launches a handful of kernels (matmul, masks, exp-sums, dynamic slices and updates of the
+statistics, the pullback's two matmuls). On an H200 at 32,768 x 768 that path took 90 ms
+against the dense loss's 23.5 ms (BENCHMARKS.md): 1,024 tiles per pass at the default tile of
+1,024 leave ~8 us of matmul per tile, so launches and loop bookkeeping dominate. These kernels
+do one (kind, block) pass in one launch, as flash attention does for attention:
+
+* **Forward** (`lse_partials`, grid over row tiles of ``block`` anchors): each program walks the
+  key tiles, accumulates the tile's dot products over ``block_dim`` chunks of the embedding,
+  builds the positive / candidate masks from the ids in registers, and folds the tile into the
+  rows' online (max, sum-exp) over the candidates and over the positives. Column statistics
+  (the documents' d->q direction) cannot be accumulated across programs without atomics, so
+  each program writes its own partial (max, sum-exp) per key: [row tiles, keys] floats,
+  merged by `merge_lse` in XLA (32 x 32,768 floats at 32k rows: nothing next to the logits).
+* **Backward**, the score cotangent ``cot = g * softmax`` over each mask (rows' and columns'
+  terms) is recomputed from the saved log-sum-exps, as flash attention's backward does:
+  `anchor_gradients` (grid over row tiles) accumulates ``cot @ keys`` and the row sums that
+  give the inverse-norm, scale and shift gradients; `key_gradients` (grid over key tiles)
+  accumulates ``cot^T @ anchors``. Two kernels because a program may not add into another's
+  output (no atomics): each recomputes the tile's scores, 10 B^2 d FLOPs per step against the
+  XLA tiles' 8 and the dense loss's 6, traded for no [B, B] array in memory and no per-tile
+  launches.
+
+Scores are ``scale * <a, k> * ra * rk + shift`` with per-row inverse norms ``ra``/``rk`` (ones
+for dot products), so cosine similarity keeps its gradient through the norms. Every loaded
+block has a power-of-two size (``block``, ``block_dim``; the caller pads rows, keys and the
+embedding), values are never sliced in registers, and products accumulate in float32
+(``preferred_element_type``), so the kernels follow the Triton backend's rules; on CPU they
+run in interpret mode (`tests/kernels/test_infonce_tiles.py` checks them against float64
+NumPy on awkward sizes). Still to measure on a GPU (none was lent when this was written): the
+Triton lowering itself, the step time against the XLA tiles and the dense loss at 32k x 768,
+and the best ``block`` / ``block_dim`` (registers hold ``block x embedding`` accumulators in
+the backward kernels: 64 x 768 floats at the defaults).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from embedjax.kernels.pallas_topk import next_pow2, pad_axis
+
+KINDS = ("qd", "qh", "qq", "dd")  # queries x documents / hard negatives / queries, documents x documents
+NEG_INF = -jnp.inf
+DEFAULT_BLOCK = 64
+MIN_BLOCK = 16  # Triton's dots need at least 16 rows per operand
+MAX_BLOCK_DIM = 128
+
+
+def pair_masks(kind: str, row_group, row_doc, row_valid, key_group, key_doc, key_valid):
+    """(positives or None, candidates) for broadcastable row [R, 1] and key [1, C] metadata.
+
+    ``kind`` "qd": query i's positives are the documents of its group; its candidates are its
+    positives and every document of another group that is not its own document (a duplicate
+    document in another group is no negative). "qh": every valid hard negative except those
+    whose id (``key_doc``) is the query's own document. "qq"/"dd": same-side terms, every row
+    of another group (and, for documents, not the same document). ``*_valid`` are bool; rows
+    and keys that are padding are never candidates. The InfoNCE denominator runs over
+    candidates, which include the positives.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    both_valid = row_valid & key_valid
+    if kind == "qh":
+        return None, both_valid & (key_doc != row_doc)
+    same_group = row_group == key_group
+    if kind == "qq":
+        return None, both_valid & ~same_group
+    negative = both_valid & ~same_group & (row_doc != key_doc)
+    if kind == "dd":
+        return None, negative
+    positive = both_valid & same_group
+    return positive, negative | positive
+
+
+def merge_lse(m1, l1, m2, l2):
+    """Two online log-sum-exp states (max, sum of exp(x - max)) merged into one; -inf maxima are empty."""
+    m = jnp.maximum(m1, m2)
+    safe = jnp.where(m == NEG_INF, 0.0, m)
+    return m, l1 * jnp.exp(m1 - safe) + l2 * jnp.exp(m2 - safe)
+
+
+def merge_partials(m_pk, l_pk):
+    """Partial (max, sum-exp) [P, C] of P programs merged over axis 0 into [C]."""
+    m = jnp.max(m_pk, axis=0)
+    safe = jnp.where(m == NEG_INF, 0.0, m)
+    return m, jnp.sum(l_pk * jnp.exp(m_pk - safe[None]), axis=0)
+
+
+# --------------------------------------------------------------------------- tile pieces
+
+
+def _dims(d: int) -> tuple[int, int]:
+    """(block_dim, padded dim): chunks of at most 128 columns, a power of two."""
+    block_dim = min(MAX_BLOCK_DIM, next_pow2(max(d, MIN_BLOCK)))
+    return block_dim, -(-d // block_dim) * block_dim
+
+
+def _dot_tile(a_ref, k_ref, a_rows, k_rows, n_chunks, block_dim):
+    """<a, k> float32 [len a_rows, len k_rows] accumulated over embedding chunks (loads from refs)."""
+    acc = None
+    for c in range(n_chunks):
+        cols = pl.ds(c * block_dim, block_dim)
+        part = lax.dot_general(a_ref[a_rows, cols], k_ref[k_rows, cols], (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _fold_rows(m, l, logits, mask):
+    """Fold a tile into the rows' running (max, sum-exp) [R, 1] over ``mask``."""
+    masked = jnp.where(mask, logits, NEG_INF)
+    new_m = jnp.maximum(m, jnp.max(masked, axis=1, keepdims=True))
+    safe = jnp.where(new_m == NEG_INF, 0.0, new_m)
+    return new_m, l * jnp.exp(m - safe) + jnp.sum(jnp.exp(masked - safe), axis=1, keepdims=True)
+
+
+def _column_partial(logits, mask):
+    """The tile's (max, sum-exp) [1, C] per key over ``mask`` (its rows only)."""
+    masked = jnp.where(mask, logits, NEG_INF)
+    m = jnp.max(masked, axis=0, keepdims=True)
+    safe = jnp.where(m == NEG_INF, 0.0, m)
+    return m, jnp.sum(jnp.exp(masked - safe), axis=0, keepdims=True)
+
+
+def _softmax_weight(logits, mask, lse, g):
+    """g * exp(logits - lse) on ``mask``: the cotangent of g * log-sum-exp over the mask."""
+    return g * jnp.exp(jnp.where(mask, logits - lse, NEG_INF))
+
+
+def _cotangent(kind, logits, masks, rows_saved, keys_saved, do_rows, do_cols):
+    """d(loss)/d(logits) of a tile: the rows' and the keys' log-sum-exp terms."""
+    positive, candidates = masks
+    cot = jnp.zeros(logits.shape, jnp.float32)
+    for saved, on in ((rows_saved, do_rows), (keys_saved, do_cols)):
+        if not on:
+            continue
+        lse_all, g_all, lse_pos, g_pos = saved
+        cot = cot + _softmax_weight(logits, candidates, lse_all, g_all)
+        if positive is not None:
+            cot = cot + _softmax_weight(logits, positive, lse_pos, g_pos)
+    return cot
+
+
+# ------------------------------------------------------------------------- operand layout
+
+
+def _row_vec(x_r, rows):
+    """A per-row vector as [rows, 1] (padded with zeros)."""
+    return pad_axis(jnp.asarray(x_r)[:, None], 0, rows)
+
+
+def _key_vec(x_c, keys):
+    return pad_axis(jnp.asarray(x_c)[None, :], 1, keys)
+
+
+def _check_block(block: int, rows: int, keys: int):
+    if block < MIN_BLOCK or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= {MIN_BLOCK} (Triton's dot sizes); got {block}")
+    if rows % block or keys % block:
+        raise ValueError(f"rows ({rows}) and keys ({keys}) must be whole blocks of {block}; pad them first")
+
+
+def _operands(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta):
+    """Padded embeddings, [R,1] / [1,C] per-row vectors and the chunking of the embedding dim."""
+    block_dim, dp = _dims(a_rd.shape[1])
+    rows, keys = a_rd.shape[0], k_cd.shape[0]
+    a, k = pad_axis(a_rd, 1, dp), pad_axis(k_cd, 1, dp)
+    row_vecs = [_row_vec(ra_r.astype(jnp.float32), rows)] + [_row_vec(x.astype(jnp.int32), rows) for x in row_meta]
+    key_vecs = [_key_vec(rk_c.astype(jnp.float32), keys)] + [_key_vec(x.astype(jnp.int32), keys) for x in key_meta]
+    return a, k, row_vecs, key_vecs, block_dim, dp // block_dim
+
+
+def _scalars(scale, shift):
+    return (jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)), jnp.reshape(jnp.asarray(shift, jnp.float32), (1,)))
+
+
+_SCALAR_SPEC = pl.BlockSpec((1,), lambda i: (0,))
+
+
+def _tile_logits(kind, a_ref, k_ref, a_rows, k_rows, rv, kv, scale, shift, n_chunks, block_dim):
+    """(dot products, logits, masks) of one tile. rv / kv: loaded (inverse norm, group, doc, valid)."""
+    dot = _dot_tile(a_ref, k_ref, a_rows, k_rows, n_chunks, block_dim)
+    (ra, rg, rd, rvalid), (rk, kg, kd, kvalid) = rv, kv
+    logits = dot * ra * rk * scale + shift
+    return dot, logits, pair_masks(kind, rg, rd, rvalid != 0, kg, kd, kvalid != 0)
+
+
+# ------------------------------------------------------------------------------ forward
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "do_rows", "do_cols", "block", "interpret"))
+def lse_partials(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *, kind: str, do_rows: bool,
+                 do_cols: bool, block: int = DEFAULT_BLOCK, interpret: bool = False):
+    """Online log-sum-exp statistics of every (anchor, key) tile of one ring pass, in one launch.
+
+    a_rd [R, D] anchors and k_cd [C, D] keys (R, C whole ``block``s), ra_r [R] / rk_c [C]
+    inverse norms, row_meta / key_meta (group, doc, valid) int [R] / [C] (see `pair_masks` for
+    ``kind``), logits ``scale * <a, k> * ra * rk + shift``.
+    Returns ``(rows, cols)``: rows (if ``do_rows``) a dict of the rows' max and sum-exp [R] over
+    candidates (``m_all``, ``l_all``) and, for kind "qd", over positives (``m_pos``, ``l_pos``);
+    cols (if ``do_cols``) the same per key [C], merged from the programs' partials.
+    """
+    rows, keys = a_rd.shape[0], k_cd.shape[0]
+    _check_block(block, rows, keys)
+    a, k, row_vecs, key_vecs, block_dim, n_chunks = _operands(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta)
+    has_pos = kind == "qd"
+    names = ["m_all", "l_all"] + (["m_pos", "l_pos"] if has_pos else [])
+    n_row_tiles, n_key_tiles = rows // block, keys // block
+
+    def kernel(scale_ref, shift_ref, a_ref, *refs):
+        row_refs, key_refs, k_ref = refs[:4], refs[4:8], refs[8]
+        outs = refs[9:]
+        row_outs, col_outs = (outs[:len(names)] if do_rows else ()), (outs[len(names):] if do_rows else outs)
+        all_rows = pl.ds(0, block)
+        rv = [r[...] for r in row_refs]
+        scale, shift = scale_ref[0], shift_ref[0]
+
+        def tile(j, stats):
+            start = pl.multiple_of(j * block, block)
+            k_rows = pl.ds(start, block)
+            kv = [r[:, k_rows] for r in key_refs]
+            _, logits, (positive, candidates) = _tile_logits(kind, a_ref, k_ref, all_rows, k_rows, rv, kv, scale,
+                                                             shift, n_chunks, block_dim)
+            if do_cols:
+                parts = [_column_partial(logits, candidates)]
+                if has_pos:
+                    parts.append(_column_partial(logits, positive))
+                for out_ref, value in zip(col_outs, [x for pair in parts for x in pair]):
+                    out_ref[:, k_rows] = value
+            if not do_rows:
+                return stats
+            folded = list(_fold_rows(stats[0], stats[1], logits, candidates))
+            if has_pos:
+                folded += _fold_rows(stats[2], stats[3], logits, positive)
+            return tuple(folded)
+
+        empty = (jnp.full((block, 1), NEG_INF, jnp.float32), jnp.zeros((block, 1), jnp.float32))
+        stats = lax.fori_loop(0, n_key_tiles, tile, empty * (2 if has_pos else 1))
+        for out_ref, value in zip(row_outs, stats if do_rows else ()):
+            out_ref[...] = value
+
+    row_spec = pl.BlockSpec((block, 1), lambda i: (i, 0))
+    in_specs = [_SCALAR_SPEC, _SCALAR_SPEC, pl.BlockSpec((block, a.shape[1]), lambda i: (i, 0))]
+    in_specs += [row_spec] * 4 + [pl.BlockSpec((1, keys), lambda i: (0, 0))] * 4
+    in_specs += [pl.BlockSpec(k.shape, lambda i: (0, 0))]
+    out_specs, out_shape = [], []
+    if do_rows:
+        out_specs += [row_spec] * len(names)
+        out_shape += [jax.ShapeDtypeStruct((rows, 1), jnp.float32)] * len(names)
+    if do_cols:
+        out_specs += [pl.BlockSpec((1, keys), lambda i: (i, 0))] * len(names)
+        out_shape += [jax.ShapeDtypeStruct((n_row_tiles, keys), jnp.float32)] * len(names)
+    outs = pl.pallas_call(kernel, grid=(n_row_tiles,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          interpret=interpret, name=f"infonce_lse_{kind}")(
+        *_scalars(scale, shift), a, *row_vecs, *key_vecs, k)
+    row_stats = dict(zip(names, (x[:, 0] for x in outs[:len(names)]))) if do_rows else None
+    col_stats = None
+    if do_cols:
+        partial = outs[len(names):] if do_rows else outs
+        col_stats = {}
+        for m_name, l_name, m_pk, l_pk in zip(names[::2], names[1::2], partial[::2], partial[1::2]):
+            col_stats[m_name], col_stats[l_name] = merge_partials(m_pk, l_pk)
+    return row_stats, col_stats
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _saved_operands(saved, n, as_rows):
+    """(lse_all, g_all, lse_pos, g_pos) vectors as [n, 1] (rows) or [1, n] (keys); zeros when absent."""
+    vec = _row_vec if as_rows else _key_vec
+    names = ("lse_all", "g_all", "lse_pos", "g_pos")
+    return [vec(jnp.zeros((n,), jnp.float32) if saved is None else saved[name].astype(jnp.float32), n)
+            for name in names]
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "do_rows", "do_cols", "block", "interpret"))
+def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, rows_saved, keys_saved, *, kind: str,
+                   do_rows: bool, do_cols: bool, block: int = DEFAULT_BLOCK, interpret: bool = False):
+    """Gradients of ``sum_i g_i * lse_i`` over the pass's rows (and keys) w.r.t. its inputs.
+
+    Same operands as `lse_partials`, plus the saved statistics: ``rows_saved`` (used when
+    ``do_rows``) and ``keys_saved`` (when ``do_cols``) are dicts of [R] / [C] vectors
+    ``lse_all``, ``g_all`` and, for kind "qd", ``lse_pos``, ``g_pos`` (the log-sum-exps from the
+    forward pass and their cotangents).
+    Returns a dict: ``a`` [R, D] and ``k`` [C, D] (float32), ``ra`` [R], ``rk`` [C], and scalars
+    ``scale``, ``shift``.
+    """
+    rows, keys = a_rd.shape[0], k_cd.shape[0]
+    _check_block(block, rows, keys)
+    d = a_rd.shape[1]
+    a, k, row_vecs, key_vecs, block_dim, n_chunks = _operands(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta)
+    row_saved = _saved_operands(rows_saved if do_rows else None, rows, True)
+    key_saved = _saved_operands(keys_saved if do_cols else None, keys, False)
+    dp = a.shape[1]
+
+    def anchor_kernel(scale_ref, shift_ref, a_ref, *refs):
+        """One program per row tile: walk the key tiles, accumulate cot @ keys."""
+        row_refs, rs_refs, key_refs, ks_refs, k_ref = refs[:4], refs[4:8], refs[8:12], refs[12:16], refs[16]
+        da_ref, dra_ref, dscale_ref, dshift_ref = refs[17:]
+        scale, shift = scale_ref[0], shift_ref[0]
+        rv = [r[...] for r in row_refs]
+        rs = [r[...] for r in rs_refs]
+        all_rows = pl.ds(0, block)
+
+        def tile(j, carry):
+            w, total, acc = carry
+            k_rows = pl.ds(pl.multiple_of(j * block, block), block)
+            kv = [r[:, k_rows] for r in key_refs]
+            ks = [r[:, k_rows] for r in ks_refs]
+            dot, logits, masks = _tile_logits(kind, a_ref, k_ref, all_rows, k_rows, rv, kv, scale, shift, n_chunks,
+                                              block_dim)
+            cot = _cotangent(kind, logits, masks, rs, ks, do_rows, do_cols)
+            cot_rk = cot * kv[0]
+            w = w + jnp.sum(cot_rk * dot, axis=1, keepdims=True)
+            total = total + jnp.sum(cot, axis=1, keepdims=True)
+            cot_in = cot_rk.astype(k_ref.dtype)  # bf16 keys: a bf16 x bf16 product accumulated in f32
+            acc = tuple(acc[c] + lax.dot_general(cot_in, k_ref[k_rows, pl.ds(c * block_dim, block_dim)],
+                                                  (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+                        for c in range(n_chunks))
+            return w, total, acc
+
+        zero = jnp.zeros((block, 1), jnp.float32)
+        acc0 = tuple(jnp.zeros((block, block_dim), jnp.float32) for _ in range(n_chunks))
+        w, total, acc = lax.fori_loop(0, keys // block, tile, (zero, zero, acc0))
+        ra = rv[0]
+        for c in range(n_chunks):
+            da_ref[:, pl.ds(c * block_dim, block_dim)] = scale * ra * acc[c]
+        dra_ref[...] = scale * w
+        dscale_ref[...] = ra * w
+        dshift_ref[...] = total
+
+    def key_kernel(scale_ref, shift_ref, a_ref, *refs):
+        """One program per key tile: walk the row tiles, accumulate cot^T @ anchors."""
+        row_refs, rs_refs, key_refs, ks_refs, k_ref = refs[:4], refs[4:8], refs[8:12], refs[12:16], refs[16]
+        dk_ref, drk_ref = refs[17:]
+        scale, shift = scale_ref[0], shift_ref[0]
+        kv = [r[...] for r in key_refs]
+        ks = [r[...] for r in ks_refs]
+        all_keys = pl.ds(0, block)
+
+        def tile(i, carry):
+            v, acc = carry
+            a_rows = pl.ds(pl.multiple_of(i * block, block), block)
+            rv = [r[a_rows, :] for r in row_refs]
+            rs = [r[a_rows, :] for r in rs_refs]
+            dot, logits, masks = _tile_logits(kind, a_ref, k_ref, a_rows, all_keys, rv, kv, scale, shift, n_chunks,
+                                              block_dim)
+            cot_ra = _cotangent(kind, logits, masks, rs, ks, do_rows, do_cols) * rv[0]
+            v = v + jnp.sum(cot_ra * dot, axis=0, keepdims=True)
+            cot_in = cot_ra.astype(a_ref.dtype)
+            acc = tuple(acc[c] + lax.dot_general(cot_in, a_ref[a_rows, pl.ds(c * block_dim, block_dim)],
+                                                  (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+                        for c in range(n_chunks))
+            return v, acc
+
+        acc0 = tuple(jnp.zeros((block, block_dim), jnp.float32) for _ in range(n_chunks))
+        v, acc = lax.fori_loop(0, rows // block, tile, (jnp.zeros((1, block), jnp.float32), acc0))
+        for c in range(n_chunks):  # the key rows' scale * rk factor is applied outside (a [1, t] row here)
+            dk_ref[:, pl.ds(c * block_dim, block_dim)] = acc[c]
+        drk_ref[...] = scale * v
+
+    operands = (*_scalars(scale, shift), a, *row_vecs, *row_saved, *key_vecs, *key_saved, k)
+    whole_rows = pl.BlockSpec((rows, 1), lambda i: (0, 0))
+    whole_keys = pl.BlockSpec((1, keys), lambda i: (0, 0))
+    tile_rows = pl.BlockSpec((block, 1), lambda i: (i, 0))
+    tile_keys = pl.BlockSpec((1, block), lambda i: (0, i))
+    whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0, 0))  # noqa: E731
+
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    da, dra, dscale, dshift = pl.pallas_call(
+        anchor_kernel, grid=(rows // block,),
+        in_specs=[_SCALAR_SPEC, _SCALAR_SPEC, pl.BlockSpec((block, dp), lambda i: (i, 0))] + [tile_rows] * 8
+        + [whole_keys] * 8 + [whole(k)],
+        out_specs=[pl.BlockSpec((block, dp), lambda i: (i, 0))] + [tile_rows] * 3,
+        out_shape=[f32(rows, dp)] + [f32(rows, 1)] * 3, interpret=interpret, name=f"infonce_grad_anchors_{kind}",
+    )(*operands)
+    dk, drk = pl.pallas_call(
+        key_kernel, grid=(keys // block,),
+        in_specs=[_SCALAR_SPEC, _SCALAR_SPEC, whole(a)] + [whole_rows] * 8 + [tile_keys] * 8
+        + [pl.BlockSpec((block, dp), lambda i: (i, 0))],
+        out_specs=[pl.BlockSpec((block, dp), lambda i: (i, 0)), tile_keys],
+        out_shape=[f32(keys, dp), f32(1, keys)], interpret=interpret, name=f"infonce_grad_keys_{kind}",
+    )(*operands)
+    scale = jnp.asarray(scale, jnp.float32)
+    dk = dk[:, :d] * (scale * key_vecs[0][0])[:, None]
+    return dict(a=da[:, :d], k=dk, ra=dra[:, 0], rk=drk[0], scale=jnp.sum(dscale), shift=jnp.sum(dshift))
