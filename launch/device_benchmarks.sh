@@ -43,7 +43,7 @@ bench loss 150 loss --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --
 # The ring's time on one GPU is mostly per-tile overhead at the default 1024 tile (1,024 tiles per pass
 # at 32k, ~8 us of matmul each): the same shape with 4096 tiles (64 per pass) shows how much of the 3.8x is that.
 bench loss_tile4096 90 loss --batch 65536 --dim 768 --tile 4096 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
-# The fused Pallas tiles (embedjax/kernels/infonce_tiles.py): one launch per pass, 10 B^2 d FLOPs; first Triton compile.
+# The fused Pallas tiles (embedjax/kernels/ring_tiles.py): one launch per pass, 10 B^2 d FLOPs; first Triton compile.
 bench loss_pallas 120 loss --ring-impl pallas --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
 if [[ -n "${MODEL_DIR:-}" && -n "${STS_FILE:-}" ]]; then
   bench encode_b64 110 encode --model "$MODEL_DIR" --data "$STS_FILE" --batch-size 64 --repeats 5

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from embedjax.bench import report  # noqa: E402
 from embedjax.bench.timing import median_seconds  # noqa: E402
-from embedjax.kernels import infonce_tiles as tiles  # noqa: E402
+from embedjax.kernels import ring_tiles as tiles  # noqa: E402
 from embedjax.losses import allgather, ring  # noqa: E402
 
 SECTION = "Loss: ring vs all-gather InfoNCE"
@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tile", type=int, default=None, help="ring tile size (default: the ring's default)")
     parser.add_argument("--ring-impl", choices=ring.TILE_IMPLS, default="xla",
                         help="the ring's tiles: XLA fori_loop tiles or the fused Pallas kernels "
-                             "(embedjax.kernels.infonce_tiles; interpret mode on CPU: slow)")
+                             "(embedjax.kernels.ring_tiles; interpret mode on CPU: slow)")
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--budget-gib", type=float, default=16.0, help="per-device memory budget for the max-batch search")
     parser.add_argument("--max-search-batch", type=int, default=2 ** 24, help="stop the doubling search here")

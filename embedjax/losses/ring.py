@@ -27,8 +27,8 @@ accumulated chunk by chunk over the prefix boundaries, giving every prefix's
 similarity for the cost of one full-width matmul. Inputs may be bfloat16; all
 tile products, statistics and gradient accumulators are float32.
 
-``impl="pallas"`` (InfoNCE with one prefix and no filter) replaces each pass's tile loop by
-fused kernels (`embedjax.kernels.infonce_tiles`): one launch scores, masks and folds all tiles
+``impl="pallas"`` (one prefix, no filter) replaces each pass's tile loop by fused kernels
+(`embedjax.kernels.ring_tiles`): one launch scores, masks and folds all tiles
 of a (tile family, block) pair, and two launches form its gradients; the ring around them is
 the same. It is exact (tests against the dense loss) but untimed on a GPU, so "xla" stays the
 default.
@@ -49,7 +49,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from embedjax.kernels import infonce_tiles as tiles
+from embedjax.kernels import ring_tiles as tiles
 from embedjax.kernels.dispatch import resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2
 from embedjax.losses import contrastive as dense
@@ -391,8 +391,10 @@ def _pallas_sides(cfg, local, block, anchor, key):
 
 
 def _merge_stats(stats, part):
-    """Fold a pass's (max, sum-exp) vectors into the running [1, n] statistics."""
+    """Fold a pass's statistics into the running [1, n] ones: (max, sum-exp) pairs, or summed losses."""
     out = dict(stats)
+    if "sum" in part:
+        out["sum"] = stats["sum"] + part["sum"][None]
     for which in ("all", "pos"):
         if "m_" + which in part:
             m, l = tiles.merge_lse(stats["m_" + which][0], stats["l_" + which][0], part["m_" + which],
@@ -402,11 +404,12 @@ def _merge_stats(stats, part):
 
 
 def _pallas_forward_pass(cfg, local, block, row_stats, col_stats):
-    """`_forward_pass` with one fused kernel launch per tile family (single prefix, InfoNCE)."""
+    """`_forward_pass` with one fused kernel launch per tile family (single prefix)."""
     for kind, anchor, key, do_rows, do_cols in cfg.pairs():
         (a, ra, row_meta), (k, rk, key_meta) = _pallas_sides(cfg, local, block, anchor, key)
-        rows, cols = tiles.lse_partials(a, k, ra, rk, row_meta, key_meta, local["scale"], local["shift"], kind=kind,
-                                        do_rows=do_rows, do_cols=do_cols, block=cfg.tile, interpret=cfg.interpret)
+        rows, cols = tiles.tile_statistics(a, k, ra, rk, row_meta, key_meta, local["scale"], local["shift"],
+                                           family=cfg.family, kind=kind, do_rows=do_rows, do_cols=do_cols,
+                                           block=cfg.tile, interpret=cfg.interpret)
         if do_rows:
             row_stats = _merge_stats(row_stats, rows)
         if do_cols:
@@ -422,8 +425,8 @@ def _pallas_backward_pass(cfg, local, block, local_grads, block_grads):
         rows_saved = first(local["row_saved"]) if do_rows else None
         keys_saved = first(block["col_saved"]) if do_cols else None
         grads = tiles.tile_gradients(a, k, ra, rk, row_meta, key_meta, local["scale"], local["shift"], rows_saved,
-                                     keys_saved, kind=kind, do_rows=do_rows, do_cols=do_cols, block=cfg.tile,
-                                     interpret=cfg.interpret)
+                                     keys_saved, family=cfg.family, kind=kind, do_rows=do_rows, do_cols=do_cols,
+                                     block=cfg.tile, interpret=cfg.interpret)
         local_grads = {**local_grads, anchor: local_grads[anchor] + grads["a"],
                        "r" + anchor: local_grads["r" + anchor] + grads["ra"][None],
                        "scale": local_grads["scale"] + grads["scale"], "shift": local_grads["shift"] + grads["shift"]}
@@ -644,7 +647,7 @@ TILE_IMPLS = ("xla", "pallas")
 
 
 def _with_tile_impl(cfg, impl, tile, local_batch):
-    """``cfg`` with its tile implementation; the fused Pallas tiles take single-vector InfoNCE with one
+    """``cfg`` with its tile implementation; the fused Pallas tiles take single vectors with one
     prefix and no similarity filter, in blocks of a power of two >= 16 rows (Triton's dot sizes)."""
     if impl not in TILE_IMPLS:
         raise ValueError(f"impl must be one of {TILE_IMPLS}; got {impl!r}")
@@ -654,7 +657,7 @@ def _with_tile_impl(cfg, impl, tile, local_batch):
                                          ("similarity='maxsim'", cfg.maxsim), ("guide embeddings", cfg.guided),
                                          ("margin", cfg.margin is not None)) if on]
     if unsupported:
-        raise ValueError(f"impl='pallas' fuses single-prefix InfoNCE tiles without filters; "
+        raise ValueError(f"impl='pallas' fuses single-prefix tiles without filters; "
                          f"{', '.join(unsupported)} need impl='xla'")
     if tile is None:
         tile = min(tiles.DEFAULT_BLOCK, max(tiles.MIN_BLOCK, next_pow2(local_batch)))
@@ -729,7 +732,7 @@ def ring_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, hard_nega
     padded to whole tiles with masked rows).
     Per-device memory is O(B/n * D + M * tile^2) and no [B, B] array exists.
     ``impl``: "xla" (default) loops over tiles in XLA; "pallas" runs each pass's tiles in fused
-    kernels (`embedjax.kernels.infonce_tiles`: one prefix, no margin, guide or MaxSim; ``tile`` is
+    kernels (`embedjax.kernels.ring_tiles`: one prefix, no margin, guide or MaxSim; ``tile`` is
     the kernel block, default min(64, B / n), a power of two >= 16; interpret mode on CPU). Not
     the default until a GPU has timed it against the XLA tiles.
     """
@@ -750,11 +753,11 @@ def ring_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, hard_nega
 
 def ring_siglip(q_bd, d_bd, *, mesh, axis: str = "data", temperature, bias, hard_negatives_bkd=None, tile=None,
                 group_ids_b=None, doc_ids_b=None, hard_negative_ids_bk=None, similarity: str = "dot",
-                matryoshka_dims=None, matryoshka_weights=None):
+                matryoshka_dims=None, matryoshka_weights=None, impl: str = "xla"):
     """SigLIP sigmoid loss over the global batch sharded on ``axis``, exact and memory-tiled.
 
     Same options, value and gradients (including ``bias``) as
-    `embedjax.losses.contrastive.siglip`; see `ring_infonce` for ``mesh``/``tile``.
+    `embedjax.losses.contrastive.siglip`; see `ring_infonce` for ``mesh``/``tile``/``impl``.
     """
     val.check_similarity(similarity, ("dot", "cos"))
     batch = dense.prepare_pairs(q_bd, d_bd, hard_negatives_bkd, group_ids_b, doc_ids_b, hard_negative_ids_bk,
@@ -765,4 +768,5 @@ def ring_siglip(q_bd, d_bd, *, mesh, axis: str = "data", temperature, bias, hard
     n = _check_mesh(mesh, axis, batch.q_bd.shape[0])
     cfg = _Config("siglip", axis, n, _check_tile(tile, batch.q_bd.shape[0] // n), batch.dims,
                   batch.h_bkd is not None, False, False, False, None, 0.0)
+    cfg = _with_tile_impl(cfg, impl, tile, batch.q_bd.shape[0] // n)
     return _run(cfg, mesh, batch, similarity, batch.weights, 0.0, 1.0 / temperature, bias)

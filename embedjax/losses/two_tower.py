@@ -12,7 +12,8 @@ Both take unnormalised features (as the towers return them), L2-normalise them, 
 so the clamp stops its gradient above ``max_scale`` (CLIP clamps at 100; SigLIP's trained scales
 reach ~112, so its default is higher). ``bias`` is a trainable scalar. With ``mesh`` the loss
 runs on the ring (`embedjax.losses.ring`): same value and gradients, inputs sharded over
-``axis``, no [B, B] array on any device.
+``axis``, no [B, B] array on any device; ``impl`` picks the ring's tiles ("xla" or the fused
+"pallas" kernels).
 """
 from __future__ import annotations
 
@@ -41,18 +42,18 @@ def _check_pair(text_bd, image_bd):
 
 
 def clip_loss(text_bd, image_bd, log_scale, *, max_scale: float = CLIP_MAX_SCALE, mesh=None, axis: str = "data",
-              tile: int | None = None):
+              tile: int | None = None, impl: str = "xla"):
     """Symmetric InfoNCE of paired features -> float32 scalar (see the module docstring)."""
     _check_pair(text_bd, image_bd)
     t_bd, v_bd = l2_normalize(text_bd.astype(jnp.float32)), l2_normalize(image_bd.astype(jnp.float32))
     temperature = 1.0 / logit_scale(log_scale, max_scale)
     if mesh is None:
         return contrastive.infonce(t_bd, v_bd, temperature=temperature, bidirectional=True)
-    return ring.ring_infonce(t_bd, v_bd, mesh=mesh, axis=axis, temperature=temperature, bidirectional=True, tile=tile)
+    return ring.ring_infonce(t_bd, v_bd, mesh=mesh, axis=axis, temperature=temperature, bidirectional=True, tile=tile, impl=impl)
 
 
 def siglip_loss(text_bd, image_bd, log_scale, bias, *, max_scale: float = SIGLIP_MAX_SCALE, mesh=None,
-                axis: str = "data", tile: int | None = None):
+                axis: str = "data", tile: int | None = None, impl: str = "xla"):
     """Pairwise sigmoid loss of paired features -> float32 scalar (see the module docstring)."""
     _check_pair(text_bd, image_bd)
     t_bd, v_bd = l2_normalize(text_bd.astype(jnp.float32)), l2_normalize(image_bd.astype(jnp.float32))
@@ -60,7 +61,7 @@ def siglip_loss(text_bd, image_bd, log_scale, bias, *, max_scale: float = SIGLIP
     bias = jnp.asarray(bias, jnp.float32)
     if mesh is None:
         return contrastive.siglip(t_bd, v_bd, temperature=temperature, bias=bias)
-    return ring.ring_siglip(t_bd, v_bd, mesh=mesh, axis=axis, temperature=temperature, bias=bias, tile=tile)
+    return ring.ring_siglip(t_bd, v_bd, mesh=mesh, axis=axis, temperature=temperature, bias=bias, tile=tile, impl=impl)
 
 
 LOSSES = {"clip": clip_loss, "siglip": siglip_loss}

@@ -112,6 +112,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.layer_dims = ()
     c.train.layer_dims_weights = ()  # one per layer_dims pair; () = all 1
     c.train.ring = False  # memory-tiled ring loss over the data axis (infonce, siglip) instead of the dense one
+    # The ring's tiles: "xla" (fori_loop over tiles) or "pallas" (fused kernels, embedjax.kernels.ring_tiles:
+    # one Matryoshka prefix, no margin; Triton on a GPU, interpret mode elsewhere).
+    c.train.ring_impl = "xla"
     c.train.gradcache_sub_batch = 0  # > 0: GradCache, embedding this many rows of the global batch at a time
     c.train.log_every = 1
     c.train.progress = True

@@ -269,6 +269,7 @@ def build_objective(cfg, kind: str, model, family, model_config, tokenizer, *, h
         layer_dims=cfg.train.layer_dims, layer_dims_weights=cfg.train.layer_dims_weights,
         num_layers=model_config.num_layers, hidden_size=model_config.hidden_size, ring=cfg.train.ring, mesh=mesh,
         similarity="maxsim" if per_token else "cos", reduce_tokens=head.reduce if per_token else None,
+        ring_impl=cfg.train.ring_impl,
     )
 
 

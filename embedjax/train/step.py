@@ -134,7 +134,8 @@ def check_layer_dims(layer_dims, layer_dims_weights, *, num_layers, hidden_size,
 
 
 def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cosent_scale: float,
-                      bidirectional: bool, ring: bool, mesh=None, similarity: str = "cos") -> Callable:
+                      bidirectional: bool, ring: bool, mesh=None, similarity: str = "cos",
+                      ring_impl: str = "xla") -> Callable:
     """``fn(q_bd, d_bd, **metadata) -> scalar``: the configured retrieval loss with its
     hyperparameters bound, cosine similarity, and the dense or ring implementation.
 
@@ -150,6 +151,13 @@ def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cose
                          "(query, document) pair in both roles already: set train.bidirectional=False")
     if ring and mesh is None:
         raise ValueError("the ring loss needs the mesh")
+    from embedjax.losses.ring import TILE_IMPLS
+
+    if ring_impl not in TILE_IMPLS:
+        raise ValueError(f"train.ring_impl={ring_impl!r}: use one of {TILE_IMPLS}")
+    if ring_impl != "xla" and not ring:
+        raise ValueError(f"train.ring_impl={ring_impl!r} chooses the ring loss's tiles; set train.ring=True "
+                         "or leave train.ring_impl='xla'")
     if similarity == "maxsim" and loss != "infonce":
         raise ValueError(f"a multi-vector head (MaxSim) trains with train.loss='infonce'; got {loss!r}")
     if loss == "cosent":
@@ -168,7 +176,7 @@ def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cose
 
         fn, options = (ring_infonce if ring else infonce), dict(temperature=temperature, bidirectional=bidirectional)
     if ring:
-        options.update(mesh=mesh, axis="data")
+        options.update(mesh=mesh, axis="data", impl=ring_impl)
     return functools.partial(fn, similarity=similarity, **options)
 
 
@@ -192,6 +200,7 @@ def make_objective(
     mesh=None,
     similarity: str = "cos",
     reduce_tokens: Callable | None = None,
+    ring_impl: str = "xla",
 ) -> Objective:
     """The configured loss for a batch layout of `embedjax.data.pipeline`.
 
@@ -235,7 +244,7 @@ def make_objective(
 
     contrastive = retrieval_loss_fn(loss, temperature=temperature, siglip_bias=siglip_bias,
                                     cosent_scale=cosent_scale, bidirectional=bidirectional, ring=ring, mesh=mesh,
-                                    similarity=similarity)
+                                    similarity=similarity, ring_impl=ring_impl)
     if layer_dims and similarity == "maxsim":
         raise ValueError("train.layer_dims pools layers into sentence embeddings; it does not apply to MaxSim")
     if layer_dims:

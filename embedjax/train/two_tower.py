@@ -41,6 +41,7 @@ class TwoTowerObjective:
     mesh: Any = None  # ring loss over `axis` of this mesh; None: dense
     axis: str = "data"
     tile: int | None = None
+    ring_impl: str = "xla"  # the ring's tiles: "xla" or "pallas" (fused kernels, embedjax.kernels.ring_tiles)
     text_sub_batch: int | None = None  # GradCache sub-batch of each tower; None: one pass
     image_sub_batch: int | None = None
 
@@ -64,7 +65,7 @@ class TwoTowerObjective:
 
     def contrastive_loss(self, text_bd, image_bd, logit):
         """The loss of already computed features and the logit parameters."""
-        kwargs = dict(max_scale=self.max_scale, mesh=self.mesh, axis=self.axis, tile=self.tile)
+        kwargs = dict(max_scale=self.max_scale, mesh=self.mesh, axis=self.axis, tile=self.tile, impl=self.ring_impl)
         if self.loss == "clip":
             return LOSSES["clip"](text_bd, image_bd, logit["log_scale"], **kwargs)
         return LOSSES["siglip"](text_bd, image_bd, logit["log_scale"], logit.get("bias", 0.0), **kwargs)

@@ -277,7 +277,7 @@ PALLAS_COMBOS = {  # the fused tiles take one prefix and no filter: metadata, ha
 
 @pytest.mark.parametrize("name", PALLAS_COMBOS)
 def test_ring_infonce_with_fused_pallas_tiles_matches_dense(mesh, name):
-    """impl="pallas" (`embedjax.kernels.infonce_tiles`, interpret mode here): 3 rows per device
+    """impl="pallas" (`embedjax.kernels.ring_tiles`, interpret mode here): 3 rows per device
     padded to one 16-row block, 6 hard-negative keys per device, all merged across the ring."""
     combo = PALLAS_COMBOS[name]
     arrays, options = make_inputs(8, combo["features"])
@@ -287,6 +287,18 @@ def test_ring_infonce_with_fused_pallas_tiles_matches_dense(mesh, name):
         lambda **kw: ring.ring_infonce(**kw, mesh=mesh, impl="pallas"), arrays, options)
     _assert_close(dense_loss, fused_loss, "loss")
     _assert_close(dense_grads, fused_grads, "grad", _scalar_scales(dense_loss, options))
+
+
+def test_ring_siglip_with_fused_pallas_tiles_matches_dense(mesh):
+    """SigLIP through the fused tiles: hard negatives and metadata (positives labelled +1), the bias
+    gradient included."""
+    arrays, options = _siglip_inputs((True, True, False))
+    dense_loss, dense_grads = _value_and_grads(contrastive.siglip, arrays, options)
+    fused_loss, fused_grads = _value_and_grads(lambda **kw: ring.ring_siglip(**kw, mesh=mesh, impl="pallas"),
+                                               arrays, options)
+    _assert_close(dense_loss, fused_loss, "siglip loss")
+    _assert_close(dense_grads, fused_grads, "siglip grad", _scalar_scales(dense_loss, options))
+    assert abs(float(dense_grads[1]["bias"])) > 0
 
 
 def test_fused_pallas_tiles_refuse_what_they_do_not_fuse(mesh):

@@ -87,6 +87,19 @@ def test_ring_siglip_objective_equals_the_dense_loss():
     np.testing.assert_allclose(got, expected, rtol=1e-5)  # the same sums in tiled order: float32 rounding only
 
 
+@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+def test_ring_impl_pallas_objective_equals_the_dense_loss(loss):
+    """train.ring_impl='pallas' reaches the ring: the fused tiles (interpret mode) give the dense loss."""
+    emb, batch = _retrieval_batch(4)
+    mesh = jax.make_mesh((2,), ("data",))
+    options = dict(kind="retrieval", loss=loss, temperature=0.1, siglip_bias=-2.0)
+    fused = make_objective(None, **options, ring=True, mesh=mesh, ring_impl="pallas")
+    dense = make_objective(None, **options)
+    got, expected = _values(lambda e: (fused.loss_from_embeddings(e, batch), dense.loss_from_embeddings(e, batch)),
+                            emb)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
 def test_layer_dims_objective_sums_the_weighted_prefix_losses_of_each_layer():
     _, batch = _retrieval_batch(3)
     rng = np.random.default_rng(3)
@@ -171,6 +184,8 @@ def test_layer_embeddings_come_from_one_pass_and_the_last_full_pair_is_plain_inf
     ({"layer_dims": ((1, 4),), "ring": True, "mesh": "m"}, r"train.layer_dims does not run with train.ring"),
     ({"loss": "cosent", "ring": True}, r"train.ring=True supports train.loss in \('infonce', 'siglip'\) only"),
     ({"loss": "siglip", "bidirectional": True}, r"train.bidirectional=True applies to infonce only"),
+    ({"ring_impl": "pallas"}, r"train.ring_impl='pallas' chooses the ring loss's tiles; set train.ring=True"),
+    ({"ring_impl": "triton", "ring": True, "mesh": "m"}, r"train.ring_impl='triton': use one of \('xla', 'pallas'\)"),
     ({"loss": "cosent", "bidirectional": True}, r"train.bidirectional=True applies to infonce only"),
     ({"kind": "sts", "loss": "cosent", "layer_dims": ((1, 4),)}, r"train.layer_dims applies to retrieval data"),
     ({"kind": "sts", "loss": "siglip"}, r"train.loss='siglip' does not fit 'sts'"),

@@ -33,13 +33,14 @@ def _features(seed, b=16, d=7):
     return jnp.asarray(rng.normal(size=(b, d)), jnp.float32), jnp.asarray(rng.normal(size=(b, d)) * 2, jnp.float32)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])  # the ring's tiles: XLA loops or the fused kernels
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_ring_equals_dense_in_value_and_gradients(mesh, loss):
+def test_ring_equals_dense_in_value_and_gradients(mesh, loss, impl):
     text, image = _features(0)
     log_scale, bias = jnp.float32(math.log(12.0)), jnp.float32(-2.5)
 
     def f(t, v, s, b, ring):
-        kwargs = {"mesh": mesh} if ring else {}
+        kwargs = {"mesh": mesh, "impl": impl} if ring else {}
         if loss == "clip":
             return clip_loss(t, v, s, **kwargs) + 0.0 * b
         return siglip_loss(t, v, s, b, **kwargs)

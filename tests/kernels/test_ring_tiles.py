@@ -1,4 +1,4 @@
-"""The flash-style InfoNCE tile kernels (Pallas, interpret mode on CPU) against a float64 dense formula.
+"""The flash-style ring tile kernels (InfoNCE and SigLIP) (Pallas, interpret mode on CPU) against a float64 dense formula.
 
 Sizes are awkward: 48 anchor rows and 32 keys in blocks of 16 (3 x 2 programs), embedding dims 20
 (padded to one 32-wide chunk; for hard negatives the key's doc id is the
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embedjax.kernels import infonce_tiles as tiles
+from embedjax.kernels import ring_tiles as tiles
 
 R, C, BLOCK = 48, 32, 16
 RTOL = 1e-5
@@ -59,8 +59,9 @@ def _masks(kind, row_meta, key_meta):
     return positive, candidates
 
 
-def _reference(a, k, ra, rk, row_meta, key_meta, scale, shift, kind, g):
-    """float64 lse per row / key over candidates and positives, and the gradients of sum(g * lse)."""
+def _reference(a, k, ra, rk, row_meta, key_meta, scale, shift, kind, g, family="infonce"):
+    """float64 statistics per row / key and the gradients of sum(g * statistic). InfoNCE: the lse over
+    candidates and over positives; SigLIP: the sum of log(1 + exp(-label * logit)) over candidates."""
     positive, candidates = _masks(kind, row_meta, key_meta)
 
     def lse(logits, mask, axis):
@@ -69,6 +70,10 @@ def _reference(a, k, ra, rk, row_meta, key_meta, scale, shift, kind, g):
 
     def stats(a, k, ra, rk, scale, shift):
         logits = (a @ k.T) * ra[:, None] * rk[None, :] * scale + shift
+        if family == "siglip":
+            labels = np.where(positive, 1.0, -1.0) if positive is not None else -np.ones(logits.shape)
+            pair = jnp.where(candidates, jnp.log1p(jnp.exp(-labels * logits)), 0.0)
+            return dict(rows_all=pair.sum(1), cols_all=pair.sum(0))
         out = dict(rows_all=lse(logits, candidates, 1), cols_all=lse(logits, candidates, 0))
         if positive is not None:
             out.update(rows_pos=lse(logits, positive, 1), cols_pos=lse(logits, positive, 0))
@@ -82,7 +87,7 @@ def _reference(a, k, ra, rk, row_meta, key_meta, scale, shift, kind, g):
         values = {n: np.asarray(v) for n, v in stats(*args).items()}
         grads = jax.grad(objective, argnums=tuple(range(6)))(*args)
         counts = dict(rows_all=np.asarray(candidates.any(1)), cols_all=np.asarray(candidates.any(0)))
-        if positive is not None:
+        if positive is not None and family == "infonce":
             counts.update(rows_pos=np.asarray(positive.any(1)), cols_pos=np.asarray(positive.any(0)))
     return values, dict(zip(("a", "k", "ra", "rk", "scale", "shift"), (np.asarray(x) for x in grads))), counts
 
@@ -117,8 +122,8 @@ def test_tiles_equal_the_float64_formula(kind, d, do_rows, do_cols):
     if has_pos:
         assert not nonempty["rows_pos"][9]
 
-    rows, cols = tiles.lse_partials(a, k, ra, rk, row_meta, key_meta, scale, shift, kind=kind, do_rows=do_rows,
-                                    do_cols=do_cols, block=BLOCK, interpret=True)
+    rows, cols = tiles.tile_statistics(a, k, ra, rk, row_meta, key_meta, scale, shift, family="infonce", kind=kind,
+                                       do_rows=do_rows, do_cols=do_cols, block=BLOCK, interpret=True)
     for side, got, on in (("rows", rows, do_rows), ("cols", cols, do_cols)):
         if not on:
             assert got is None
@@ -136,11 +141,41 @@ def test_tiles_equal_the_float64_formula(kind, d, do_rows, do_cols):
         return {name: jnp.asarray(v, jnp.float32) for name, v in out.items()}
 
     got = tiles.tile_gradients(a, k, ra, rk, row_meta, key_meta, scale, shift, saved("rows", R), saved("cols", C),
-                               kind=kind, do_rows=do_rows, do_cols=do_cols, block=BLOCK, interpret=True)
+                               family="infonce", kind=kind, do_rows=do_rows, do_cols=do_cols, block=BLOCK,
+                               interpret=True)
+    _check_gradients(got, want_grads)
+
+
+def _check_gradients(got, want):
     for name in ("a", "k", "ra", "rk", "scale", "shift"):
-        assert np.shape(got[name]) == np.shape(want_grads[name]), name
-        _close(got[name], want_grads[name], f"d{name}")
-    assert np.abs(want_grads["a"]).max() > 1e-3 and np.abs(want_grads["k"]).max() > 1e-3  # not vacuous
+        assert np.shape(got[name]) == np.shape(want[name]), name
+        _close(got[name], want[name], f"d{name}")
+    assert np.abs(want["a"]).max() > 1e-3 and np.abs(want["k"]).max() > 1e-3  # not vacuous
+
+
+SIGLIP_CASES = [("qd", 20, True, False), ("qh", 150, True, False), ("qd", 20, True, True)]
+
+
+@pytest.mark.parametrize("kind,d,do_rows,do_cols", SIGLIP_CASES)
+def test_sigmoid_tiles_equal_the_float64_formula(kind, d, do_rows, do_cols):
+    """SigLIP: per-row (and per-key) sums of the pairs' sigmoid losses, positives labelled +1."""
+    a, k, ra, rk, row_meta, key_meta = _inputs(7 + d, d, kind)
+    scale, shift = 3.0, -1.5
+    rng = np.random.default_rng(d + 1)
+    g = dict(rows_all=rng.normal(size=R), cols_all=rng.normal(size=C) if do_cols else np.zeros(C))
+    want, want_grads, _ = _reference(a, k, ra, rk, row_meta, key_meta, scale, shift, kind, g, family="siglip")
+    rows, cols = tiles.tile_statistics(a, k, ra, rk, row_meta, key_meta, scale, shift, family="siglip", kind=kind,
+                                       do_rows=do_rows, do_cols=do_cols, block=BLOCK, interpret=True)
+    assert set(rows) == {"sum"}
+    _close(rows["sum"], want["rows_all"], "row sums")
+    assert (cols is None) == (not do_cols)
+    if do_cols:
+        _close(cols["sum"], want["cols_all"], "key sums")
+    got = tiles.tile_gradients(a, k, ra, rk, row_meta, key_meta, scale, shift,
+                               {"g_sum": jnp.asarray(g["rows_all"], jnp.float32)},
+                               {"g_sum": jnp.asarray(g["cols_all"], jnp.float32)}, family="siglip", kind=kind,
+                               do_rows=do_rows, do_cols=do_cols, block=BLOCK, interpret=True)
+    _check_gradients(got, want_grads)
 
 
 def test_merge_partials_equals_one_log_sum_exp():
@@ -165,5 +200,5 @@ def test_blocks_that_triton_cannot_take_are_refused(block):
     a = np.zeros((48, 4), np.float32)
     meta = (np.zeros(48, np.int32),) * 3
     with pytest.raises(ValueError, match="power of two >= 16"):
-        tiles.lse_partials(a, a, np.ones(48), np.ones(48), meta, meta, 1.0, 0.0, kind="qd", do_rows=True,
-                           do_cols=False, block=block, interpret=True)
+        tiles.tile_statistics(a, a, np.ones(48), np.ones(48), meta, meta, 1.0, 0.0, family="infonce", kind="qd",
+                              do_rows=True, do_cols=False, block=block, interpret=True)

@@ -1,4 +1,5 @@
-"""Flash-style Pallas tiles for the ring InfoNCE: scores, masks, log-sum-exp and gradients fused.
+"""Flash-style Pallas tiles for the ring losses (InfoNCE, SigLIP): scores, masks, loss statistics
+and gradients fused.
 
 The ring loss (`embedjax.losses.ring`) scores each device's rows against a visiting key block
 tile by tile. Its XLA tiles run one ``fori_loop`` iteration per t x t tile, and every iteration
@@ -8,15 +9,17 @@ against the dense loss's 23.5 ms (BENCHMARKS.md): 1,024 tiles per pass at the de
 1,024 leave ~8 us of matmul per tile, so launches and loop bookkeeping dominate. These kernels
 do one (kind, block) pass in one launch, as flash attention does for attention:
 
-* **Forward** (`lse_partials`, grid over row tiles of ``block`` anchors): each program walks the
-  key tiles, accumulates the tile's dot products over ``block_dim`` chunks of the embedding,
+* **Forward** (`tile_statistics`, grid over row tiles of ``block`` anchors): each program walks
+  the key tiles, accumulates the tile's dot products over ``block_dim`` chunks of the embedding,
   builds the positive / candidate masks from the ids in registers, and folds the tile into the
-  rows' online (max, sum-exp) over the candidates and over the positives. Column statistics
-  (the documents' d->q direction) cannot be accumulated across programs without atomics, so
-  each program writes its own partial (max, sum-exp) per key: [row tiles, keys] floats,
-  merged by `merge_lse` in XLA (32 x 32,768 floats at 32k rows: nothing next to the logits).
-* **Backward**, the score cotangent ``cot = g * softmax`` over each mask (rows' and columns'
-  terms) is recomputed from the saved log-sum-exps, as flash attention's backward does:
+  rows' statistics: for InfoNCE the online (max, sum-exp) over the candidates and over the
+  positives, for SigLIP the sum of the pairs' sigmoid losses. Column statistics (the documents'
+  d->q direction) cannot be accumulated across programs without atomics, so each program writes
+  its own partial per key: [row tiles, keys] floats, merged in XLA (`merge_partials`; 32 x
+  32,768 floats at 32k rows: nothing next to the logits).
+* **Backward**, the score cotangent (InfoNCE: ``g * softmax`` over each mask, from the saved
+  log-sum-exps; SigLIP: ``g * d softplus``) is recomputed tile by tile, as flash attention's
+  backward does:
   `anchor_gradients` (grid over row tiles) accumulates ``cot @ keys`` and the row sums that
   give the inverse-norm, scale and shift gradients; `key_gradients` (grid over key tiles)
   accumulates ``cot^T @ anchors``. Two kernels because a program may not add into another's
@@ -29,7 +32,7 @@ for dot products), so cosine similarity keeps its gradient through the norms. Ev
 block has a power-of-two size (``block``, ``block_dim``; the caller pads rows, keys and the
 embedding), values are never sliced in registers, and products accumulate in float32
 (``preferred_element_type``), so the kernels follow the Triton backend's rules; on CPU they
-run in interpret mode (`tests/kernels/test_infonce_tiles.py` checks them against float64
+run in interpret mode (`tests/kernels/test_ring_tiles.py` checks them against float64
 NumPy on awkward sizes). Still to measure on a GPU (none was lent when this was written): the
 Triton lowering itself, the step time against the XLA tiles and the dense loss at 32k x 768,
 and the best ``block`` / ``block_dim`` (registers hold ``block x embedding`` accumulators in
@@ -49,6 +52,8 @@ from jax.experimental import pallas as pl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis
 
 KINDS = ("qd", "qh", "qq", "dd")  # queries x documents / hard negatives / queries, documents x documents
+FAMILIES = ("infonce", "siglip")
+SAVED = {"infonce": ("lse_all", "g_all", "lse_pos", "g_pos"), "siglip": ("g_sum",)}  # per row, for the backward
 NEG_INF = -jnp.inf
 DEFAULT_BLOCK = 64
 MIN_BLOCK = 16  # Triton's dots need at least 16 rows per operand
@@ -136,18 +141,79 @@ def _softmax_weight(logits, mask, lse, g):
     return g * jnp.exp(jnp.where(mask, logits - lse, NEG_INF))
 
 
-def _cotangent(kind, logits, masks, rows_saved, keys_saved, do_rows, do_cols):
-    """d(loss)/d(logits) of a tile: the rows' and the keys' log-sum-exp terms."""
+def _labels(logits, positive):
+    """SigLIP's +1 (positive pair) / -1 labels of a tile."""
+    return jnp.where(positive, 1.0, -1.0) if positive is not None else jnp.full(logits.shape, -1.0, jnp.float32)
+
+
+def _sigmoid_losses(logits, masks):
+    """SigLIP's per-pair losses softplus(-label * logit) on the candidates, 0 elsewhere."""
+    positive, candidates = masks
+    return jnp.where(candidates, jax.nn.softplus(-_labels(logits, positive) * logits), 0.0)
+
+
+def _cotangent(family, logits, masks, rows_saved, keys_saved, do_rows, do_cols):
+    """d(loss)/d(logits) of a tile: the rows' and the keys' terms (saved: `SAVED`, broadcastable)."""
     positive, candidates = masks
     cot = jnp.zeros(logits.shape, jnp.float32)
     for saved, on in ((rows_saved, do_rows), (keys_saved, do_cols)):
         if not on:
+            continue
+        if family == "siglip":
+            (g_sum,) = saved
+            labels = _labels(logits, positive)
+            cot = cot + g_sum * jnp.where(candidates, -labels * jax.nn.sigmoid(-labels * logits), 0.0)
             continue
         lse_all, g_all, lse_pos, g_pos = saved
         cot = cot + _softmax_weight(logits, candidates, lse_all, g_all)
         if positive is not None:
             cot = cot + _softmax_weight(logits, positive, lse_pos, g_pos)
     return cot
+
+
+def _stat_names(family: str, kind: str) -> list[str]:
+    if family == "siglip":
+        return ["sum"]
+    return ["m_all", "l_all"] + (["m_pos", "l_pos"] if kind == "qd" else [])
+
+
+def _empty_rows(family, kind, block):
+    if family == "siglip":
+        return (jnp.zeros((block, 1), jnp.float32),)
+    empty = (jnp.full((block, 1), NEG_INF, jnp.float32), jnp.zeros((block, 1), jnp.float32))
+    return empty * (len(_stat_names(family, kind)) // 2)
+
+
+def _fold_tile_rows(family, stats, logits, masks):
+    """The rows' statistics after one more key tile."""
+    if family == "siglip":
+        return (stats[0] + jnp.sum(_sigmoid_losses(logits, masks), axis=1, keepdims=True),)
+    positive, candidates = masks
+    folded = list(_fold_rows(stats[0], stats[1], logits, candidates))
+    if positive is not None:
+        folded += _fold_rows(stats[2], stats[3], logits, positive)
+    return tuple(folded)
+
+
+def _tile_columns(family, logits, masks):
+    """The tile's per-key partial statistics, [1, block] each, in `_stat_names` order."""
+    if family == "siglip":
+        return [jnp.sum(_sigmoid_losses(logits, masks), axis=0, keepdims=True)]
+    positive, candidates = masks
+    parts = list(_column_partial(logits, candidates))
+    if positive is not None:
+        parts += _column_partial(logits, positive)
+    return parts
+
+
+def _merge_columns(family, names, partial):
+    """Per-key statistics [C] from the programs' partials [row tiles, C]."""
+    if family == "siglip":
+        return {"sum": jnp.sum(partial[0], axis=0)}
+    out = {}
+    for m_name, l_name, m_pk, l_pk in zip(names[::2], names[1::2], partial[::2], partial[1::2]):
+        out[m_name], out[l_name] = merge_partials(m_pk, l_pk)
+    return out
 
 
 # ------------------------------------------------------------------------- operand layout
@@ -197,23 +263,29 @@ def _tile_logits(kind, a_ref, k_ref, a_rows, k_rows, rv, kv, scale, shift, n_chu
 # ------------------------------------------------------------------------------ forward
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "do_rows", "do_cols", "block", "interpret"))
-def lse_partials(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *, kind: str, do_rows: bool,
-                 do_cols: bool, block: int = DEFAULT_BLOCK, interpret: bool = False):
-    """Online log-sum-exp statistics of every (anchor, key) tile of one ring pass, in one launch.
+def _check_family(family: str):
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("family", "kind", "do_rows", "do_cols", "block", "interpret"))
+def tile_statistics(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *, family: str, kind: str,
+                    do_rows: bool, do_cols: bool, block: int = DEFAULT_BLOCK, interpret: bool = False):
+    """The loss statistics of every (anchor, key) tile of one ring pass, in one launch.
 
     a_rd [R, D] anchors and k_cd [C, D] keys (R, C whole ``block``s), ra_r [R] / rk_c [C]
     inverse norms, row_meta / key_meta (group, doc, valid) int [R] / [C] (see `pair_masks` for
     ``kind``), logits ``scale * <a, k> * ra * rk + shift``.
-    Returns ``(rows, cols)``: rows (if ``do_rows``) a dict of the rows' max and sum-exp [R] over
-    candidates (``m_all``, ``l_all``) and, for kind "qd", over positives (``m_pos``, ``l_pos``);
-    cols (if ``do_cols``) the same per key [C], merged from the programs' partials.
+    Returns ``(rows, cols)``: rows (if ``do_rows``) a dict of [R] vectors, cols (if ``do_cols``)
+    the same per key [C], merged from the programs' partials. InfoNCE: the max and sum-exp over
+    candidates (``m_all``, ``l_all``) and, for kind "qd", over positives (``m_pos``, ``l_pos``).
+    SigLIP: ``sum``, the summed sigmoid losses of the candidate pairs (positives labelled +1).
     """
+    _check_family(family)
     rows, keys = a_rd.shape[0], k_cd.shape[0]
     _check_block(block, rows, keys)
     a, k, row_vecs, key_vecs, block_dim, n_chunks = _operands(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta)
-    has_pos = kind == "qd"
-    names = ["m_all", "l_all"] + (["m_pos", "l_pos"] if has_pos else [])
+    names = _stat_names(family, kind)
     n_row_tiles, n_key_tiles = rows // block, keys // block
 
     def kernel(scale_ref, shift_ref, a_ref, *refs):
@@ -225,26 +297,16 @@ def lse_partials(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *, ki
         scale, shift = scale_ref[0], shift_ref[0]
 
         def tile(j, stats):
-            start = pl.multiple_of(j * block, block)
-            k_rows = pl.ds(start, block)
+            k_rows = pl.ds(pl.multiple_of(j * block, block), block)
             kv = [r[:, k_rows] for r in key_refs]
-            _, logits, (positive, candidates) = _tile_logits(kind, a_ref, k_ref, all_rows, k_rows, rv, kv, scale,
-                                                             shift, n_chunks, block_dim)
+            _, logits, masks = _tile_logits(kind, a_ref, k_ref, all_rows, k_rows, rv, kv, scale, shift, n_chunks,
+                                            block_dim)
             if do_cols:
-                parts = [_column_partial(logits, candidates)]
-                if has_pos:
-                    parts.append(_column_partial(logits, positive))
-                for out_ref, value in zip(col_outs, [x for pair in parts for x in pair]):
+                for out_ref, value in zip(col_outs, _tile_columns(family, logits, masks)):
                     out_ref[:, k_rows] = value
-            if not do_rows:
-                return stats
-            folded = list(_fold_rows(stats[0], stats[1], logits, candidates))
-            if has_pos:
-                folded += _fold_rows(stats[2], stats[3], logits, positive)
-            return tuple(folded)
+            return _fold_tile_rows(family, stats, logits, masks) if do_rows else stats
 
-        empty = (jnp.full((block, 1), NEG_INF, jnp.float32), jnp.zeros((block, 1), jnp.float32))
-        stats = lax.fori_loop(0, n_key_tiles, tile, empty * (2 if has_pos else 1))
+        stats = lax.fori_loop(0, n_key_tiles, tile, _empty_rows(family, kind, block))
         for out_ref, value in zip(row_outs, stats if do_rows else ()):
             out_ref[...] = value
 
@@ -260,53 +322,58 @@ def lse_partials(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *, ki
         out_specs += [pl.BlockSpec((1, keys), lambda i: (i, 0))] * len(names)
         out_shape += [jax.ShapeDtypeStruct((n_row_tiles, keys), jnp.float32)] * len(names)
     outs = pl.pallas_call(kernel, grid=(n_row_tiles,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=interpret, name=f"infonce_lse_{kind}")(
+                          interpret=interpret, name=f"{family}_stats_{kind}")(
         *_scalars(scale, shift), a, *row_vecs, *key_vecs, k)
     row_stats = dict(zip(names, (x[:, 0] for x in outs[:len(names)]))) if do_rows else None
-    col_stats = None
-    if do_cols:
-        partial = outs[len(names):] if do_rows else outs
-        col_stats = {}
-        for m_name, l_name, m_pk, l_pk in zip(names[::2], names[1::2], partial[::2], partial[1::2]):
-            col_stats[m_name], col_stats[l_name] = merge_partials(m_pk, l_pk)
+    col_stats = _merge_columns(family, names, outs[len(names):] if do_rows else outs) if do_cols else None
     return row_stats, col_stats
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-def _saved_operands(saved, n, as_rows):
-    """(lse_all, g_all, lse_pos, g_pos) vectors as [n, 1] (rows) or [1, n] (keys); zeros when absent."""
+def _split_refs(refs, n_saved):
+    """(row metadata, row saved, key metadata, key saved, keys, outputs) refs of a gradient kernel."""
+    rs_end = 4 + n_saved
+    ks_end = rs_end + 4 + n_saved
+    return refs[:4], refs[4:rs_end], refs[rs_end:ks_end - n_saved], refs[ks_end - n_saved:ks_end], refs[ks_end], \
+        refs[ks_end + 1:]
+
+
+def _saved_operands(family, saved, n, as_rows):
+    """The `SAVED` vectors as [n, 1] (rows) or [1, n] (keys); zeros when absent."""
     vec = _row_vec if as_rows else _key_vec
-    names = ("lse_all", "g_all", "lse_pos", "g_pos")
-    return [vec(jnp.zeros((n,), jnp.float32) if saved is None else saved[name].astype(jnp.float32), n)
-            for name in names]
+    return [vec(jnp.zeros((n,), jnp.float32) if saved is None or name not in saved
+                else saved[name].astype(jnp.float32), n) for name in SAVED[family]]
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "do_rows", "do_cols", "block", "interpret"))
-def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, rows_saved, keys_saved, *, kind: str,
-                   do_rows: bool, do_cols: bool, block: int = DEFAULT_BLOCK, interpret: bool = False):
-    """Gradients of ``sum_i g_i * lse_i`` over the pass's rows (and keys) w.r.t. its inputs.
+@functools.partial(jax.jit, static_argnames=("family", "kind", "do_rows", "do_cols", "block", "interpret"))
+def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, rows_saved, keys_saved, *,
+                   family: str, kind: str, do_rows: bool, do_cols: bool, block: int = DEFAULT_BLOCK,
+                   interpret: bool = False):
+    """Gradients of ``sum_i g_i * stat_i`` over the pass's rows (and keys) w.r.t. its inputs.
 
-    Same operands as `lse_partials`, plus the saved statistics: ``rows_saved`` (used when
-    ``do_rows``) and ``keys_saved`` (when ``do_cols``) are dicts of [R] / [C] vectors
-    ``lse_all``, ``g_all`` and, for kind "qd", ``lse_pos``, ``g_pos`` (the log-sum-exps from the
-    forward pass and their cotangents).
+    Same operands as `tile_statistics`, plus the saved values (`SAVED`): ``rows_saved`` (used
+    when ``do_rows``) and ``keys_saved`` (when ``do_cols``) are dicts of [R] / [C] vectors.
+    InfoNCE: ``lse_all``, ``g_all`` and, for kind "qd", ``lse_pos``, ``g_pos`` (the forward's
+    log-sum-exps and their cotangents). SigLIP: ``g_sum``, the cotangent of each summed loss.
     Returns a dict: ``a`` [R, D] and ``k`` [C, D] (float32), ``ra`` [R], ``rk`` [C], and scalars
     ``scale``, ``shift``.
     """
+    _check_family(family)
     rows, keys = a_rd.shape[0], k_cd.shape[0]
     _check_block(block, rows, keys)
     d = a_rd.shape[1]
     a, k, row_vecs, key_vecs, block_dim, n_chunks = _operands(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta)
-    row_saved = _saved_operands(rows_saved if do_rows else None, rows, True)
-    key_saved = _saved_operands(keys_saved if do_cols else None, keys, False)
+    row_saved = _saved_operands(family, rows_saved if do_rows else None, rows, True)
+    key_saved = _saved_operands(family, keys_saved if do_cols else None, keys, False)
+    n_saved = len(SAVED[family])
     dp = a.shape[1]
 
     def anchor_kernel(scale_ref, shift_ref, a_ref, *refs):
         """One program per row tile: walk the key tiles, accumulate cot @ keys."""
-        row_refs, rs_refs, key_refs, ks_refs, k_ref = refs[:4], refs[4:8], refs[8:12], refs[12:16], refs[16]
-        da_ref, dra_ref, dscale_ref, dshift_ref = refs[17:]
+        row_refs, rs_refs, key_refs, ks_refs, k_ref, outs = _split_refs(refs, n_saved)
+        da_ref, dra_ref, dscale_ref, dshift_ref = outs
         scale, shift = scale_ref[0], shift_ref[0]
         rv = [r[...] for r in row_refs]
         rs = [r[...] for r in rs_refs]
@@ -319,7 +386,7 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
             ks = [r[:, k_rows] for r in ks_refs]
             dot, logits, masks = _tile_logits(kind, a_ref, k_ref, all_rows, k_rows, rv, kv, scale, shift, n_chunks,
                                               block_dim)
-            cot = _cotangent(kind, logits, masks, rs, ks, do_rows, do_cols)
+            cot = _cotangent(family, logits, masks, rs, ks, do_rows, do_cols)
             cot_rk = cot * kv[0]
             w = w + jnp.sum(cot_rk * dot, axis=1, keepdims=True)
             total = total + jnp.sum(cot, axis=1, keepdims=True)
@@ -341,8 +408,8 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
 
     def key_kernel(scale_ref, shift_ref, a_ref, *refs):
         """One program per key tile: walk the row tiles, accumulate cot^T @ anchors."""
-        row_refs, rs_refs, key_refs, ks_refs, k_ref = refs[:4], refs[4:8], refs[8:12], refs[12:16], refs[16]
-        dk_ref, drk_ref = refs[17:]
+        row_refs, rs_refs, key_refs, ks_refs, k_ref, outs = _split_refs(refs, n_saved)
+        dk_ref, drk_ref = outs
         scale, shift = scale_ref[0], shift_ref[0]
         kv = [r[...] for r in key_refs]
         ks = [r[...] for r in ks_refs]
@@ -355,7 +422,7 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
             rs = [r[a_rows, :] for r in rs_refs]
             dot, logits, masks = _tile_logits(kind, a_ref, k_ref, a_rows, all_keys, rv, kv, scale, shift, n_chunks,
                                               block_dim)
-            cot_ra = _cotangent(kind, logits, masks, rs, ks, do_rows, do_cols) * rv[0]
+            cot_ra = _cotangent(family, logits, masks, rs, ks, do_rows, do_cols) * rv[0]
             v = v + jnp.sum(cot_ra * dot, axis=0, keepdims=True)
             cot_in = cot_ra.astype(a_ref.dtype)
             acc = tuple(acc[c] + lax.dot_general(cot_in, a_ref[a_rows, pl.ds(c * block_dim, block_dim)],
@@ -379,17 +446,17 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     da, dra, dscale, dshift = pl.pallas_call(
         anchor_kernel, grid=(rows // block,),
-        in_specs=[_SCALAR_SPEC, _SCALAR_SPEC, pl.BlockSpec((block, dp), lambda i: (i, 0))] + [tile_rows] * 8
-        + [whole_keys] * 8 + [whole(k)],
+        in_specs=[_SCALAR_SPEC, _SCALAR_SPEC, pl.BlockSpec((block, dp), lambda i: (i, 0))]
+        + [tile_rows] * (4 + n_saved) + [whole_keys] * (4 + n_saved) + [whole(k)],
         out_specs=[pl.BlockSpec((block, dp), lambda i: (i, 0))] + [tile_rows] * 3,
-        out_shape=[f32(rows, dp)] + [f32(rows, 1)] * 3, interpret=interpret, name=f"infonce_grad_anchors_{kind}",
+        out_shape=[f32(rows, dp)] + [f32(rows, 1)] * 3, interpret=interpret, name=f"{family}_grad_anchors_{kind}",
     )(*operands)
     dk, drk = pl.pallas_call(
         key_kernel, grid=(keys // block,),
-        in_specs=[_SCALAR_SPEC, _SCALAR_SPEC, whole(a)] + [whole_rows] * 8 + [tile_keys] * 8
-        + [pl.BlockSpec((block, dp), lambda i: (i, 0))],
+        in_specs=[_SCALAR_SPEC, _SCALAR_SPEC, whole(a)] + [whole_rows] * (4 + n_saved)
+        + [tile_keys] * (4 + n_saved) + [pl.BlockSpec((block, dp), lambda i: (i, 0))],
         out_specs=[pl.BlockSpec((block, dp), lambda i: (i, 0)), tile_keys],
-        out_shape=[f32(keys, dp), f32(1, keys)], interpret=interpret, name=f"infonce_grad_keys_{kind}",
+        out_shape=[f32(keys, dp), f32(1, keys)], interpret=interpret, name=f"{family}_grad_keys_{kind}",
     )(*operands)
     scale = jnp.asarray(scale, jnp.float32)
     dk = dk[:, :d] * (scale * key_vecs[0][0])[:, None]
