@@ -14,9 +14,10 @@ do one (kind, block) pass in one launch, as flash attention does for attention:
   builds the positive / candidate masks from the ids in registers, and folds the tile into the
   rows' statistics: for InfoNCE the online (max, sum-exp) over the candidates and over the
   positives, for SigLIP the sum of the pairs' sigmoid losses. Column statistics (the documents'
-  d->q direction) cannot be accumulated across programs without atomics, so each program writes
-  its own partial per key: [row tiles, keys] floats, merged in XLA (`merge_partials`; 32 x
-  32,768 floats at 32k rows: nothing next to the logits).
+  d->q direction) cannot be accumulated across programs without atomics, so each program (at
+  most `MAX_PROGRAMS`, each walking a contiguous run of row tiles) keeps its own partial per
+  key: [programs, keys] floats, merged in XLA (`merge_partials`; 264 x 32,768 floats, 35 MiB
+  per statistic at 32k keys, against the dense loss's 4 GiB of logits).
 * **Backward**, the score cotangent (InfoNCE: ``g * softmax`` over each mask, from the saved
   log-sum-exps; SigLIP: ``g * d softplus``) is recomputed tile by tile, as flash attention's
   backward does:
@@ -58,6 +59,7 @@ NEG_INF = -jnp.inf
 DEFAULT_BLOCK = 64
 MIN_BLOCK = 16  # Triton's dots need at least 16 rows per operand
 MAX_BLOCK_DIM = 128
+MAX_PROGRAMS = 264  # forward programs per pass: 2 per SM of an H100 (132 SMs); bounds the per-key partials
 
 
 def pair_masks(kind: str, row_group, row_doc, row_valid, key_group, key_doc, key_valid):
@@ -206,6 +208,24 @@ def _tile_columns(family, logits, masks):
     return parts
 
 
+def _empty_columns(family, kind, block):
+    """Per-key statistics [1, block] of no rows at all."""
+    if family == "siglip":
+        return [jnp.zeros((1, block), jnp.float32)]
+    return [jnp.full((1, block), NEG_INF, jnp.float32), jnp.zeros((1, block), jnp.float32)] * (
+        len(_stat_names(family, kind)) // 2)
+
+
+def _merge_column_state(family, current, part):
+    """A program's per-key statistics after one more tile's partials (lists in `_stat_names` order)."""
+    if family == "siglip":
+        return [current[0] + part[0]]
+    out = []
+    for i in range(0, len(current), 2):
+        out += merge_lse(current[i], current[i + 1], part[i], part[i + 1])
+    return out
+
+
 def _merge_columns(family, names, partial):
     """Per-key statistics [C] from the programs' partials [row tiles, C]."""
     if family == "siglip":
@@ -268,9 +288,16 @@ def _check_family(family: str):
         raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("family", "kind", "do_rows", "do_cols", "block", "interpret"))
+def _program_count(row_tiles: int, max_programs: int) -> int:
+    """The most programs <= max_programs that split the row tiles evenly (each takes a contiguous run)."""
+    return max(p for p in range(1, min(row_tiles, max(1, max_programs)) + 1) if row_tiles % p == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("family", "kind", "do_rows", "do_cols", "block", "max_programs",
+                                             "interpret"))
 def tile_statistics(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *, family: str, kind: str,
-                    do_rows: bool, do_cols: bool, block: int = DEFAULT_BLOCK, interpret: bool = False):
+                    do_rows: bool, do_cols: bool, block: int = DEFAULT_BLOCK, max_programs: int = MAX_PROGRAMS,
+                    interpret: bool = False):
     """The loss statistics of every (anchor, key) tile of one ring pass, in one launch.
 
     a_rd [R, D] anchors and k_cd [C, D] keys (R, C whole ``block``s), ra_r [R] / rk_c [C]
@@ -280,48 +307,70 @@ def tile_statistics(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *,
     the same per key [C], merged from the programs' partials. InfoNCE: the max and sum-exp over
     candidates (``m_all``, ``l_all``) and, for kind "qd", over positives (``m_pos``, ``l_pos``).
     SigLIP: ``sum``, the summed sigmoid losses of the candidate pairs (positives labelled +1).
+    At most ``max_programs`` programs each walk a contiguous run of row tiles and keep one
+    partial per key, so the partials take [programs, C] floats per statistic whatever R is.
     """
     _check_family(family)
     rows, keys = a_rd.shape[0], k_cd.shape[0]
     _check_block(block, rows, keys)
     a, k, row_vecs, key_vecs, block_dim, n_chunks = _operands(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta)
     names = _stat_names(family, kind)
-    n_row_tiles, n_key_tiles = rows // block, keys // block
+    n_key_tiles = keys // block
+    programs = _program_count(rows // block, max_programs)
+    per_program = rows // block // programs  # row tiles each program walks
 
     def kernel(scale_ref, shift_ref, a_ref, *refs):
         row_refs, key_refs, k_ref = refs[:4], refs[4:8], refs[8]
         outs = refs[9:]
         row_outs, col_outs = (outs[:len(names)] if do_rows else ()), (outs[len(names):] if do_rows else outs)
-        all_rows = pl.ds(0, block)
-        rv = [r[...] for r in row_refs]
         scale, shift = scale_ref[0], shift_ref[0]
 
-        def tile(j, stats):
-            k_rows = pl.ds(pl.multiple_of(j * block, block), block)
-            kv = [r[:, k_rows] for r in key_refs]
-            _, logits, masks = _tile_logits(kind, a_ref, k_ref, all_rows, k_rows, rv, kv, scale, shift, n_chunks,
-                                            block_dim)
-            if do_cols:
-                for out_ref, value in zip(col_outs, _tile_columns(family, logits, masks)):
-                    out_ref[:, k_rows] = value
-            return _fold_tile_rows(family, stats, logits, masks) if do_rows else stats
+        def key_tile(j):
+            return pl.ds(pl.multiple_of(j * block, block), block)
 
-        stats = lax.fori_loop(0, n_key_tiles, tile, _empty_rows(family, kind, block))
-        for out_ref, value in zip(row_outs, stats if do_rows else ()):
-            out_ref[...] = value
+        def clear_columns(j, carry):  # this program's per-key partials start empty
+            for out_ref, value in zip(col_outs, _empty_columns(family, kind, block)):
+                out_ref[:, key_tile(j)] = value
+            return carry
 
-    row_spec = pl.BlockSpec((block, 1), lambda i: (i, 0))
-    in_specs = [_SCALAR_SPEC, _SCALAR_SPEC, pl.BlockSpec((block, a.shape[1]), lambda i: (i, 0))]
-    in_specs += [row_spec] * 4 + [pl.BlockSpec((1, keys), lambda i: (0, 0))] * 4
-    in_specs += [pl.BlockSpec(k.shape, lambda i: (0, 0))]
+        def row_tile(g, carry):
+            a_rows = pl.ds(pl.multiple_of(g * block, block), block)
+            rv = [r[a_rows, :] for r in row_refs]
+
+            def tile(j, stats):
+                k_rows = key_tile(j)
+                kv = [r[:, k_rows] for r in key_refs]
+                _, logits, masks = _tile_logits(kind, a_ref, k_ref, a_rows, k_rows, rv, kv, scale, shift, n_chunks,
+                                                block_dim)
+                if do_cols:
+                    merged = _merge_column_state(family, [r[:, k_rows] for r in col_outs],
+                                                 _tile_columns(family, logits, masks))
+                    for out_ref, value in zip(col_outs, merged):
+                        out_ref[:, k_rows] = value
+                return _fold_tile_rows(family, stats, logits, masks) if do_rows else stats
+
+            stats = lax.fori_loop(0, n_key_tiles, tile, _empty_rows(family, kind, block))
+            for out_ref, value in zip(row_outs, stats if do_rows else ()):
+                out_ref[a_rows, :] = value
+            return carry
+
+        if do_cols:
+            lax.fori_loop(0, n_key_tiles, clear_columns, 0)
+        lax.fori_loop(0, per_program, row_tile, 0)
+
+    span = per_program * block  # rows per program
+    row_spec = pl.BlockSpec((span, 1), lambda p: (p, 0))
+    in_specs = [_SCALAR_SPEC, _SCALAR_SPEC, pl.BlockSpec((span, a.shape[1]), lambda p: (p, 0))]
+    in_specs += [row_spec] * 4 + [pl.BlockSpec((1, keys), lambda p: (0, 0))] * 4
+    in_specs += [pl.BlockSpec(k.shape, lambda p: (0, 0))]
     out_specs, out_shape = [], []
     if do_rows:
         out_specs += [row_spec] * len(names)
         out_shape += [jax.ShapeDtypeStruct((rows, 1), jnp.float32)] * len(names)
     if do_cols:
-        out_specs += [pl.BlockSpec((1, keys), lambda i: (i, 0))] * len(names)
-        out_shape += [jax.ShapeDtypeStruct((n_row_tiles, keys), jnp.float32)] * len(names)
-    outs = pl.pallas_call(kernel, grid=(n_row_tiles,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        out_specs += [pl.BlockSpec((1, keys), lambda p: (p, 0))] * len(names)
+        out_shape += [jax.ShapeDtypeStruct((programs, keys), jnp.float32)] * len(names)
+    outs = pl.pallas_call(kernel, grid=(programs,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           interpret=interpret, name=f"{family}_stats_{kind}")(
         *_scalars(scale, shift), a, *row_vecs, *key_vecs, k)
     row_stats = dict(zip(names, (x[:, 0] for x in outs[:len(names)]))) if do_rows else None

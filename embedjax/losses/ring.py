@@ -733,8 +733,9 @@ def ring_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, hard_nega
     Per-device memory is O(B/n * D + M * tile^2) and no [B, B] array exists.
     ``impl``: "xla" (default) loops over tiles in XLA; "pallas" runs each pass's tiles in fused
     kernels (`embedjax.kernels.ring_tiles`: one prefix, no margin, guide or MaxSim; ``tile`` is
-    the kernel block, default min(64, B / n), a power of two >= 16; interpret mode on CPU). Not
-    the default until a GPU has timed it against the XLA tiles.
+    the kernel block, default min(64, B / n), a power of two >= 16; interpret mode on CPU; with
+    ``bidirectional`` its per-key partials add [264, B / n] floats per statistic). Not the
+    default until a GPU has timed it against the XLA tiles.
     """
     val.check_similarity(similarity)
     batch = dense.prepare_pairs(q_bd, d_bd, hard_negatives_bkd, group_ids_b, doc_ids_b, hard_negative_ids_bk,

@@ -4,7 +4,8 @@ Sizes are awkward: 48 anchor rows and 32 keys in blocks of 16 (3 x 2 programs), 
 (padded to one 32-wide chunk; for hard negatives the key's doc id is the
 negative's own id) and 150 (two 128-wide chunks, 106 padded columns), padding rows
 and keys, rows with no candidate at all, duplicate keys (tied logits) and ids shared across
-groups. Tolerance: float32 sums of <= 64 terms in a different order against float64, 1e-5
+groups; the forward runs with a program per row tile and with one program walking them all.
+Tolerance: float32 sums of <= 64 terms in a different order against float64, 1e-5
 relative to the largest entry.
 """
 import jax
@@ -102,6 +103,19 @@ def _lse(m, l):
     return np.where(l > 0, m + np.log(np.where(l > 0, l, 1.0)), 0.0)
 
 
+def _check_statistics(rows, cols, want, nonempty, do_rows, do_cols, has_pos):
+    for side, got, on in (("rows", rows, do_rows), ("cols", cols, do_cols)):
+        if not on:
+            assert got is None
+            continue
+        for which in ("all", "pos") if has_pos else ("all",):
+            lse = _lse(got["m_" + which], got["l_" + which])
+            _close(lse, want[f"{side}_{which}"], f"{side} lse over {which}")
+            empty = ~nonempty[f"{side}_{which}"]
+            assert np.all(np.asarray(got["m_" + which])[empty] == -np.inf)
+            assert np.all(np.asarray(got["l_" + which])[empty] == 0)
+
+
 CASES = [("qd", 20, True, True), ("qd", 150, True, False), ("qh", 20, True, False), ("qq", 20, True, False),
          ("dd", 20, False, True)]
 
@@ -122,18 +136,11 @@ def test_tiles_equal_the_float64_formula(kind, d, do_rows, do_cols):
     if has_pos:
         assert not nonempty["rows_pos"][9]
 
-    rows, cols = tiles.tile_statistics(a, k, ra, rk, row_meta, key_meta, scale, shift, family="infonce", kind=kind,
-                                       do_rows=do_rows, do_cols=do_cols, block=BLOCK, interpret=True)
-    for side, got, on in (("rows", rows, do_rows), ("cols", cols, do_cols)):
-        if not on:
-            assert got is None
-            continue
-        for which in ("all", "pos") if has_pos else ("all",):
-            lse = _lse(got["m_" + which], got["l_" + which])
-            _close(lse, want[f"{side}_{which}"], f"{side} lse over {which}")
-            empty = ~nonempty[f"{side}_{which}"]
-            assert np.all(np.asarray(got["m_" + which])[empty] == -np.inf)
-            assert np.all(np.asarray(got["l_" + which])[empty] == 0)
+    for max_programs in (3, 1):  # a program per row tile, or one walking all three
+        rows, cols = tiles.tile_statistics(a, k, ra, rk, row_meta, key_meta, scale, shift, family="infonce",
+                                           kind=kind, do_rows=do_rows, do_cols=do_cols, block=BLOCK,
+                                           max_programs=max_programs, interpret=True)
+        _check_statistics(rows, cols, want, nonempty, do_rows, do_cols, has_pos)
 
     def saved(side, n):
         out = dict(lse_all=want[f"{side}_all"], g_all=g[f"{side}_all"])
@@ -165,7 +172,7 @@ def test_sigmoid_tiles_equal_the_float64_formula(kind, d, do_rows, do_cols):
     g = dict(rows_all=rng.normal(size=R), cols_all=rng.normal(size=C) if do_cols else np.zeros(C))
     want, want_grads, _ = _reference(a, k, ra, rk, row_meta, key_meta, scale, shift, kind, g, family="siglip")
     rows, cols = tiles.tile_statistics(a, k, ra, rk, row_meta, key_meta, scale, shift, family="siglip", kind=kind,
-                                       do_rows=do_rows, do_cols=do_cols, block=BLOCK, interpret=True)
+                                       do_rows=do_rows, do_cols=do_cols, block=BLOCK, max_programs=1, interpret=True)
     assert set(rows) == {"sum"}
     _close(rows["sum"], want["rows_all"], "row sums")
     assert (cols is None) == (not do_cols)
