@@ -380,7 +380,7 @@ def _backward_pass(cfg, local, block, local_grads, block_grads):
 # ------------------------------------------------- fused passes (Pallas, `tiles`)
 
 
-def _pallas_sides(cfg, local, block, anchor, key):
+def _pallas_sides(local, block, anchor, key):
     """(anchor, inverse norms, metadata) of the local rows and of the visiting keys for one tile family."""
     row_meta = (local["group"], local["doc"], local["valid"])
     if key == "h":  # a hard negative's id plays the document id; it has no group
@@ -406,7 +406,7 @@ def _merge_stats(stats, part):
 def _pallas_forward_pass(cfg, local, block, row_stats, col_stats):
     """`_forward_pass` with one fused kernel launch per tile family (single prefix)."""
     for kind, anchor, key, do_rows, do_cols in cfg.pairs():
-        (a, ra, row_meta), (k, rk, key_meta) = _pallas_sides(cfg, local, block, anchor, key)
+        (a, ra, row_meta), (k, rk, key_meta) = _pallas_sides(local, block, anchor, key)
         rows, cols = tiles.tile_statistics(a, k, ra, rk, row_meta, key_meta, local["scale"], local["shift"],
                                            family=cfg.family, kind=kind, do_rows=do_rows, do_cols=do_cols,
                                            block=cfg.tile, interpret=cfg.interpret)
@@ -421,7 +421,7 @@ def _pallas_backward_pass(cfg, local, block, local_grads, block_grads):
     """`_backward_pass` with the fused gradient kernels: anchor-side and key-side launches per family."""
     first = lambda saved: {name: value[0] for name, value in saved.items()}  # noqa: E731  [1, n] -> [n]
     for kind, anchor, key, do_rows, do_cols in cfg.pairs():
-        (a, ra, row_meta), (k, rk, key_meta) = _pallas_sides(cfg, local, block, anchor, key)
+        (a, ra, row_meta), (k, rk, key_meta) = _pallas_sides(local, block, anchor, key)
         rows_saved = first(local["row_saved"]) if do_rows else None
         keys_saved = first(block["col_saved"]) if do_cols else None
         grads = tiles.tile_gradients(a, k, ra, rk, row_meta, key_meta, local["scale"], local["shift"], rows_saved,

@@ -49,7 +49,8 @@ def clip_loss(text_bd, image_bd, log_scale, *, max_scale: float = CLIP_MAX_SCALE
     temperature = 1.0 / logit_scale(log_scale, max_scale)
     if mesh is None:
         return contrastive.infonce(t_bd, v_bd, temperature=temperature, bidirectional=True)
-    return ring.ring_infonce(t_bd, v_bd, mesh=mesh, axis=axis, temperature=temperature, bidirectional=True, tile=tile, impl=impl)
+    return ring.ring_infonce(t_bd, v_bd, mesh=mesh, axis=axis, temperature=temperature, bidirectional=True, tile=tile,
+                             impl=impl)
 
 
 def siglip_loss(text_bd, image_bd, log_scale, bias, *, max_scale: float = SIGLIP_MAX_SCALE, mesh=None,

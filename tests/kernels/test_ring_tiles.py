@@ -1,12 +1,12 @@
-"""The flash-style ring tile kernels (InfoNCE and SigLIP) (Pallas, interpret mode on CPU) against a float64 dense formula.
+"""The flash-style ring tile kernels for InfoNCE and SigLIP (Pallas, interpret mode on CPU) against
+float64 dense formulas.
 
-Sizes are awkward: 48 anchor rows and 32 keys in blocks of 16 (3 x 2 programs), embedding dims 20
-(padded to one 32-wide chunk; for hard negatives the key's doc id is the
-negative's own id) and 150 (two 128-wide chunks, 106 padded columns), padding rows
-and keys, rows with no candidate at all, duplicate keys (tied logits) and ids shared across
-groups; the forward runs with a program per row tile and with one program walking them all.
-Tolerance: float32 sums of <= 64 terms in a different order against float64, 1e-5
-relative to the largest entry.
+Sizes are awkward: 48 anchor rows and 32 keys in blocks of 16 (3 x 2 tiles), embedding dims 20
+(padded to one 32-wide chunk) and 150 (two 128-wide chunks, 106 padded columns), padding rows and
+keys, rows with no candidate or no positive, duplicate keys (tied logits) and ids shared across
+groups (for hard negatives the key's doc id is the negative's own id). The forward runs with a
+program per row tile and with one program walking all three. Tolerance: float32 sums of <= 64
+terms in a different order against float64, 1e-5 relative to the largest entry.
 """
 import jax
 import jax.numpy as jnp
