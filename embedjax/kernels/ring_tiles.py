@@ -122,24 +122,17 @@ def _dot_tile(a_ref, k_ref, a_rows, k_rows, n_chunks, block_dim):
     return acc
 
 
-def _fold_rows(m, l, logits, mask):
-    """Fold a tile into the rows' running (max, sum-exp) [R, 1] over ``mask``."""
+def _partial(logits, mask, axis):
+    """The tile's (max, sum-exp) over ``mask`` along ``axis`` (1: per row [R, 1]; 0: per key [1, C])."""
     masked = jnp.where(mask, logits, NEG_INF)
-    new_m = jnp.maximum(m, jnp.max(masked, axis=1, keepdims=True))
-    safe = jnp.where(new_m == NEG_INF, 0.0, new_m)
-    return new_m, l * jnp.exp(m - safe) + jnp.sum(jnp.exp(masked - safe), axis=1, keepdims=True)
-
-
-def _column_partial(logits, mask):
-    """The tile's (max, sum-exp) [1, C] per key over ``mask`` (its rows only)."""
-    masked = jnp.where(mask, logits, NEG_INF)
-    m = jnp.max(masked, axis=0, keepdims=True)
+    m = jnp.max(masked, axis=axis, keepdims=True)
     safe = jnp.where(m == NEG_INF, 0.0, m)
-    return m, jnp.sum(jnp.exp(masked - safe), axis=0, keepdims=True)
+    return m, jnp.sum(jnp.exp(masked - safe), axis=axis, keepdims=True)
 
 
-def _softmax_weight(logits, mask, lse, g):
-    """g * exp(logits - lse) on ``mask``: the cotangent of g * log-sum-exp over the mask."""
+def softmax_weight(logits, mask, lse, g):
+    """g * exp(logits - lse) on ``mask``: the cotangent of g * log-sum-exp over the mask
+    (``lse`` and ``g`` broadcast against ``logits``; shared with the XLA tiles)."""
     return g * jnp.exp(jnp.where(mask, logits - lse, NEG_INF))
 
 
@@ -148,10 +141,16 @@ def _labels(logits, positive):
     return jnp.where(positive, 1.0, -1.0) if positive is not None else jnp.full(logits.shape, -1.0, jnp.float32)
 
 
-def _sigmoid_losses(logits, masks):
-    """SigLIP's per-pair losses softplus(-label * logit) on the candidates, 0 elsewhere."""
-    positive, candidates = masks
+def sigmoid_losses(logits, positive, candidates):
+    """SigLIP's per-pair losses softplus(-label * logit) on the candidates, 0 elsewhere (positives
+    labelled +1; ``positive`` None: all -1)."""
     return jnp.where(candidates, jax.nn.softplus(-_labels(logits, positive) * logits), 0.0)
+
+
+def sigmoid_weight(logits, positive, candidates, g):
+    """g * d sigmoid_losses / d logits (``g`` broadcast against ``logits``)."""
+    labels = _labels(logits, positive)
+    return g * jnp.where(candidates, -labels * jax.nn.sigmoid(-labels * logits), 0.0)
 
 
 def _cotangent(family, logits, masks, rows_saved, keys_saved, do_rows, do_cols):
@@ -163,13 +162,12 @@ def _cotangent(family, logits, masks, rows_saved, keys_saved, do_rows, do_cols):
             continue
         if family == "siglip":
             (g_sum,) = saved
-            labels = _labels(logits, positive)
-            cot = cot + g_sum * jnp.where(candidates, -labels * jax.nn.sigmoid(-labels * logits), 0.0)
+            cot = cot + sigmoid_weight(logits, positive, candidates, g_sum)
             continue
         lse_all, g_all, lse_pos, g_pos = saved
-        cot = cot + _softmax_weight(logits, candidates, lse_all, g_all)
+        cot = cot + softmax_weight(logits, candidates, lse_all, g_all)
         if positive is not None:
-            cot = cot + _softmax_weight(logits, positive, lse_pos, g_pos)
+            cot = cot + softmax_weight(logits, positive, lse_pos, g_pos)
     return cot
 
 
@@ -179,45 +177,35 @@ def _stat_names(family: str, kind: str) -> list[str]:
     return ["m_all", "l_all"] + (["m_pos", "l_pos"] if kind == "qd" else [])
 
 
-def _empty_rows(family, kind, block):
+def _empty_stats(family, kind, shape):
+    """Statistics of no pairs at all, each ``shape`` ([block, 1] per row, [1, block] per key)."""
     if family == "siglip":
-        return (jnp.zeros((block, 1), jnp.float32),)
-    empty = (jnp.full((block, 1), NEG_INF, jnp.float32), jnp.zeros((block, 1), jnp.float32))
-    return empty * (len(_stat_names(family, kind)) // 2)
+        return [jnp.zeros(shape, jnp.float32)]
+    return [jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32)] * (
+        len(_stat_names(family, kind)) // 2)
 
 
 def _fold_tile_rows(family, stats, logits, masks):
     """The rows' statistics after one more key tile."""
     if family == "siglip":
-        return (stats[0] + jnp.sum(_sigmoid_losses(logits, masks), axis=1, keepdims=True),)
-    positive, candidates = masks
-    folded = list(_fold_rows(stats[0], stats[1], logits, candidates))
-    if positive is not None:
-        folded += _fold_rows(stats[2], stats[3], logits, positive)
-    return tuple(folded)
+        return (stats[0] + jnp.sum(sigmoid_losses(logits, *masks), axis=1, keepdims=True),)
+    return tuple(_merge_state(family, list(stats), _tile_partials(family, logits, masks, axis=1)))
 
 
-def _tile_columns(family, logits, masks):
-    """The tile's per-key partial statistics, [1, block] each, in `_stat_names` order."""
+def _tile_partials(family, logits, masks, axis):
+    """The tile's partial statistics per row (axis 1, [block, 1]) or per key (axis 0, [1, block]),
+    in `_stat_names` order."""
     if family == "siglip":
-        return [jnp.sum(_sigmoid_losses(logits, masks), axis=0, keepdims=True)]
+        return [jnp.sum(sigmoid_losses(logits, *masks), axis=axis, keepdims=True)]
     positive, candidates = masks
-    parts = list(_column_partial(logits, candidates))
+    parts = list(_partial(logits, candidates, axis))
     if positive is not None:
-        parts += _column_partial(logits, positive)
+        parts += _partial(logits, positive, axis)
     return parts
 
 
-def _empty_columns(family, kind, block):
-    """Per-key statistics [1, block] of no rows at all."""
-    if family == "siglip":
-        return [jnp.zeros((1, block), jnp.float32)]
-    return [jnp.full((1, block), NEG_INF, jnp.float32), jnp.zeros((1, block), jnp.float32)] * (
-        len(_stat_names(family, kind)) // 2)
-
-
-def _merge_column_state(family, current, part):
-    """A program's per-key statistics after one more tile's partials (lists in `_stat_names` order)."""
+def _merge_state(family, current, part):
+    """Running statistics after one more tile's partials (lists in `_stat_names` order)."""
     if family == "siglip":
         return [current[0] + part[0]]
     out = []
@@ -329,7 +317,7 @@ def tile_statistics(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *,
             return pl.ds(pl.multiple_of(j * block, block), block)
 
         def clear_columns(j, carry):  # this program's per-key partials start empty
-            for out_ref, value in zip(col_outs, _empty_columns(family, kind, block)):
+            for out_ref, value in zip(col_outs, _empty_stats(family, kind, (1, block))):
                 out_ref[:, key_tile(j)] = value
             return carry
 
@@ -343,13 +331,13 @@ def tile_statistics(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *,
                 _, logits, masks = _tile_logits(kind, a_ref, k_ref, a_rows, k_rows, rv, kv, scale, shift, n_chunks,
                                                 block_dim)
                 if do_cols:
-                    merged = _merge_column_state(family, [r[:, k_rows] for r in col_outs],
-                                                 _tile_columns(family, logits, masks))
+                    merged = _merge_state(family, [r[:, k_rows] for r in col_outs],
+                                          _tile_partials(family, logits, masks, axis=0))
                     for out_ref, value in zip(col_outs, merged):
                         out_ref[:, k_rows] = value
                 return _fold_tile_rows(family, stats, logits, masks) if do_rows else stats
 
-            stats = lax.fori_loop(0, n_key_tiles, tile, _empty_rows(family, kind, block))
+            stats = lax.fori_loop(0, n_key_tiles, tile, tuple(_empty_stats(family, kind, (block, 1))))
             for out_ref, value in zip(row_outs, stats if do_rows else ()):
                 out_ref[a_rows, :] = value
             return carry
@@ -379,6 +367,16 @@ def tile_statistics(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *,
 
 
 # ----------------------------------------------------------------------------- backward
+
+
+def _accumulate_chunks(acc, weights, ref, rows, contract: int, block_dim: int):
+    """``acc[c] += weights (contracted on axis ``contract``) @ ref[rows, chunk c]`` for every embedding
+    chunk: ``cot @ keys`` (contract 1) or ``cot^T @ anchors`` (contract 0). The weights are rounded to
+    the embeddings' dtype first, so bf16 inputs give a bf16 x bf16 product accumulated in float32."""
+    weights = weights.astype(ref.dtype)
+    return tuple(acc[c] + lax.dot_general(weights, ref[rows, pl.ds(c * block_dim, block_dim)],
+                                          (((contract,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+                 for c in range(len(acc)))
 
 
 def _split_refs(refs, n_saved):
@@ -439,11 +437,7 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
             cot_rk = cot * kv[0]
             w = w + jnp.sum(cot_rk * dot, axis=1, keepdims=True)
             total = total + jnp.sum(cot, axis=1, keepdims=True)
-            cot_in = cot_rk.astype(k_ref.dtype)  # bf16 keys: a bf16 x bf16 product accumulated in f32
-            acc = tuple(acc[c] + lax.dot_general(cot_in, k_ref[k_rows, pl.ds(c * block_dim, block_dim)],
-                                                  (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-                        for c in range(n_chunks))
-            return w, total, acc
+            return w, total, _accumulate_chunks(acc, cot_rk, k_ref, k_rows, 1, block_dim)
 
         zero = jnp.zeros((block, 1), jnp.float32)
         acc0 = tuple(jnp.zeros((block, block_dim), jnp.float32) for _ in range(n_chunks))
@@ -473,11 +467,7 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
                                               block_dim)
             cot_ra = _cotangent(family, logits, masks, rs, ks, do_rows, do_cols) * rv[0]
             v = v + jnp.sum(cot_ra * dot, axis=0, keepdims=True)
-            cot_in = cot_ra.astype(a_ref.dtype)
-            acc = tuple(acc[c] + lax.dot_general(cot_in, a_ref[a_rows, pl.ds(c * block_dim, block_dim)],
-                                                  (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-                        for c in range(n_chunks))
-            return v, acc
+            return v, _accumulate_chunks(acc, cot_ra, a_ref, a_rows, 0, block_dim)
 
         acc0 = tuple(jnp.zeros((block, block_dim), jnp.float32) for _ in range(n_chunks))
         v, acc = lax.fori_loop(0, rows // block, tile, (jnp.zeros((1, block), jnp.float32), acc0))

@@ -245,21 +245,6 @@ def _lse_finish(m, l):
     return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
 
 
-def _lse_cotangent(logits, mask, lse, g, axis):
-    """d(sum_i g_i * lse_i)/d logits = g_i * softmax restricted to mask."""
-    return _expand(g, axis) * jnp.exp(jnp.where(mask, logits - _expand(lse, axis), _NEG_INF))
-
-
-def _sigmoid_pair_loss(logits, positive, valid):
-    labels = jnp.where(positive, 1.0, -1.0)
-    return jnp.where(valid, jax.nn.softplus(-labels * logits), 0.0)
-
-
-def _sigmoid_cotangent(logits, positive, valid, g, axis):
-    labels = jnp.where(positive, 1.0, -1.0)
-    return _expand(g, axis) * jnp.where(valid, -labels * jax.nn.sigmoid(-labels * logits), 0.0)
-
-
 def _stats_slice(stats, start, size):
     return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, size, axis=1), stats)
 
@@ -277,18 +262,19 @@ def _fold_tile(cfg, stats, logits, all_mask, pos_mask, axis):
         return out
     positive = jnp.zeros(logits.shape, bool) if pos_mask is None else pos_mask
     valid = all_mask if pos_mask is None else all_mask | pos_mask
-    return dict(sum=stats["sum"] + _sigmoid_pair_loss(logits, positive, valid).sum(axis))
+    return dict(sum=stats["sum"] + tiles.sigmoid_losses(logits, positive, valid).sum(axis))
 
 
 def _tile_cotangent(cfg, saved, logits, all_mask, pos_mask, axis):
     if cfg.family == "infonce":
-        cot = _lse_cotangent(logits, all_mask, saved["lse_all"], saved["g_all"], axis)
+        cot = tiles.softmax_weight(logits, all_mask, _expand(saved["lse_all"], axis), _expand(saved["g_all"], axis))
         if pos_mask is not None:
-            cot = cot + _lse_cotangent(logits, pos_mask, saved["lse_pos"], saved["g_pos"], axis)
+            cot = cot + tiles.softmax_weight(logits, pos_mask, _expand(saved["lse_pos"], axis),
+                                             _expand(saved["g_pos"], axis))
         return cot
     positive = jnp.zeros(logits.shape, bool) if pos_mask is None else pos_mask
     valid = all_mask if pos_mask is None else all_mask | pos_mask
-    return _sigmoid_cotangent(logits, positive, valid, saved["g_sum"], axis)
+    return tiles.sigmoid_weight(logits, positive, valid, _expand(saved["g_sum"], axis))
 
 
 def _empty_stats(cfg, m, size):
