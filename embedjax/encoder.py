@@ -8,7 +8,11 @@ It never asks which family it holds: the registry builds the model from the fold
 into batches, pads each batch to its length bucket and its row count to a power of two (at most
 ``batch_size``, and a multiple of the data-parallel size on a mesh), dispatches every batch before
 reading any result back (so host-side padding overlaps device compute) and returns rows in input
-order. With a ``mesh``, parameters stay sharded by the logical-axis rules (an 8B encoder is
+order. Where the family reads packed batches and packing computes at most `PACK_SAVING` of the
+padded positions (short texts of mixed lengths, e.g. STS-B: 42k positions instead of 52k for
+39k real tokens), each batch of ``batch_size`` texts is packed end to end into rows instead
+(`embedjax.data.packing`; every text attends to itself only, so embeddings are unchanged up to float
+rounding). With a ``mesh``, parameters stay sharded by the logical-axis rules (an 8B encoder is
 evaluated across a pod without gathering it on one device) and batches are split over the data
 axes; embeddings come back replicated.
 
@@ -28,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from embedjax.convert import hf
+from embedjax.data import packing
 from embedjax.data.images import ImageProcessor, as_images
-from embedjax.data.tokenization import Tokenizer, validate_texts
+from embedjax.data.tokenization import Tokenizer, bucket_length, validate_texts
 from embedjax.models.heads import head_output
 from embedjax.models.poolers import get_pooler, l2_normalize, select_layers
 from embedjax.models.pretrained import resolve_model_dir
@@ -148,6 +153,36 @@ def auto_axes(mesh):
 def _row_bucket(rows: int, batch_size: int, multiple: int = 1) -> int:
     rows = min(batch_size, 1 << max(rows - 1, 0).bit_length())
     return -(-rows // multiple) * multiple
+
+
+# Packed rows are at least this long: on 2 CPU cores the packed CoSENT gradient ran fastest with
+# 64-token rows (BENCHMARKS.md), and shorter rows leave short texts little room to share.
+PACK_ROW_MIN = 64
+# Pack only when the packed plan computes at most this share of the padded plan's positions: a
+# packed row attends over its whole length, so a small saving does not pay for the longer rows.
+PACK_SAVING = 0.9
+
+
+def padded_positions(lengths: Sequence[int], batch_size: int, buckets: Sequence[int]) -> int:
+    """Token positions the padded plan computes: texts longest first, batches of ``batch_size``,
+    each padded to its longest text's bucket and its row count to `_row_bucket`."""
+    desc = sorted(lengths, reverse=True)
+    return sum(_row_bucket(len(desc[i:i + batch_size]), batch_size) * bucket_length(desc[i], buckets)
+               for i in range(0, len(desc), batch_size))
+
+
+def packed_batches(lengths: Sequence[int], batch_size: int, row_length: int) -> list[list[int]]:
+    """Text indices of each packed batch: all texts first-fit into rows of ``row_length`` (longest
+    first), then taken row by row, ``batch_size`` texts a batch, so long texts share batches with
+    the short texts that fill their rows."""
+    order = [i for members in packing.first_fit_rows(lengths, row_length) for i in members]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def packed_positions(lengths: Sequence[int], batches: Sequence[Sequence[int]], row_length: int) -> int:
+    """Token positions the packed plan computes (rows per batch rounded up by `packing.row_bucket`)."""
+    return sum(packing.row_bucket(len(packing.first_fit_rows([lengths[i] for i in b], row_length))) * row_length
+               for b in batches)
 
 
 class Encoder:
@@ -306,8 +341,12 @@ class Encoder:
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, prompt: str | None = None,
                show_progress: bool = False, prompt_name: str | None = None, output: str | None = None,
-               side: str = "document"):
+               side: str = "document", pack: bool | None = None):
         """Embed ``texts`` -> float32 [N, D], rows in input order.
+
+        ``pack``: None packs each batch's texts end to end into rows when the model reads packed
+        batches and that computes at most `PACK_SAVING` of the padded positions (module docstring);
+        True always packs (an error where the model cannot, or on a mesh); False always pads.
 
         ``prompt`` (or ``prompt_name``, a key of the folder's prompts) is put before every text,
         tokenized separately so its boundary is exact; with ``include_prompt=False`` its tokens
@@ -342,14 +381,25 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         ids = self.tokenizer.token_ids(texts, prompt=prompt)
         pool_skip = self.tokenizer.pool_skip(prompt) if (prompt and not self.include_prompt) else 0
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        multiple = self._data_parallel()
+        plan = self.packing_plan(ids, batch_size, pack)
         pending = []
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = self.tokenizer.pad([ids[i] for i in rows], rows=_row_bucket(len(rows), batch_size, multiple),
-                                       pool_skip=pool_skip)
-            pending.append((rows, self._jitted(self.params, self._place_batch(batch))))
+        if plan is not None:
+            row_length, batches = plan
+            for rows in batches:
+                # Filler one-token texts keep the text count at a few compiled shapes; dropped below.
+                filler = [[self.tokenizer.pad_id]] * (_row_bucket(len(rows), batch_size) - len(rows))
+                batch = packing.pack([ids[i] for i in rows] + filler, row_length=row_length,
+                                     pad_id=self.tokenizer.pad_id, token_type_ids=self.tokenizer.token_type_ids,
+                                     pool_skip=pool_skip)
+                pending.append((rows, self._jitted(self.params, batch)))
+        else:
+            order = np.argsort([-len(x) for x in ids], kind="stable")
+            multiple = self._data_parallel()
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                batch = self.tokenizer.pad([ids[i] for i in rows], rows=_row_bucket(len(rows), batch_size, multiple),
+                                           pool_skip=pool_skip)
+                pending.append((rows, self._jitted(self.params, self._place_batch(batch))))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         progress = _progress(len(texts), show_progress)
         for rows, emb in pending:
@@ -358,6 +408,32 @@ class Encoder:
             progress.update(len(rows))
         progress.close()
         return out
+
+    def packing_plan(self, ids, batch_size: int, pack: bool | None):
+        """How ``encode(..., batch_size, pack)`` batches texts of token ids ``ids``: (row length,
+        text indices of each packed batch) when it packs, None when it pads."""
+        if pack is not None and not isinstance(pack, bool):
+            raise ValueError(f"pack={pack!r}: use None (pack when it saves positions), True or False")
+        if pack is False:
+            return None
+        cannot = None
+        if not self.family.packs(self.config):
+            cannot = f"this {self.family.name!r} model does not read packed batches"
+        elif self.mesh is not None:
+            cannot = "encoding on a mesh pads its batches (each device takes whole rows)"
+        if cannot:
+            if pack:
+                raise ValueError(f"pack=True: {cannot}; use pack=None or pack=False")
+            return None
+        lengths = [len(x) for x in ids]
+        buckets = self.tokenizer.buckets
+        # Never longer than a padded batch could be, so a model's length limits hold for both plans.
+        row_length = min(max(PACK_ROW_MIN, bucket_length(max(lengths), buckets)), buckets[-1])
+        batches = packed_batches(lengths, batch_size, row_length)
+        saving = packed_positions(lengths, batches, row_length) / padded_positions(lengths, batch_size, buckets)
+        if pack is None and saving > PACK_SAVING:
+            return None
+        return row_length, batches
 
     def encode_images(self, images, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         """Embed images -> float32 [N, D], rows in input order.

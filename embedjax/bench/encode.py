@@ -8,6 +8,9 @@ reported with the ratio. Texts (``--corpus``):
 * ``stsb``: the 2,758 STS-B test sentences (short: ~15 word pieces);
 * ``scifact``: the first 384 scifact abstracts (title + text), truncated at 256 word pieces:
   long documents, where attention and padding cost more.
+
+``--pack`` sets embedjax's sequence packing (`Encoder.encode`'s ``pack``); the row records the
+mode and whether the texts were packed (``auto`` packs STS-B, not scifact).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from embedjax.bench import report
 
 SECTION = "Encode throughput"
 CORPORA = ("stsb", "scifact")
+PACK_MODES = {"auto": None, "on": True, "off": False}  # --pack -> Encoder.encode(pack=...)
 SCIFACT_TEXTS = 384
 
 
@@ -38,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attention-impl", default="auto",
                         help="embedjax's attention kernel (embedjax.models.attention.ATTENTION_IMPLS; auto: blocked on CPU)")
+    parser.add_argument("--pack", choices=tuple(PACK_MODES), default="auto",
+                        help="embedjax's sequence packing (Encoder.encode's pack): auto packs where it computes at "
+                             "most 90%% of the padded positions (short sentences), on always, off never")
     report.add_arguments(parser)
 
 
@@ -87,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     started = report.start(args)
 
     def run_embedjax():
-        enc.encode(sentences, batch_size=args.batch_size)
+        enc.encode(sentences, batch_size=args.batch_size, pack=PACK_MODES[args.pack])
 
     def run_st():
         st.encode(sentences, batch_size=args.batch_size, convert_to_numpy=True)
@@ -108,6 +115,9 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "dtype": args.dtype,
         "attention_impl": args.attention_impl,
+        "pack": args.pack,
+        "packed": enc.packing_plan(enc.tokenizer.token_ids(sentences), args.batch_size,
+                                    PACK_MODES[args.pack]) is not None,
         "embedjax_texts_per_s": round(ej_rate, 1),
         "st_texts_per_s": round(st_rate, 1),
         "ratio": round(ej_rate / st_rate, 3),

@@ -63,6 +63,9 @@ class Family:
     # The module reads packed token batches (`embedjax.data.packing`: ``segment_ids`` and per-text
     # ``position_ids``, attention kept within each text), so training may pack (``data.pack``).
     packs_sequences: bool = False
+    # config -> whether that model reads packed batches (None: every config of a family that packs);
+    # e.g. BERT's extended position tables do not.
+    packs_config: Callable[[Any], bool] | None = None
     features: bool = False
     # config -> keyword inputs of ``module.init`` touching every parameter (features families).
     example_inputs: Callable[[Any], dict] | None = None
@@ -75,6 +78,10 @@ class Family:
             raise ValueError(f"family {self.name!r} embeds images, so its module must give features (features=True)")
         if self.features and self.example_inputs is None:
             raise ValueError(f"family {self.name!r} gives features; it needs example_inputs for initialisation")
+
+    def packs(self, config) -> bool:
+        """Whether ``config``'s model reads packed token batches (`embedjax.data.packing`)."""
+        return self.packs_sequences and (self.packs_config is None or bool(self.packs_config(config)))
 
     def build(self, config, *, dtype: Any = "float32", remat: str = "none", scan_unroll: int = 1):
         """The family's Linen module for ``config`` (compute ``dtype``, remat policy, layers per scan step)."""

@@ -308,4 +308,5 @@ FAMILY = Family(
     hf_stripped_prefixes=("bert.", "model."),
     hf_prepare_tensors=prepare_tensors,
     packs_sequences=True,
+    packs_config=lambda config: not config.extension,  # an extended position table reads padded rows only
 )
