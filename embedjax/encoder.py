@@ -161,6 +161,10 @@ PACK_ROW_MIN = 64
 # Pack only when the packed plan computes at most this share of the padded plan's positions: a
 # packed row attends over its whole length, so a small saving does not pay for the longer rows.
 PACK_SAVING = 0.9
+# First fit runs over windows of this many texts in input order (each text scans the window's open
+# rows, so one window over a million-passage corpus would take hours to plan; a window of mixed
+# lengths fills its rows about as well).
+PACK_WINDOW = 4096
 
 
 def padded_positions(lengths: Sequence[int], batch_size: int, buckets: Sequence[int]) -> int:
@@ -171,11 +175,15 @@ def padded_positions(lengths: Sequence[int], batch_size: int, buckets: Sequence[
                for i in range(0, len(desc), batch_size))
 
 
-def packed_batches(lengths: Sequence[int], batch_size: int, row_length: int) -> list[list[int]]:
-    """Text indices of each packed batch: all texts first-fit into rows of ``row_length`` (longest
-    first), then taken row by row, ``batch_size`` texts a batch, so long texts share batches with
-    the short texts that fill their rows."""
-    order = [i for members in packing.first_fit_rows(lengths, row_length) for i in members]
+def packed_batches(lengths: Sequence[int], batch_size: int, row_length: int,
+                   window: int = PACK_WINDOW) -> list[list[int]]:
+    """Text indices of each packed batch: each ``window`` of texts (in input order) first-fit into
+    rows of ``row_length`` (longest first), then taken row by row, ``batch_size`` texts a batch, so
+    long texts share batches with the short texts that fill their rows."""
+    order = [start + i
+             for start in range(0, len(lengths), window)
+             for members in packing.first_fit_rows(lengths[start:start + window], row_length)
+             for i in members]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -430,8 +438,8 @@ class Encoder:
         # Never longer than a padded batch could be, so a model's length limits hold for both plans.
         row_length = min(max(PACK_ROW_MIN, bucket_length(max(lengths), buckets)), buckets[-1])
         batches = packed_batches(lengths, batch_size, row_length)
-        saving = packed_positions(lengths, batches, row_length) / padded_positions(lengths, batch_size, buckets)
-        if pack is None and saving > PACK_SAVING:
+        share = packed_positions(lengths, batches, row_length) / padded_positions(lengths, batch_size, buckets)
+        if pack is None and share > PACK_SAVING:
             return None
         return row_length, batches
 

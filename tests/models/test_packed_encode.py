@@ -36,6 +36,8 @@ def test_packing_plan_covers_every_text_once_and_counts_positions():
     assert packed_positions(lengths, batches, 64) == (2 + 1 + 1) * 64
     # Padded, longest first in threes: [60, 33, 30] -> 3 x 64, [12, 7, 5] -> 3 x 16, [5, 2] -> 2 x 8.
     assert padded_positions(lengths, 3, (8, 16, 24, 32, 40, 48, 56, 64)) == 3 * 64 + 3 * 16 + 2 * 8
+    # Windows of 4 texts in input order: [30, 5, 5, 60] -> [60] [30, 5, 5]; [12, 33, 2, 7] -> [33, 12, 7, 2].
+    assert packed_batches(lengths, 3, 64, window=4) == [[3, 0, 1], [2, 5, 4], [7, 6]]
 
 
 def test_packed_encode_equals_padded_on_real_sentences(minilm_encoder, sts_texts):
