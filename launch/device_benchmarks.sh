@@ -39,6 +39,9 @@ bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
 bench train_step_b1024 80 train_step --batch 1024 --seq 128 --steps 10
 # Attention dropout inside the chunked kernel (no [L, L] scores or mask) against auto's explicit softmax.
 bench train_step_b256_chunked 80 train_step --batch 256 --seq 128 --steps 20 --attention-impl chunked
+# Dropout masks from XLA's RngBitGenerator (train.dropout_rng=rbg) instead of threefry: the H200 step was
+# bound by elementwise work, the masks among it.
+bench train_step_b256_rbg 80 train_step --batch 256 --seq 128 --steps 20 --dropout-rng rbg
 bench loss 150 loss --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --budget-gib 120 --max-search-batch 1048576 --repeats 5
 # The ring's time on one GPU is mostly per-tile overhead at the default 1024 tile (1,024 tiles per pass
 # at 32k, ~8 us of matmul each): the same shape with 4096 tiles (64 per pass) shows how much of the 3.8x is that.

@@ -23,6 +23,7 @@ import numpy as np
 
 from embedjax.bench import report
 from embedjax.models.attention import ATTENTION_IMPLS
+from embedjax.train.state import DEFAULT_DROPOUT_RNG, DROPOUT_RNGS
 
 SECTION = "Train step on an accelerator"
 TEMPERATURE = 0.05
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
                         help="embedjax's attention (auto: cuDNN flash where it applies; under dropout the "
                              "explicit softmax, or 'chunked' for the kernel that draws its dropout per key block)")
+    parser.add_argument("--dropout-rng", default=DEFAULT_DROPOUT_RNG, choices=DROPOUT_RNGS,
+                        help="PRNG implementation of embedjax's dropout keys (train.dropout_rng): rbg draws the "
+                             "step's masks with XLA's RngBitGenerator instead of threefry")
     parser.add_argument("--no-torch", action="store_true", help="time embedjax only")
     parser.add_argument("--matmul-size", type=int, default=8192, help="size of the bf16 matmul ceiling")
     report.add_arguments(parser)
@@ -104,7 +108,8 @@ def _embedjax_step_seconds(args, ids, mask) -> tuple[float, float]:
 
     def one():
         state["i"] += 1
-        state["p"], state["s"], loss = step(state["p"], state["s"], jax.random.key(state["i"]))
+        key = jax.random.key(state["i"], impl=args.dropout_rng)
+        state["p"], state["s"], loss = step(state["p"], state["s"], key)
         return loss
 
     seconds = median_seconds(one, args.steps, warmup=2)
@@ -171,6 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     ours, our_loss = _embedjax_step_seconds(args, ids, mask)
     result = dict(device=report.device_description(), batch_pairs=args.batch, seq=args.seq,
                   layers=args.layers, hidden=args.hidden, dtype=args.dtype, attention_impl=args.attention_impl,
+                  dropout_rng=args.dropout_rng,
                   embedjax_ms=sig(ours * 1e3), embedjax_pairs_per_s=sig(args.batch / ours),
                   embedjax_mfu=sig(flops / ours / 1e12 / ceiling), bf16_matmul_TFLOPs=sig(ceiling),
                   embedjax_final_loss=sig(our_loss))

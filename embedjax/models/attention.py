@@ -226,20 +226,21 @@ def _unblock(x, length: int):
     return jnp.moveaxis(x, 0, 1).reshape(b, n * chunk, *x.shape[3:])[:, :length]
 
 
-def chunk_dropout_keep(key_data, block_index, shape, rate: float):
+def chunk_dropout_keep(key_data, block_index, shape, rate: float, impl: str | None = None):
     """bool [B, G, R, Lq, C]: which attention probabilities of key block ``block_index`` survive
     dropout (Bernoulli(1 - rate)), drawn from the dropout key folded with the block index, so the
-    backward pass regenerates the forward's mask one block at a time. ``key_data``: uint32 key data."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), block_index)
+    backward pass regenerates the forward's mask one block at a time. ``key_data``: uint32 key data
+    of a key of PRNG implementation ``impl`` (None: JAX's default)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=impl), block_index)
     return jax.random.bernoulli(key, 1.0 - rate, shape)
 
 
-def _dropout_scale(key_data, k_index, chunk: int, rate: float, shape):
+def _dropout_scale(key_data, k_index, chunk: int, rate: float, impl, shape):
     """float32 [B, G, R, Lq, C] multiplier of the block's probabilities: 1 / (1 - rate) where kept,
     0 where dropped; None at rate 0 (no dropout)."""
     if rate == 0.0:
         return None
-    keep = chunk_dropout_keep(key_data, k_index[0] // chunk, shape, rate)
+    keep = chunk_dropout_keep(key_data, k_index[0] // chunk, shape, rate, impl)
     return jnp.where(keep, jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
 
 
@@ -247,7 +248,7 @@ def _times(x, scale):
     return x if scale is None else x * scale
 
 
-def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate: float, key_data):
+def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate: float, impl, key_data):
     """-> (out f32 [B, G, R, Lq, K], lse f32 [B, G, R, Lq]); qs [B, Lq, G, R, K]. With dropout the
     normaliser sums the undropped probabilities and the value product reads the dropped ones."""
     b, length, g, r, d = qs[0].shape
@@ -265,7 +266,7 @@ def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate:
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(axis=-1)
-        z = _dropout_scale(key_data, k_index, chunk, rate, p.shape)
+        z = _dropout_scale(key_data, k_index, chunk, rate, impl, p.shape)
         pv = jnp.einsum("bgrqc,bcgk->bgrqk", _times(p, z).astype(v.dtype), v_c, preferred_element_type=jnp.float32)
         return (m_new, l, acc * correction[..., None] + pv), None
 
@@ -275,18 +276,18 @@ def _forward(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate:
     return acc / l[..., None], m + jnp.log(l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _chunked(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate: float, key_data):
-    out, _ = _forward(qs, ks, v, key_mask, positions, masking, chunk, rate, key_data)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _chunked(qs, ks, v, key_mask, positions, masking: Masking, chunk: int, rate: float, impl, key_data):
+    out, _ = _forward(qs, ks, v, key_mask, positions, masking, chunk, rate, impl, key_data)
     return out
 
 
-def _chunked_fwd(qs, ks, v, key_mask, positions, masking, chunk, rate, key_data):
-    out, lse = _forward(qs, ks, v, key_mask, positions, masking, chunk, rate, key_data)
+def _chunked_fwd(qs, ks, v, key_mask, positions, masking, chunk, rate, impl, key_data):
+    out, lse = _forward(qs, ks, v, key_mask, positions, masking, chunk, rate, impl, key_data)
     return out, (qs, ks, v, key_mask, positions, key_data, out, lse)
 
 
-def _chunked_bwd(masking, chunk, rate, residuals, dout):
+def _chunked_bwd(masking, chunk, rate, impl, residuals, dout):
     """The flash-attention backward pass: per key block, recompute p = exp(s - lse), then
     dv = p^T dout, ds = p * (dout v^T - rowsum(dout * out)), dq += ds k, dk = ds^T q. With
     dropout (z = keep / (1 - rate)): dv = (p z)^T dout and ds = p * (z dout v^T - rowsum(dout * out)),
@@ -305,7 +306,7 @@ def _chunked_bwd(masking, chunk, rate, residuals, dout):
         allowed = _allowed(mask_c, q_index, k_index, masking, key_mask)
         s = jnp.where(allowed, _scores(qs, ks_c, positions, pos_c, masking, scale), _NEG)
         p = jnp.exp(s - lse[..., None])
-        z = _dropout_scale(key_data, k_index, chunk, rate, p.shape)  # drawn once, used by dv and dp
+        z = _dropout_scale(key_data, k_index, chunk, rate, impl, p.shape)  # drawn once, used by dv and dp
         dv_c = jnp.einsum("bgrqc,bgrqk->bcgk", _times(p, z), dout)
         dp = _times(jnp.einsum("bgrqk,bcgk->bgrqc", dout, v_c.astype(jnp.float32)), z)
         ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * jnp.float32(scale)
@@ -338,13 +339,23 @@ def chunked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *,
         raise ValueError(f"dropout_rate={dropout_rate} must be in [0, 1)")
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
     key_data = dropout_key_data(dropout_rng) if rate > 0.0 else jnp.zeros((2,), jnp.uint32)
+    impl = dropout_key_impl(dropout_rng) if rate > 0.0 else None
     b, length, h, d = qs[0].shape
     g = v.shape[2]
     chunk = min(chunk_size, length)
     qs5 = tuple(q.reshape(b, length, g, h // g, d) for q in qs)
     key_mask = key_mask_bl.astype(jnp.int32 if masking.segments else bool)
-    out = _chunked(qs5, tuple(ks), v, key_mask, positions_bl.astype(jnp.int32), masking, chunk, rate, key_data)
+    out = _chunked(qs5, tuple(ks), v, key_mask, positions_bl.astype(jnp.int32), masking, chunk, rate, impl,
+                   key_data)
     return jnp.moveaxis(out, 3, 1).reshape(b, length, h, d).astype(qs[0].dtype)
+
+
+def dropout_key_impl(rng) -> str | None:
+    """The PRNG implementation of a typed dropout key (``"rbg"``, ...); None for raw key data,
+    which JAX reads with its default implementation."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(rng))
+    return None
 
 
 def dropout_key_data(rng):

@@ -115,6 +115,9 @@ def default_config() -> ml_collections.ConfigDict:
     # The ring's tiles: "xla" (fori_loop over tiles) or "pallas" (fused kernels, embedjax.kernels.ring_tiles:
     # one Matryoshka prefix, no margin; Triton on a GPU, interpret mode elsewhere).
     c.train.ring_impl = "xla"
+    # PRNG implementation of the dropout key: "threefry2x32" (JAX's default, the same bits on every
+    # backend), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator; see embedjax.train.state.DROPOUT_RNGS).
+    c.train.dropout_rng = "threefry2x32"
     c.train.gradcache_sub_batch = 0  # > 0: GradCache, embedding this many rows of the global batch at a time
     c.train.log_every = 1
     c.train.progress = True

@@ -340,8 +340,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     objective = build_objective(cfg, data.kind, model, family, model_config, tokenizer, head=head, lora=lora,
                                 pooling=pooling, mesh=mesh)
     abstract_boxed = abstract_params(model, head, family, lora)
-    shardings = state_shardings(abstract_boxed, tx, mesh, cfg.mesh.rules, trainable)
-    abstract_state = unbox(jax.eval_shape(lambda p: create_state(p, tx, cfg.seed, trainable), abstract_boxed))
+    dropout_rng = cfg.train.dropout_rng
+    shardings = state_shardings(abstract_boxed, tx, mesh, cfg.mesh.rules, trainable, dropout_rng)
+    abstract_state = unbox(jax.eval_shape(lambda p: create_state(p, tx, cfg.seed, trainable, dropout_rng),
+                                          abstract_boxed))
     # Trace the objective on the first batch's shapes: loss options the loss rejects fail here.
     first = data.dataset[0]
     jax.eval_shape(value_and_grad_fn(objective, cfg.train.gradcache_sub_batch, trainable), abstract_state.params,
@@ -361,7 +363,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     else:
         state = jax.jit(
             lambda key, backbone: create_state(init_encoder_params(model, head, family, key, backbone, lora), tx,
-                                               cfg.seed, trainable),
+                                               cfg.seed, trainable, dropout_rng),
             out_shardings=shardings,
         )(jax.random.PRNGKey(cfg.seed), pretrained_params)
         data_state, start = None, 0
@@ -412,7 +414,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
                     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
                     bsh = batch_shardings(local, mesh, batch_axes)
                     step_fn = make_train_step(objective, tx, schedule, shardings, bsh, mesh,
-                                              gradcache_sub_batch=cfg.train.gradcache_sub_batch, trainable=trainable)
+                                              gradcache_sub_batch=cfg.train.gradcache_sub_batch, trainable=trainable,
+                                              dropout_rng=dropout_rng)
                 t0 = time.perf_counter()
                 batch = jax.tree.map(
                     lambda x, sh: jax.make_array_from_process_local_data(sh, x), local, bsh

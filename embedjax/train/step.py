@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from embedjax.data.packing import is_packed
-from embedjax.train.state import TrainState
+from embedjax.train.state import DEFAULT_DROPOUT_RNG, TrainState, check_dropout_rng
 
 LOSSES_FOR_KIND = {"sts": ("cosent",), "retrieval": ("infonce", "siglip", "cosent")}
 RING_LOSSES = ("infonce", "siglip")  # the losses `embedjax.losses.ring` tiles over the data axis
@@ -405,13 +405,20 @@ def batch_shardings(batch, mesh, batch_axes) -> dict:
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule, state_shardings,
-                    batch_sharding_tree, mesh, *, gradcache_sub_batch: int = 0, trainable=None):
+                    batch_sharding_tree, mesh, *, gradcache_sub_batch: int = 0, trainable=None,
+                    dropout_rng: str = DEFAULT_DROPOUT_RNG):
     """jit(step): ``(state, batch) -> (new_state, metrics)``; the old state's buffers are donated.
-    ``trainable``: the top-level entries of the params the optimizer updates (None: all)."""
+    ``trainable``: the top-level entries of the params the optimizer updates (None: all).
+    ``dropout_rng``: the PRNG implementation of ``state.rng`` (`embedjax.train.state.DROPOUT_RNGS`);
+    other than the default, the step's dropout key is a typed key of that implementation."""
     loss_and_grads = value_and_grad_fn(objective, gradcache_sub_batch, trainable)
+    check_dropout_rng(dropout_rng)
 
     def step(state: TrainState, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
+        # The default keeps the raw key data (the same bits as a typed threefry key, and the form
+        # every earlier run and checkpoint used).
+        base = state.rng if dropout_rng == DEFAULT_DROPOUT_RNG else jax.random.wrap_key_data(state.rng, impl=dropout_rng)
+        rng = jax.random.fold_in(base, state.step)
         loss, grads = loss_and_grads(state.params, batch, rng)
         train = trainable_part(state.params, trainable)
         updates, opt_state = tx.update(grads, state.opt_state, train)

@@ -81,20 +81,38 @@ def test_train_step_bench_trains_both_sides():
     assert out["speedup_vs_torch"] == pytest.approx(out["torch_ms"] / out["embedjax_ms"], rel=1e-2)
 
 
-def test_train_step_attention_impl_reaches_the_model():
-    """--attention-impl picks the attention kernel: under dropout, the chunked kernel draws its masks
-    per key block and the explicit softmax draws one [L, L] mask, so the same step's loss differs."""
+def _tiny_step_losses(flag: str, values) -> dict:
+    """value -> the loss of one embedjax training step of the tiny model, ``flag`` set to ``value``
+    (the same step index, so the same dropout key seed, for every value)."""
     parser = argparse.ArgumentParser()
     train_step.add_arguments(parser)
     ids, mask = train_step.random_batch(4, 8, 1200)
     losses = {}
-    for impl in ("explicit", "chunked"):
+    for value in values:
         args = parser.parse_args(["--layers", "1", "--hidden", "16", "--heads", "2", "--intermediate", "32",
                                   "--vocab", "1200", "--batch", "4", "--seq", "8", "--steps", "1", "--dtype",
-                                  "float32", "--attention-impl", impl])
-        losses.setdefault(impl, []).append(train_step._embedjax_step_seconds(args, ids, mask)[1])
-    assert losses["chunked"][0] != losses["explicit"][0]
-    assert all(0 < x < 2 / train_step.TEMPERATURE + np.log(4) for x in losses["chunked"] + losses["explicit"])
+                                  "float32", flag, value])
+        losses[value] = train_step._embedjax_step_seconds(args, ids, mask)[1]
+    assert all(0 < x < 2 / train_step.TEMPERATURE + np.log(4) for x in losses.values())
+    return losses
+
+
+def test_train_step_attention_impl_reaches_the_model():
+    """--attention-impl picks the attention kernel: under dropout, the chunked kernel draws its masks
+    per key block and the explicit softmax draws one [L, L] mask, so the same step's loss differs."""
+    losses = _tiny_step_losses("--attention-impl", ("explicit", "chunked"))
+    assert losses["chunked"] != losses["explicit"]
+
+
+def test_train_step_dropout_rng_reaches_the_masks():
+    """--dropout-rng picks the dropout key's PRNG: the same step index draws other masks under rbg, so
+    the loss differs."""
+    losses = _tiny_step_losses("--dropout-rng", ("threefry2x32", "rbg"))
+    assert losses["rbg"] != losses["threefry2x32"]
+    parser = argparse.ArgumentParser()
+    train_step.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dropout-rng", "philox"])
 
 
 def test_significant_digits_keep_tiny_rates_visible():

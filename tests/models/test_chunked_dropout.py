@@ -25,9 +25,10 @@ def _inputs(seed):
     return q, k, v, mask, weights
 
 
-def _full_keep(key_data):
+def _full_keep(key_data, impl=None):
     """bool [B, G, R, L, L]: the kernel's per-block masks side by side, cropped to the length."""
-    blocks = [kernels.chunk_dropout_keep(key_data, i, (B, G, H // G, L, CHUNK), RATE) for i in range(-(-L // CHUNK))]
+    blocks = [kernels.chunk_dropout_keep(key_data, i, (B, G, H // G, L, CHUNK), RATE, impl)
+              for i in range(-(-L // CHUNK))]
     return np.concatenate([np.asarray(b) for b in blocks], axis=-1)[..., :L]
 
 
@@ -45,10 +46,12 @@ def _numpy_dropout_attention(q, k, v, mask, causal, keep_bgrqc):
     return np.einsum("bgrqc,bcgk->bqgrk", p, v).reshape(B, L, H, K)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_chunked_dropout_equals_a_dense_attention_with_the_same_mask(causal):
+# An rbg key (train.dropout_rng) reaches the kernel as its own implementation: read as threefry its
+# four words would not even wrap (threefry keys hold two).
+@pytest.mark.parametrize("causal,impl", [(False, "threefry2x32"), (True, "threefry2x32"), (False, "rbg")])
+def test_chunked_dropout_equals_a_dense_attention_with_the_same_mask(causal, impl):
     q, k, v, mask, weights = _inputs(11 + causal)
-    rng = jax.random.key(5)
+    rng = jax.random.key(5, impl=impl)
     masking = kernels.Masking(causal=causal)
     positions = jnp.zeros((B, L), jnp.int32)
 
@@ -58,7 +61,8 @@ def test_chunked_dropout_equals_a_dense_attention_with_the_same_mask(causal):
         return jnp.sum(out * weights), out
 
     (value, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    keep = _full_keep(kernels.dropout_key_data(rng))
+    assert kernels.dropout_key_impl(rng) == impl
+    keep = _full_keep(kernels.dropout_key_data(rng), impl)
     assert 0.6 < keep.mean() < 0.8  # Bernoulli(0.7)
     want = _numpy_dropout_attention(q, k, v, mask, causal, keep)
     np.testing.assert_allclose(np.asarray(out)[mask], want[mask], rtol=0, atol=2e-5)
@@ -88,5 +92,8 @@ def test_rate_zero_or_no_key_is_the_plain_kernel_and_bad_rates_are_refused():
     np.testing.assert_array_equal(call(dropout_rate=0.5), plain)  # no key: deterministic (evaluation)
     legacy = call(dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(1))  # raw uint32 keys work too
     assert np.abs(legacy - plain)[mask].max() > 0.1
+    assert kernels.dropout_key_impl(jax.random.PRNGKey(1)) is None  # read with JAX's default
+    # The same seed under another implementation draws other masks.
+    assert np.abs(call(dropout_rate=0.5, dropout_rng=jax.random.key(1, impl="rbg")) - legacy)[mask].max() > 0.1
     with pytest.raises(ValueError, match="dropout_rate=1.0 must be in"):
         call(dropout_rate=1.0, dropout_rng=jax.random.key(1))

@@ -80,4 +80,6 @@ def test_refused_runs_leave_no_workdir(tmp_path, tfds_cache):
         train(tiny_config(f"data.train=beir:{malformed}", f"data.cache_dir={tfds_cache}"), workdir)
     with pytest.raises(ValueError, match=r"train.ring=True supports train.loss in \('infonce', 'siglip'\) only"):
         train(tiny_config("train.loss=cosent", f"data.cache_dir={tfds_cache}"), workdir)
+    with pytest.raises(ValueError, match="train.dropout_rng='philox' is not a PRNG implementation"):
+        train(tiny_config("train.dropout_rng=philox", f"data.cache_dir={tfds_cache}"), workdir)
     assert not workdir.exists()
