@@ -438,9 +438,10 @@ class Encoder:
         # Never longer than a padded batch could be, so a model's length limits hold for both plans.
         row_length = min(max(PACK_ROW_MIN, bucket_length(max(lengths), buckets)), buckets[-1])
         batches = packed_batches(lengths, batch_size, row_length)
-        share = packed_positions(lengths, batches, row_length) / padded_positions(lengths, batch_size, buckets)
-        if pack is None and share > PACK_SAVING:
-            return None
+        if pack is None:  # auto: pack only where it saves positions (pack=True needs no count)
+            share = packed_positions(lengths, batches, row_length) / padded_positions(lengths, batch_size, buckets)
+            if share > PACK_SAVING:
+                return None
         return row_length, batches
 
     def encode_images(self, images, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
