@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embedjax import xla_cpu
 from embedjax.convert import hf
 from embedjax.data import packing
 from embedjax.data.images import ImageProcessor, as_images
@@ -291,12 +292,14 @@ class Encoder:
         return param_shardings(abstract_params(self.model, self.head, self.family, self.lora), self.mesh, self.rules)
 
     def _compile(self, fn=None):
+        """The jitted embedding function, with the kernel libraries `xla_cpu` picks for its devices."""
         embed = functools.partial(fn or self.embed_fn, deterministic=True)
+        platform_name = (self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]).platform
         if self.mesh is None:
-            return jax.jit(embed)
+            return xla_cpu.inference_jit(embed, platform_name)
         from jax.sharding import NamedSharding, PartitionSpec
 
-        return jax.jit(embed, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        return xla_cpu.inference_jit(embed, platform_name, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
 
     @property
     def params(self):

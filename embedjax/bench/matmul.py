@@ -7,6 +7,8 @@ for ``--tokens`` rows (default 64 x 256, a batch of long documents) under ``jax.
 PyTorch (``torch.matmul`` on the same numbers, same thread count), alternating the two; one row per
 product with both rates in GFLOP/s and ``ratio`` = XLA's rate over PyTorch's. The ``qkv_heads`` row
 is the ``DenseGeneral`` spelling ([T, d] x [d, H, K]); ``qkv`` the same product as a plain 2-D one.
+On CPUs each product is also compiled with `embedjax.xla_cpu`'s oneDNN options (``onednn_gflops``,
+``onednn_ratio``: what `Encoder` runs on Intel CPUs; XLA's default library is the ``xla`` column).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
+    from embedjax import xla_cpu
     from embedjax.bench.timing import median_seconds, sig
 
     products = _products(args)
@@ -53,7 +56,10 @@ def run(args: argparse.Namespace) -> dict:
     for name, (lhs_shape, rhs_shape, spec) in products.items():
         lhs = rng.standard_normal(lhs_shape).astype(np.float32)
         rhs = rng.standard_normal(rhs_shape).astype(np.float32)
-        program = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))
+        programs = {"xla": jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))}
+        if jax.default_backend() == "cpu":
+            programs["onednn"] = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b),
+                                         compiler_options=xla_cpu.inference_options("cpu", "onednn"))
         a, b = jax.device_put(lhs), jax.device_put(rhs)
         ta, tb = torch.from_numpy(lhs), torch.from_numpy(rhs.reshape(rhs_shape[0], -1))
 
@@ -61,17 +67,21 @@ def run(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 return ta @ tb
 
-        times = {"xla": [], "torch": []}
-        for _ in range(2):  # alternate so background load falls on both
-            times["xla"].append(median_seconds(lambda: program(a, b), args.repeats))
+        times = {name: [] for name in (*programs, "torch")}
+        for _ in range(2):  # alternate so background load falls on all
+            for library, program in programs.items():
+                times[library].append(median_seconds(lambda p=program: p(a, b), args.repeats))
             times["torch"].append(median_seconds(torch_call, args.repeats))
         flops = 2 * lhs_shape[0] * lhs_shape[1] * int(np.prod(rhs_shape[1:]))
-        xla_rate = flops / float(np.median(times["xla"])) / 1e9
-        torch_rate = flops / float(np.median(times["torch"])) / 1e9
-        diff = float(np.abs(np.asarray(program(a, b)).reshape(lhs_shape[0], -1) - torch_call().numpy()).max())
-        rows.append({"product": name, "shape": f"{'x'.join(map(str, lhs_shape))} @ {'x'.join(map(str, rhs_shape))}",
-                     "xla_gflops": sig(xla_rate), "torch_gflops": sig(torch_rate), "ratio": sig(xla_rate / torch_rate, 3),
-                     "max_abs_diff": sig(diff, 3), "torch_threads": torch.get_num_threads(),
+        rate = {library: flops / float(np.median(t)) / 1e9 for library, t in times.items()}
+        diff = max(float(np.abs(np.asarray(p(a, b)).reshape(lhs_shape[0], -1) - torch_call().numpy()).max())
+                   for p in programs.values())
+        row = {"product": name, "shape": f"{'x'.join(map(str, lhs_shape))} @ {'x'.join(map(str, rhs_shape))}",
+               "xla_gflops": sig(rate["xla"]), "torch_gflops": sig(rate["torch"]),
+               "ratio": sig(rate["xla"] / rate["torch"], 3)}
+        if "onednn" in rate:
+            row.update(onednn_gflops=sig(rate["onednn"]), onednn_ratio=sig(rate["onednn"] / rate["torch"], 3))
+        rows.append({**row, "max_abs_diff": sig(diff, 3), "torch_threads": torch.get_num_threads(),
                      "device": report.device_description()})
     return {"bench": "matmul", "rows": report.finish(args, "matmul", SECTION, rows, started)}
 

@@ -67,10 +67,15 @@ def test_chunked_equals_dense_and_float64_attention(length, chunk, causal, windo
     dense = kernels.explicit_attention((q,), (k,), v, mask, positions, masking)
     chunked = kernels.chunked_attention((q,), (k,), v, mask, positions, masking, chunk_size=chunk)
     xla = kernels.xla_attention(q, k, v, mask, masking)
-    blocked = kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=2)  # 3 rows: one padded
+    # 3 rows in blocks of 2: over 8 shards every other row, one padded; on one shard a map over 3
+    # contiguous rows, or one block of 2 rows and a 1-row remainder
+    blocked = kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=2, shards=8)
+    contiguous = kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=1, shards=1)
+    remainder = kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=2, shards=1)
     ref, defined = _numpy_attention(q, k, v, mask, causal, window)
     real = mask[:, :, None] & defined  # queries that are real tokens and see at least one key
-    for name, ours in (("chunked", chunked), ("dense", dense), ("xla", xla), ("blocked", blocked)):
+    for name, ours in (("chunked", chunked), ("dense", dense), ("xla", xla), ("blocked", blocked),
+                       ("contiguous", contiguous), ("remainder", remainder)):
         err = np.abs(np.asarray(ours, np.float64) - ref)[real].max()
         assert err <= 1e-5, (name, err)
     assert np.abs(np.asarray(chunked) - np.asarray(dense))[real].max() <= 1e-5
@@ -94,8 +99,40 @@ def test_dense_paths_round_as_close_to_float64_as_xla():
 
     xla = mean_error(kernels.xla_attention(q, k, v, mask, masking))
     for name, out in (("explicit", kernels.explicit_attention((q,), (k,), v, mask, positions, masking)),
-                      ("blocked", kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=3))):
+                      ("blocked", kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=3)),
+                      ("contiguous", kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=3,
+                                                               shards=1))):
         assert mean_error(out) <= 1.1 * xla, (name, mean_error(out), xla)
+
+
+@pytest.mark.parametrize("length", [48, 64])
+def test_blocked_in_a_onednn_program_reduces_rows_pairwise(length, monkeypatch):
+    """Traced for a oneDNN program (`embedjax.xla_cpu`), the blocked kernel reduces each score row
+    by halving it (48 keys: three halvings, then a plain max and sum of 3; 64: six, down to 1) and
+    still equals float64 attention, causal masks and padding included; traced otherwise it keeps
+    the plain reductions."""
+    import re
+
+    from embedjax import xla_cpu
+
+    rng = np.random.default_rng(length)
+    q, k, v, mask, positions = _inputs(rng, 5, length, 6, 2, 16, "left")
+    masking = kernels.Masking(causal=True)
+
+    def attend(q, k, v):  # a fresh function per trace: jit caches traces per function, not per library
+        return kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=2, shards=1)
+
+    halvings = (length & -length).bit_length() - 1  # times the length halves evenly
+    # 5 rows in blocks of 2: the mapped blocks and the 1-row remainder each trace the kernel
+    for library, maxima in (("onednn", 2 * halvings), ("xla", 0)):
+        with xla_cpu.tracing_for(library):
+            jaxpr = str(jax.make_jaxpr(lambda *a: attend(*a))(q, k, v))
+        assert len(re.findall(r"= max \w+ \w+", jaxpr)) == maxima, library
+    monkeypatch.setenv(xla_cpu.ENV, "onednn")
+    out = xla_cpu.inference_jit(lambda *a: attend(*a), "cpu")(q, k, v)
+    ref, defined = _numpy_attention(q, k, v, mask, True, None)
+    real = mask[:, :, None] & defined
+    assert float(np.abs(np.asarray(out, np.float64) - ref)[real].max()) <= 1e-5
 
 
 @pytest.mark.slow
@@ -136,9 +173,11 @@ def test_chunked_self_extend_gradients_equal_dense_ones():
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(a).max()), 1.0)
 
 
-def test_blocked_gradients_and_self_extend_equal_the_dense_ones():
-    """lax.map over batch blocks (5 rows in blocks of 2: the last block padded) differentiates to the
-    dense gradients; SelfExtend's score selection passes through the blocks unchanged."""
+@pytest.mark.parametrize("shards", [1, 8])
+def test_blocked_gradients_and_self_extend_equal_the_dense_ones(shards):
+    """lax.map over batch blocks (5 rows in blocks of 2: over 8 shards the last block padded, on
+    one shard two contiguous blocks and a 1-row remainder) differentiates to the dense gradients;
+    SelfExtend's score selection passes through the blocks unchanged."""
     rng = np.random.default_rng(11)
     q, k, v, mask, positions = _inputs(rng, 5, 23, 4, 2, 8, "left")
     extra = [jnp.asarray(rng.normal(size=x.shape), jnp.float32) for x in (q, q, k)]
@@ -152,7 +191,7 @@ def test_blocked_gradients_and_self_extend_equal_the_dense_ones():
 
         args = (q, extra[0], extra[1], k, extra[2], v)
         dense = jax.value_and_grad(loss(kernels.explicit_attention), argnums=tuple(range(6)))(*args)
-        blocked = jax.value_and_grad(loss(lambda *a: kernels.blocked_attention(*a, block=2)),
+        blocked = jax.value_and_grad(loss(lambda *a: kernels.blocked_attention(*a, block=2, shards=shards)),
                                      argnums=tuple(range(6)))(*args)
         assert abs(float(dense[0] - blocked[0])) <= 1e-4 * max(abs(float(dense[0])), 1.0)
         for a, b in zip(dense[1], blocked[1]):
@@ -189,15 +228,19 @@ def test_blocked_keeps_a_sharded_batch_on_its_devices():
     assert float(jnp.abs(blocked(q, k, v, mask, positions) - dense).max()) <= 1e-5
 
 
-def test_chunked_bfloat16_stays_close_to_float32():
+def test_chunked_and_blocked_bfloat16_stay_close_to_float32():
+    """bfloat16 inputs (the blocked kernel then scales the float32 scores, not the query): within
+    3e-2 of float32, about 4 bfloat16 ulps of outputs of norm ~1."""
     rng = np.random.default_rng(5)
     q, k, v, mask, positions = _inputs(rng, 2, 70, 4, 4, 32, "right")
     masking = kernels.Masking()
     f32 = kernels.explicit_attention((q,), (k,), v, mask, positions, masking)
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     chunked = kernels.chunked_attention((bf[0],), (bf[1],), bf[2], mask, positions, masking, chunk_size=16)
-    assert chunked.dtype == jnp.bfloat16
-    assert float(jnp.abs(chunked.astype(jnp.float32) - f32)[mask].max()) <= 3e-2
+    blocked = kernels.blocked_attention((bf[0],), (bf[1],), bf[2], mask, positions, masking, block=1, shards=1)
+    for out in (chunked, blocked):
+        assert out.dtype == jnp.bfloat16
+        assert float(jnp.abs(out.astype(jnp.float32) - f32)[mask].max()) <= 3e-2
 
 
 def test_auto_picks_a_kernel_per_backend_length_and_dtype():

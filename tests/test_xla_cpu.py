@@ -1,0 +1,94 @@
+"""The kernel-library choice for CPU inference programs (`embedjax.xla_cpu`, issue 17): the choice
+is read and checked, oneDNN programs really call oneDNN for their dots and nothing else, the
+programs that abort jaxlib 0.10.2 under oneDNN's fused dots run under the chosen options, and a
+real encoder's embeddings do not depend on the library (MiniLM on STS-B sentences and scifact
+abstracts long enough for the blocked attention kernel's pairwise reductions)."""
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from embedjax import xla_cpu
+
+
+def test_the_choice_is_read_from_the_environment_and_checked(monkeypatch):
+    monkeypatch.delenv(xla_cpu.ENV, raising=False)
+    assert xla_cpu.requested() == "auto"
+    monkeypatch.setenv(xla_cpu.ENV, " oneDNN ")
+    assert xla_cpu.requested() == "onednn"
+    monkeypatch.setenv(xla_cpu.ENV, "mkl")
+    with pytest.raises(ValueError, match="EMBEDJAX_CPU_GEMM='mkl'.*'auto', 'onednn', 'xla'"):
+        xla_cpu.requested()
+    assert xla_cpu.resolved("gpu", "onednn") == "xla" and xla_cpu.inference_options("tpu", "onednn") is None
+    assert xla_cpu.resolved("cpu", "xla") == "xla" and xla_cpu.inference_options("cpu", "xla") is None
+    assert xla_cpu.resolved("cpu", "onednn") == "onednn"
+    assert xla_cpu.resolved("cpu", "auto") == ("onednn" if xla_cpu._is_intel_x86() else "xla")
+
+
+def test_a_onednn_program_calls_onednn_for_its_dots_and_tells_its_tracing(monkeypatch):
+    monkeypatch.setenv(xla_cpu.ENV, "onednn")
+    seen = []
+
+    def mlp(x, w):
+        seen.append(xla_cpu.tracing_library())
+        return jax.nn.gelu(x @ w, approximate=False).max(axis=-1)
+
+    x, w = jnp.ones((64, 32)), jnp.full((32, 48), 0.01)
+    onednn = xla_cpu.inference_jit(mlp, "cpu")
+    hlo = onednn.lower(x, w).compile().as_text()
+    assert "__onednn_fusion" in hlo and "__ynn_fusion" not in hlo
+    assert seen == ["onednn"] and xla_cpu.tracing_library() == "xla"
+    monkeypatch.setenv(xla_cpu.ENV, "xla")
+    default = xla_cpu.inference_jit(mlp, "cpu")
+    assert "__onednn_fusion" not in default.lower(x, w).compile().as_text() and seen[-1] == "xla"
+    np.testing.assert_allclose(np.asarray(onednn(x, w)), np.asarray(default(x, w)), rtol=1e-6)
+
+
+def test_programs_that_abort_under_fused_onednn_dots_run(tmp_path):
+    """jaxlib 0.10.2 aborts the process ("partition compile failed") at the first run of a dot that
+    reads erf GELU, SiLU, or the exponential of another dot when oneDNN fuses elementwise producers
+    into its dots; `xla_cpu.ONEDNN_DOTS` gives it single dots. A subprocess, since an abort would
+    take the test runner with it."""
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from embedjax import xla_cpu
+        rng = np.random.default_rng(0)
+        x, w, u = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((37, 24), (24, 40), (40, 24)))
+        programs = {
+            "gelu_mlp": lambda x: jax.nn.gelu(x @ w, approximate=False) @ u,
+            "swiglu": lambda x: (jax.nn.silu(x @ w) * (x @ w * 0.5)) @ u,
+            "attention": lambda x: jnp.exp((x @ x.T) * 0.01) @ x,
+        }
+        for name, f in programs.items():
+            onednn = jax.jit(f, compiler_options=xla_cpu.inference_options("cpu", "onednn"))(x)
+            np.testing.assert_allclose(np.asarray(onednn), np.asarray(jax.jit(f)(x)), rtol=2e-5, atol=2e-5)
+            print(name, "ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["gelu_mlp", "ok", "swiglu", "ok", "attention", "ok"]
+
+
+def test_encoder_embeddings_do_not_depend_on_the_cpu_library(monkeypatch, data_dir):
+    """oneDNN dots (and the attention kernel's pairwise row reductions, which
+    tests/models/test_attention_kernels.py checks are traced) against XLA's defaults on real texts;
+    2e-6 absolute on unit vectors is a few float32 ulps of their largest entries."""
+    import embedjax as ej
+    from embedjax.bench.encode import load_texts
+
+    texts = load_texts("stsb", str(data_dir / "stsb" / "sts-test.csv"), 24)
+    texts += load_texts("scifact", str(data_dir / "scifact"), 6)
+    out, hlo = {}, {}
+    for library in ("onednn", "xla"):
+        monkeypatch.setenv(xla_cpu.ENV, library)
+        enc = ej.Encoder.from_pretrained("all-MiniLM-L6-v2", max_length=256)
+        out[library] = enc.encode(texts, batch_size=16, pack=False)
+        batch = enc.tokenizer.pad(enc.tokenizer.token_ids(texts[-6:]), rows=6)
+        hlo[library] = enc._jitted.lower(enc.params, batch).compile().as_text()
+    assert "__onednn_fusion" in hlo["onednn"] and "__onednn_fusion" not in hlo["xla"]
+    assert np.abs(out["onednn"] - out["xla"]).max() <= 2e-6
+    assert np.abs(out["onednn"] @ out["xla"].T - np.eye(len(texts))).diagonal().max() <= 1e-5
