@@ -175,17 +175,17 @@ def explicit_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *
 
 def _head_major_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, score_scale: float = 1.0):
     """Attention without dropout on head-major operands -> [B, G, R, L, K] float32: softmax over
-    ``score_scale`` q.k (1.0 for queries the caller has scaled). ``qs``: tuple of [B, G, R, L, K]; ``ks``: tuple of
-    [B, G, L, K]; ``v`` [B, G, L, K]; ``key_mask_bl`` / ``positions_bl`` [B, L] as in
-    `explicit_attention`.
+    ``score_scale`` q.k (1.0 for queries the caller has scaled). ``qs``: tuple of [B, G, R, L, K];
+    ``ks``: tuple of [B, G, L, K]; ``v`` [B, G, L, K]; ``key_mask_bl`` / ``positions_bl`` [B, L]
+    as in `explicit_attention`.
 
-    The function of `explicit_attention`, arranged for the CPU: head-major operands are what a
-    batched GEMM reads without a copy per block; the scale rides on the [L, K] query instead of the
-    [L, L] scores; and the softmax is normalised after the value product, dividing the [L, K]
-    context by each row's sum of exponentials instead of dividing the [L, L] probabilities (XLA:CPU
-    then fuses max, exponential, value product and row sum into one pass). A query with no visible
-    key sees every score at the mask value, exponentials of 1, and averages the values, as
-    `jax.nn.softmax` would."""
+    The function of `explicit_attention`, arranged for oneDNN programs on the CPU (the blocks of
+    `blocked_attention` there): head-major operands are what a batched GEMM reads without a copy
+    per block; the scale rides on the [L, K] query instead of the [L, L] scores; the softmax is
+    normalised after the value product, dividing the [L, K] context by each row's sum of
+    exponentials instead of dividing the [L, L] probabilities; and the row max and sum are
+    pairwise (`row_reduce`). A query with no visible key sees every score at the mask value,
+    exponentials of 1, and averages the values, as `jax.nn.softmax` would."""
     length = v.shape[2]
 
     def dot(q, k):
@@ -200,23 +200,20 @@ def _head_major_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking
         scores = scores * jnp.float32(score_scale)
     index = jnp.arange(length)
     scores = jnp.where(_allowed(key_mask_bl, index, index, masking, key_mask_bl), scores, _NEG)
-    halving = xla_cpu.tracing_library() == "onednn"
-    weights = jnp.exp(scores - row_reduce(jnp.maximum, scores, halving)[..., None])
+    weights = jnp.exp(scores - row_reduce(jnp.maximum, scores)[..., None])
     ctx = jnp.einsum("bgrqc,bgck->bgrqk", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return ctx / row_reduce(jnp.add, weights, halving)[..., None]
+    return ctx / row_reduce(jnp.add, weights)[..., None]
 
 
-def row_reduce(combine, x, halving: bool):
-    """Max (``combine`` = jnp.maximum) or sum (jnp.add) over the last axis: [..., C] -> [...].
-
-    With ``halving`` the axis is halved while its length is even (``combine`` of the two halves)
-    and what is left reduced as usual: a program whose reductions XLA:CPU's own emitter runs (the
-    oneDNN programs of `embedjax.xla_cpu`) turns a long row reduction into a reduce-window 3-4x
-    slower than the same work as fused elementwise passes (a row max over 256 keys: 1.3 ms against
-    0.4 ms for [2, 12, 256, 256] scores); the halving tree is those passes, and for sums it is the
-    pairwise summation, no less accurate than a sequential one. Without, the plain reduction, which
-    XLA's default library (YNNPACK) runs faster than the tree."""
-    while halving and x.shape[-1] > 1 and x.shape[-1] % 2 == 0:
+def row_reduce(combine, x):
+    """Max (``combine`` = jnp.maximum) or sum (jnp.add) over the last axis: [..., C] -> [...], by
+    halving the axis while its length is even (``combine`` of the two halves), then reducing what
+    is left as usual. In oneDNN programs XLA:CPU's own emitter runs the reductions, and it turns a
+    long row reduction into a reduce-window 3-4x slower than the same work as fused elementwise
+    passes (a row max over 256 keys: 1.3 ms against 0.4 ms for [2, 12, 256, 256] scores); the
+    halving tree is those passes, and for sums it is the pairwise summation, no less accurate than
+    a sequential one."""
+    while x.shape[-1] > 1 and x.shape[-1] % 2 == 0:
         half = x.shape[-1] // 2
         x = combine(x[..., :half], x[..., half:])
     return x.max(axis=-1) if combine is jnp.maximum else x.sum(axis=-1)
@@ -241,47 +238,64 @@ def blocked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *,
     arguments. ``shards``: devices the batch is split over (default: every device); ``block``
     defaults to `batch_block` with one share per shard.
 
-    The operands are transposed head-major once (`_head_major_attention` computes each block).
     On one shard the blocks are contiguous rows: a ``lax.map`` over the first B // block * block
     rows (a reshape, no copy) and one direct call for the remaining rows. Over several shards row r
     of the (padded) batch goes to block r // n, step r % n of the map over n steps: each step takes
     every n-th row, so a batch sharded in contiguous pieces stays sharded along the block axis
     (each device maps over its own rows; no all-gather) when the block is a multiple of the shard
     count; the batch is then padded to a multiple of the block with masked rows, whose outputs are
-    dropped. Differentiable: the backward pass maps over the same blocks."""
+    dropped. Differentiable: the backward pass maps over the same blocks.
+
+    Each block is `explicit_attention` itself, which rounds as `jax.nn.dot_product_attention`
+    does, except in programs compiled for oneDNN (`embedjax.xla_cpu.tracing_library`): there the
+    operands are transposed head-major once and each block is `_head_major_attention`, the same
+    function in fewer passes over the scores (measured 1.3-1.5x faster per layer there), whose
+    float32 rounding differs by a few ulps."""
     b, length, h, d = qs[0].shape
     g = v.shape[2]
     shards = jax.device_count() if shards is None else shards
     block = batch_block(b, h, length, shards=shards) if block is None else block
     if block < 1 or shards < 1:
         raise ValueError(f"block={block} and shards={shards} must be at least 1")
-    # The scale rides on a float32 query; a half-precision one would round twice, so there the
-    # float32 scores take it.
-    scale = d ** -0.5
-    pre_scale = qs[0].dtype == jnp.float32
-    qs_h = tuple(_head_major(q * jnp.float32(scale) if pre_scale else q, g) for q in qs)
-    operands = (qs_h, tuple(_head_major(k, g)[:, :, 0] for k in ks), _head_major(v, g)[:, :, 0], key_mask_bl,
-                positions_bl)
+    if xla_cpu.tracing_library() == "onednn":
+        # The scale rides on a float32 query; a half-precision one would round twice, so there the
+        # float32 scores take it.
+        scale = d ** -0.5
+        pre_scale = qs[0].dtype == jnp.float32
+        operands = (tuple(_head_major(q * jnp.float32(scale) if pre_scale else q, g) for q in qs),
+                    tuple(_head_major(k, g)[:, :, 0] for k in ks), _head_major(v, g)[:, :, 0], key_mask_bl,
+                    positions_bl)
 
-    def attend(args):
-        return _head_major_attention(*args, masking, score_scale=1.0 if pre_scale else scale)
+        def attend(args):
+            return _head_major_attention(*args, masking, score_scale=1.0 if pre_scale else scale)
 
+        def finish(out):  # [B, G, R, L, K] -> [B, L, H, K]
+            return jnp.moveaxis(out, 3, 1).reshape(b, length, h, d).astype(qs[0].dtype)
+    else:
+        operands = (tuple(qs), tuple(ks), v, key_mask_bl, positions_bl)
+
+        def attend(args):
+            return explicit_attention(*args, masking)
+
+        def finish(out):
+            return out
     n = b // block if shards == 1 else -(-b // block)
     if n <= 1:
-        out = attend(operands)
-    elif shards == 1:
+        return finish(attend(operands))
+    if shards == 1:
         main = jax.tree.map(lambda x: x[:n * block].reshape(n, block, *x.shape[1:]), operands)
-        out = jax.lax.map(attend, main).reshape(n * block, *qs_h[0].shape[1:])
+        out = jax.lax.map(attend, main)
+        out = out.reshape(n * block, *out.shape[2:])
         if n * block < b:
             out = jnp.concatenate([out, attend(jax.tree.map(lambda x: x[n * block:], operands))])
-    else:
-        def split(x):  # [B, ...] -> [n, block, ...], row r at [r % n, r // n]
-            x = jnp.pad(x, [(0, n * block - b)] + [(0, 0)] * (x.ndim - 1))
-            return jnp.swapaxes(x.reshape(block, n, *x.shape[1:]), 0, 1)
+        return finish(out)
 
-        out = jax.lax.map(attend, jax.tree.map(split, operands))
-        out = jnp.swapaxes(out, 0, 1).reshape(n * block, *out.shape[2:])[:b]
-    return jnp.moveaxis(out, 3, 1).reshape(b, length, h, d).astype(qs[0].dtype)
+    def split(x):  # [B, ...] -> [n, block, ...], row r at [r % n, r // n]
+        x = jnp.pad(x, [(0, n * block - b)] + [(0, 0)] * (x.ndim - 1))
+        return jnp.swapaxes(x.reshape(block, n, *x.shape[1:]), 0, 1)
+
+    out = jax.lax.map(attend, jax.tree.map(split, operands))
+    return finish(jnp.swapaxes(out, 0, 1).reshape(n * block, *out.shape[2:])[:b])
 
 
 # ---- chunked online softmax ------------------------------------------------------------------

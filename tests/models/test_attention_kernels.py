@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from embedjax import xla_cpu
 from embedjax.models import attention as kernels
 from embedjax.models import layers
 
@@ -68,14 +69,17 @@ def test_chunked_equals_dense_and_float64_attention(length, chunk, causal, windo
     chunked = kernels.chunked_attention((q,), (k,), v, mask, positions, masking, chunk_size=chunk)
     xla = kernels.xla_attention(q, k, v, mask, masking)
     # 3 rows in blocks of 2: over 8 shards every other row, one padded; on one shard a map over 3
-    # contiguous rows, or one block of 2 rows and a 1-row remainder
-    blocked = kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=2, shards=8)
-    contiguous = kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=1, shards=1)
-    remainder = kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=2, shards=1)
+    # contiguous rows, or one block of 2 rows and a 1-row remainder; each as traced for XLA's
+    # default library and for oneDNN (`embedjax.xla_cpu`: head-major blocks, pairwise reductions)
+    outs = {"chunked": chunked, "dense": dense, "xla": xla}
+    for library in ("xla", "onednn"):
+        with xla_cpu.tracing_for(library):
+            for name, block, shards in (("blocked", 2, 8), ("contiguous", 1, 1), ("remainder", 2, 1)):
+                outs[f"{name}-{library}"] = kernels.blocked_attention((q,), (k,), v, mask, positions, masking,
+                                                                      block=block, shards=shards)
     ref, defined = _numpy_attention(q, k, v, mask, causal, window)
     real = mask[:, :, None] & defined  # queries that are real tokens and see at least one key
-    for name, ours in (("chunked", chunked), ("dense", dense), ("xla", xla), ("blocked", blocked),
-                       ("contiguous", contiguous), ("remainder", remainder)):
+    for name, ours in outs.items():
         err = np.abs(np.asarray(ours, np.float64) - ref)[real].max()
         assert err <= 1e-5, (name, err)
     assert np.abs(np.asarray(chunked) - np.asarray(dense))[real].max() <= 1e-5
@@ -98,10 +102,13 @@ def test_dense_paths_round_as_close_to_float64_as_xla():
         return float(np.abs(np.asarray(out, np.float64) - ref)[mask].mean())
 
     xla = mean_error(kernels.xla_attention(q, k, v, mask, masking))
-    for name, out in (("explicit", kernels.explicit_attention((q,), (k,), v, mask, positions, masking)),
-                      ("blocked", kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=3)),
-                      ("contiguous", kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=3,
-                                                               shards=1))):
+    outs = {"explicit": kernels.explicit_attention((q,), (k,), v, mask, positions, masking)}
+    for library in ("xla", "onednn"):
+        with xla_cpu.tracing_for(library):
+            outs[f"blocked-{library}"] = kernels.blocked_attention((q,), (k,), v, mask, positions, masking, block=3)
+            outs[f"contiguous-{library}"] = kernels.blocked_attention((q,), (k,), v, mask, positions, masking,
+                                                                      block=3, shards=1)
+    for name, out in outs.items():
         assert mean_error(out) <= 1.1 * xla, (name, mean_error(out), xla)
 
 
@@ -109,11 +116,9 @@ def test_dense_paths_round_as_close_to_float64_as_xla():
 def test_blocked_in_a_onednn_program_reduces_rows_pairwise(length, monkeypatch):
     """Traced for a oneDNN program (`embedjax.xla_cpu`), the blocked kernel reduces each score row
     by halving it (48 keys: three halvings, then a plain max and sum of 3; 64: six, down to 1) and
-    still equals float64 attention, causal masks and padding included; traced otherwise it keeps
-    the plain reductions."""
+    still equals float64 attention, causal masks and padding included; traced otherwise its blocks
+    are the dense reference, with plain reductions."""
     import re
-
-    from embedjax import xla_cpu
 
     rng = np.random.default_rng(length)
     q, k, v, mask, positions = _inputs(rng, 5, length, 6, 2, 16, "left")
@@ -173,8 +178,9 @@ def test_chunked_self_extend_gradients_equal_dense_ones():
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(a).max()), 1.0)
 
 
+@pytest.mark.parametrize("library", ["xla", "onednn"])
 @pytest.mark.parametrize("shards", [1, 8])
-def test_blocked_gradients_and_self_extend_equal_the_dense_ones(shards):
+def test_blocked_gradients_and_self_extend_equal_the_dense_ones(shards, library):
     """lax.map over batch blocks (5 rows in blocks of 2: over 8 shards the last block padded, on
     one shard two contiguous blocks and a 1-row remainder) differentiates to the dense gradients;
     SelfExtend's score selection passes through the blocks unchanged."""
@@ -191,8 +197,9 @@ def test_blocked_gradients_and_self_extend_equal_the_dense_ones(shards):
 
         args = (q, extra[0], extra[1], k, extra[2], v)
         dense = jax.value_and_grad(loss(kernels.explicit_attention), argnums=tuple(range(6)))(*args)
-        blocked = jax.value_and_grad(loss(lambda *a: kernels.blocked_attention(*a, block=2, shards=shards)),
-                                     argnums=tuple(range(6)))(*args)
+        with xla_cpu.tracing_for(library):
+            blocked = jax.value_and_grad(loss(lambda *a: kernels.blocked_attention(*a, block=2, shards=shards)),
+                                         argnums=tuple(range(6)))(*args)
         assert abs(float(dense[0] - blocked[0])) <= 1e-4 * max(abs(float(dense[0])), 1.0)
         for a, b in zip(dense[1], blocked[1]):
             assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(a).max()), 1.0)
@@ -209,7 +216,8 @@ def test_batch_block_keeps_a_block_of_scores_within_the_budget():
             _inputs(np.random.default_rng(0), 2, 4, 2, 2, 4, "right")), kernels.Masking(), block=0)
 
 
-def test_blocked_keeps_a_sharded_batch_on_its_devices():
+@pytest.mark.parametrize("library", ["xla", "onednn"])
+def test_blocked_keeps_a_sharded_batch_on_its_devices(library):
     """A batch sharded over the suite's 8 CPU devices: each device maps over its own rows (no
     all-gather in the compiled program) and the result equals the dense kernel's."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -222,14 +230,16 @@ def test_blocked_keeps_a_sharded_batch_on_its_devices():
     q, k, v, mask, positions = (jax.device_put(jnp.asarray(x), sharding) for x in (q, k, v, mask, positions))
     masking = kernels.Masking()
     assert kernels.batch_block(16, 16, 300, shards=8) == 8  # 2 map steps, 1 row per device each
-    blocked = jax.jit(lambda *a: kernels.blocked_attention((a[0],), (a[1],), a[2], a[3], a[4], masking))
-    assert "all-gather" not in blocked.lower(q, k, v, mask, positions).compile().as_text()
+    with xla_cpu.tracing_for(library):  # both traces happen inside: jit traces on first use
+        blocked = jax.jit(lambda *a: kernels.blocked_attention((a[0],), (a[1],), a[2], a[3], a[4], masking))
+        assert "all-gather" not in blocked.lower(q, k, v, mask, positions).compile().as_text()
+        out = blocked(q, k, v, mask, positions)
     dense = kernels.explicit_attention((q,), (k,), v, mask, positions, masking)
-    assert float(jnp.abs(blocked(q, k, v, mask, positions) - dense).max()) <= 1e-5
+    assert float(jnp.abs(out - dense).max()) <= 1e-5
 
 
 def test_chunked_and_blocked_bfloat16_stay_close_to_float32():
-    """bfloat16 inputs (the blocked kernel then scales the float32 scores, not the query): within
+    """bfloat16 inputs (the oneDNN blocks then scale the float32 scores, not the query): within
     3e-2 of float32, about 4 bfloat16 ulps of outputs of norm ~1."""
     rng = np.random.default_rng(5)
     q, k, v, mask, positions = _inputs(rng, 2, 70, 4, 4, 32, "right")
@@ -237,7 +247,8 @@ def test_chunked_and_blocked_bfloat16_stay_close_to_float32():
     f32 = kernels.explicit_attention((q,), (k,), v, mask, positions, masking)
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     chunked = kernels.chunked_attention((bf[0],), (bf[1],), bf[2], mask, positions, masking, chunk_size=16)
-    blocked = kernels.blocked_attention((bf[0],), (bf[1],), bf[2], mask, positions, masking, block=1, shards=1)
+    with xla_cpu.tracing_for("onednn"):  # the head-major blocks, which scale half-precision scores
+        blocked = kernels.blocked_attention((bf[0],), (bf[1],), bf[2], mask, positions, masking, block=1, shards=1)
     for out in (chunked, blocked):
         assert out.dtype == jnp.bfloat16
         assert float(jnp.abs(out.astype(jnp.float32) - f32)[mask].max()) <= 3e-2
