@@ -20,8 +20,10 @@ The choice, ``EMBEDJAX_CPU_GEMM`` (default ``auto``):
 - ``onednn``: as above; an error if this jaxlib rejects the options.
 - ``xla``: XLA's defaults (no per-program options).
 
-Only inference takes these options: the fine-tuning step's products are small enough that
-YNNPACK's were as fast (``bench train``, BENCHMARKS.md). Compiler options are per program, so
+Only inference takes these options so far. The training step keeps XLA's defaults: a scratch
+timing of MiniLM's gradient at 32 x 40 tokens ran ~13 % faster with oneDNN's single dots
+(`benchmarks/profile_grad_step.py` under the equivalent XLA_FLAGS, two pairs), but backward
+programs have not been checked against the abort above. Compiler options are per program, so
 nothing else in the process changes. `inference_jit` compiles a function with them and tells its
 tracing the library (`tracing_library`).
 """

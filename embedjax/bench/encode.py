@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack", choices=tuple(PACK_MODES), default="auto",
                         help="embedjax's sequence packing (Encoder.encode's pack): auto packs where it computes at "
                              "most 90%% of the padded positions (short sentences), on always, off never")
-    parser.add_argument("--cpu-gemm", choices=("auto", "onednn", "xla"), default=None,
+    from embedjax import xla_cpu  # stdlib only at import: the CLI's help stays light
+
+    parser.add_argument("--cpu-gemm", choices=xla_cpu.CHOICES, default=None,
                         help="kernel libraries XLA:CPU calls (embedjax.xla_cpu; default: $EMBEDJAX_CPU_GEMM or auto)")
     report.add_arguments(parser)
 
