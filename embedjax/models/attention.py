@@ -19,6 +19,8 @@ sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS
   attention over a whole batch writes every [L, L] score matrix to memory and reads it back for the
   softmax and again for the value product; a cache-sized block avoids those round trips (measured
   1.7-1.8x faster than ``xla`` at 64 x 128 and 64 x 256 tokens, MiniLM's 12 heads, idle; BENCHMARKS.md).
+  In programs compiled for oneDNN (`embedjax.xla_cpu`, CPU inference on Intel) the blocks are
+  head-major and normalised late, with pairwise row reductions (`_head_major_attention`).
 
 ``"auto"`` picks per call (`resolve_impl`): on a GPU, ``xla`` for half-precision inputs without
 SelfExtend (cuDNN's fused kernel), else ``chunked``; on TPU, ``xla`` for sequences up to
@@ -249,7 +251,8 @@ def blocked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *,
     Each block is `explicit_attention` itself, which rounds as `jax.nn.dot_product_attention`
     does, except in programs compiled for oneDNN (`embedjax.xla_cpu.tracing_library`): there the
     operands are transposed head-major once and each block is `_head_major_attention`, the same
-    function in fewer passes over the scores (measured 1.3-1.5x faster per layer there), whose
+    function in fewer passes over the scores (a scratch timing of one layer at 64 x 256 tokens,
+    MiniLM's 12 heads: 112-190 ms against 190-290 ms for the reference blocks; BENCHMARKS.md), whose
     float32 rounding differs by a few ulps."""
     b, length, h, d = qs[0].shape
     g = v.shape[2]
