@@ -9,11 +9,13 @@ batch-blocked dense kernel, ``explicit`` the dense reference, ``chunked`` the on
 ``torch.nn.functional.scaled_dot_product_attention`` on the same numbers in PyTorch's [B, H, L, D]
 layout (the transposes are made before timing). ``ratio_<impl>`` is SDPA's time over the
 implementation's (above 1: embedjax faster). Every output is checked against SDPA's on the real
-tokens.
+tokens. The programs are compiled as `Encoder`'s are (`embedjax.xla_cpu.inference_jit`; the row's
+``cpu_gemm``): on Intel CPUs oneDNN takes the products and ``blocked`` runs its oneDNN blocks.
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 from embedjax.bench import report
 
@@ -29,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {IMPLS}")
     parser.add_argument("--chunk-size", type=int, default=128, help="key block of the chunked kernel")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (median)")
+    from embedjax import xla_cpu  # stdlib only at import: the CLI's help stays light
+
+    parser.add_argument("--cpu-gemm", choices=xla_cpu.CHOICES, default=None,
+                        help="kernel libraries XLA:CPU calls, as for Encoder's programs (embedjax.xla_cpu; default: "
+                             "$EMBEDJAX_CPU_GEMM or auto, oneDNN on Intel CPUs, where blocked uses its oneDNN blocks)")
     report.add_arguments(parser)
 
 
@@ -57,6 +64,7 @@ def _jax_fn(impl: str, chunk_size: int):
     import jax
     import jax.numpy as jnp
 
+    from embedjax import xla_cpu
     from embedjax.models import attention as kernels
 
     masking = kernels.Masking()
@@ -71,7 +79,7 @@ def _jax_fn(impl: str, chunk_size: int):
             return kernels.chunked_attention((q,), (k,), v, mask, positions, masking, chunk_size=chunk_size)
         return kernels.explicit_attention((q,), (k,), v, mask, positions, masking)
 
-    return jax.jit(fn)
+    return xla_cpu.inference_jit(fn, jax.devices()[0].platform)
 
 
 def _torch_fn(q, k, v, mask):
@@ -94,7 +102,11 @@ def run(args: argparse.Namespace) -> dict:
     from embedjax.bench.timing import median_seconds, sig
     from embedjax.models.attention import batch_block
 
+    from embedjax import xla_cpu
+
     lengths, impls = _parse(args)
+    if args.cpu_gemm is not None:  # read when the programs are built
+        os.environ[xla_cpu.ENV] = args.cpu_gemm
     started = report.start(args)
     rows = []
     for length in lengths:
@@ -110,7 +122,8 @@ def run(args: argparse.Namespace) -> dict:
                 times[impl].append(median_seconds(lambda p=program: p(*device_args), args.repeats))
         torch_ms = 1e3 * float(np.median(times["torch"]))
         row = {"shape": f"{args.batch}x{length}x{args.heads}x{args.head_dim}", "torch_sdpa_ms": sig(torch_ms),
-               "blocked_rows": batch_block(args.batch, args.heads, length, shards=jax.device_count())}
+               "blocked_rows": batch_block(args.batch, args.heads, length, shards=jax.device_count()),
+               "cpu_gemm": xla_cpu.resolved(jax.devices()[0].platform)}
         worst = 0.0
         for impl, program in programs.items():
             ms = 1e3 * float(np.median(times[impl]))

@@ -251,9 +251,10 @@ def blocked_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *,
     Each block is `explicit_attention` itself, which rounds as `jax.nn.dot_product_attention`
     does, except in programs compiled for oneDNN (`embedjax.xla_cpu.tracing_library`): there the
     operands are transposed head-major once and each block is `_head_major_attention`, the same
-    function in fewer passes over the scores (a scratch timing of one layer at 64 x 256 tokens,
-    MiniLM's 12 heads: 112-190 ms against 190-290 ms for the reference blocks; BENCHMARKS.md), whose
-    float32 rounding differs by a few ulps."""
+    function in fewer passes over the scores, whose float32 rounding differs by a few ulps. There
+    XLA's own emitter runs the reductions, and the reference blocks ran 190-290 ms per layer at
+    64 x 256 tokens (MiniLM's 12 heads, scratch timings) where these run 180 ms, as fast as the
+    reference blocks in a YNNPACK program (188 ms; `bench attention --cpu-gemm`, BENCHMARKS.md)."""
     b, length, h, d = qs[0].shape
     g = v.shape[2]
     shards = jax.device_count() if shards is None else shards
