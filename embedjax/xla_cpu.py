@@ -56,6 +56,7 @@ def requested(value: str | None = None) -> str:
     return choice
 
 
+@functools.cache
 def _is_intel_x86() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
@@ -129,4 +130,4 @@ def inference_jit(fn, platform_name: str, **jit_kwargs):
         with tracing_for(library):
             return fn(*args, **kwargs)
 
-    return jax.jit(traced, compiler_options=inference_options(platform_name), **jit_kwargs)
+    return jax.jit(traced, compiler_options=dict(ONEDNN_DOTS) if library == "onednn" else None, **jit_kwargs)
