@@ -1,31 +1,32 @@
-"""Which kernel libraries XLA:CPU calls for inference programs (`Encoder`'s embedding function).
+"""Which kernel libraries XLA:CPU calls for embedjax's programs (`Encoder`'s embedding function and
+the training step).
 
 XLA:CPU hands dense products, reductions and some elementwise work to a kernel library. jaxlib
 0.10's default, YNNPACK, runs MiniLM's float32 GEMMs at 0.65-0.92x PyTorch's rate on the 2-core
 Intel Xeon (Emerald Rapids) this project measures on (`bench matmul`, BENCHMARKS.md); oneDNN, also
-compiled into jaxlib, runs them at 0.92-1.0x. The ``onednn`` programs give oneDNN each dot on its
-own and XLA's own emitter everything else. Letting oneDNN fuse elementwise producers into its
-dots (``LIBRARY_FUSION_TYPE_DOT``) is no faster and unsafe: jaxlib 0.10.2 then aborts the whole
-process at the first run of some programs ("partition compile failed": a dot reading erf GELU,
-SiLU, or the exponential of another dot). Two mixtures measured worse: YNNPACK as the elementwise
-library splits GELU's erf into a chain of materialised fusions, and YNNPACK as the reduction
-library pulls the dot before each layer norm into its own fusion and runs it at half oneDNN's
-rate. XLA's emitter in turn runs long row reductions slowly (a reduce-window), which the blocked
-attention kernel avoids by reducing pairwise in oneDNN programs (`tracing_library`).
+compiled into jaxlib, runs them at 0.92-1.0x. On a 2-core AMD EPYC (Zen 4 with only AVX2 exposed
+by its hypervisor) oneDNN encoded long documents 1.39x faster than YNNPACK in the same sitting.
+The ``onednn`` programs give oneDNN each dot on its own and XLA's own emitter everything else.
+Letting oneDNN fuse elementwise producers into its dots (``LIBRARY_FUSION_TYPE_DOT``) is no
+faster and unsafe: jaxlib 0.10.2 then aborts the whole process at the first run of some programs
+("partition compile failed": a dot reading erf GELU, SiLU, or the exponential of another dot).
+Two mixtures measured worse: YNNPACK as the elementwise library splits GELU's erf into a chain of
+materialised fusions, and YNNPACK as the reduction library pulls the dot before each layer norm
+into its own fusion and runs it at half oneDNN's rate. XLA's emitter in turn runs long row
+reductions slowly (a reduce-window), which the blocked attention kernel avoids by reducing
+pairwise in oneDNN inference programs (`tracing_library`).
 
 The choice, ``EMBEDJAX_CPU_GEMM`` (default ``auto``):
 
-- ``auto``: ``onednn`` on Intel x86-64 where this jaxlib accepts the options, else ``xla``. AMD
-  EPYC keeps XLA's defaults: there they ran ahead of PyTorch already and oneDNN was not measured.
+- ``auto``: ``onednn`` on x86-64 (Intel or AMD) where this jaxlib accepts the options, else
+  ``xla`` (other architectures keep XLA's defaults: not measured).
 - ``onednn``: as above; an error if this jaxlib rejects the options.
 - ``xla``: XLA's defaults (no per-program options).
 
-Only inference takes these options so far. The training step keeps XLA's defaults: a scratch
-timing of MiniLM's gradient at 32 x 40 tokens ran ~13 % faster with oneDNN's single dots
-(`benchmarks/profile_grad_step.py` under the equivalent XLA_FLAGS, two pairs), but backward
-programs have not been checked against the abort above. Compiler options are per program, so
-nothing else in the process changes. `inference_jit` compiles a function with them and tells its
-tracing the library (`tracing_library`).
+Compiler options are per program, so nothing else in the process changes. `inference_jit`
+compiles a function with them and tells its tracing the library (`tracing_library`); the training
+step (`embedjax.train.step`) takes `compiler_options` but traces as for XLA, so its attention
+blocks keep the rounding (and the gradient) the rest of the tests pin.
 """
 from __future__ import annotations
 
@@ -56,15 +57,8 @@ def requested(value: str | None = None) -> str:
     return choice
 
 
-@functools.cache
-def _is_intel_x86() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
-    except OSError:
-        return False
+def _is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 @functools.cache
@@ -88,7 +82,7 @@ def resolved(platform_name: str, value: str | None = None) -> str:
         return "xla"
     options = tuple(sorted(ONEDNN_DOTS.items()))
     if choice == "auto":
-        return "onednn" if _is_intel_x86() and _accepted(options) is None else "xla"
+        return "onednn" if _is_x86_64() and _accepted(options) is None else "xla"
     error = _accepted(options)
     if error is not None:
         raise ValueError(f"{ENV}=onednn: this jaxlib does not accept the oneDNN options ({error}); "
@@ -96,8 +90,8 @@ def resolved(platform_name: str, value: str | None = None) -> str:
     return "onednn"
 
 
-def inference_options(platform_name: str, value: str | None = None) -> dict | None:
-    """``compiler_options`` for an inference program on ``platform_name`` devices (None: XLA's)."""
+def compiler_options(platform_name: str, value: str | None = None) -> dict | None:
+    """``jax.jit``'s ``compiler_options`` for a program on ``platform_name`` devices (None: XLA's)."""
     return dict(ONEDNN_DOTS) if resolved(platform_name, value) == "onednn" else None
 
 
@@ -119,7 +113,7 @@ def tracing_for(library: str):
 
 
 def inference_jit(fn, platform_name: str, **jit_kwargs):
-    """``jax.jit(fn, **jit_kwargs)`` compiled with `inference_options` for ``platform_name``, its
+    """``jax.jit(fn, **jit_kwargs)`` compiled with `compiler_options` for ``platform_name``, its
     tracing told the library (`tracing_library`)."""
     import jax
 

@@ -23,10 +23,10 @@ def test_the_choice_is_read_from_the_environment_and_checked(monkeypatch):
     monkeypatch.setenv(xla_cpu.ENV, "mkl")
     with pytest.raises(ValueError, match="EMBEDJAX_CPU_GEMM='mkl'.*'auto', 'onednn', 'xla'"):
         xla_cpu.requested()
-    assert xla_cpu.resolved("gpu", "onednn") == "xla" and xla_cpu.inference_options("tpu", "onednn") is None
-    assert xla_cpu.resolved("cpu", "xla") == "xla" and xla_cpu.inference_options("cpu", "xla") is None
+    assert xla_cpu.resolved("gpu", "onednn") == "xla" and xla_cpu.compiler_options("tpu", "onednn") is None
+    assert xla_cpu.resolved("cpu", "xla") == "xla" and xla_cpu.compiler_options("cpu", "xla") is None
     assert xla_cpu.resolved("cpu", "onednn") == "onednn"
-    assert xla_cpu.resolved("cpu", "auto") == ("onednn" if xla_cpu._is_intel_x86() else "xla")
+    assert xla_cpu.resolved("cpu", "auto") == ("onednn" if xla_cpu._is_x86_64() else "xla")
 
 
 def test_a_onednn_program_calls_onednn_for_its_dots_and_tells_its_tracing(monkeypatch):
@@ -51,8 +51,8 @@ def test_a_onednn_program_calls_onednn_for_its_dots_and_tells_its_tracing(monkey
 def test_programs_that_abort_under_fused_onednn_dots_run(tmp_path):
     """jaxlib 0.10.2 aborts the process ("partition compile failed") at the first run of a dot that
     reads erf GELU, SiLU, or the exponential of another dot when oneDNN fuses elementwise producers
-    into its dots; `xla_cpu.ONEDNN_DOTS` gives it single dots. A subprocess, since an abort would
-    take the test runner with it."""
+    into its dots; `xla_cpu.ONEDNN_DOTS` gives it single dots. Their gradients too (the training
+    step's programs). A subprocess, since an abort would take the test runner with it."""
     script = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from embedjax import xla_cpu
@@ -64,13 +64,18 @@ def test_programs_that_abort_under_fused_onednn_dots_run(tmp_path):
             "attention": lambda x: jnp.exp((x @ x.T) * 0.01) @ x,
         }
         for name, f in programs.items():
-            onednn = jax.jit(f, compiler_options=xla_cpu.inference_options("cpu", "onednn"))(x)
-            np.testing.assert_allclose(np.asarray(onednn), np.asarray(jax.jit(f)(x)), rtol=2e-5, atol=2e-5)
-            print(name, "ok")
+            # forward, and the backward programs the training step compiles with the same options
+            for part, g in (("forward", f), ("gradient", jax.grad(lambda x, f=f: jnp.sum(f(x) ** 2)))):
+                onednn = jax.jit(g, compiler_options=xla_cpu.compiler_options("cpu", "onednn"))(x)
+                reference = np.asarray(jax.jit(g)(x))
+                # float32 sums: the gradients' entries cancel terms up to ~1e3x larger than themselves
+                np.testing.assert_allclose(np.asarray(onednn), reference, atol=2e-6 * np.abs(reference).max())
+                print(name, part)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.split() == ["gelu_mlp", "ok", "swiglu", "ok", "attention", "ok"]
+    assert done.stdout.split() == [word for name in ("gelu_mlp", "swiglu", "attention")
+                                   for word in (name, "forward", name, "gradient")]
 
 
 def test_encoder_embeddings_do_not_depend_on_the_cpu_library(monkeypatch, data_dir):
@@ -92,3 +97,33 @@ def test_encoder_embeddings_do_not_depend_on_the_cpu_library(monkeypatch, data_d
     assert "__onednn_fusion" in hlo["onednn"] and "__onednn_fusion" not in hlo["xla"]
     assert np.abs(out["onednn"] - out["xla"]).max() <= 2e-6
     assert np.abs(out["onednn"] @ out["xla"].T - np.eye(len(texts))).diagonal().max() <= 1e-5
+
+
+def test_the_training_step_compiles_with_the_chosen_library(monkeypatch):
+    """`make_train_step` takes the same options (its dots, forward and backward, go to oneDNN), and
+    one SGD step's update agrees with XLA's defaults to float32 rounding."""
+    import optax
+
+    from embedjax.sharding.mesh import make_mesh
+    from embedjax.train.state import create_state, state_shardings
+    from embedjax.train.step import Objective, batch_shardings, make_train_step
+
+    rng = np.random.default_rng(1)
+    w0 = jnp.asarray(rng.normal(size=(29, 43)) / 6, jnp.float32)
+    batch = {"x": jnp.asarray(rng.normal(size=(13, 29)), jnp.float32)}
+    objective = Objective(
+        embed_columns=lambda params, b, r, shared=None: {"x": jax.nn.gelu(b["x"] @ params["w"], approximate=False)},
+        loss_from_embeddings=lambda emb, b: jnp.mean(emb["x"] @ emb["x"].T))
+    tx, mesh = optax.sgd(0.1), make_mesh({"data": 1}, devices=jax.devices()[:1])
+    updated, hlo = {}, {}
+    for library in ("onednn", "xla"):
+        monkeypatch.setenv(xla_cpu.ENV, library)
+        params = {"w": w0 + 0}  # the step donates its state
+        step = make_train_step(objective, tx, lambda s: 0.1, state_shardings(params, tx, mesh, ()),
+                               batch_shardings(batch, mesh, None), mesh)
+        state = create_state(params, tx, 0)
+        hlo[library] = step.lower(state, batch).compile().as_text()
+        updated[library] = np.asarray(step(state, batch)[0].params["w"])
+    assert hlo["onednn"].count("__onednn_fusion") >= 3 and "__onednn_fusion" not in hlo["xla"]
+    assert np.abs(updated["onednn"] - np.asarray(w0)).max() > 1e-3  # the step moved the weights
+    np.testing.assert_allclose(updated["onednn"], updated["xla"], rtol=1e-5, atol=1e-6)

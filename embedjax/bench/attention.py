@@ -15,7 +15,6 @@ tokens. The programs are compiled as `Encoder`'s are (`embedjax.xla_cpu.inferenc
 from __future__ import annotations
 
 import argparse
-import os
 
 from embedjax.bench import report
 
@@ -31,11 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {IMPLS}")
     parser.add_argument("--chunk-size", type=int, default=128, help="key block of the chunked kernel")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (median)")
-    from embedjax import xla_cpu  # stdlib only at import: the CLI's help stays light
-
-    parser.add_argument("--cpu-gemm", choices=xla_cpu.CHOICES, default=None,
-                        help="kernel libraries XLA:CPU calls, as for Encoder's programs (embedjax.xla_cpu; default: "
-                             "$EMBEDJAX_CPU_GEMM or auto, oneDNN on Intel CPUs, where blocked uses its oneDNN blocks)")
+    report.add_cpu_gemm_argument(parser)
     report.add_arguments(parser)
 
 
@@ -102,11 +97,8 @@ def run(args: argparse.Namespace) -> dict:
     from embedjax.bench.timing import median_seconds, sig
     from embedjax.models.attention import batch_block
 
-    from embedjax import xla_cpu
-
     lengths, impls = _parse(args)
-    if args.cpu_gemm is not None:  # read when the programs are built
-        os.environ[xla_cpu.ENV] = args.cpu_gemm
+    cpu_gemm = report.apply_cpu_gemm(args)
     started = report.start(args)
     rows = []
     for length in lengths:
@@ -123,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         torch_ms = 1e3 * float(np.median(times["torch"]))
         row = {"shape": f"{args.batch}x{length}x{args.heads}x{args.head_dim}", "torch_sdpa_ms": sig(torch_ms),
                "blocked_rows": batch_block(args.batch, args.heads, length, shards=jax.device_count()),
-               "cpu_gemm": xla_cpu.resolved(jax.devices()[0].platform)}
+               "cpu_gemm": cpu_gemm}
         worst = 0.0
         for impl, program in programs.items():
             ms = 1e3 * float(np.median(times[impl]))

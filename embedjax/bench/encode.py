@@ -45,10 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack", choices=tuple(PACK_MODES), default="auto",
                         help="embedjax's sequence packing (Encoder.encode's pack): auto packs where it computes at "
                              "most 90%% of the padded positions (short sentences), on always, off never")
-    from embedjax import xla_cpu  # stdlib only at import: the CLI's help stays light
-
-    parser.add_argument("--cpu-gemm", choices=xla_cpu.CHOICES, default=None,
-                        help="kernel libraries XLA:CPU calls (embedjax.xla_cpu; default: $EMBEDJAX_CPU_GEMM or auto)")
+    report.add_cpu_gemm_argument(parser)
     report.add_arguments(parser)
 
 
@@ -82,14 +79,10 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    import jax
-
     import embedjax as ej
-    from embedjax import xla_cpu
     from embedjax.models.pretrained import resolve_model_dir
 
-    if args.cpu_gemm is not None:  # read by the Encoder when it compiles
-        os.environ[xla_cpu.ENV] = args.cpu_gemm
+    cpu_gemm = report.apply_cpu_gemm(args)
     sentences = load_texts(args.corpus, args.data, args.num_texts)
     folder = resolve_model_dir(args.model)
     enc = ej.Encoder.from_pretrained(folder, dtype=args.dtype, max_length=args.max_length,
@@ -124,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "dtype": args.dtype,
         "attention_impl": args.attention_impl,
-        "cpu_gemm": xla_cpu.resolved(jax.devices()[0].platform),
+        "cpu_gemm": cpu_gemm,
         "pack": args.pack,
         "packed": enc.packing_plan(enc.tokenizer.token_ids(sentences), args.batch_size,
                                     PACK_MODES[args.pack]) is not None,

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
         programs = {"xla": jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))}
         if jax.default_backend() == "cpu":
             programs["onednn"] = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b),
-                                         compiler_options=xla_cpu.inference_options("cpu", "onednn"))
+                                         compiler_options=xla_cpu.compiler_options("cpu", "onednn"))
         a, b = jax.device_put(lhs), jax.device_put(rhs)
         ta, tb = torch.from_numpy(lhs), torch.from_numpy(rhs.reshape(rhs_shape[0], -1))
 

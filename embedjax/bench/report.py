@@ -54,6 +54,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds --wait-idle may wait before the bench fails (default 3600)")
 
 
+def add_cpu_gemm_argument(parser: argparse.ArgumentParser) -> None:
+    """--cpu-gemm: the kernel libraries XLA:CPU calls for embedjax's programs (`embedjax.xla_cpu`)."""
+    from embedjax import xla_cpu  # stdlib only at import: the CLI's help stays light
+
+    parser.add_argument("--cpu-gemm", choices=xla_cpu.CHOICES, default=None,
+                        help="kernel libraries XLA:CPU calls for embedjax's programs (embedjax.xla_cpu; default: "
+                             f"${xla_cpu.ENV} or auto: oneDNN's dots on x86-64)")
+
+
+def apply_cpu_gemm(args: argparse.Namespace) -> str:
+    """Put ``--cpu-gemm`` (if given) where the programs read it; the library they will use
+    (``onednn`` or ``xla``) on JAX's default device, for the row."""
+    import jax
+
+    from embedjax import xla_cpu
+
+    if args.cpu_gemm is not None:  # read when the programs are compiled
+        os.environ[xla_cpu.ENV] = args.cpu_gemm
+    return xla_cpu.resolved(jax.devices()[0].platform)
+
+
 def wait_for_idle(threshold: float, timeout_s: float, *, poll_s: float = 15.0, load=provenance.load_average_1min,
                   sleep=time.sleep, clock=time.monotonic) -> float:
     """Block until ``load() < threshold``; return that load. TimeoutError after ``timeout_s``."""
@@ -83,22 +104,34 @@ def start(args: argparse.Namespace) -> dict:
     return info
 
 
+def cpu_description(cpuinfo: str, cores: int) -> str:
+    """The CPU as ``/proc/cpuinfo`` text describes it: model name, then family and model numbers and
+    the widest vector ISA it exposes (hosts behind one model name differ: a hypervisor may hide
+    AVX-512 from one AMD EPYC and not another), then ``cores``."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    model = fields.get("model name") or platform.processor() or "cpu"
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    detail = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    detail += [isa] if isa else []
+    return f"{model}{' (' + ', '.join(detail) + ')' if detail else ''}, {cores} cores"
+
+
 def device_description() -> str:
-    """The machine a number was measured on: accelerator if JAX has one, else CPU model and cores."""
+    """The machine a number was measured on: accelerator if JAX has one, else `cpu_description`."""
     import jax
 
     dev = jax.devices()[0]
     if dev.platform != "cpu":
         return f"{dev.device_kind} x{jax.device_count()}"
-    model = platform.processor() or "cpu"
     try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+        cpuinfo = ""
+    return cpu_description(cpuinfo, os.cpu_count())
 
 
 def _shown_versions(versions: dict) -> str:

@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated padded lengths for embedjax (default: the recipe's ladder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="a config override for the embedjax side, repeatable (e.g. model.remat=dots_no_batch)")
+    report.add_cpu_gemm_argument(parser)
     report.add_arguments(parser)
 
 
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--steps={args.steps}: time at least 3 steps (the first one is not timed)")
     if args.batch_size is not None and args.batch_size < 2:
         raise ValueError(f"--batch-size={args.batch_size}: CoSENT needs at least 2 pairs per batch")
+    cpu_gemm = report.apply_cpu_gemm(args)
     started = report.start(args)
     with tempfile.TemporaryDirectory() as tmp:
         summary, (cfg, data) = _embedjax_run(args.steps, args.workdir or os.path.join(tmp, "run"), args.batch_size,
@@ -156,6 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         "embedjax tokens/s/device": round(summary["train_tokens_per_s_per_device"], 1),
         "devices": summary["devices"],
         "torch_threads": reference["torch_threads"],
+        "cpu_gemm": cpu_gemm,
         "device": report.device_description(),
     }
     return report.finish(args, "train", SECTION, [row], started)[0]

@@ -6,8 +6,9 @@ pairs; for retrieval pairs InfoNCE or SigLIP (dense, or the memory-tiled ring ve
 the ``data`` mesh axis) or CoSENT on binary in-batch relevance, optionally summed over
 (layer, dim) pairs (2D Matryoshka / Starbucks, ``layer_dims``).
 ``make_train_step`` wraps one optimizer update (plain autodiff, or GradCache when
-``gradcache_sub_batch`` > 0) in `jax.jit` with explicit input and output shardings
-and the old state's buffers donated to the new one.
+``gradcache_sub_batch`` > 0) in `jax.jit` with explicit input and output shardings,
+the old state's buffers donated to the new one, and on CPU the kernel libraries
+`embedjax.xla_cpu` chooses (``EMBEDJAX_CPU_GEMM``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from embedjax import xla_cpu
 from embedjax.data.packing import is_packed
 from embedjax.train.state import DEFAULT_DROPOUT_RNG, TrainState, check_dropout_rng
 
@@ -436,4 +438,5 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
         in_shardings=(state_shardings, batch_sharding_tree),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform),
     )

@@ -171,3 +171,15 @@ def test_rows_say_whether_they_were_measured_under_load(monkeypatch):
     assert report.start(args)["measured"] == "under load"
     monkeypatch.setattr(report.provenance, "load_average_1min", lambda: 0.1)
     assert report.start(args)["measured"] == "idle"
+
+
+def test_the_cpu_description_tells_hosts_behind_one_model_name_apart():
+    """Two AMD EPYC hosts measured days apart differed 2x in speed and in the ISA their hypervisor
+    exposed; the row must say which one it was (the first processor's fields, the widest ISA)."""
+    def cpuinfo(family, model, flags):
+        one = f"processor\t: 0\nvendor_id\t: x\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n"
+        return one + one.replace("processor\t: 0", "processor\t: 1").replace("avx512f", "")
+    assert report.cpu_description(cpuinfo(25, 17, "fma avx2 avx512f avx512bw"), 2) == \
+        "AMD EPYC (family 25 model 17, AVX-512), 2 cores"
+    assert report.cpu_description(cpuinfo(25, 1, "fma avx2"), 2) == "AMD EPYC (family 25 model 1, AVX2), 2 cores"
+    assert report.cpu_description("processor\t: 0\nmodel name\t: Some ARM\n", 4) == "Some ARM, 4 cores"
