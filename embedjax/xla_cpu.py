@@ -19,8 +19,11 @@ pairwise in oneDNN inference programs (`tracing_library`).
 The choice, ``EMBEDJAX_CPU_GEMM`` (default ``auto``):
 
 - ``auto``: ``onednn`` on x86-64 (Intel or AMD) where this jaxlib accepts the options, else
-  ``xla`` (other architectures keep XLA's defaults: not measured).
-- ``onednn``: as above; an error if this jaxlib rejects the options.
+  ``xla`` (other architectures keep XLA's defaults: not measured). Also ``xla`` while JAX's
+  persistent compilation cache is on (``jax_compilation_cache_dir`` set): jaxlib 0.10.2 cannot
+  serialise a oneDNN program ("ToProto is not implemented for thunk kind: onednn-fusion"), so
+  every process would compile it again, and warn, where the cache was asked to save that time.
+- ``onednn``: as above, cache or not; an error if this jaxlib rejects the options.
 - ``xla``: XLA's defaults (no per-program options).
 
 Compiler options are per program, so nothing else in the process changes. `inference_jit`
@@ -75,6 +78,13 @@ def _accepted(options: tuple) -> str | None:
     return None
 
 
+def persistent_cache_on() -> bool:
+    """Whether JAX writes compiled programs to a persistent cache (a cache folder is set)."""
+    import jax
+
+    return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+
+
 def resolved(platform_name: str, value: str | None = None) -> str:
     """``onednn`` or ``xla``: what the choice means for programs on ``platform_name`` devices."""
     choice = requested(value)
@@ -82,7 +92,9 @@ def resolved(platform_name: str, value: str | None = None) -> str:
         return "xla"
     options = tuple(sorted(ONEDNN_DOTS.items()))
     if choice == "auto":
-        return "onednn" if _is_x86_64() and _accepted(options) is None else "xla"
+        if not _is_x86_64() or persistent_cache_on():
+            return "xla"
+        return "onednn" if _accepted(options) is None else "xla"
     error = _accepted(options)
     if error is not None:
         raise ValueError(f"{ENV}=onednn: this jaxlib does not accept the oneDNN options ({error}); "

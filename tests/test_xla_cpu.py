@@ -29,6 +29,19 @@ def test_the_choice_is_read_from_the_environment_and_checked(monkeypatch):
     assert xla_cpu.resolved("cpu", "auto") == ("onednn" if xla_cpu._is_x86_64() else "xla")
 
 
+def test_auto_keeps_xla_programs_while_the_persistent_compilation_cache_is_on(tmp_path):
+    """jaxlib 0.10.2 cannot write a oneDNN program to the cache: auto then keeps XLA's defaults,
+    an explicit onednn still gets oneDNN."""
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    try:
+        assert xla_cpu.persistent_cache_on()
+        assert xla_cpu.resolved("cpu", "auto") == "xla" and xla_cpu.resolved("cpu", "onednn") == "onednn"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+    assert xla_cpu.resolved("cpu", "auto") == ("onednn" if xla_cpu._is_x86_64() and not previous else "xla")
+
+
 def test_a_onednn_program_calls_onednn_for_its_dots_and_tells_its_tracing(monkeypatch):
     monkeypatch.setenv(xla_cpu.ENV, "onednn")
     seen = []

@@ -10,7 +10,7 @@ batch-blocked dense kernel, ``explicit`` the dense reference, ``chunked`` the on
 layout (the transposes are made before timing). ``ratio_<impl>`` is SDPA's time over the
 implementation's (above 1: embedjax faster). Every output is checked against SDPA's on the real
 tokens. The programs are compiled as `Encoder`'s are (`embedjax.xla_cpu.inference_jit`; the row's
-``cpu_gemm``): on Intel CPUs oneDNN takes the products and ``blocked`` runs its oneDNN blocks.
+``cpu_gemm``): on x86-64 CPUs oneDNN takes the products and ``blocked`` runs its oneDNN blocks.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ PyTorch (``torch.matmul`` on the same numbers, same thread count), alternating t
 product with both rates in GFLOP/s and ``ratio`` = XLA's rate over PyTorch's. The ``qkv_heads`` row
 is the ``DenseGeneral`` spelling ([T, d] x [d, H, K]); ``qkv`` the same product as a plain 2-D one.
 On CPUs each product is also compiled with `embedjax.xla_cpu`'s oneDNN options (``onednn_gflops``,
-``onednn_ratio``: what `Encoder` runs on Intel CPUs; XLA's default library is the ``xla`` column).
+``onednn_ratio``: what `Encoder` and the training step run on x86-64 CPUs; XLA's default library is the ``xla`` column).
 """
 from __future__ import annotations
 

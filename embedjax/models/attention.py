@@ -19,7 +19,7 @@ sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS
   attention over a whole batch writes every [L, L] score matrix to memory and reads it back for the
   softmax and again for the value product; a cache-sized block avoids those round trips (measured
   1.7-1.8x faster than ``xla`` at 64 x 128 and 64 x 256 tokens, MiniLM's 12 heads, idle; BENCHMARKS.md).
-  In programs compiled for oneDNN (`embedjax.xla_cpu`, CPU inference on Intel) the blocks are
+  In programs compiled for oneDNN (`embedjax.xla_cpu`, CPU inference on x86-64) the blocks are
   head-major and normalised late, with pairwise row reductions (`_head_major_attention`).
 
 ``"auto"`` picks per call (`resolve_impl`): on a GPU, ``xla`` for half-precision inputs without

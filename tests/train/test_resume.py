@@ -99,3 +99,36 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
         train(cfg, tmp_path, log=lambda m: None)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_resuming_with_settings_that_change_the_state_names_the_leaves_and_the_fix(tmp_path):
+    """A checkpoint written with threefry dropout keys (2 words) and without a LoRA adapter,
+    resumed with rbg keys (4 words) and an adapter: the error names both leaves and the settings,
+    where orbax alone says only "Requested shape: (4,) is not compatible" and suggests padding.
+    The state that wrote it restores (a real TrainState: optimizer chain, empty states)."""
+    import optax
+
+    from embedjax.train.checkpoint import Checkpointer
+    from embedjax.train.state import create_state
+
+    tx = optax.adamw(1e-3)
+    params = {"w": jax.numpy.ones((3, 5))}
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(7, create_state(params, tx, 0), {"next_index": 7})
+    ckpt.wait()
+
+    def shardings_of(abstract):
+        return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+
+    same = jax.eval_shape(lambda: create_state(params, tx, 0))
+    restored, _ = ckpt.restore(7, same, shardings_of(same))
+    np.testing.assert_array_equal(restored.params["w"], params["w"])
+    other = jax.eval_shape(lambda: create_state({**params, "lora": jax.numpy.zeros((2,))}, tx, 0, dropout_rng="rbg"))
+    with pytest.raises(ValueError) as caught:
+        ckpt.restore(7, other, shardings_of(other))
+    message = str(caught.value)
+    assert "rng: saved (2,) uint32, this run (4,) uint32" in message
+    assert "params.lora: not in the checkpoint, this run (2,) float32" in message
+    assert "opt_state.0.mu.lora: not in the checkpoint" in message and "opt_state.0.nu.lora" in message
+    assert str(tmp_path / "ckpt" / "7") in message and "train.dropout_rng" in message and "--workdir" in message
+    ckpt.close()
