@@ -3,6 +3,7 @@ is read and checked, oneDNN programs really call oneDNN for their dots and nothi
 programs that abort jaxlib 0.10.2 under oneDNN's fused dots run under the chosen options, and a
 real encoder's embeddings do not depend on the library (MiniLM on STS-B sentences and scifact
 abstracts long enough for the blocked attention kernel's pairwise reductions)."""
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -26,20 +27,30 @@ def test_the_choice_is_read_from_the_environment_and_checked(monkeypatch):
     assert xla_cpu.resolved("gpu", "onednn") == "xla" and xla_cpu.compiler_options("tpu", "onednn") is None
     assert xla_cpu.resolved("cpu", "xla") == "xla" and xla_cpu.compiler_options("cpu", "xla") is None
     assert xla_cpu.resolved("cpu", "onednn") == "onednn"
-    assert xla_cpu.resolved("cpu", "auto") == ("onednn" if xla_cpu._is_x86_64() else "xla")
 
 
-def test_auto_keeps_xla_programs_while_the_persistent_compilation_cache_is_on(tmp_path):
-    """jaxlib 0.10.2 cannot write a oneDNN program to the cache: auto then keeps XLA's defaults,
-    an explicit onednn still gets oneDNN."""
+@contextlib.contextmanager
+def _compilation_cache(folder):
+    """JAX's persistent cache folder set to ``folder`` (None: off) within the block. The training
+    tests' session fixture turns it on for the rest of their worker's session, which may include
+    this file."""
     previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_compilation_cache_dir", folder)
     try:
-        assert xla_cpu.persistent_cache_on()
-        assert xla_cpu.resolved("cpu", "auto") == "xla" and xla_cpu.resolved("cpu", "onednn") == "onednn"
+        yield
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)
-    assert xla_cpu.resolved("cpu", "auto") == ("onednn" if xla_cpu._is_x86_64() and not previous else "xla")
+
+
+def test_auto_means_onednn_on_x86_64_unless_the_persistent_compilation_cache_is_on(tmp_path):
+    """jaxlib 0.10.2 cannot write a oneDNN program to the cache: auto then keeps XLA's defaults,
+    an explicit onednn still gets oneDNN."""
+    with _compilation_cache(None):
+        assert not xla_cpu.persistent_cache_on()
+        assert xla_cpu.resolved("cpu", "auto") == ("onednn" if xla_cpu._is_x86_64() else "xla")
+    with _compilation_cache(str(tmp_path)):
+        assert xla_cpu.persistent_cache_on()
+        assert xla_cpu.resolved("cpu", "auto") == "xla" and xla_cpu.resolved("cpu", "onednn") == "onednn"
 
 
 def test_a_onednn_program_calls_onednn_for_its_dots_and_tells_its_tracing(monkeypatch):
