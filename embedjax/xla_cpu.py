@@ -5,7 +5,7 @@ XLA:CPU hands dense products, reductions and some elementwise work to a kernel l
 0.10's default, YNNPACK, runs MiniLM's float32 GEMMs at 0.65-0.92x PyTorch's rate on the 2-core
 Intel Xeon (Emerald Rapids) this project measures on (`bench matmul`, BENCHMARKS.md); oneDNN, also
 compiled into jaxlib, runs them at 0.92-1.0x. On a 2-core AMD EPYC (Zen 4 with only AVX2 exposed
-by its hypervisor) oneDNN encoded long documents 1.39x faster than YNNPACK in the same sitting.
+by its hypervisor) oneDNN encoded long documents 1.37-1.44x faster than XLA's defaults in the same sitting.
 The ``onednn`` programs give oneDNN each dot on its own and XLA's own emitter everything else.
 Letting oneDNN fuse elementwise producers into its dots (``LIBRARY_FUSION_TYPE_DOT``) is no
 faster and unsafe: jaxlib 0.10.2 then aborts the whole process at the first run of some programs
@@ -25,6 +25,13 @@ The choice, ``EMBEDJAX_CPU_GEMM`` (default ``auto``):
   every process would compile it again, and warn, where the cache was asked to save that time.
 - ``onednn``: as above, cache or not; an error if this jaxlib rejects the options.
 - ``xla``: XLA's defaults (no per-program options).
+
+jaxlib 0.10.2 has a second oneDNN bug: when a program's last reference is the execution that is
+just finishing (a jitted function dropped right after its call), destroying it aborts the process
+("object_pool.h: Check failed: available_.size() == num_created_"; 2 of 12 runs of a small
+attention program, none of 16 when the caller held the function). `Encoder` and the training
+loop keep their programs for their lifetime; callers that compile throwaway oneDNN programs
+should hold them until their results are read.
 
 Compiler options are per program, so nothing else in the process changes. `inference_jit`
 compiles a function with them and tells its tracing the library (`tracing_library`); the training
@@ -104,7 +111,12 @@ def resolved(platform_name: str, value: str | None = None) -> str:
 
 def compiler_options(platform_name: str, value: str | None = None) -> dict | None:
     """``jax.jit``'s ``compiler_options`` for a program on ``platform_name`` devices (None: XLA's)."""
-    return dict(ONEDNN_DOTS) if resolved(platform_name, value) == "onednn" else None
+    return _options_for(resolved(platform_name, value))
+
+
+def _options_for(library: str) -> dict | None:
+    """The ``compiler_options`` of a resolved library (``onednn`` or ``xla``)."""
+    return dict(ONEDNN_DOTS) if library == "onednn" else None
 
 
 def tracing_library() -> str:
@@ -136,4 +148,4 @@ def inference_jit(fn, platform_name: str, **jit_kwargs):
         with tracing_for(library):
             return fn(*args, **kwargs)
 
-    return jax.jit(traced, compiler_options=dict(ONEDNN_DOTS) if library == "onednn" else None, **jit_kwargs)
+    return jax.jit(traced, compiler_options=_options_for(library), **jit_kwargs)

@@ -87,10 +87,12 @@ def test_programs_that_abort_under_fused_onednn_dots_run(tmp_path):
             "swiglu": lambda x: (jax.nn.silu(x @ w) * (x @ w * 0.5)) @ u,
             "attention": lambda x: jnp.exp((x @ x.T) * 0.01) @ x,
         }
+        compiled = []  # held to the end: a oneDNN program dropped by its own finishing run aborts
         for name, f in programs.items():
             # forward, and the backward programs the training step compiles with the same options
             for part, g in (("forward", f), ("gradient", jax.grad(lambda x, f=f: jnp.sum(f(x) ** 2)))):
-                onednn = jax.jit(g, compiler_options=xla_cpu.compiler_options("cpu", "onednn"))(x)
+                compiled.append(jax.jit(g, compiler_options=xla_cpu.compiler_options("cpu", "onednn")))
+                onednn = compiled[-1](x)
                 reference = np.asarray(jax.jit(g)(x))
                 # float32 sums: the gradients' entries cancel terms up to ~1e3x larger than themselves
                 np.testing.assert_allclose(np.asarray(onednn), reference, atol=2e-6 * np.abs(reference).max())
