@@ -8,7 +8,7 @@ the first byte goes into the workdir, so a refused run leaves nothing behind.
 
 Workdir layout::
 
-    WORKDIR/config.json        the resolved config
+    WORKDIR/config.json        the resolved config (written once the checkpoint, if any, accepts it)
     WORKDIR/checkpoints/<step>/  orbax steps (state + data iterator position)
     WORKDIR/metrics.jsonl      per-step and evaluation metrics
     WORKDIR/tensorboard/       TensorBoard event files
@@ -352,7 +352,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     # ---- the workdir ----
     workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
-        _write_json_atomic(workdir / "config.json", cfg.to_dict())
         (workdir / "evals").mkdir(exist_ok=True)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     latest = checkpointer.latest_step()
@@ -367,6 +366,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
             out_shardings=shardings,
         )(jax.random.PRNGKey(cfg.seed), pretrained_params)
         data_state, start = None, 0
+    if is_main:  # only now: a resume its checkpoint refuses keeps the config that wrote the checkpoint
+        _write_json_atomic(workdir / "config.json", cfg.to_dict())
 
     metric_log = MetricLog(workdir, enabled=is_main)
     # Evaluation runs on the training mesh with the parameters sharded as the state holds them.

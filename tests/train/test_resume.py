@@ -132,3 +132,22 @@ def test_resuming_with_settings_that_change_the_state_names_the_leaves_and_the_f
     assert "opt_state.0.mu.lora: not in the checkpoint" in message and "opt_state.0.nu.lora" in message
     assert str(tmp_path / "ckpt" / "7") in message and "train.dropout_rng" in message and "--workdir" in message
     ckpt.close()
+
+
+def test_a_refused_resume_keeps_the_config_that_wrote_the_checkpoints(tmp_path, reference_run, tfds_cache):
+    """Resuming the reference run's workdir with rbg dropout keys (a different train state) is
+    refused, and its config.json still says what wrote the checkpoints (threefry keys)."""
+    import shutil
+
+    from embedjax.train.loop import train
+
+    ref_dir, _, _ = reference_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(ref_dir, workdir, ignore=shutil.ignore_patterns("export", "tensorboard"))
+    before = (workdir / "config.json").read_bytes()
+    assert json.loads(before)["train"]["dropout_rng"] == "threefry2x32"
+    cfg = tiny_config("train.num_steps=40", "checkpoint.every_steps=5", "mesh.num_devices=1",
+                      f"data.cache_dir={tfds_cache}", "train.dropout_rng=rbg")
+    with pytest.raises(ValueError, match=r"does not fit this run's train state \(rng: saved \(2,\) uint32"):
+        train(cfg, workdir, log=lambda m: None)
+    assert (workdir / "config.json").read_bytes() == before

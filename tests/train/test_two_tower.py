@@ -7,6 +7,7 @@ loss values agree to ~1e-7, gradient leaves to ~1e-6 relative, up to ~4e-5 of a 
 entry for near-zero entries (observed: SigLIP MAP-head in_proj). rtol 2e-5 plus an absolute
 1e-4 x the leaf's largest entry (at least 1e-7) leaves room without hiding a wrong term (those are O(1) off).
 """
+import functools
 import math
 
 import jax
@@ -82,7 +83,11 @@ def test_scale_clamp_caps_the_scale_and_stops_its_gradient():
     assert float(jax.grad(lambda s: clip_loss(text, image, s, max_scale=200.0))(above)) != 0.0
 
 
+@functools.cache
 def _tiny_dual(family_name):
+    """A 1-layer dual encoder of ``family_name`` and its split params, built once per family: the
+    tests never change them (jax arrays are immutable), and jitting ``init`` is one compile where
+    running it op by op cost ~10 s."""
     family = get_family(family_name)
     siglip = family_name == "siglip"
     text = TextSpec(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24,
@@ -96,7 +101,7 @@ def _tiny_dual(family_name):
     model = family.build(config)
     from flax.linen import meta
 
-    params = meta.unbox(model.init(jax.random.PRNGKey(0), **family.example_inputs(config))["params"])
+    params = meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **family.example_inputs(config))["params"])
     return model, tt.split_dual_params(params)
 
 
