@@ -15,19 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
 HEADS, HEAD_DIM, ROWS = 12, 32, 64
-
-
-def _timed(fn, *args) -> float:
-    import jax
-
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))  # a torch tensor passes through (computed eagerly)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -36,6 +27,7 @@ def main() -> None:
 
     from embedjax import provenance, xla_cpu
     from embedjax.bench.report import device_description
+    from embedjax.bench.timing import seconds_once  # a torch tensor passes through (computed eagerly)
     from embedjax.models import attention
 
     parser = argparse.ArgumentParser()
@@ -78,11 +70,11 @@ def main() -> None:
     programs["torch sdpa (reference)"] = (sdpa, (qt, kt, vt))
     load = provenance.load_average_1min()
     for fn, fn_args in programs.values():
-        _timed(fn, *fn_args)  # compile
+        seconds_once(lambda: fn(*fn_args))  # compile
     rounds = {name: [] for name in programs}
     for _ in range(args.rounds):
         for name, (fn, fn_args) in programs.items():
-            rounds[name].append(round(_timed(fn, *fn_args) * 1e3, 2))
+            rounds[name].append(round(seconds_once(lambda: fn(*fn_args)) * 1e3, 2))
     dot_flops = 2 * pair * length * length * HEAD_DIM
     record = {
         "what": "blocked attention (oneDNN program) per batch block, every round's ms; one block's dots alone",

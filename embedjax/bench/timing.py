@@ -15,16 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def seconds_once(fn: Callable[[], object]) -> float:
+    """Wall time of one ``fn()``, until its result is ready."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median([seconds_once(fn) for _ in range(max(1, repeats))]))
 
 
 def copy_bandwidth_gbs(nbytes: int, repeats: int = 10) -> float:
