@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from embedjax.models.layers import logical
+from embedjax.models.layers import gelu_erf, logical
 from embedjax.models.poolers import get_pooler
 
 # torch.nn.LayerNorm's default epsilon (NV-Embed's pooler uses the default).
@@ -101,7 +101,7 @@ class LatentAttentionHead(nn.Module):
         x_bld = x_bld + _dense(width, "to_out", True)(ctx_blhk.reshape(*ctx_blhk.shape[:2], -1))
         a_blf, g_blf = jnp.split(_dense(2 * self.mlp_ratio * width, "ff_in", True)(_layer_norm("ff_norm")(x_bld)),
                                  2, axis=-1)
-        x_bld = x_bld + _dense(width, "ff_out", True)(a_blf * jax.nn.gelu(g_blf, approximate=False))
+        x_bld = x_bld + _dense(width, "ff_out", True)(a_blf * gelu_erf(g_blf))
         return get_pooler(self.pooling)(x_bld, mask_bl).astype(jnp.float32)
 
     # ---- saved folders: an embedjax module (sentence-transformers has no latent-attention module) ----
