@@ -27,7 +27,7 @@ def main() -> None:
 
     from embedjax import provenance, xla_cpu
     from embedjax.bench.report import device_description
-    from embedjax.bench.timing import seconds_once  # a torch tensor passes through (computed eagerly)
+    from embedjax.bench.timing import interleaved_seconds, seconds_once  # a torch tensor passes through
     from embedjax.models import attention
 
     parser = argparse.ArgumentParser()
@@ -71,10 +71,9 @@ def main() -> None:
     load = provenance.load_average_1min()
     for fn, fn_args in programs.values():
         seconds_once(lambda: fn(*fn_args))  # compile
-    rounds = {name: [] for name in programs}
-    for _ in range(args.rounds):
-        for name, (fn, fn_args) in programs.items():
-            rounds[name].append(round(seconds_once(lambda: fn(*fn_args)) * 1e3, 2))
+    seconds = interleaved_seconds({name: (lambda f=fn, a=fn_args: f(*a)) for name, (fn, fn_args) in programs.items()},
+                                  args.rounds)
+    rounds = {name: [round(s * 1e3, 2) for s in times] for name, times in seconds.items()}
     dot_flops = 2 * pair * length * length * HEAD_DIM
     record = {
         "what": "blocked attention (oneDNN program) per batch block, every round's ms; one block's dots alone",

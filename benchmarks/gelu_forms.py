@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import time
 
 import numpy as np
 
@@ -32,7 +31,7 @@ def kernel_rounds(rounds: int) -> list[dict]:
     import jax.numpy as jnp
 
     from embedjax import xla_cpu
-    from embedjax.bench.timing import seconds_once
+    from embedjax.bench.timing import interleaved_seconds
     from embedjax.models import layers
 
     options = xla_cpu.compiler_options("cpu", "onednn")
@@ -45,6 +44,7 @@ def kernel_rounds(rounds: int) -> list[dict]:
         x = (rng.standard_normal(shape) * 2.0).astype(np.float32)
         bias = rng.standard_normal(shape[-1:]).astype(np.float32)
         x64 = x.astype(np.float64) + bias.astype(np.float64)
+        # The float64 reference only at the small shape: math.erf over 25M values would take minutes.
         want = x64 * 0.5 * (1.0 + erf64(x64 / math.sqrt(2.0))) if shape[0] <= 640 else None
         # Held for the whole run: jaxlib 0.10.2 aborts when a oneDNN program is dropped mid-execution.
         programs = {name: jax.jit(lambda a, b, f=f: f(a + b), compiler_options=options) for name, f in forms.items()}
@@ -54,10 +54,9 @@ def kernel_rounds(rounds: int) -> list[dict]:
             out = np.asarray(program(xs, bs), np.float64)
             if want is not None:
                 errors[name] = float(np.abs(out - want).max())
-        ms = {name: [] for name in programs}
-        for _ in range(rounds):
-            for name, program in programs.items():
-                ms[name].append(round(seconds_once(lambda: program(xs, bs)) * 1e3, 3))
+        seconds = interleaved_seconds({name: (lambda p=program: p(xs, bs)) for name, program in programs.items()},
+                                      rounds)
+        ms = {name: [round(s * 1e3, 3) for s in times] for name, times in seconds.items()}
         for name in programs:
             results.append({"shape": list(shape), "form": name, "median_ms": round(float(np.median(ms[name])), 3),
                             "rounds_ms": ms[name],
@@ -69,6 +68,7 @@ def encode_rounds(corpus: str, num_texts: int | None, rounds: int) -> dict:
     import jax
 
     from embedjax.bench.encode import load_texts
+    from embedjax.bench.timing import interleaved_seconds
     from embedjax.encoder import Encoder
     from embedjax.models import layers
 
@@ -84,12 +84,8 @@ def encode_rounds(corpus: str, num_texts: int | None, rounds: int) -> dict:
             layers.ACTIVATIONS["gelu"] = erf_form
         encoders[name] = encoder
     gap = float(np.abs(encoders["erfc"].encode(texts) - encoders["erf"].encode(texts)).max())
-    seconds = {name: [] for name in encoders}
-    for _ in range(rounds):
-        for name, encoder in encoders.items():
-            start = time.perf_counter()
-            encoder.encode(texts)
-            seconds[name].append(round(time.perf_counter() - start, 3))
+    seconds = {name: [round(s, 3) for s in times] for name, times in
+               interleaved_seconds({name: (lambda e=e: e.encode(texts)) for name, e in encoders.items()}, rounds).items()}
     paired = [a / b for a, b in zip(seconds["erfc"], seconds["erf"])]
     return {"corpus": corpus, "texts": len(texts), "rounds": rounds, "seconds": seconds,
             "median_s": {name: round(float(np.median(s)), 3) for name, s in seconds.items()},

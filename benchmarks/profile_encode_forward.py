@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -33,6 +32,7 @@ def main() -> None:
     from embedjax import provenance, xla_cpu
     from embedjax.bench.encode import load_texts
     from embedjax.bench.report import device_description
+    from embedjax.bench.timing import interleaved_seconds
     from embedjax.encoder import Encoder
     from embedjax.models.pretrained import resolve_model_dir
 
@@ -63,14 +63,9 @@ def main() -> None:
     calls = {"torch": torch_forward}
     calls.update({library: (lambda p=program, w=params: jax.block_until_ready(p(w, batch)))
                   for library, (program, params) in programs.items()})
-    seconds = {name: [] for name in calls}
     for fn in calls.values():
         fn()  # compile / warm up
-    for _ in range(args.repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - start)
+    seconds = interleaved_seconds(calls, args.repeats)
     wall_ms = {name: round(float(np.median(s)) * 1e3, 1) for name, s in seconds.items()}
     libraries = {}
     for library in programs:

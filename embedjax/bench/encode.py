@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 from embedjax.bench import report
 
@@ -69,17 +68,12 @@ def load_texts(corpus: str, data: str | None, num_texts: int | None) -> list[str
     return texts
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def run(args: argparse.Namespace) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
     import embedjax as ej
+    from embedjax.bench.timing import interleaved_seconds, seconds_once
     from embedjax.models.pretrained import resolve_model_dir
 
     cpu_gemm = report.apply_cpu_gemm(args)
@@ -101,12 +95,10 @@ def run(args: argparse.Namespace) -> dict:
     def run_st():
         st.encode(sentences, batch_size=args.batch_size, convert_to_numpy=True)
 
-    warmup_ej = _timed(run_embedjax)  # includes compilation; ST is warmed once too, untimed
+    warmup_ej = seconds_once(run_embedjax)  # includes compilation; ST is warmed once too, untimed
     run_st()
-    times_ej, times_st = [], []
-    for _ in range(args.repeats):
-        times_ej.append(_timed(run_embedjax))
-        times_st.append(_timed(run_st))
+    times = interleaved_seconds({"embedjax": run_embedjax, "st": run_st}, args.repeats)
+    times_ej, times_st = times["embedjax"], times["st"]
     n = len(sentences)
     ej_rate, st_rate = n / statistics.median(times_ej), n / statistics.median(times_st)
     result = {

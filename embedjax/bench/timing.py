@@ -8,7 +8,7 @@ only leads (a board's clocks, memory and power limit move them).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,17 @@ def seconds_once(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn())
     return time.perf_counter() - start
+
+
+def interleaved_seconds(calls: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall times (`seconds_once`) of every call in ``calls``, each once per round in the mapping's
+    order, over ``rounds`` rounds: background load and a VM's drift then touch every call alike,
+    and round r's times pair up across calls."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(seconds_once(fn))
+    return times
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -15,8 +15,13 @@ from embedjax.models import layers
 ABS_TOL = 2e-6
 
 
+def _phi64(x):
+    """The standard normal CDF in float64."""
+    return 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
 def _gelu64(x):
-    return x * 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    return x * _phi64(x)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +48,7 @@ def test_gelu_matches_pytorch_gelu(inputs):
 
 def test_gelu_gradient_is_phi_plus_x_density(inputs):
     x64 = inputs.astype(np.float64)
-    phi = 0.5 * (1.0 + np.vectorize(math.erf)(x64 / math.sqrt(2.0)))
-    want = phi + x64 * np.exp(-0.5 * x64 ** 2) / math.sqrt(2.0 * math.pi)
+    want = _phi64(x64) + x64 * np.exp(-0.5 * x64 ** 2) / math.sqrt(2.0 * math.pi)
     got = np.asarray(jax.grad(lambda x: layers.gelu_erf(x).sum())(jnp.asarray(inputs)), np.float64)
     assert np.abs(got - want).max() < 1e-5  # d/dx rounds through erf's derivative exp(-x^2 / 2)
 
