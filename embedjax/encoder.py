@@ -9,10 +9,11 @@ into batches, pads each batch to its length bucket and its row count to a power 
 ``batch_size``, and a multiple of the data-parallel size on a mesh), dispatches every batch before
 reading any result back (so host-side padding overlaps device compute) and returns rows in input
 order. Where the family reads packed batches and packing computes at most `PACK_SAVING` of the
-padded positions (short texts of mixed lengths, e.g. STS-B: 42k positions instead of 52k for
-39k real tokens), each batch of ``batch_size`` texts is packed end to end into rows instead
-(`embedjax.data.packing`; every text attends to itself only, so embeddings are unchanged up to float
-rounding). With a ``mesh``, parameters stay sharded by the logical-axis rules (an 8B encoder is
+padded positions (short texts of mixed lengths, e.g. STS-B: 39.7k positions instead of 51k for
+39k real tokens), the texts are packed end to end into rows over the whole corpus and the rows
+dealt out to batches of a fixed token budget (`packed_batches`; two compiled row counts and one
+text count per corpus; `embedjax.data.packing`: every text attends to itself only, so embeddings
+are unchanged up to float rounding). With a ``mesh``, parameters stay sharded by the logical-axis rules (an 8B encoder is
 evaluated across a pod without gathering it on one device) and batches are split over the data
 axes; embeddings come back replicated.
 
@@ -177,21 +178,34 @@ def padded_positions(lengths: Sequence[int], batch_size: int, buckets: Sequence[
 
 
 def packed_batches(lengths: Sequence[int], batch_size: int, row_length: int,
-                   window: int = PACK_WINDOW) -> list[list[int]]:
-    """Text indices of each packed batch: each ``window`` of texts (in input order) first-fit into
-    rows of ``row_length`` (longest first), then taken row by row, ``batch_size`` texts a batch, so
-    long texts share batches with the short texts that fill their rows."""
-    order = [start + i
-             for start in range(0, len(lengths), window)
-             for members in packing.first_fit_rows(lengths[start:start + window], row_length)
-             for i in members]
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+                   window: int = PACK_WINDOW) -> list[list[list[int]]]:
+    """The rows of each packed batch, as lists of text indices: each ``window`` of texts (in input
+    order) first-fit into rows of ``row_length`` (longest first), then the rows of all windows
+    dealt out to batches.
+
+    A batch holds about as many tokens as ``batch_size`` texts of the mean length, so batch sizes
+    chosen for padded memory carry over. Rows go out densest first (most texts) in a snake order
+    (batch 0 .. B-1, then B-1 .. 0, ...), so the batches' row counts differ by at most one and
+    their text counts nearly match: a whole corpus compiles two row counts and one text count.
+    """
+    rows = [[start + i for i in members]
+            for start in range(0, len(lengths), window)
+            for members in packing.first_fit_rows(lengths[start:start + window], row_length)]
+    if not rows:
+        return []
+    rows_per_batch = max(1, round(batch_size * (sum(lengths) / len(lengths)) / row_length))
+    count = -(-len(rows) // rows_per_batch)
+    batches: list[list[list[int]]] = [[] for _ in range(count)]
+    densest_first = sorted(range(len(rows)), key=lambda r: (-len(rows[r]), r))
+    for k, r in enumerate(densest_first):
+        lap, slot = divmod(k, count)
+        batches[slot if lap % 2 == 0 else count - 1 - slot].append(rows[r])
+    return batches
 
 
-def packed_positions(lengths: Sequence[int], batches: Sequence[Sequence[int]], row_length: int) -> int:
-    """Token positions the packed plan computes (rows per batch rounded up by `packing.row_bucket`)."""
-    return sum(packing.row_bucket(len(packing.first_fit_rows([lengths[i] for i in b], row_length))) * row_length
-               for b in batches)
+def packed_positions(batches: Sequence[Sequence[Sequence[int]]], row_length: int) -> int:
+    """Token positions the packed plan computes: every planned row, ``row_length`` each."""
+    return sum(len(rows) for rows in batches) * row_length
 
 
 class Encoder:
@@ -355,9 +369,10 @@ class Encoder:
                side: str = "document", pack: bool | None = None):
         """Embed ``texts`` -> float32 [N, D], rows in input order.
 
-        ``pack``: None packs each batch's texts end to end into rows when the model reads packed
-        batches and that computes at most `PACK_SAVING` of the padded positions (module docstring);
-        True always packs (an error where the model cannot, or on a mesh); False always pads.
+        ``pack``: None packs the texts end to end into rows (batches of about ``batch_size``
+        texts' tokens, `packed_batches`) when the model reads packed batches and that computes at
+        most `PACK_SAVING` of the padded positions (module docstring); True always packs (an
+        error where the model cannot, or on a mesh); False always pads.
 
         ``prompt`` (or ``prompt_name``, a key of the folder's prompts) is put before every text,
         tokenized separately so its boundary is exact; with ``include_prompt=False`` its tokens
@@ -396,13 +411,15 @@ class Encoder:
         pending = []
         if plan is not None:
             row_length, batches = plan
+            num_texts = max(sum(len(row) for row in rows) for rows in batches)  # one compiled text count
             for rows in batches:
-                # Filler one-token texts keep the text count at a few compiled shapes; dropped below.
-                filler = [[self.tokenizer.pad_id]] * (_row_bucket(len(rows), batch_size) - len(rows))
-                batch = packing.pack([ids[i] for i in rows] + filler, row_length=row_length,
-                                     pad_id=self.tokenizer.pad_id, token_type_ids=self.tokenizer.token_type_ids,
-                                     pool_skip=pool_skip)
-                pending.append((rows, self._jitted(self.params, batch)))
+                members = [i for row in rows for i in row]
+                starts = np.cumsum([0] + [len(row) for row in rows])
+                layout = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+                batch = packing.pack_rows([ids[i] for i in members], layout, row_length=row_length,
+                                          pad_id=self.tokenizer.pad_id, num_texts=num_texts,
+                                          token_type_ids=self.tokenizer.token_type_ids, pool_skip=pool_skip)
+                pending.append((members, self._jitted(self.params, batch)))
         else:
             order = np.argsort([-len(x) for x in ids], kind="stable")
             multiple = self._data_parallel()
@@ -442,7 +459,7 @@ class Encoder:
         row_length = min(max(PACK_ROW_MIN, bucket_length(max(lengths), buckets)), buckets[-1])
         batches = packed_batches(lengths, batch_size, row_length)
         if pack is None:  # auto: pack only where it saves positions (pack=True needs no count)
-            share = packed_positions(lengths, batches, row_length) / padded_positions(lengths, batch_size, buckets)
+            share = packed_positions(batches, row_length) / padded_positions(lengths, batch_size, buckets)
             if share > PACK_SAVING:
                 return None
         return row_length, batches

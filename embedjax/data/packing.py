@@ -20,7 +20,8 @@ Packed token batch (numpy int32; R rows of P = ``row_length`` tokens, N texts):
 Data parallelism: the N texts are cut into ``shards`` contiguous groups (one per data-parallel
 device) and every group is packed into the same number of rows, so that device d's slice of the
 rows holds the texts of its slice of ``pool_mask``. The row count is rounded up to a short ladder
-(`row_bucket`) so that a run compiles few step shapes.
+(`row_bucket`) so that a run compiles few step shapes. `pack_rows` lays texts out as its caller
+planned (`Encoder.encode` plans rows over a whole corpus), with filler texts to a fixed count.
 """
 from __future__ import annotations
 
@@ -59,45 +60,79 @@ def pack(ids: Sequence[Sequence[int]], *, row_length: int, pad_id: int, shards: 
          token_type_ids: bool = False, pool_skip: int = 0) -> dict[str, np.ndarray]:
     """Token id lists of N texts -> a packed token batch (module docstring); N divisible by ``shards``.
 
-    ``pool_skip``: leading tokens of every text left out of ``pool_mask`` (a prompt with
-    ``include_prompt=False``)."""
+    Each shard's texts go first-fit into its rows, and every shard gets `row_bucket` of the most
+    rows any shard needs. ``pool_skip``: leading tokens of every text left out of ``pool_mask`` (a
+    prompt with ``include_prompt=False``)."""
     n = len(ids)
-    lengths = [len(t) for t in ids]
     if n == 0 or n % shards:
         raise ValueError(f"{n} texts cannot be packed into {shards} equal shards; give a multiple of {shards}")
-    if min(lengths) == 0:
-        raise ValueError(f"text {lengths.index(0)} has no tokens; every packed text needs at least one")
-    if max(lengths) > row_length:
-        raise ValueError(f"a text of {max(lengths)} tokens does not fit rows of row_length={row_length}; "
-                         "raise the row length to the longest text's")
+    lengths = _checked_lengths(ids, row_length)
     per_shard = n // shards
     shard_rows = [first_fit_rows(lengths[s * per_shard:(s + 1) * per_shard], row_length) for s in range(shards)]
     rows_each = row_bucket(max(len(rows) for rows in shard_rows))
-    total = shards * rows_each
+    layout = [[s * per_shard + i for i in members] for s, rows in enumerate(shard_rows)
+              for members in rows + [[]] * (rows_each - len(rows))]
+    return pack_rows(ids, layout, row_length=row_length, pad_id=pad_id, token_type_ids=token_type_ids,
+                     pool_skip=pool_skip)
+
+
+def _checked_lengths(ids: Sequence[Sequence[int]], row_length: int) -> list[int]:
+    lengths = [len(t) for t in ids]
+    if lengths and min(lengths) == 0:
+        raise ValueError(f"text {lengths.index(0)} has no tokens; every packed text needs at least one")
+    if lengths and max(lengths) > row_length:
+        raise ValueError(f"a text of {max(lengths)} tokens does not fit rows of row_length={row_length}; "
+                         "raise the row length to the longest text's")
+    return lengths
+
+
+def pack_rows(ids: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], *, row_length: int, pad_id: int,
+              num_texts: int | None = None, token_type_ids: bool = False, pool_skip: int = 0) -> dict[str, np.ndarray]:
+    """Token id lists of N texts, laid out as ``rows`` says -> a packed token batch of ``len(rows)``
+    rows and ``num_texts`` (default N) texts.
+
+    ``rows[r]``: the indices of the texts row r holds, end to end in that order (``[]``: a padding
+    row); every text is in exactly one row. Texts N .. ``num_texts`` - 1 are fillers that keep the
+    text count at one compiled shape: they have no tokens and pool the state of the batch's first
+    position, so their embeddings are finite and meaningless (drop them)."""
+    n = len(ids)
+    lengths = _checked_lengths(ids, row_length)
+    num_texts = n if num_texts is None else num_texts
+    if num_texts < n:
+        raise ValueError(f"num_texts={num_texts} is fewer than the {n} texts given; pass at least {n}")
+    placed = [i for members in rows for i in members]
+    if sorted(placed) != list(range(n)):
+        raise ValueError(f"rows must hold each of the {n} texts (indices 0 .. {n - 1}) exactly once; they hold "
+                         f"{len(placed)} indices, {len(set(placed) & set(range(n)))} of them distinct texts")
+    for r, members in enumerate(rows):
+        if sum(lengths[i] for i in members) > row_length:
+            raise ValueError(f"row {r} holds {sum(lengths[i] for i in members)} tokens, more than "
+                             f"row_length={row_length}; put fewer texts in it")
+    total = max(len(rows), 1)
     input_ids = np.full((total, row_length), pad_id, np.int32)
     positions = np.zeros((total, row_length), np.int32)
     segments = np.zeros((total, row_length), np.int32)
-    unpack_index = np.zeros((n, row_length), np.int32)
+    unpack_index = np.zeros((num_texts, row_length), np.int32)
+    for row, members in enumerate(rows):
+        start = 0
+        for text in members:
+            end = start + lengths[text]
+            input_ids[row, start:end] = ids[text]
+            positions[row, start:end] = np.arange(lengths[text])
+            segments[row, start:end] = text + 1
+            unpack_index[text, :lengths[text]] = row * row_length + np.arange(start, end)
+            start = end
     columns = np.arange(row_length)
-    for s, rows in enumerate(shard_rows):
-        for r, members in enumerate(rows):
-            row, start = s * rows_each + r, 0
-            for local in members:
-                text = s * per_shard + local
-                end = start + lengths[text]
-                input_ids[row, start:end] = ids[text]
-                positions[row, start:end] = np.arange(lengths[text])
-                segments[row, start:end] = text + 1
-                unpack_index[text, :lengths[text]] = row * row_length + np.arange(start, end)
-                start = end
-    length_n1 = np.asarray(lengths)[:, None]
+    pool_mask = (columns < np.asarray(lengths, np.int64).reshape(n, 1)) & (columns >= pool_skip)
+    filler_mask = np.zeros((num_texts - n, row_length), bool)
+    filler_mask[:, 0] = True  # unpack_index 0: the first position's state, finite for every pooler
     batch = {
         "input_ids": input_ids,
         "attention_mask": (segments > 0).astype(np.int32),
         "position_ids": positions,
         "segment_ids": segments,
         "unpack_index": unpack_index,
-        "pool_mask": ((columns < length_n1) & (columns >= pool_skip)).astype(np.int32),
+        "pool_mask": np.concatenate([pool_mask, filler_mask]).astype(np.int32),
     }
     if token_type_ids:
         batch["token_type_ids"] = np.zeros((total, row_length), np.int32)

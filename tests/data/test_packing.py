@@ -55,6 +55,30 @@ def test_pack_refuses_what_it_cannot_pack():
         packing.pack([[1], [2], [3]], row_length=4, pad_id=0, shards=2)
 
 
+def test_pack_rows_keeps_the_planned_layout_and_fills_the_text_count():
+    texts = [[7, 8, 9], [4], [5, 6], [3, 3, 3, 3]]
+    rows = [[2, 0], [], [3, 1]]  # texts 2 then 0; a padding row; texts 3 then 1
+    batch = packing.pack_rows(texts, rows, row_length=6, pad_id=0, num_texts=6, pool_skip=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0], [0] * 6, [3, 3, 3, 3, 4, 0]]
+    assert batch["segment_ids"].tolist() == [[3, 3, 1, 1, 1, 0], [0] * 6, [4, 4, 4, 4, 2, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0], [0] * 6, [0, 1, 2, 3, 0, 0]]
+    assert batch["unpack_index"][:4, :4].tolist() == [[2, 3, 4, 0], [16, 0, 0, 0], [0, 1, 0, 0], [12, 13, 14, 15]]
+    # Texts 4 and 5 are fillers: no tokens, pooling reads flat position 0 only (finite for any pooler).
+    assert batch["unpack_index"][4:].tolist() == [[0] * 6] * 2
+    assert batch["pool_mask"].tolist() == [[0, 1, 1, 0, 0, 0], [0] * 6, [0, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0],
+                                           [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+
+
+def test_pack_rows_refuses_a_layout_that_loses_or_overflows_texts():
+    texts = [[1, 2], [3], [4, 5, 6]]
+    with pytest.raises(ValueError, match="exactly once; they hold 3 indices, 2 of them distinct"):
+        packing.pack_rows(texts, [[0, 1], [1]], row_length=4, pad_id=0)
+    with pytest.raises(ValueError, match="row 0 holds 5 tokens, more than row_length=4"):
+        packing.pack_rows(texts, [[0, 2], [1]], row_length=4, pad_id=0)
+    with pytest.raises(ValueError, match="num_texts=2 is fewer than the 3 texts"):
+        packing.pack_rows(texts, [[0, 1], [2]], row_length=4, pad_id=0, num_texts=2)
+
+
 def test_shard_slice_takes_a_process_rows_and_texts():
     texts = _random_texts(np.random.default_rng(0), 8, 5)
     batch = packing.pack(texts, row_length=8, pad_id=0, shards=4)

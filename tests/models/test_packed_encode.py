@@ -26,18 +26,30 @@ def sts_texts(data_dir):
     return (s1 + s2)[:203]  # STS-B test sentences: short, lengths 7-60 word pieces; 203 = 3 x 64 + 11
 
 
-def test_packing_plan_covers_every_text_once_and_counts_positions():
-    lengths = [30, 5, 5, 60, 12, 33, 2, 7]
-    batches = packed_batches(lengths, batch_size=3, row_length=64)
-    assert sorted(i for b in batches for i in b) == list(range(8)) and all(len(b) <= 3 for b in batches)
-    # First fit, longest first: rows [60, 2] [33, 30] [12, 7, 5, 5]; taken row by row, 3 texts a batch.
-    assert batches == [[3, 6, 5], [0, 4, 7], [1, 2]]
-    # Each batch re-packs its texts: [60, 2] [33]; [30, 12, 7]; [5, 5]: 4 rows of 64 positions.
-    assert packed_positions(lengths, batches, 64) == (2 + 1 + 1) * 64
+def test_packing_plan_deals_first_fit_rows_to_batches():
+    lengths = [30, 5, 5, 60, 12, 33, 2, 7]  # mean 19.25: 6 texts' worth is 1.8 rows -> 2 rows a batch
+    # First fit, longest first: [60, 2] [33, 30] [12, 7, 5, 5]; densest row first, snake order over 2 batches.
+    assert packed_batches(lengths, batch_size=6, row_length=64) == [[[4, 7, 1, 2]], [[3, 6], [5, 0]]]
+    assert packed_positions(packed_batches(lengths, 6, 64), 64) == 3 * 64
     # Padded, longest first in threes: [60, 33, 30] -> 3 x 64, [12, 7, 5] -> 3 x 16, [5, 2] -> 2 x 8.
     assert padded_positions(lengths, 3, (8, 16, 24, 32, 40, 48, 56, 64)) == 3 * 64 + 3 * 16 + 2 * 8
     # Windows of 4 texts in input order: [30, 5, 5, 60] -> [60] [30, 5, 5]; [12, 33, 2, 7] -> [33, 12, 7, 2].
-    assert packed_batches(lengths, 3, 64, window=4) == [[3, 0, 1], [2, 5, 4], [7, 6]]
+    assert packed_batches(lengths, 6, 64, window=4) == [[[5, 4, 7, 6]], [[0, 1, 2], [3]]]
+
+
+def test_packing_plan_balances_rows_and_texts_over_batches():
+    rng = np.random.default_rng(3)
+    lengths = list(rng.integers(3, 47, 1001))
+    batches = packed_batches(lengths, batch_size=64, row_length=64, window=300)
+    rows = [row for b in batches for row in b]
+    assert sorted(i for row in rows for i in row) == list(range(1001))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    row_counts = [len(b) for b in batches]
+    assert max(row_counts) - min(row_counts) <= 1  # two compiled row counts at most
+    # 64 texts of the mean length ~24.5 fill ~24.5 rows: the batch holds about that many tokens.
+    assert max(row_counts) == round(64 * np.mean(lengths) / 64)
+    text_counts = [sum(map(len, b)) for b in batches]
+    assert max(text_counts) - min(text_counts) <= max(map(len, rows))
 
 
 def test_packed_encode_equals_padded_on_real_sentences(minilm_encoder, sts_texts):
@@ -45,8 +57,7 @@ def test_packed_encode_equals_padded_on_real_sentences(minilm_encoder, sts_texts
     ids = enc.tokenizer.token_ids(sts_texts)
     row_length, batches = enc.packing_plan(ids, 64, None)  # auto packs short sentences
     lengths = [len(x) for x in ids]
-    assert packed_positions(lengths, batches, row_length) <= PACK_SAVING * padded_positions(lengths, 64,
-                                                                                           enc.tokenizer.buckets)
+    assert packed_positions(batches, row_length) <= PACK_SAVING * padded_positions(lengths, 64, enc.tokenizer.buckets)
     padded = enc.encode(sts_texts, pack=False)
     packed = enc.encode(sts_texts)
     assert packed.shape == padded.shape == (203, 384)
