@@ -13,9 +13,9 @@ padded positions (short texts of mixed lengths, e.g. STS-B: 39.7k positions inst
 39k real tokens), the texts are packed end to end into rows over the whole corpus and the rows
 dealt out to batches of a fixed token budget (`packed_batches`; two compiled row counts and one
 text count per corpus; `embedjax.data.packing`: every text attends to itself only, so embeddings
-are unchanged up to float rounding). With a ``mesh``, parameters stay sharded by the logical-axis rules (an 8B encoder is
-evaluated across a pod without gathering it on one device) and batches are split over the data
-axes; embeddings come back replicated.
+are unchanged up to float rounding). With a ``mesh``, parameters stay sharded by the logical-axis
+rules (an 8B encoder is evaluated across a pod without gathering it on one device) and batches
+are split over the data axes; embeddings come back replicated.
 
 Image-text families (CLIP, SigLIP; ViT for images only) declare ``features`` and their
 ``modalities`` on the registry: ``encode`` then runs the model's own ``encode_text`` (its pooling
