@@ -60,7 +60,7 @@ def main() -> None:
     from embedjax.bench.report import device_description
     from embedjax.bench.timing import interleaved_seconds
     from embedjax.data import packing
-    from embedjax.encoder import Encoder, packed_batches, packed_positions, padded_positions
+    from embedjax.encoder import Encoder, packed_batches, packed_positions, packed_text_count, padded_positions
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/packing_plan.json")
@@ -77,7 +77,7 @@ def main() -> None:
         old = per_batch_plan(lengths, batch_size)
         old_shapes = [per_batch_shape(lengths, b, batch_size) for b in old]
         new = packed_batches(lengths, batch_size, ROW_LENGTH)
-        new_texts = max(sum(map(len, rows)) for rows in new)
+        new_texts = packed_text_count(new)
         plans.append({
             "batch_size": batch_size, "tokens": sum(lengths),
             "sentence_transformers_positions": st_positions(lengths, batch_size),
@@ -90,7 +90,7 @@ def main() -> None:
 
     kwargs = {"row_length": ROW_LENGTH, "pad_id": tokenizer.pad_id, "token_type_ids": tokenizer.token_type_ids}
     old, new = per_batch_plan(lengths, 64), packed_batches(lengths, 64, ROW_LENGTH)
-    new_texts = max(sum(map(len, rows)) for rows in new)
+    new_texts = packed_text_count(new)
 
     def run_per_batch():
         from embedjax.encoder import _row_bucket
@@ -104,11 +104,8 @@ def main() -> None:
     def run_corpus():
         outs = []
         for rows in new:
-            members = [i for row in rows for i in row]
-            starts = np.cumsum([0] + [len(row) for row in rows])
-            layout = [list(range(a, z)) for a, z in zip(starts[:-1], starts[1:])]
-            outs.append(encoder._jitted(encoder.params, packing.pack_rows([ids[i] for i in members], layout,
-                                                                          num_texts=new_texts, **kwargs)))
+            _, batch = packing.pack_planned(ids, rows, num_texts=new_texts, **kwargs)
+            outs.append(encoder._jitted(encoder.params, batch))
         jax.block_until_ready(outs)
 
     load = provenance.load_average_1min()

@@ -203,6 +203,11 @@ def packed_batches(lengths: Sequence[int], batch_size: int, row_length: int,
     return batches
 
 
+def packed_text_count(batches: Sequence[Sequence[Sequence[int]]]) -> int:
+    """Texts per packed batch, fillers included: the most any batch holds (one compiled text count)."""
+    return max(sum(len(row) for row in rows) for rows in batches)
+
+
 def packed_positions(batches: Sequence[Sequence[Sequence[int]]], row_length: int) -> int:
     """Token positions the packed plan computes: every planned row, ``row_length`` each."""
     return sum(len(rows) for rows in batches) * row_length
@@ -411,14 +416,11 @@ class Encoder:
         pending = []
         if plan is not None:
             row_length, batches = plan
-            num_texts = max(sum(len(row) for row in rows) for rows in batches)  # one compiled text count
+            num_texts = packed_text_count(batches)
             for rows in batches:
-                members = [i for row in rows for i in row]
-                starts = np.cumsum([0] + [len(row) for row in rows])
-                layout = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
-                batch = packing.pack_rows([ids[i] for i in members], layout, row_length=row_length,
-                                          pad_id=self.tokenizer.pad_id, num_texts=num_texts,
-                                          token_type_ids=self.tokenizer.token_type_ids, pool_skip=pool_skip)
+                members, batch = packing.pack_planned(ids, rows, row_length=row_length, pad_id=self.tokenizer.pad_id,
+                                                      num_texts=num_texts, pool_skip=pool_skip,
+                                                      token_type_ids=self.tokenizer.token_type_ids)
                 pending.append((members, self._jitted(self.params, batch)))
         else:
             order = np.argsort([-len(x) for x in ids], kind="stable")

@@ -66,7 +66,7 @@ def pack(ids: Sequence[Sequence[int]], *, row_length: int, pad_id: int, shards: 
     n = len(ids)
     if n == 0 or n % shards:
         raise ValueError(f"{n} texts cannot be packed into {shards} equal shards; give a multiple of {shards}")
-    lengths = _checked_lengths(ids, row_length)
+    lengths = [len(t) for t in ids]  # `pack_rows` checks them
     per_shard = n // shards
     shard_rows = [first_fit_rows(lengths[s * per_shard:(s + 1) * per_shard], row_length) for s in range(shards)]
     rows_each = row_bucket(max(len(rows) for rows in shard_rows))
@@ -137,6 +137,16 @@ def pack_rows(ids: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], *, ro
     if token_type_ids:
         batch["token_type_ids"] = np.zeros((total, row_length), np.int32)
     return batch
+
+
+def pack_planned(ids: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], **kwargs):
+    """The texts of a corpus's token id lists ``ids`` that the planned ``rows`` hold (indices into
+    ``ids``, as `Encoder.encode`'s plan gives them) -> (those indices in the batch's text order,
+    `pack_rows`' batch of them; ``kwargs`` go to `pack_rows`)."""
+    members = [i for row in rows for i in row]
+    starts = np.cumsum([0] + [len(row) for row in rows])
+    layout = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+    return members, pack_rows([ids[i] for i in members], layout, **kwargs)
 
 
 def shard_slice(batch: dict[str, np.ndarray], shards: int, first: int, count: int) -> dict[str, np.ndarray]:
