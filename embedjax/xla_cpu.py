@@ -29,9 +29,13 @@ The choice, ``EMBEDJAX_CPU_GEMM`` (default ``auto``):
 jaxlib 0.10.2 has a second oneDNN bug: when a program's last reference is the execution that is
 just finishing (a jitted function dropped right after its call), destroying it aborts the process
 ("object_pool.h: Check failed: available_.size() == num_created_"; 2 of 12 runs of a small
-attention program, none of 16 when the caller held the function). `Encoder` and the training
-loop keep their programs for their lifetime; callers that compile throwaway oneDNN programs
-should hold them until their results are read.
+attention program, none of 16 when the caller held the function). A result is readable a moment
+before its run lets go of its oneDNN objects, so holding a program until its result is read is
+not enough: the test suite aborted a worker that way twice in four runs of tests/models with
+tests/bench under xdist, as a test returned (dropping its program) right after reading its result;
+two processes dropping 40 small programs each beside each other aborted 2 of 6 times. `Encoder`
+and the training loop keep their programs for their lifetime; callers that compile throwaway
+oneDNN programs should hold them well past their last run (the tests hold them for the session).
 
 Compiler options are per program, so nothing else in the process changes. `inference_jit`
 compiles a function with them and tells its tracing the library (`tracing_library`); the training

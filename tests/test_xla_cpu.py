@@ -53,7 +53,7 @@ def test_auto_means_onednn_on_x86_64_unless_the_persistent_compilation_cache_is_
         assert xla_cpu.resolved("cpu", "auto") == "xla" and xla_cpu.resolved("cpu", "onednn") == "onednn"
 
 
-def test_a_onednn_program_calls_onednn_for_its_dots_and_tells_its_tracing(monkeypatch):
+def test_a_onednn_program_calls_onednn_for_its_dots_and_tells_its_tracing(monkeypatch, hold_for_session):
     monkeypatch.setenv(xla_cpu.ENV, "onednn")
     seen = []
 
@@ -62,7 +62,7 @@ def test_a_onednn_program_calls_onednn_for_its_dots_and_tells_its_tracing(monkey
         return jax.nn.gelu(x @ w, approximate=False).max(axis=-1)
 
     x, w = jnp.ones((64, 32)), jnp.full((32, 48), 0.01)
-    onednn = xla_cpu.inference_jit(mlp, "cpu")
+    onednn = hold_for_session(xla_cpu.inference_jit(mlp, "cpu"))
     hlo = onednn.lower(x, w).compile().as_text()
     assert "__onednn_fusion" in hlo and "__ynn_fusion" not in hlo
     assert seen == ["onednn"] and xla_cpu.tracing_library() == "xla"
@@ -104,7 +104,7 @@ def test_programs_that_abort_under_fused_onednn_dots_run(tmp_path):
                                    for word in (name, "forward", name, "gradient")]
 
 
-def test_encoder_embeddings_do_not_depend_on_the_cpu_library(monkeypatch, data_dir):
+def test_encoder_embeddings_do_not_depend_on_the_cpu_library(monkeypatch, data_dir, hold_for_session):
     """oneDNN dots (and the attention kernel's pairwise row reductions, which
     tests/models/test_attention_kernels.py checks are traced) against XLA's defaults on real texts;
     2e-6 absolute on unit vectors is a few float32 ulps of their largest entries."""
@@ -116,7 +116,7 @@ def test_encoder_embeddings_do_not_depend_on_the_cpu_library(monkeypatch, data_d
     out, hlo = {}, {}
     for library in ("onednn", "xla"):
         monkeypatch.setenv(xla_cpu.ENV, library)
-        enc = ej.Encoder.from_pretrained("all-MiniLM-L6-v2", max_length=256)
+        enc = hold_for_session(ej.Encoder.from_pretrained("all-MiniLM-L6-v2", max_length=256))
         out[library] = enc.encode(texts, batch_size=16, pack=False)
         batch = enc.tokenizer.pad(enc.tokenizer.token_ids(texts[-6:]), rows=6)
         hlo[library] = enc._jitted.lower(enc.params, batch).compile().as_text()
@@ -125,7 +125,7 @@ def test_encoder_embeddings_do_not_depend_on_the_cpu_library(monkeypatch, data_d
     assert np.abs(out["onednn"] @ out["xla"].T - np.eye(len(texts))).diagonal().max() <= 1e-5
 
 
-def test_the_training_step_compiles_with_the_chosen_library(monkeypatch):
+def test_the_training_step_compiles_with_the_chosen_library(monkeypatch, hold_for_session):
     """`make_train_step` takes the same options (its dots, forward and backward, go to oneDNN), and
     one SGD step's update agrees with XLA's defaults to float32 rounding."""
     import optax
@@ -145,8 +145,9 @@ def test_the_training_step_compiles_with_the_chosen_library(monkeypatch):
     for library in ("onednn", "xla"):
         monkeypatch.setenv(xla_cpu.ENV, library)
         params = {"w": w0 + 0}  # the step donates its state
-        step = make_train_step(objective, tx, lambda s: 0.1, state_shardings(params, tx, mesh, ()),
-                               batch_shardings(batch, mesh, None), mesh)
+        step = hold_for_session(make_train_step(objective, tx, lambda s: 0.1,
+                                                state_shardings(params, tx, mesh, ()),
+                                                batch_shardings(batch, mesh, None), mesh))
         state = create_state(params, tx, 0)
         hlo[library] = step.lower(state, batch).compile().as_text()
         updated[library] = np.asarray(step(state, batch)[0].params["w"])

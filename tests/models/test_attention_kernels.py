@@ -113,7 +113,7 @@ def test_dense_paths_round_as_close_to_float64_as_xla():
 
 
 @pytest.mark.parametrize("length", [48, 64])
-def test_blocked_in_a_onednn_program_reduces_rows_pairwise(length, monkeypatch):
+def test_blocked_in_a_onednn_program_reduces_rows_pairwise(length, monkeypatch, hold_for_session):
     """Traced for a oneDNN program (`embedjax.xla_cpu`), the blocked kernel reduces each score row
     by halving it (48 keys: three halvings, then a plain max and sum of 3; 64: six, down to 1) and
     still equals float64 attention, causal masks and padding included; traced otherwise its blocks
@@ -134,9 +134,7 @@ def test_blocked_in_a_onednn_program_reduces_rows_pairwise(length, monkeypatch):
             jaxpr = str(jax.make_jaxpr(lambda *a: attend(*a))(q, k, v))
         assert len(re.findall(r"= max \w+ \w+", jaxpr)) == maxima, library
     monkeypatch.setenv(xla_cpu.ENV, "onednn")
-    # Held until the test ends: jaxlib 0.10.2 aborts (ObjectPool "Check failed") when a oneDNN
-    # program's last reference is dropped by its own finishing execution (`embedjax.xla_cpu`).
-    program = xla_cpu.inference_jit(lambda *a: attend(*a), "cpu")
+    program = hold_for_session(xla_cpu.inference_jit(lambda *a: attend(*a), "cpu"))
     out = program(q, k, v)
     ref, defined = _numpy_attention(q, k, v, mask, True, None)
     real = mask[:, :, None] & defined
