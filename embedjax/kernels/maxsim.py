@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from embedjax.kernels.dispatch import resolve_impl
+from embedjax.kernels.dispatch import pallas_compiler_params, resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis
 from embedjax.kernels.row_filter import NEG_INF, mark_missing
 from embedjax.kernels.topk import check_k, sort_by_score_then_id
@@ -116,6 +116,7 @@ def _rerank_pallas(q, q_mask, cand, x, x_mask, x_scale, k, interpret=False):
         out_specs=pl.BlockSpec((1, cp), lambda i: (i, 0)),
         out_shape=jax.ShapeDtypeStruct((nq, cp), jnp.float32),
         interpret=interpret,
+        compiler_params=pallas_compiler_params(),
         name="maxsim_rerank",
     )(qf, qm, xg, mg, sg)
     return _select(s[:, :c], cand, k)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from embedjax.kernels.dispatch import pallas_compiler_params
 from embedjax.kernels.row_filter import RowFilter, mark_missing
 
 INT_MAX = jnp.iinfo(jnp.int32).max
@@ -244,6 +245,7 @@ def running_topk_call(
             jax.ShapeDtypeStruct((splits, qp, kp), jnp.int32),
         ],
         interpret=interpret,
+        compiler_params=pallas_compiler_params(),
         name="running_topk",
     )(*layout.operands)
     q = layout.queries

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from embedjax.kernels.dispatch import pallas_compiler_params
 from embedjax.kernels.pallas_topk import next_pow2, pad_axis
 
 KINDS = ("qd", "qh", "qq", "dd")  # queries x documents / hard negatives / queries, documents x documents
@@ -359,7 +360,8 @@ def tile_statistics(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *,
         out_specs += [pl.BlockSpec((1, keys), lambda p: (p, 0))] * len(names)
         out_shape += [jax.ShapeDtypeStruct((programs, keys), jnp.float32)] * len(names)
     outs = pl.pallas_call(kernel, grid=(programs,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=interpret, name=f"{family}_stats_{kind}")(
+                          interpret=interpret, compiler_params=pallas_compiler_params(),
+                          name=f"{family}_stats_{kind}")(
         *_scalars(scale, shift), a, *row_vecs, *key_vecs, k)
     row_stats = dict(zip(names, (x[:, 0] for x in outs[:len(names)]))) if do_rows else None
     col_stats = _merge_columns(family, names, outs[len(names):] if do_rows else outs) if do_cols else None
@@ -489,6 +491,7 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
         + [tile_rows] * (4 + n_saved) + [whole_keys] * (4 + n_saved) + [whole(k)],
         out_specs=[pl.BlockSpec((block, dp), lambda i: (i, 0))] + [tile_rows] * 3,
         out_shape=[f32(rows, dp)] + [f32(rows, 1)] * 3, interpret=interpret, name=f"{family}_grad_anchors_{kind}",
+        compiler_params=pallas_compiler_params(),
     )(*operands)
     dk, drk = pl.pallas_call(
         key_kernel, grid=(keys // block,),
@@ -496,6 +499,7 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
         + [tile_keys] * (4 + n_saved) + [pl.BlockSpec((block, dp), lambda i: (i, 0))],
         out_specs=[pl.BlockSpec((block, dp), lambda i: (i, 0)), tile_keys],
         out_shape=[f32(keys, dp), f32(1, keys)], interpret=interpret, name=f"{family}_grad_keys_{kind}",
+        compiler_params=pallas_compiler_params(),
     )(*operands)
     scale = jnp.asarray(scale, jnp.float32)
     dk = dk[:, :d] * (scale * key_vecs[0][0])[:, None]

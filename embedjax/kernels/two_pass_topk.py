@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from embedjax.kernels.dispatch import pallas_compiler_params
 from embedjax.kernels.pallas_topk import INT_MAX, masked_tile_fn, scan_layout
 from embedjax.kernels.row_filter import NEG_INF, RowFilter, gathered_pass, mark_missing
 from embedjax.kernels.topk import (MAX_EXACT_ID, fast_top_k, mask_scores, searched_rows, sort_by_score_then_id,
@@ -82,7 +83,7 @@ def tile_maxima_call(tile_score: Callable, q_ops: Sequence, x_ops: Sequence, n_v
         shapes.append(jax.ShapeDtypeStruct((qp, splits * per_split), jnp.int32))
     outs = pl.pallas_call(kernel, grid=(qp // block_q, splits), in_specs=layout.in_specs,
                           out_specs=[spec] * len(shapes), out_shape=shapes, interpret=interpret,
-                          name="tile_maxima")(*layout.operands)
+                          compiler_params=pallas_compiler_params(), name="tile_maxima")(*layout.operands)
     best = outs[0][:layout.queries]
     if with_ids:
         return best, outs[1][:layout.queries]

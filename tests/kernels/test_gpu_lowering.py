@@ -1,0 +1,96 @@
+"""Every Pallas kernel lowers for CUDA through the Triton backend, checked on a CPU machine.
+
+`jax.export` lowers a function for a platform this machine lacks: with the kernels traced as for
+a GPU (`dispatch.default_backend` reports "gpu", so they are not in interpret mode and take
+`dispatch.pallas_compiler_params`), each lowered module must hold Triton kernel calls, one per
+``pallas_call``. This catches what a GPU would refuse at lowering (operations Triton lacks, block
+shapes it cannot take) without one; compiling the Triton IR to machine code, and the kernels'
+numbers, still need a GPU (`bench kernels`, `bench loss --ring-impl pallas`).
+Under Mosaic GPU, JAX's default for a ``pallas_call`` without parameters since 0.10, the ring
+loss's fused tiles cannot lower at all: they stage whole operands in shared memory.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+from embedjax.kernels import dispatch
+from embedjax.kernels.hamming import hamming_topk
+from embedjax.kernels.lowbit import int8_topk
+from embedjax.kernels.maxsim import maxsim_rerank
+from embedjax.kernels.rescore import rescore_topk
+from embedjax.losses import ring
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+Q, N, WORDS, DIM = 8, 1000, 32, 96
+
+
+@pytest.fixture
+def traced_for_gpu(monkeypatch):
+    monkeypatch.setattr(dispatch, "default_backend", lambda: "gpu")
+
+
+def _lowered_for_cuda(fn, *shapes):
+    """The StableHLO text of ``fn`` lowered for CUDA (Triton calls carry no compatibility promise,
+    which only matters for serialised exports; this one is read and dropped)."""
+    unchecked = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    return export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=unchecked)(*shapes).mlir_module()
+
+
+def _spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _ring_loss_and_grads(q, d):
+    mesh = jax.make_mesh((1,), ("data",))
+    loss = lambda q, d: ring.ring_infonce(q, d, mesh=mesh, temperature=0.05, impl="pallas")  # noqa: E731
+    return jax.value_and_grad(loss, argnums=(0, 1))(q, d)
+
+
+CASES = {  # name: (function, input shapes, pallas_calls it makes)
+    "hamming running": (lambda q, x: hamming_topk(q, x, 10, impl="pallas", select="running"),
+                        (_spec((Q, WORDS), jnp.uint32), _spec((N, WORDS), jnp.uint32)), 1),
+    "hamming two_pass": (lambda q, x: hamming_topk(q, x, 10, impl="pallas", select="two_pass"),
+                         (_spec((Q, WORDS), jnp.uint32), _spec((N, WORDS), jnp.uint32)), 1),
+    "int8 running": (lambda q, x, s: int8_topk(q, s[:Q], x, s, 10, impl="pallas"),
+                     (_spec((Q, DIM), jnp.int8), _spec((N, DIM), jnp.int8), _spec((N,), jnp.float32)), 1),
+    "int8 two_pass": (lambda q, x, s: int8_topk(q, s[:Q], x, s, 10, impl="pallas", select="two_pass"),
+                      (_spec((Q, DIM), jnp.int8), _spec((N, DIM), jnp.int8), _spec((N,), jnp.float32)), 1),
+    "rescore": (lambda q, c, x: rescore_topk(q, c, x, 5, impl="pallas"),
+                (_spec((Q, DIM), jnp.float32), _spec((Q, 40), jnp.int32), _spec((N, DIM), jnp.float32)), 1),
+    "maxsim rerank": (lambda q, qm, c, x, xm: maxsim_rerank(q, qm, c, x, xm, 5, impl="pallas"),
+                      (_spec((Q, 12, 64), jnp.float32), _spec((Q, 12), jnp.bool_), _spec((Q, 20), jnp.int32),
+                       _spec((200, 30, 64), jnp.float32), _spec((200, 30), jnp.bool_)), 1),
+    # forward statistics, then the anchor-side and key-side gradient kernels
+    "ring infonce value and grads": (_ring_loss_and_grads, (_spec((256, 768), jnp.float32),) * 2, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernels_lower_for_cuda_through_triton(name, traced_for_gpu):
+    fn, shapes, calls = CASES[name]
+    text = _lowered_for_cuda(fn, *shapes)
+    assert text.count(TRITON_CALL) == calls
+    assert "mosaic_gpu" not in text
+
+
+def test_the_gpu_backend_is_chosen_by_environment(traced_for_gpu, monkeypatch):
+    """Mosaic GPU on request; there the ring tiles cannot lower (the reason Triton is the default).
+    The choice is read when a kernel is traced, so the jitted kernels' traces are dropped first."""
+    from jax.experimental.pallas import mosaic_gpu, triton
+
+    assert isinstance(dispatch.pallas_compiler_params(), triton.CompilerParams)
+    monkeypatch.setenv(dispatch.GPU_BACKEND_ENV, "mosaic")
+    assert isinstance(dispatch.pallas_compiler_params(), mosaic_gpu.CompilerParams)
+    jax.clear_caches()
+    fn, shapes, _ = CASES["ring infonce value and grads"]
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        _lowered_for_cuda(fn, *shapes)
+    jax.clear_caches()
+    monkeypatch.setenv(dispatch.GPU_BACKEND_ENV, "cutlass")
+    with pytest.raises(ValueError, match=r"EMBEDJAX_PALLAS_GPU must be one of \('triton', 'mosaic'\)"):
+        dispatch.pallas_compiler_params()
+
+
+def test_off_the_gpu_kernels_take_their_backends_defaults():
+    assert dispatch.default_backend() == "cpu" and dispatch.pallas_compiler_params() is None
