@@ -7,9 +7,10 @@
 #
 #   EMBEDJAX_COMMIT=$(git rev-parse --short HEAD) launch/device_benchmarks.sh [OUT_DIR]
 #
-# ONLY="loss loss_pallas ..." runs just the named benches. The whole set takes over 15 minutes, more than
-# one 10-minute call on a lent machine; it runs in order of need, so an outer `timeout` cuts the least
-# wanted (the Pallas kernels compile through Triton: `embedjax.kernels.dispatch.pallas_compiler_params`).
+# ONLY="loss loss_pallas ..." runs just the named benches; BUDGET=SECONDS bounds the whole run.
+# The whole set takes over 15 minutes, more than one 10-minute call on a lent machine; it runs in
+# order of need, so BUDGET cuts the least wanted. The Pallas kernels compile through Triton
+# (`embedjax.kernels.dispatch.pallas_compiler_params`).
 #
 # With MODEL_DIR (a sentence-transformers folder) and STS_FILE (STS-B format) set, the
 # encode comparison with sentence-transformers runs too. OUT_DIR (default: bench_out) receives each bench's JSON line, its log and a copy of
@@ -24,9 +25,13 @@ py="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$out/gpu.txt"
 
+budget="${BUDGET:-100000}"  # seconds for the whole run: a bench gets what is left of it, none under 30 s
 bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time limit, keep its JSON line and log
   local name="$1" limit="$2" module="$3"; shift 3
   if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return; fi
+  local left=$((budget - SECONDS))
+  if ((left < 30)); then echo "== $name skipped (${left} s of BUDGET left)"; return; fi
+  limit=$((limit < left ? limit : left))
   local start=$SECONDS
   if timeout "$limit" "$py" -m "embedjax.bench.$module" "$@" --record >"$out/$name.json" 2>"$out/$name.log"; then
     echo "== $name ok ($((SECONDS - start)) s)"
