@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", default="10,100", help="comma-separated k values")
     parser.add_argument("--blocks", default="16x128", help="Pallas block_q x block_n settings, comma-separated")
     parser.add_argument("--paths", default="hamming,int8", help="which searches to run")
+    parser.add_argument("--splits", default="64",
+                        help="comma-separated target corpus splits per query block (programs = query blocks x splits)")
     parser.add_argument("--select", default="running,two_pass",
                         help="Pallas top-k selections to time (embedjax.kernels.two_pass_topk.SELECTIONS)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per cell (median reported)")
@@ -67,9 +69,9 @@ def _hamming_searches(q_codes, x_codes, n):
 
     interpret = jax.default_backend() not in ("gpu", "tpu")
 
-    def pallas(k, bq, bn, select):
+    def pallas(k, bq, bn, select, splits):
         return lambda: hamming_topk_pallas(q_codes, x_codes, k, n, block_q=bq, block_n=bn, interpret=interpret,
-                                           select=select)
+                                           select=select, target_splits=splits)
 
     def xla(k):
         return lambda: hamming_topk_xla(q_codes, x_codes, k, n)
@@ -83,9 +85,9 @@ def _int8_searches(q, x, q_scale, x_scale, n):
     interpret = jax.default_backend() not in ("gpu", "tpu")
     q_offset = jnp.zeros((q.shape[0],), jnp.float32)
 
-    def pallas(k, bq, bn, select):
+    def pallas(k, bq, bn, select, splits):
         return lambda: _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n, kind="int8", block_q=bq, block_n=bn,
-                                      interpret=interpret, select=select)
+                                      interpret=interpret, select=select, target_splits=splits)
 
     def xla(k):
         return lambda: _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n, kind="int8")
@@ -99,7 +101,7 @@ def _mismatches(got, want) -> int:
     return int(np.sum(np.any((gv != wv) | (gi != wi), axis=1)))
 
 
-def _cells(kind, searches, qs, ks, blocks, selects, corpus_bytes, ops_per_query, repeats, ceilings):
+def _cells(kind, searches, qs, ks, blocks, selects, splits, corpus_bytes, ops_per_query, repeats, ceilings):
     """One row per (queries, k, implementation); Pallas rows carry the check against the twin."""
     rows = []
     for q, (pallas, xla) in searches.items():
@@ -108,8 +110,10 @@ def _cells(kind, searches, qs, ks, blocks, selects, corpus_bytes, ops_per_query,
             want = jax.block_until_ready(reference())
             variants = [("xla", None, reference)]
             for select in selects:
-                suffix = "" if select == "running" else f" {select}"
-                variants += [(f"pallas {bq}x{bn}{suffix}", (bq, bn), pallas(k, bq, bn, select)) for bq, bn in blocks]
+                for split in splits:  # names without a suffix keep the defaults (running, 64 splits)
+                    suffix = ("" if select == "running" else f" {select}") + ("" if split == 64 else f" s{split}")
+                    variants += [(f"pallas {bq}x{bn}{suffix}", (bq, bn), pallas(k, bq, bn, select, split))
+                                 for bq, bn in blocks]
             base = None
             for name, _, fn in variants:
                 row = dict(kernel=kind, impl=name, queries=q, k=k, error="")
@@ -139,6 +143,7 @@ def run(args: argparse.Namespace) -> dict:
     blocks = parse_blocks(args.blocks)
     paths = [p for p in args.paths.split(",") if p]
     selects = [check_selection(v) for v in args.select.split(",") if v]
+    splits = [int(v) for v in args.splits.split(",") if v]
     if unknown := set(paths) - {"hamming", "int8"}:
         raise ValueError(f"--paths may name hamming and int8; got {sorted(unknown)}")
     if args.bits % 32:
@@ -157,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         searches = {q: _hamming_searches(jax.random.bits(jax.random.fold_in(key, q), (q, words), jnp.uint32), x, args.n)
                     for q in qs}
         # Per query and corpus word: one XOR, one popcount, one add.
-        rows += _cells("hamming", searches, qs, ks, blocks, selects, x.nbytes, 3 * args.n * words, args.repeats, ceilings)
+        rows += _cells("hamming", searches, qs, ks, blocks, selects, splits, x.nbytes, 3 * args.n * words, args.repeats, ceilings)
         del x, searches
     if "int8" in paths:
         kx, ks_ = jax.random.split(jax.random.fold_in(key, 1))
@@ -169,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
             q_codes = jax.random.randint(kq, (q, args.dim), -127, 128, jnp.int32).astype(jnp.int8)
             searches[q] = _int8_searches(q_codes, x, jnp.ones((q,), jnp.float32), x_scale, args.n)
         # Per query and corpus code: one multiply-add per dimension (2 ops).
-        rows += _cells("int8", searches, qs, ks, blocks, selects, x.nbytes, 2 * args.n * args.dim, args.repeats, ceilings)
+        rows += _cells("int8", searches, qs, ks, blocks, selects, splits, x.nbytes, 2 * args.n * args.dim, args.repeats, ceilings)
         del x, searches
 
     device = report.device_description()

@@ -31,10 +31,10 @@ def resolve_impl(impl: str) -> tuple[str, bool]:
     return "xla", False
 
 
-def pallas_compiler_params():
+def pallas_compiler_params(**triton_options):
     """``compiler_params`` for every ``pallas_call`` of the package: on a GPU, the Triton backend's
     (or Mosaic GPU's with ``EMBEDJAX_PALLAS_GPU=mosaic``); None elsewhere (TPU lowering and interpret
-    mode take their defaults). Read when a kernel is traced: jitted kernels keep their first choice.
+    mode take their defaults). ``triton_options`` (``num_warps``, ``num_stages``) go to Triton. Read when a kernel is traced: jitted kernels keep their first choice.
 
     Since JAX 0.10 a ``pallas_call`` without parameters lowers to Mosaic GPU on NVIDIA cards
     (``jax_pallas_use_mosaic_gpu`` defaults to True). The kernels here follow Triton's rules
@@ -52,7 +52,7 @@ def pallas_compiler_params():
         from jax.experimental.pallas import mosaic_gpu
         return mosaic_gpu.CompilerParams()
     from jax.experimental.pallas import triton
-    return triton.CompilerParams()
+    return triton.CompilerParams(**triton_options)
 
 
 CPU_ALIAS_ALIGNMENT = 64  # bytes: jax.device_put aliases a NumPy buffer on CPU only at this alignment

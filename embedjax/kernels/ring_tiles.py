@@ -59,6 +59,10 @@ SAVED = {"infonce": ("lse_all", "g_all", "lse_pos", "g_pos"), "siglip": ("g_sum"
 NEG_INF = -jnp.inf
 DEFAULT_BLOCK = 64
 MIN_BLOCK = 16  # Triton's dots need at least 16 rows per operand
+# Triton's software pipelining keeps this many copies of each loop's loaded tiles in shared memory:
+# at its default of 3 the kernels asked an H200 for 608 KiB (block 64) and 288 KiB (block 32) of
+# its 227 KiB, so the loops run unpipelined.
+PIPELINE_STAGES = 1
 MAX_BLOCK_DIM = 128
 MAX_PROGRAMS = 264  # forward programs per pass: 2 per SM of an H100 (132 SMs); bounds the per-key partials
 
@@ -360,7 +364,7 @@ def tile_statistics(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, *,
         out_specs += [pl.BlockSpec((1, keys), lambda p: (p, 0))] * len(names)
         out_shape += [jax.ShapeDtypeStruct((programs, keys), jnp.float32)] * len(names)
     outs = pl.pallas_call(kernel, grid=(programs,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=interpret, compiler_params=pallas_compiler_params(),
+                          interpret=interpret, compiler_params=pallas_compiler_params(num_stages=PIPELINE_STAGES),
                           name=f"{family}_stats_{kind}")(
         *_scalars(scale, shift), a, *row_vecs, *key_vecs, k)
     row_stats = dict(zip(names, (x[:, 0] for x in outs[:len(names)]))) if do_rows else None
@@ -491,7 +495,7 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
         + [tile_rows] * (4 + n_saved) + [whole_keys] * (4 + n_saved) + [whole(k)],
         out_specs=[pl.BlockSpec((block, dp), lambda i: (i, 0))] + [tile_rows] * 3,
         out_shape=[f32(rows, dp)] + [f32(rows, 1)] * 3, interpret=interpret, name=f"{family}_grad_anchors_{kind}",
-        compiler_params=pallas_compiler_params(),
+        compiler_params=pallas_compiler_params(num_stages=PIPELINE_STAGES),
     )(*operands)
     dk, drk = pl.pallas_call(
         key_kernel, grid=(keys // block,),
@@ -499,7 +503,7 @@ def tile_gradients(a_rd, k_cd, ra_r, rk_c, row_meta, key_meta, scale, shift, row
         + [tile_keys] * (4 + n_saved) + [pl.BlockSpec((block, dp), lambda i: (i, 0))],
         out_specs=[pl.BlockSpec((block, dp), lambda i: (i, 0)), tile_keys],
         out_shape=[f32(keys, dp), f32(1, keys)], interpret=interpret, name=f"{family}_grad_keys_{kind}",
-        compiler_params=pallas_compiler_params(),
+        compiler_params=pallas_compiler_params(num_stages=PIPELINE_STAGES),
     )(*operands)
     scale = jnp.asarray(scale, jnp.float32)
     dk = dk[:, :d] * (scale * key_vecs[0][0])[:, None]
