@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", default="10,100", help="comma-separated k values")
     parser.add_argument("--blocks", default="16x128", help="Pallas block_q x block_n settings, comma-separated")
     parser.add_argument("--paths", default="hamming,int8", help="which searches to run")
-    parser.add_argument("--splits", default="64",
-                        help="comma-separated target corpus splits per query block (programs = query blocks x splits)")
+    parser.add_argument("--splits", default="",
+                        help="comma-separated target corpus splits per query block (programs = query blocks x "
+                             "splits; default: the kernels' DEFAULT_SPLITS for each selection)")
     parser.add_argument("--select", default="running,two_pass",
                         help="Pallas top-k selections to time (embedjax.kernels.two_pass_topk.SELECTIONS)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per cell (median reported)")
@@ -110,8 +111,8 @@ def _cells(kind, searches, qs, ks, blocks, selects, splits, corpus_bytes, ops_pe
             want = jax.block_until_ready(reference())
             variants = [("xla", None, reference)]
             for select in selects:
-                for split in splits:  # names without a suffix keep the defaults (running, 64 splits)
-                    suffix = ("" if select == "running" else f" {select}") + ("" if split == 64 else f" s{split}")
+                for split in splits:  # names without a suffix keep the defaults (running, DEFAULT_SPLITS)
+                    suffix = ("" if select == "running" else f" {select}") + ("" if split is None else f" s{split}")
                     variants += [(f"pallas {bq}x{bn}{suffix}", (bq, bn), pallas(k, bq, bn, select, split))
                                  for bq, bn in blocks]
             base = None
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     blocks = parse_blocks(args.blocks)
     paths = [p for p in args.paths.split(",") if p]
     selects = [check_selection(v) for v in args.select.split(",") if v]
-    splits = [int(v) for v in args.splits.split(",") if v]
+    splits = [int(v) for v in args.splits.split(",") if v] or [None]
     if unknown := set(paths) - {"hamming", "int8"}:
         raise ValueError(f"--paths may name hamming and int8; got {sorted(unknown)}")
     if args.bits % 32:

@@ -9,10 +9,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import device_array, resolve_impl
-from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
+from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call, scan_fits
 from embedjax.kernels.row_filter import as_row_filter, check_row_ids, distances_from_scores
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
-from embedjax.kernels.two_pass_topk import check_selection, two_pass_topk, xla_two_pass_topk
+from embedjax.kernels.two_pass_topk import DEFAULT_SPLITS, check_selection, two_pass_topk, xla_two_pass_topk
 
 
 LAYOUTS = ("rows", "words")
@@ -120,7 +120,7 @@ def _hamming_tile(q_refs, x_refs, offset, block_n):
 
 @functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "target_splits", "interpret", "select",
                                              "layout"))
-def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=64, interpret=False,
+def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=None, interpret=False,
                         row_filter=None, row_ids=None, select="running", layout="rows"):
     words = next_pow2(q_codes.shape[1])
     # Zero words XOR to zero, so padding the width adds nothing to a distance. The kernel sees
@@ -130,7 +130,7 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
     # The kernel reads the corpus word-major (corpus axis last: tiles [words, block_n]).
     x_t = x_codes.T if layout == "rows" else x_codes
     x_t = lax.bitcast_convert_type(pad_axis(x_t, 0, words), jnp.int32)
-    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
+    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits or DEFAULT_SPLITS[select], interpret=interpret,
                    row_filter=row_filter, row_ids=row_ids)
     if select == "two_pass":  # the rescore gathers rows from the corpus as given, with its layout's twin
         s, i = two_pass_topk(_hamming_tile, TWIN_SCORERS[layout], (q,), (x_t,), (q_codes,), (x_codes,), n_valid, k,
@@ -138,6 +138,14 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
     else:
         s, i = running_topk_call(_hamming_tile, (q,), (x_t,), n_valid, k, **options)
     return distances_from_scores(s), i
+
+
+def _selection(select: str, impl: str, row_ids) -> str:
+    """``select`` with "auto" resolved: two-pass won on an H200 (Pallas) and on CPU (XLA, whose
+    two-pass form takes no row_ids)."""
+    if select != "auto":
+        return select
+    return "two_pass" if impl == "pallas" or row_ids is None else "running"
 
 
 def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=32768, filter=None, row_ids=None,
@@ -155,7 +163,7 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     Pallas kernel; interpret mode on CPU) or "auto". ``select``: "running" (a running top-k
     merged chunk by chunk, or tile by tile in the Pallas scan), "two_pass" (tile maxima, then each
     query's k best tiles rescored; ``kernels.two_pass_topk``; the XLA form keeps Q * N / 32 maxima
-    and takes no ``row_ids``) or "auto" (two_pass on XLA without row_ids, else running). All are
+    and takes no ``row_ids``) or "auto" (two_pass, except running on XLA with row_ids). All are
     exact. ``layout``: "rows" (x_codes [N, W]; the XLA scan vectorises over queries when there are
     two or more, over each row's words for one) or "words"
     (the word-major corpus [W, N] of `word_major`; the scan vectorises over rows, faster for a
@@ -172,9 +180,12 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
         raise ValueError("q_codes is empty (0 queries)")
     row_filter = as_row_filter(filter, q_codes.shape[0], num_rows)
     row_ids = check_row_ids(row_ids, num_rows)
+    requested = impl
     impl, interpret = resolve_impl(impl)
-    if select == "auto":  # the Pallas two-pass kernel is not yet timed on a GPU; the XLA one is (CPU)
-        select = "two_pass" if impl == "xla" and row_ids is None else "running"
+    if impl == "pallas" and requested == "auto" and not scan_fits(
+            num_rows, next_pow2(q_codes.shape[1]), target_splits=DEFAULT_SPLITS[_selection(select, impl, row_ids)]):
+        impl = "xla"  # beyond the kernel's 32-bit offsets the XLA twin searches
+    select = _selection(select, impl, row_ids)
     if impl == "pallas":
         return hamming_topk_pallas(q_codes, x_codes, k, n_valid, interpret=interpret, row_filter=row_filter,
                                    row_ids=row_ids, select=select, layout=layout)

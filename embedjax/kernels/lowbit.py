@@ -27,10 +27,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import device_array, resolve_impl
-from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call
+from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call, scan_fits
 from embedjax.kernels.row_filter import as_row_filter, check_row_ids
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
-from embedjax.kernels.two_pass_topk import check_selection, two_pass_topk
+from embedjax.kernels.two_pass_topk import DEFAULT_SPLITS, check_selection, two_pass_topk
 from embedjax.quant.scalar import unpack_int4
 
 FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
@@ -182,9 +182,16 @@ def _decode_int4(q_refs, start, x_tile, depth_block):
     return jnp.dot(q_even, low, preferred_element_type=jnp.int32) + jnp.dot(q_odd, high, preferred_element_type=jnp.int32)
 
 
+def _scan_width(kind, q, x) -> int:
+    """Words per corpus row in the Pallas scan's operand (the depth padded to its blocks)."""
+    depth = x.shape[1] if kind == "int4" else q.shape[1]
+    db = _depth_block(depth)
+    return -(-depth // db) * db
+
+
 @functools.partial(jax.jit, static_argnames=("k", "kind", "block_q", "block_n", "target_splits", "interpret", "select"))
 def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_q=16, block_n=128,
-                   target_splits=64, interpret=False, row_filter=None, row_ids=None, select="running"):
+                   target_splits=None, interpret=False, row_filter=None, row_ids=None, select="running"):
     if kind == "int4":
         q2 = pad_axis(q, 1, 2 * x.shape[1])
         q_main, q_extra = q2[:, 0::2], (q2[:, 1::2],)
@@ -197,7 +204,7 @@ def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_
     padded = -(-depth // db) * db
     q_ops = (pad_axis(q_main, 1, padded), q_scale[:, None], q_offset[:, None]) + tuple(pad_axis(e, 1, padded) for e in q_extra)
     x_ops = (pad_axis(x, 1, padded).T, x_scale[None, :])
-    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
+    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits or DEFAULT_SPLITS[select], interpret=interpret,
                    row_filter=row_filter, row_ids=row_ids)
     if select == "two_pass":
         return two_pass_topk(_dot_tile(decode, db, acc), CHUNK_SCORERS[kind], q_ops, x_ops, (q, q_scale, q_offset),
@@ -212,7 +219,11 @@ def _run(kind, q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, f
     check_selection(select)
     row_filter = as_row_filter(filter, q.shape[0], x.shape[0])
     row_ids = check_row_ids(row_ids, x.shape[0])
+    requested = impl
     impl, interpret = resolve_impl(impl)
+    if impl == "pallas" and requested == "auto" and not scan_fits(x.shape[0], _scan_width(kind, q, x),
+                                                                  target_splits=DEFAULT_SPLITS[select]):
+        impl = "xla"  # beyond the kernel's 32-bit offsets the XLA twin searches
     if impl == "pallas":
         return _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, interpret=interpret,
                               row_filter=row_filter, row_ids=row_ids, select=select)

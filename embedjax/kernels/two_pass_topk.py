@@ -22,8 +22,13 @@ chosen tiles thus hold k rows that rank before e, and e is not in the top k. Tie
 broken exactly as the twins break them (smaller id first). When the corpus has fewer than k
 tiles, all of them are rescored.
 
-Still to measure on a GPU (none was lent when this was written): Triton lowering of the maxima
-kernel's column stores, its fraction of HBM bandwidth, and the rescore's cost at k=100.
+On an H200 (2026-12-04, BENCHMARKS.md) both passes compile through Triton and equal the twins at
+2M and 10M codes. Its scan is short of parallel work at 64 corpus splits per query block (the
+running kernel's default): 38 ms for 1 or 64 queries over 10M 1024-bit codes, whatever k or
+selection, against 6.5 / 12.9 ms for the XLA twin. At 2048 splits it took 4.9 / 8.5 ms (1.32x /
+1.52x the twin, k=10), at 512 7.5 / 10.9 ms, so `DEFAULT_SPLITS` gives it 2048; the running
+kernel gained less from more splits (0.95x / 0.64x at 2048), its selection costing more the
+more partial lists it merges. Both remain far from the bandwidth floor (9.6% of 2.7-3.5 TB/s).
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ from embedjax.kernels.topk import (MAX_EXACT_ID, fast_top_k, mask_scores, search
                                    top_k_by_score_then_id)
 
 SELECTIONS = ("running", "two_pass")
+# Target corpus splits per query block (programs = query blocks x splits), measured on an H200 (above).
+DEFAULT_SPLITS = {"running": 64, "two_pass": 2048}
 
 
 def check_selection(select: str) -> str:
