@@ -137,7 +137,7 @@ def run(args) -> dict:
     # 2. Largest global batch under the per-device budget (compiled, not executed).
     budget = int(args.budget_gib * GIB)
     result["budget_gib"] = args.budget_gib
-    tile = args.tile or (ring.DEFAULT_TILE if args.ring_impl == "xla" else tiles.DEFAULT_BLOCK)
+    tile = args.tile or (ring.default_tile() if args.ring_impl == "xla" else tiles.DEFAULT_BLOCK)
     for name, fn in ({} if args.skip_max_batch else fns).items():
         step = n * tile
         batch, used, tried = largest_batch(fn, args.dim, budget, step, args.max_search_batch)

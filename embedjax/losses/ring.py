@@ -50,6 +50,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from embedjax.kernels import ring_tiles as tiles
+from embedjax.kernels import dispatch
 from embedjax.kernels.dispatch import resolve_impl
 from embedjax.kernels.pallas_topk import next_pow2
 from embedjax.losses import contrastive as dense
@@ -57,6 +58,15 @@ from embedjax.losses import validation as val
 from embedjax.multivector.maxsim import maxsim_paired, reduce_token_sims
 
 DEFAULT_TILE = 1024
+# On a GPU a 1024 tile leaves ~8 us of matmul per tile and per-tile launches dominate: on an H200 at
+# 32,768 x 768 the ring took 90 ms at 1024 and 39.4 ms at 4096 against the dense loss's 23.5-23.7
+# (BENCHMARKS.md, 2026-11-28 and 2026-12-04), for 64 MiB of float32 logits per tile.
+GPU_DEFAULT_TILE = 4096
+
+
+def default_tile() -> int:
+    """Rows and keys per tile when the caller names none (before the local batch caps it)."""
+    return GPU_DEFAULT_TILE if dispatch.default_backend() == "gpu" else DEFAULT_TILE
 _NEG_INF = -jnp.inf
 
 
@@ -623,7 +633,7 @@ def _token_pairs(batch) -> int:
 
 def _check_tile(tile, local_batch, token_pairs: int = 1):
     if tile is None:
-        return max(1, min(DEFAULT_TILE, local_batch, math.isqrt(MAXSIM_TILE_FLOATS // token_pairs)))
+        return max(1, min(default_tile(), local_batch, math.isqrt(MAXSIM_TILE_FLOATS // token_pairs)))
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be a positive int (rows/keys per tile), got {tile!r}")
     return tile
@@ -713,9 +723,9 @@ def ring_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, hard_nega
     q_bd, d_bd: [B, D]; hard_negatives_bkd: [B, K, D] (B divisible by the axis size); with
     ``similarity="maxsim"`` token vectors [B, L, D] / [B, K, L, D] with their masks, each tile
     scoring MaxSim.
-    ``tile``: rows and keys per tile (default min(1024, B / n), smaller for MaxSim so a tile's
-    token products stay near 2**24 floats); any positive size works (the local batch is
-    padded to whole tiles with masked rows).
+    ``tile``: rows and keys per tile (default min(1024, B / n), 4096 for 1024 on a GPU; smaller for
+    MaxSim so a tile's token products stay near 2**24 floats); any positive size works (the local
+    batch is padded to whole tiles with masked rows).
     Per-device memory is O(B/n * D + M * tile^2) and no [B, B] array exists.
     ``impl``: "xla" (default) loops over tiles in XLA; "pallas" runs each pass's tiles in fused
     kernels (`embedjax.kernels.ring_tiles`: one prefix, no margin, guide or MaxSim; ``tile`` is
