@@ -34,10 +34,14 @@ block has a power-of-two size (``block``, ``block_dim``; the caller pads rows, k
 embedding), values are never sliced in registers, and products accumulate in float32
 (``preferred_element_type``), so the kernels follow the Triton backend's rules; on CPU they
 run in interpret mode (`tests/kernels/test_ring_tiles.py` checks them against float64
-NumPy on awkward sizes). Still to measure on a GPU (none was lent when this was written): the
-Triton lowering itself, the step time against the XLA tiles and the dense loss at 32k x 768,
-and the best ``block`` / ``block_dim`` (registers hold ``block x embedding`` accumulators in
-the backward kernels: 64 x 768 floats at the defaults; ``tile=32`` halves them). The layout is
+NumPy on awkward sizes; `tests/kernels/test_gpu_lowering.py` lowers them for CUDA). On an H200
+(2026-12-04, BENCHMARKS.md) they lose badly: at the default block of 64 Triton asks for 400 KiB
+of shared memory even unpipelined (608 KiB at its default 3 stages; the card has 227 KiB), and at
+``tile=32`` they compile, agree with float64 to TF32 rounding (3.8e-4), and take 931 ms at
+32k x 768 against the dense loss's 24 ms and the XLA tiles' 39.4 ms at 4096. The backward
+kernels hold ``block x embedding`` float32 accumulators (64 x 768 at the defaults), and every
+program walks every key tile serially; a faster design needs the embedding split across
+programs or a split-K reduction, which is not done. The layout is
 Triton's: every program sees the whole key (or anchor) array, which a TPU's VMEM could not hold
 at these sizes, so on a TPU the XLA tiles remain the path.
 """
