@@ -72,6 +72,8 @@ def test_kernels_lower_for_cuda_through_triton(name, traced_for_gpu):
     text = _lowered_for_cuda(fn, *shapes)
     assert text.count(TRITON_CALL) == calls
     assert "mosaic_gpu" not in text
+    if name.startswith("ring"):  # unpipelined: at Triton's 3 stages an H200 refused their shared memory
+        assert text.count("num_stages = 1 : i32") == calls
 
 
 def test_the_gpu_backend_is_chosen_by_environment(traced_for_gpu, monkeypatch):
