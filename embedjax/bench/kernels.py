@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> dict:
         searches = {q: _hamming_searches(jax.random.bits(jax.random.fold_in(key, q), (q, words), jnp.uint32), x, args.n)
                     for q in qs}
         # Per query and corpus word: one XOR, one popcount, one add.
-        rows += _cells("hamming", searches, qs, ks, blocks, selects, splits, x.nbytes, 3 * args.n * words, args.repeats, ceilings)
+        rows += _cells("hamming", searches, qs, ks, blocks, selects, splits, x.nbytes, 3 * args.n * words,
+                       args.repeats, ceilings)
         del x, searches
     if "int8" in paths:
         kx, ks_ = jax.random.split(jax.random.fold_in(key, 1))
@@ -175,7 +176,8 @@ def run(args: argparse.Namespace) -> dict:
             q_codes = jax.random.randint(kq, (q, args.dim), -127, 128, jnp.int32).astype(jnp.int8)
             searches[q] = _int8_searches(q_codes, x, jnp.ones((q,), jnp.float32), x_scale, args.n)
         # Per query and corpus code: one multiply-add per dimension (2 ops).
-        rows += _cells("int8", searches, qs, ks, blocks, selects, splits, x.nbytes, 2 * args.n * args.dim, args.repeats, ceilings)
+        rows += _cells("int8", searches, qs, ks, blocks, selects, splits, x.nbytes, 2 * args.n * args.dim,
+                       args.repeats, ceilings)
         del x, searches
 
     device = report.device_description()

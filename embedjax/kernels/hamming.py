@@ -130,8 +130,8 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
     # The kernel reads the corpus word-major (corpus axis last: tiles [words, block_n]).
     x_t = x_codes.T if layout == "rows" else x_codes
     x_t = lax.bitcast_convert_type(pad_axis(x_t, 0, words), jnp.int32)
-    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits or DEFAULT_SPLITS[select], interpret=interpret,
-                   row_filter=row_filter, row_ids=row_ids)
+    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits or DEFAULT_SPLITS[select],
+                   interpret=interpret, row_filter=row_filter, row_ids=row_ids)
     if select == "two_pass":  # the rescore gathers rows from the corpus as given, with its layout's twin
         s, i = two_pass_topk(_hamming_tile, TWIN_SCORERS[layout], (q,), (x_t,), (q_codes,), (x_codes,), n_valid, k,
                              corpus_axis=CORPUS_AXIS[layout], **options)

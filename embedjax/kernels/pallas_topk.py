@@ -68,6 +68,14 @@ def scan_fits(n: int, width: int, *, block_n: int = 128, target_splits: int = 64
     return width * splits * per_split * block_n <= MAX_SCAN_ELEMENTS
 
 
+def addressable_pieces(n: int, width: int, *, block_n: int = 128, target_splits: int = 64) -> int:
+    """The fewest equal consecutive pieces of ``n`` corpus rows that each pass `scan_fits`."""
+    pieces = 1
+    while not scan_fits(-(-n // pieces), width, block_n=block_n, target_splits=target_splits):
+        pieces += 1
+    return pieces
+
+
 def _check_addressable(x_ops):
     for a in x_ops:
         if a.size > MAX_SCAN_ELEMENTS:

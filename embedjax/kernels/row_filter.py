@@ -182,6 +182,16 @@ def select_queries(row_filter: Optional[RowFilter], query_rows) -> Optional[RowF
     return RowFilter(predicates=RowPredicates(attrs, lo[query_rows], hi[query_rows]))
 
 
+def corpus_slice(row_filter: Optional[RowFilter], start: int, stop: int) -> Optional[RowFilter]:
+    """The filter of corpus rows [start, stop) (masks and attribute columns sliced; bounds kept)."""
+    if row_filter is None:
+        return None
+    if row_filter.mask_mn is not None:
+        return RowFilter(mask_mn=row_filter.mask_mn[:, start:stop])
+    p = row_filter.predicates
+    return RowFilter(predicates=RowPredicates(p.attrs_an[:, start:stop], p.lo_qa, p.hi_qa))
+
+
 def mark_missing(scores_qk, ids_qk):
     """Ids of -inf results become ``MISSING_ID`` (they are filtered, padded or absent rows)."""
     return scores_qk, jnp.where(scores_qk == NEG_INF, MISSING_ID, ids_qk)

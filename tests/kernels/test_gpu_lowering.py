@@ -100,17 +100,22 @@ def test_off_the_gpu_kernels_take_their_backends_defaults():
 
 def test_scans_past_32_bit_offsets_are_refused_and_auto_searches_them_with_xla(traced_for_gpu):
     """Triton offsets are 32-bit: on an H200 the int8 scan over 10M x 384 codes (3.8e9 elements)
-    returned wrong neighbours for every query. The scan refuses such a corpus, naming the fix, and
-    impl="auto" hands it to the XLA twin; 5M x 384 still fits. Shapes only (`jax.eval_shape`)."""
+    returned wrong neighbours for every query. The scan refuses such a corpus, naming the fix;
+    int8_topk(impl="pallas") scans it in pieces (`tests/kernels/test_lowbit_kernels.py` checks
+    them exact) and impl="auto" hands it to the XLA twin; 5M x 384 still fits. Shapes only
+    (`jax.eval_shape`)."""
     from embedjax.kernels import lowbit
-    from embedjax.kernels.pallas_topk import scan_fits
+    from embedjax.kernels.pallas_topk import addressable_pieces, scan_fits
 
     assert scan_fits(5_000_000, 384) and not scan_fits(10_000_000, 384) and scan_fits(10_000_000, 32)
     rows = 6_000_000
+    assert addressable_pieces(rows, 384) == 2
     shapes = (_spec((4, 384), jnp.int8), _spec((rows, 384), jnp.int8), _spec((4,), jnp.float32),
               _spec((rows,), jnp.float32))
     with pytest.raises(ValueError, match=r"32-bit offsets.*impl='xla'.*shards of at most 2,796,202 rows"):
-        jax.eval_shape(lambda q, x, qs, xs: lowbit.int8_topk(q, qs, x, xs, 10, impl="pallas"), *shapes)
+        jax.eval_shape(lambda q, x, qs, xs: lowbit._lowbit_pallas(q, qs, x, xs, qs, 10, rows, kind="int8"), *shapes)
+    pieces = jax.eval_shape(lambda q, x, qs, xs: lowbit.int8_topk(q, qs, x, xs, 10, impl="pallas"), *shapes)
+    assert pieces[1].shape == (4, 10)
     seen = []
     original = lowbit._lowbit_xla
     try:

@@ -114,3 +114,29 @@ def test_bad_inputs():
         int4_topk(q, None, np_int4_reference(x[:, :48]), None, 1)
     with pytest.raises(TypeError, match="dtype"):
         fp8_topk(q, None, x, None, 1)
+
+
+@pytest.mark.parametrize("select", ["running", "two_pass"])
+def test_int8_pallas_past_its_32_bit_offsets_searches_in_exact_pieces(select, monkeypatch):
+    """A corpus whose operand exceeds the kernels' 32-bit offsets (on an H200: 10M x 384 int8 codes
+    came back wrong) is scanned in consecutive pieces and merged. The limit is lowered so that 300
+    rows of 64 dims take 3 pieces; results equal NumPy's, ties (duplicate rows, a zero query),
+    ``n_valid`` short of the corpus, a per-query mask and row ids included."""
+    from embedjax.kernels import pallas_topk
+
+    q, x = int_codes(7, 4, 300, 64, -128, 127)
+    monkeypatch.setattr(pallas_topk, "MAX_SCAN_ELEMENTS", 64 * 128 * 1 + 64 * 128 - 1)  # under 2 tiles of 128 rows
+    assert pallas_topk.addressable_pieces(300, 64, target_splits=1) == 3
+    rng = np.random.default_rng(3)
+    mask = rng.random((4, 300)) < 0.8
+    row_ids = rng.permutation(1000)[:300].astype(np.int32)
+    dot = (q.astype(np.int64) @ x.astype(np.int64).T).astype(np.float64)
+    searched = np.where(mask & (np.arange(300) < 290), dot, -np.inf)
+    order = np.lexsort((np.broadcast_to(row_ids, searched.shape), -searched), axis=1)[:, :12]
+    s, i = int8_topk(q, None, x, None, 12, impl="pallas", n_valid=290, filter=mask, row_ids=row_ids, select=select)
+    np.testing.assert_array_equal(np.asarray(s), np.take_along_axis(searched, order, 1))
+    np.testing.assert_array_equal(np.asarray(i), row_ids[order])
+    s, i = int8_topk(q, None, x, None, 12, impl="pallas", select=select)  # positions as ids
+    ref_s, ref_i = numpy_topk(dot, 12)
+    np.testing.assert_array_equal(np.asarray(s), ref_s)
+    np.testing.assert_array_equal(np.asarray(i), ref_i)
