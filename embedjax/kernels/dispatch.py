@@ -17,15 +17,15 @@ def default_backend() -> str:
     return jax.default_backend()
 
 
-def resolve_impl(impl: str) -> tuple[str, bool]:
+def resolve_impl(impl: str, *, pallas_fits: bool = True) -> tuple[str, bool]:
     """``(impl, interpret)``: "auto" picks Pallas where it compiles natively (GPU via
-    Triton) and the XLA twin elsewhere; "pallas" on CPU runs in interpret mode
-    (slow, for tests)."""
+    Triton) and the input fits the kernel (``pallas_fits``; e.g. `pallas_topk.scan_fits`), the
+    XLA twin elsewhere; "pallas" on CPU runs in interpret mode (slow, for tests)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     backend = default_backend()
     if impl == "auto":
-        return ("pallas", False) if backend == "gpu" else ("xla", False)
+        return ("pallas", False) if backend == "gpu" and pallas_fits else ("xla", False)
     if impl == "pallas":
         return "pallas", backend not in ("gpu", "tpu")
     return "xla", False
@@ -34,7 +34,8 @@ def resolve_impl(impl: str) -> tuple[str, bool]:
 def pallas_compiler_params(**triton_options):
     """``compiler_params`` for every ``pallas_call`` of the package: on a GPU, the Triton backend's
     (or Mosaic GPU's with ``EMBEDJAX_PALLAS_GPU=mosaic``); None elsewhere (TPU lowering and interpret
-    mode take their defaults). ``triton_options`` (``num_warps``, ``num_stages``) go to Triton. Read when a kernel is traced: jitted kernels keep their first choice.
+    mode take their defaults). ``triton_options`` (``num_warps``, ``num_stages``) go to Triton.
+    Read when a kernel is traced: jitted kernels keep their first choice.
 
     Since JAX 0.10 a ``pallas_call`` without parameters lowers to Mosaic GPU on NVIDIA cards
     (``jax_pallas_use_mosaic_gpu`` defaults to True). The kernels here follow Triton's rules

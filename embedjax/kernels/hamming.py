@@ -180,11 +180,10 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
         raise ValueError("q_codes is empty (0 queries)")
     row_filter = as_row_filter(filter, q_codes.shape[0], num_rows)
     row_ids = check_row_ids(row_ids, num_rows)
-    requested = impl
-    impl, interpret = resolve_impl(impl)
-    if impl == "pallas" and requested == "auto" and not scan_fits(
-            num_rows, next_pow2(q_codes.shape[1]), target_splits=DEFAULT_SPLITS[_selection(select, impl, row_ids)]):
-        impl = "xla"  # beyond the kernel's 32-bit offsets the XLA twin searches
+    # Beyond the kernel's 32-bit offsets "auto" takes the XLA twin.
+    fits = scan_fits(num_rows, next_pow2(q_codes.shape[1]),
+                     target_splits=DEFAULT_SPLITS[_selection(select, "pallas", row_ids)])
+    impl, interpret = resolve_impl(impl, pallas_fits=fits)
     select = _selection(select, impl, row_ids)
     if impl == "pallas":
         return hamming_topk_pallas(q_codes, x_codes, k, n_valid, interpret=interpret, row_filter=row_filter,

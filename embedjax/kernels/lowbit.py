@@ -182,11 +182,12 @@ def _decode_int4(q_refs, start, x_tile, depth_block):
     return jnp.dot(q_even, low, preferred_element_type=jnp.int32) + jnp.dot(q_odd, high, preferred_element_type=jnp.int32)
 
 
-def _scan_width(kind, q, x) -> int:
-    """Words per corpus row in the Pallas scan's operand (the depth padded to its blocks)."""
+def _scan_depth(kind, q, x) -> tuple[int, int]:
+    """``(depth block, padded depth)`` of the Pallas scan: the padded depth is the words per corpus
+    row in its operand (int4 packs two codes per byte, so its depth is the packed width)."""
     depth = x.shape[1] if kind == "int4" else q.shape[1]
     db = _depth_block(depth)
-    return -(-depth // db) * db
+    return db, -(-depth // db) * db
 
 
 @functools.partial(jax.jit, static_argnames=("k", "kind", "block_q", "block_n", "target_splits", "interpret", "select"))
@@ -195,13 +196,11 @@ def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_
     if kind == "int4":
         q2 = pad_axis(q, 1, 2 * x.shape[1])
         q_main, q_extra = q2[:, 0::2], (q2[:, 1::2],)
-        depth, decode, acc = x.shape[1], _decode_int4, jnp.int32
+        decode, acc = _decode_int4, jnp.int32
     else:
         q_main, q_extra = q, ()
-        depth = q.shape[1]
         decode, acc = (_decode_int8, jnp.int32) if kind == "int8" else (_decode_fp8, jnp.float32)
-    db = _depth_block(depth)
-    padded = -(-depth // db) * db
+    db, padded = _scan_depth(kind, q, x)
     q_ops = (pad_axis(q_main, 1, padded), q_scale[:, None], q_offset[:, None]) + tuple(pad_axis(e, 1, padded) for e in q_extra)
     x_ops = (pad_axis(x, 1, padded).T, x_scale[None, :])
     options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits or DEFAULT_SPLITS[select],
@@ -245,11 +244,9 @@ def _run(kind, q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, f
     check_selection(select)
     row_filter = as_row_filter(filter, q.shape[0], x.shape[0])
     row_ids = check_row_ids(row_ids, x.shape[0])
-    requested = impl
-    impl, interpret = resolve_impl(impl)
-    pieces = addressable_pieces(x.shape[0], _scan_width(kind, q, x), target_splits=DEFAULT_SPLITS[select])
-    if impl == "pallas" and requested == "auto" and pieces > 1:
-        impl = "xla"  # beyond the kernel's 32-bit offsets: the twin, measured exact there (pieces are not timed)
+    pieces = addressable_pieces(x.shape[0], _scan_depth(kind, q, x)[1], target_splits=DEFAULT_SPLITS[select])
+    # Beyond the kernel's 32-bit offsets "auto" takes the twin, measured exact there (pieces are not timed).
+    impl, interpret = resolve_impl(impl, pallas_fits=pieces == 1)
     if impl == "pallas":
         return _pallas_in_pieces(q, q_scale, x, x_scale, q_offset, k, n_valid, pieces, kind=kind, interpret=interpret,
                                  row_filter=row_filter, row_ids=row_ids, select=select)
