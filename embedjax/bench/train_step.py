@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout-rng", default=DEFAULT_DROPOUT_RNG, choices=DROPOUT_RNGS,
                         help="PRNG implementation of embedjax's dropout keys (train.dropout_rng): rbg draws the "
                              "step's masks with XLA's RngBitGenerator instead of threefry")
+    parser.add_argument("--scan-unroll", type=int, default=1,
+                        help="layers per step of embedjax's layer scan (model.scan_unroll; --layers: no loop, as "
+                             "the unrolled BERT of 2026-11-28 whose step ran at 0.90x PyTorch)")
     parser.add_argument("--no-torch", action="store_true", help="time embedjax only")
     parser.add_argument("--matmul-size", type=int, default=8192, help="size of the bf16 matmul ceiling")
     report.add_arguments(parser)
@@ -72,12 +75,13 @@ def train_flops(batch: int, seq: int, layers: int, hidden: int, intermediate: in
     return 3.0 * layers * per_layer
 
 
-def _embedjax_step_seconds(args, ids, mask) -> tuple[float, float]:
+def embedjax_step(args, ids, mask):
+    """``(step, params, opt_state)``: the jitted embedjax training step the bench times,
+    ``step(params, opt_state, dropout_key) -> (params, opt_state, loss)``, and its initial state."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    from embedjax.bench.timing import median_seconds
     from embedjax.losses import infonce
     from embedjax.models.registry import get_family
     from embedjax.models.towers.bert import BertConfig
@@ -86,11 +90,10 @@ def _embedjax_step_seconds(args, ids, mask) -> tuple[float, float]:
     cfg = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                      intermediate_size=args.intermediate, max_position_embeddings=max(512, args.seq),
                      attention_impl=args.attention_impl)
-    model = get_family("bert").build(cfg, dtype=args.dtype)
+    model = get_family("bert").build(cfg, dtype=args.dtype, scan_unroll=args.scan_unroll)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     params = model.init(jax.random.key(0), {"input_ids": ids[:2], "attention_mask": mask[:2]})["params"]
     tx = optax.adamw(2e-5, weight_decay=0.01)
-    opt_state = tx.init(params)
 
     def loss_fn(p, rng):
         hidden, _ = model.apply({"params": p}, {"input_ids": ids, "attention_mask": mask}, deterministic=False,
@@ -104,6 +107,15 @@ def _embedjax_step_seconds(args, ids, mask) -> tuple[float, float]:
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, loss
 
+    return step, params, tx.init(params)
+
+
+def _embedjax_step_seconds(args, ids, mask) -> tuple[float, float]:
+    import jax
+
+    from embedjax.bench.timing import median_seconds
+
+    step, params, opt_state = embedjax_step(args, ids, mask)
     state = {"p": params, "s": opt_state, "i": 0}
 
     def one():
@@ -167,6 +179,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.batch < 2 or args.seq < 2 or args.steps < 1:
         raise ValueError("--batch and --seq must be >= 2 and --steps >= 1")
+    if not 1 <= args.scan_unroll <= args.layers:
+        raise ValueError(f"--scan-unroll={args.scan_unroll} must be between 1 and --layers ({args.layers})")
     if args.hidden % args.heads:
         raise ValueError(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
     ids, mask = random_batch(args.batch, args.seq, args.vocab)
@@ -176,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
     ours, our_loss = _embedjax_step_seconds(args, ids, mask)
     result = dict(device=report.device_description(), batch_pairs=args.batch, seq=args.seq,
                   layers=args.layers, hidden=args.hidden, dtype=args.dtype, attention_impl=args.attention_impl,
-                  dropout_rng=args.dropout_rng,
+                  dropout_rng=args.dropout_rng, scan_unroll=args.scan_unroll,
                   embedjax_ms=sig(ours * 1e3), embedjax_pairs_per_s=sig(args.batch / ours),
                   embedjax_mfu=sig(flops / ours / 1e12 / ceiling), bf16_matmul_TFLOPs=sig(ceiling),
                   embedjax_final_loss=sig(our_loss))

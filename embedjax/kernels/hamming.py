@@ -9,7 +9,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import device_array, resolve_impl
-from embedjax.kernels.pallas_topk import next_pow2, pad_axis, running_topk_call, scan_fits
+from embedjax.kernels.pallas_topk import (addressable_pieces, next_pow2, pad_axis, running_topk_call, scan_fits,
+                                          search_in_pieces)
 from embedjax.kernels.row_filter import as_row_filter, check_row_ids, distances_from_scores
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
 from embedjax.kernels.two_pass_topk import DEFAULT_SPLITS, check_selection, two_pass_topk, xla_two_pass_topk
@@ -118,10 +119,9 @@ def _hamming_tile(q_refs, x_refs, offset, block_n):
     return -acc.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "target_splits", "interpret", "select",
-                                             "layout"))
-def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=None, interpret=False,
-                        row_filter=None, row_ids=None, select="running", layout="rows"):
+def _hamming_pallas_scores(q_codes, x_codes, k, n_valid, *, block_q, block_n, target_splits, interpret, row_filter,
+                           row_ids, select, layout):
+    """One Pallas scan of the whole corpus: (scores float32 [Q, k] = -distance, ids int32 [Q, k])."""
     words = next_pow2(q_codes.shape[1])
     # Zero words XOR to zero, so padding the width adds nothing to a distance. The kernel sees
     # the bits as int32: XOR and popcount ignore signedness, and Triton compiles popcount of
@@ -130,13 +130,36 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
     # The kernel reads the corpus word-major (corpus axis last: tiles [words, block_n]).
     x_t = x_codes.T if layout == "rows" else x_codes
     x_t = lax.bitcast_convert_type(pad_axis(x_t, 0, words), jnp.int32)
-    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits or DEFAULT_SPLITS[select],
-                   interpret=interpret, row_filter=row_filter, row_ids=row_ids)
+    options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
+                   row_filter=row_filter, row_ids=row_ids)
     if select == "two_pass":  # the rescore gathers rows from the corpus as given, with its layout's twin
-        s, i = two_pass_topk(_hamming_tile, TWIN_SCORERS[layout], (q,), (x_t,), (q_codes,), (x_codes,), n_valid, k,
+        return two_pass_topk(_hamming_tile, TWIN_SCORERS[layout], (q,), (x_t,), (q_codes,), (x_codes,), n_valid, k,
                              corpus_axis=CORPUS_AXIS[layout], **options)
-    else:
-        s, i = running_topk_call(_hamming_tile, (q,), (x_t,), n_valid, k, **options)
+    return running_topk_call(_hamming_tile, (q,), (x_t,), n_valid, k, **options)
+
+
+def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=None, interpret=False,
+                        row_filter=None, row_ids=None, select="running", layout="rows"):
+    """The Pallas Hamming scan -> (distances int32 [Q, k], ids int32 [Q, k]). A corpus past the
+    kernels' 32-bit offsets (`pallas_topk.MAX_SCAN_ELEMENTS`) is scanned in consecutive pieces that
+    fit, merged exactly (`pallas_topk.search_in_pieces`)."""
+    target_splits = target_splits or DEFAULT_SPLITS[select]
+    pieces = addressable_pieces(x_codes.shape[CORPUS_AXIS[layout]], next_pow2(q_codes.shape[1]), block_n=block_n,
+                                target_splits=target_splits)
+    return _hamming_pallas(q_codes, x_codes, k, n_valid, pieces=pieces, block_q=block_q, block_n=block_n,
+                           target_splits=target_splits, interpret=interpret, row_filter=row_filter, row_ids=row_ids,
+                           select=select, layout=layout)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "pieces", "block_q", "block_n", "target_splits", "interpret",
+                                             "select", "layout"))
+def _hamming_pallas(q_codes, x_codes, k, n_valid, *, pieces, row_filter, row_ids, layout, **options):
+    def search(start, stop, k, n_valid, row_filter, row_ids):
+        x_piece = x_codes[start:stop] if layout == "rows" else x_codes[:, start:stop]
+        return _hamming_pallas_scores(q_codes, x_piece, k, n_valid, row_filter=row_filter, row_ids=row_ids,
+                                      layout=layout, **options)
+
+    s, i = search_in_pieces(search, x_codes.shape[CORPUS_AXIS[layout]], pieces, k, n_valid, row_filter, row_ids)
     return distances_from_scores(s), i
 
 
@@ -160,7 +183,8 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     rows pass the missing results are index -1 with distance int32 max.
     ``row_ids`` int32 [N]: ids reported for (and breaking ties by) the rows.
     ``impl``: "xla" (chunked jnp scan, memory O(Q * chunk_size)), "pallas" (the
-    Pallas kernel; interpret mode on CPU) or "auto". ``select``: "running" (a running top-k
+    Pallas kernel; interpret mode on CPU; a corpus past its 32-bit offsets in exact pieces) or
+    "auto" (the XLA twin for such a corpus). ``select``: "running" (a running top-k
     merged chunk by chunk, or tile by tile in the Pallas scan), "two_pass" (tile maxima, then each
     query's k best tiles rescored; ``kernels.two_pass_topk``; the XLA form keeps Q * N / 32 maxima
     and takes no ``row_ids``) or "auto" (two_pass, except running on XLA with row_ids). All are

@@ -27,9 +27,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import device_array, resolve_impl
-from embedjax.kernels.pallas_topk import addressable_pieces, next_pow2, pad_axis, running_topk_call
-from embedjax.kernels.row_filter import as_row_filter, check_row_ids, corpus_slice
-from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid, sort_by_score_then_id
+from embedjax.kernels.pallas_topk import (addressable_pieces, next_pow2, pad_axis, running_topk_call,
+                                          search_in_pieces)
+from embedjax.kernels.row_filter import as_row_filter, check_row_ids
+from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
 from embedjax.kernels.two_pass_topk import DEFAULT_SPLITS, check_selection, two_pass_topk
 from embedjax.quant.scalar import unpack_int4
 
@@ -211,32 +212,6 @@ def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_
     return running_topk_call(_dot_tile(decode, db, acc), q_ops, x_ops, n_valid, k, **options)
 
 
-def _pallas_in_pieces(q, q_scale, x, x_scale, q_offset, k, n_valid, pieces, *, row_filter, row_ids, **options):
-    """`_lowbit_pallas` over ``pieces`` equal consecutive slices of the corpus, merged exactly.
-
-    The kernels address their corpus operand with 32-bit offsets (`pallas_topk.MAX_SCAN_ELEMENTS`);
-    a bigger corpus is searched a slice at a time. Each slice's exact top-k (ties to the smaller
-    id) holds every row of the overall top-k that lies in it, so sorting the slices' lists by
-    (score descending, id ascending) gives the same result as one scan.
-    """
-    if pieces == 1:
-        return _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, row_filter=row_filter, row_ids=row_ids,
-                              **options)
-    rows = x.shape[0]
-    per_piece = -(-rows // pieces)
-    scores, ids = [], []
-    for start in range(0, rows, per_piece):
-        stop = min(start + per_piece, rows)
-        piece_ids = None if row_ids is None else row_ids[start:stop]
-        piece_valid = jnp.clip(n_valid - start, 0, stop - start)
-        s, i = _lowbit_pallas(q, q_scale, x[start:stop], x_scale[start:stop], q_offset, min(k, stop - start),
-                              piece_valid, row_filter=corpus_slice(row_filter, start, stop), row_ids=piece_ids,
-                              **options)
-        scores.append(s)
-        ids.append(i if row_ids is not None else jnp.where(i >= 0, i + start, i))  # slice positions -> corpus rows
-    return sort_by_score_then_id(jnp.concatenate(scores, axis=1), jnp.concatenate(ids, axis=1), k)
-
-
 # ---------------------------------------------------------------- public
 
 
@@ -248,8 +223,11 @@ def _run(kind, q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, f
     # Beyond the kernel's 32-bit offsets "auto" takes the twin, measured exact there (pieces are not timed).
     impl, interpret = resolve_impl(impl, pallas_fits=pieces == 1)
     if impl == "pallas":
-        return _pallas_in_pieces(q, q_scale, x, x_scale, q_offset, k, n_valid, pieces, kind=kind, interpret=interpret,
-                                 row_filter=row_filter, row_ids=row_ids, select=select)
+        def search(start, stop, k, n_valid, row_filter, row_ids):
+            return _lowbit_pallas(q, q_scale, x[start:stop], x_scale[start:stop], q_offset, k, n_valid, kind=kind,
+                                  interpret=interpret, row_filter=row_filter, row_ids=row_ids, select=select)
+
+        return search_in_pieces(search, x.shape[0], pieces, k, n_valid, row_filter, row_ids)
     return _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, chunk_size=chunk_size,
                        row_filter=row_filter, row_ids=row_ids)
 

@@ -30,7 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import pallas_compiler_params
-from embedjax.kernels.row_filter import RowFilter, mark_missing
+from embedjax.kernels.row_filter import RowFilter, corpus_slice, mark_missing
+from embedjax.kernels.topk import sort_by_score_then_id
 
 INT_MAX = jnp.iinfo(jnp.int32).max
 
@@ -74,6 +75,31 @@ def addressable_pieces(n: int, width: int, *, block_n: int = 128, target_splits:
     while not scan_fits(-(-n // pieces), width, block_n=block_n, target_splits=target_splits):
         pieces += 1
     return pieces
+
+
+def search_in_pieces(search: Callable, rows: int, pieces: int, k: int, n_valid, row_filter: RowFilter | None,
+                     row_ids):
+    """An exact top-k over ``rows`` corpus rows searched as ``pieces`` equal consecutive slices.
+
+    ``search(start, stop, k, n_valid, row_filter, row_ids) -> (scores [Q, k], ids [Q, k])`` searches
+    corpus rows [start, stop) with the filter and ids sliced to them (ids are positions within the
+    slice when ``row_ids`` is None). The Pallas scans address their corpus operand with 32-bit
+    offsets (`MAX_SCAN_ELEMENTS`); a bigger corpus is searched a slice at a time. Each slice's exact
+    top-k (ties to the smaller id) holds every row of the overall top-k that lies in it, so sorting
+    the slices' lists by (score descending, id ascending) gives the result of one scan.
+    """
+    if pieces == 1:
+        return search(0, rows, k, n_valid, row_filter, row_ids)
+    per_piece = -(-rows // pieces)
+    scores, ids = [], []
+    for start in range(0, rows, per_piece):
+        stop = min(start + per_piece, rows)
+        piece_ids = None if row_ids is None else row_ids[start:stop]
+        s, i = search(start, stop, min(k, stop - start), jnp.clip(n_valid - start, 0, stop - start),
+                      corpus_slice(row_filter, start, stop), piece_ids)
+        scores.append(s)
+        ids.append(i if row_ids is not None else jnp.where(i >= 0, i + start, i))  # slice positions -> corpus rows
+    return sort_by_score_then_id(jnp.concatenate(scores, axis=1), jnp.concatenate(ids, axis=1), k)
 
 
 def _check_addressable(x_ops):

@@ -6,6 +6,7 @@ report really compares results, and the FLOP count they divide by.
 """
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,31 @@ def test_train_step_dropout_rng_reaches_the_masks():
     train_step.add_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--dropout-rng", "philox"])
+
+
+def test_train_step_scan_unroll_removes_the_layer_loop_and_keeps_the_loss():
+    """--scan-unroll reaches the model: at --layers the compiled step has no loop over the layers (the
+    unrolled BERT of 2026-11-28), at 1 it loops twice (forward and backward, two trips each; the
+    other loops are threefry's five rounds); the arithmetic is the same, so the first step's loss agrees."""
+    import jax
+
+    parser = argparse.ArgumentParser()
+    train_step.add_arguments(parser)
+    ids, mask = train_step.random_batch(4, 8, 1200)
+    texts, losses = {}, {}
+    for unroll in ("1", "2"):
+        args = parser.parse_args(["--layers", "2", "--hidden", "16", "--heads", "2", "--intermediate", "32",
+                                  "--vocab", "1200", "--batch", "4", "--seq", "8", "--dtype", "float32",
+                                  "--scan-unroll", unroll])
+        step, params, opt_state = train_step.embedjax_step(args, ids, mask)
+        key = jax.random.key(1)
+        hlo = step.lower(params, opt_state, key).compile().as_text()
+        texts[unroll] = re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)
+        losses[unroll] = float(step(params, opt_state, key)[2])
+    assert texts["1"].count("2") == 2 and "2" not in texts["2"]
+    assert losses["2"] == pytest.approx(losses["1"], rel=1e-5)
+    with pytest.raises(ValueError, match="--scan-unroll"):
+        train_step.run(parser.parse_args(["--layers", "2", "--scan-unroll", "3"]))
 
 
 def test_significant_digits_keep_tiny_rates_visible():

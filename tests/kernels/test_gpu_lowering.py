@@ -126,6 +126,30 @@ def test_scans_past_32_bit_offsets_are_refused_and_auto_searches_them_with_xla(t
     assert seen == ["xla"] and out[1].shape == (4, 10)
 
 
+def test_hamming_scans_past_32_bit_offsets_go_in_pieces_or_to_xla(traced_for_gpu):
+    """The Hamming scan has the same limit: 70M codes of 1024 bits (2.2e9 words) take two pieces
+    with impl="pallas" (`tests/kernels/test_hamming_kernel.py` checks pieces exact) and the XLA
+    twin with impl="auto". Shapes only (`jax.eval_shape`)."""
+    from embedjax.kernels import hamming
+    from embedjax.kernels.pallas_topk import addressable_pieces
+
+    rows = 70_000_000
+    assert addressable_pieces(rows, WORDS, target_splits=2048) == 2
+    shapes = (_spec((4, WORDS), jnp.uint32), _spec((rows, WORDS), jnp.uint32))
+    pieces = []
+    original_scores, original_xla = hamming._hamming_pallas_scores, hamming.hamming_topk_xla
+    try:
+        hamming._hamming_pallas_scores = lambda q, x, *a, **kw: pieces.append(x.shape) or original_scores(q, x, *a, **kw)
+        hamming.hamming_topk_xla = lambda *a, **kw: pieces.append("xla") or original_xla(*a, **kw)
+        out = jax.eval_shape(lambda q, x: hamming_topk(q, x, 10, impl="pallas"), *shapes)
+        assert pieces == [(35_000_000, WORDS)] * 2 and out[1].shape == (4, 10)
+        pieces.clear()
+        jax.eval_shape(lambda q, x: hamming_topk(q, x, 10), *shapes)
+        assert pieces == ["xla"]
+    finally:
+        hamming._hamming_pallas_scores, hamming.hamming_topk_xla = original_scores, original_xla
+
+
 def test_auto_selection_on_a_gpu_is_the_two_pass_scan(traced_for_gpu):
     """Measured on an H200 at 10M codes (`two_pass_topk.DEFAULT_SPLITS`): the two-pass scan at 2048
     splits, 1.3-1.5x the XLA twin, where the running one at 64 splits took 0.18-0.34x."""

@@ -182,3 +182,31 @@ def test_bad_layouts_are_named():
         hamming_topk(q_codes, x_codes, 3, layout="columns")
     with pytest.raises(ValueError, match=r"q_codes has 2 words per vector, x_codes 40 \(word-major: axis 0\)"):
         hamming_topk(q_codes, x_codes, 3, layout="words")  # a row-major corpus passed as word-major
+
+
+@pytest.mark.parametrize("select", ["running", "two_pass"])
+@pytest.mark.parametrize("layout", ["rows", "words"])
+def test_pallas_past_its_32_bit_offsets_searches_in_exact_pieces(layout, select, monkeypatch):
+    """A corpus whose operand exceeds the scan's 32-bit offsets is scanned in consecutive pieces and
+    merged, as int8_topk does. The limit is lowered so that 300 rows of 96 bits (4 padded words) take
+    3 pieces; results equal NumPy's and the XLA twin's, ties (duplicate and all-zero rows, a zero
+    query), ``n_valid`` short of the corpus, a per-query mask and row ids included."""
+    from embedjax.kernels import pallas_topk
+    from embedjax.kernels.hamming import word_major
+
+    monkeypatch.setattr(pallas_topk, "MAX_SCAN_ELEMENTS", 4 * 128 * 2 - 1)  # under 2 tiles of 128 rows
+    assert pallas_topk.addressable_pieces(300, 4) == 3
+    q, x = awkward_inputs(5, 300, 96, 6)
+    q_codes, x_codes = pack_bits(q), pack_bits(x)
+    corpus = x_codes if layout == "rows" else word_major(x_codes)
+    ref_d, ref_i = numpy_hamming_topk(q, x, 12)
+    got = hamming_topk(q_codes, corpus, 12, impl="pallas", layout=layout, select=select)
+    np.testing.assert_array_equal(np.asarray(got[0]), ref_d)
+    np.testing.assert_array_equal(np.asarray(got[1]), ref_i)
+    rng = np.random.default_rng(4)
+    kwargs = dict(filter=rng.random((6, 300)) < 0.8, row_ids=rng.permutation(1000)[:300].astype(np.int32),
+                  n_valid=290)
+    want = hamming_topk(q_codes, x_codes, 12, impl="xla", **kwargs)
+    got = hamming_topk(q_codes, corpus, 12, impl="pallas", layout=layout, select=select, **kwargs)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
