@@ -48,6 +48,9 @@ bench kernels_hamming_10m 150 kernels --paths hamming --n 10000000 --queries 1,6
 # The fused Pallas tiles (embedjax/kernels/ring_tiles.py): one launch per pass, 10 B^2 d FLOPs; first Triton compile.
 bench loss_pallas 100 loss --ring-impl pallas --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
 bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
+# The step of 2026-11-28 (0.90x PyTorch) came from a BERT whose six layers were a Python loop; today's
+# layers are one nn.scan (0.67x on 2026-12-04). The same step with the loop unrolled:
+bench train_step_b256_unrolled 80 train_step --batch 256 --seq 128 --steps 20 --scan-unroll 6
 bench kernels_int8_10m 150 kernels --paths int8 --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
 # Dropout masks from XLA's RngBitGenerator (train.dropout_rng=rbg) instead of threefry: the H200 step was
 # bound by elementwise work, the masks among it.
