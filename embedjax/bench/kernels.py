@@ -27,6 +27,7 @@ import numpy as np
 
 from embedjax.bench import report
 from embedjax.bench.timing import copy_bandwidth_gbs, matmul_tflops, median_seconds, sig
+from embedjax.kernels.dispatch import resolve_impl
 from embedjax.kernels.two_pass_topk import check_selection
 
 SECTION = "Kernels on an accelerator"
@@ -68,7 +69,7 @@ def parse_blocks(text: str) -> list[tuple[int, int]]:
 def _hamming_searches(q_codes, x_codes, n):
     from embedjax.kernels.hamming import hamming_topk_pallas, hamming_topk_xla
 
-    interpret = jax.default_backend() not in ("gpu", "tpu")
+    interpret = resolve_impl("pallas")[1]
 
     def pallas(k, bq, bn, select, splits):
         return lambda: hamming_topk_pallas(q_codes, x_codes, k, n, block_q=bq, block_n=bn, interpret=interpret,
@@ -81,14 +82,14 @@ def _hamming_searches(q_codes, x_codes, n):
 
 
 def _int8_searches(q, x, q_scale, x_scale, n):
-    from embedjax.kernels.lowbit import _lowbit_pallas, _lowbit_xla
+    from embedjax.kernels.lowbit import _lowbit_xla, lowbit_topk_pallas
 
-    interpret = jax.default_backend() not in ("gpu", "tpu")
+    interpret = resolve_impl("pallas")[1]
     q_offset = jnp.zeros((q.shape[0],), jnp.float32)
 
-    def pallas(k, bq, bn, select, splits):
-        return lambda: _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n, kind="int8", block_q=bq, block_n=bn,
-                                      interpret=interpret, select=select, target_splits=splits)
+    def pallas(k, bq, bn, select, splits):  # a corpus past 32-bit offsets runs in pieces
+        return lambda: lowbit_topk_pallas(q, q_scale, x, x_scale, q_offset, k, n, kind="int8", block_q=bq,
+                                          block_n=bn, interpret=interpret, select=select, target_splits=splits)
 
     def xla(k):
         return lambda: _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n, kind="int8")

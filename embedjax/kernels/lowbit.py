@@ -212,6 +212,22 @@ def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_
     return running_topk_call(_dot_tile(decode, db, acc), q_ops, x_ops, n_valid, k, **options)
 
 
+def lowbit_topk_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_q=16, block_n=128,
+                       target_splits=None, interpret=False, row_filter=None, row_ids=None, select="running"):
+    """The Pallas scan of prepared operands (`_prepare`) -> (scores float32 [Q, k], ids int32 [Q, k]).
+    A corpus past the kernels' 32-bit offsets (`pallas_topk.MAX_SCAN_ELEMENTS`) is scanned in
+    consecutive pieces that fit, merged exactly (`pallas_topk.search_in_pieces`)."""
+    target_splits = target_splits or DEFAULT_SPLITS[select]
+    pieces = addressable_pieces(x.shape[0], _scan_depth(kind, q, x)[1], block_n=block_n, target_splits=target_splits)
+
+    def search(start, stop, k, n_valid, row_filter, row_ids):
+        return _lowbit_pallas(q, q_scale, x[start:stop], x_scale[start:stop], q_offset, k, n_valid, kind=kind,
+                              block_q=block_q, block_n=block_n, target_splits=target_splits, interpret=interpret,
+                              row_filter=row_filter, row_ids=row_ids, select=select)
+
+    return search_in_pieces(search, x.shape[0], pieces, k, n_valid, row_filter, row_ids)
+
+
 # ---------------------------------------------------------------- public
 
 
@@ -219,15 +235,12 @@ def _run(kind, q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, f
     check_selection(select)
     row_filter = as_row_filter(filter, q.shape[0], x.shape[0])
     row_ids = check_row_ids(row_ids, x.shape[0])
-    pieces = addressable_pieces(x.shape[0], _scan_depth(kind, q, x)[1], target_splits=DEFAULT_SPLITS[select])
+    fits = addressable_pieces(x.shape[0], _scan_depth(kind, q, x)[1], target_splits=DEFAULT_SPLITS[select]) == 1
     # Beyond the kernel's 32-bit offsets "auto" takes the twin, measured exact there (pieces are not timed).
-    impl, interpret = resolve_impl(impl, pallas_fits=pieces == 1)
+    impl, interpret = resolve_impl(impl, pallas_fits=fits)
     if impl == "pallas":
-        def search(start, stop, k, n_valid, row_filter, row_ids):
-            return _lowbit_pallas(q, q_scale, x[start:stop], x_scale[start:stop], q_offset, k, n_valid, kind=kind,
-                                  interpret=interpret, row_filter=row_filter, row_ids=row_ids, select=select)
-
-        return search_in_pieces(search, x.shape[0], pieces, k, n_valid, row_filter, row_ids)
+        return lowbit_topk_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, interpret=interpret,
+                                  row_filter=row_filter, row_ids=row_ids, select=select)
     return _lowbit_xla(q, q_scale, x, x_scale, q_offset, k, n_valid, kind=kind, chunk_size=chunk_size,
                        row_filter=row_filter, row_ids=row_ids)
 
