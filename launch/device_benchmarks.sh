@@ -40,25 +40,27 @@ bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time l
   fi
 }
 
-# Issue 17's checks first, most wanted first, so that a lease that ends early still returns them:
-# the two-pass top-k against the running one and the XLA twin over 10M codes (one query and 64, k = 10
-# and 100; Hamming and int8 run as two benches so that each keeps its rows if the other runs out of time),
-# the fused ring tiles against the dense loss at 32k x 768, and the training step against PyTorch.
-bench kernels_hamming_10m 150 kernels --paths hamming --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
-# The fused Pallas tiles (embedjax/kernels/ring_tiles.py): one launch per pass, 10 B^2 d FLOPs; first Triton compile.
-bench loss_pallas 100 loss --ring-impl pallas --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
+# Issue 17's checks first, most wanted first, so that a lease that ends early still returns them
+# (order of 2026-12-04, after the H200 runs of that day): the training step against PyTorch, then the
+# same step with its layer loop unrolled; the two-pass top-k against the running one and the XLA twin
+# over 10M codes (one query and 64, k = 10 and 100; int8, whose Pallas scan there runs in pieces
+# under its 32-bit offsets, then Hamming; two benches so that each keeps its rows if the other runs
+# out of time); dropout masks from RngBitGenerator; the XLA ring at its 4096 GPU tile; last the fused
+# Pallas ring tiles (39x the dense loss on 2026-12-04).
 bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
 # The step of 2026-11-28 (0.90x PyTorch) came from a BERT whose six layers were a Python loop; today's
 # layers are one nn.scan (0.67x on 2026-12-04). The same step with the loop unrolled:
 bench train_step_b256_unrolled 80 train_step --batch 256 --seq 128 --steps 20 --scan-unroll 6
 bench kernels_int8_10m 150 kernels --paths int8 --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
+bench kernels_hamming_10m 150 kernels --paths hamming --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
 # Dropout masks from XLA's RngBitGenerator (train.dropout_rng=rbg) instead of threefry: the H200 step was
 # bound by elementwise work, the masks among it.
 bench train_step_b256_rbg 80 train_step --batch 256 --seq 128 --steps 20 --dropout-rng rbg
-# The XLA ring's time on one GPU is mostly per-tile overhead at the default 1024 tile (1,024 tiles per pass
-# at 32k, ~8 us of matmul each): the same shape with 4096 tiles (64 per pass) shows how much of the 3.8x is that.
+# The XLA ring at 4096 tiles (64 per pass at 32k; the GPU default since 2026-12-04, 1.66x the dense loss).
 bench loss_tile4096 80 loss --batch 65536 --dim 768 --tile 4096 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
-# The fused tiles at half the block: the backward kernels hold block x 768 float32 accumulators.
+# The fused Pallas tiles (embedjax/kernels/ring_tiles.py): one launch per pass, 10 B^2 d FLOPs; block 64
+# asked for more shared memory than an H200 has on 2026-12-04, block 32 ran at 39x the dense loss.
+bench loss_pallas 100 loss --ring-impl pallas --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
 bench loss_pallas_tile32 80 loss --ring-impl pallas --tile 32 --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
 # Earlier checks (issue 3, 10): the block shapes at 2M codes, bigger training batches, the ring's memory search.
 bench kernels 330 kernels --n 2000000 --queries 64,512 --k 10,100 --blocks 16x128,32x128,64x64 --select running,two_pass --repeats 5
