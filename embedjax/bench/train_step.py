@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side (median reported)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
-                        help="embedjax's attention (auto: cuDNN flash where it applies; under dropout the "
-                             "explicit softmax, or 'chunked' for the kernel that draws its dropout per key block)")
+                        help="embedjax's attention (auto: cuDNN flash where it applies; under dropout on a GPU "
+                             "the chunked kernel, which draws its dropout per key block; 'explicit' for the "
+                             "materialised softmax)")
     parser.add_argument("--dropout-rng", default=DEFAULT_DROPOUT_RNG, choices=DROPOUT_RNGS,
                         help="PRNG implementation of embedjax's dropout keys (train.dropout_rng): rbg draws the "
                              "step's masks with XLA's RngBitGenerator instead of threefry")

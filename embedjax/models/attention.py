@@ -23,7 +23,7 @@ sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS
   head-major and normalised late, with pairwise row reductions (`_head_major_attention`).
 
 ``"auto"`` picks per call (`resolve_impl`): on a GPU, ``xla`` for half-precision inputs without
-SelfExtend (cuDNN's fused kernel), else ``chunked``; on TPU, ``xla`` for sequences up to
+SelfExtend or attention dropout (cuDNN's fused kernel), else ``chunked``; on TPU, ``xla`` for sequences up to
 ``chunk_size`` (one block: nothing to save) and ``chunked`` beyond; on CPU, ``blocked`` up to
 ``chunk_size`` and ``chunked`` beyond.
 
@@ -74,8 +74,9 @@ def check_impl(impl: str) -> str:
 
 
 def resolve_impl(impl: str, *, length: int, dtype, self_extend: bool, backend: str | None = None,
-                 chunk_size: int = DEFAULT_CHUNK) -> str:
-    """The implementation ``impl`` means for one call (see the module docstring for ``auto``)."""
+                 chunk_size: int = DEFAULT_CHUNK, dropout: bool = False) -> str:
+    """The implementation ``impl`` means for one call (see the module docstring for ``auto``);
+    ``dropout``: attention dropout is active in this call."""
     check_impl(impl)
     if impl == "xla" and self_extend:
         raise ValueError("attention_impl='xla' (jax.nn.dot_product_attention) cannot select SelfExtend's scores; "
@@ -84,8 +85,12 @@ def resolve_impl(impl: str, *, length: int, dtype, self_extend: bool, backend: s
         return impl
     backend = backend or jax.default_backend()
     if backend == "gpu":
+        # cuDNN's fused attention has no dropout; under dropout the chunked kernel (masks per key
+        # block, scores recomputed in the backward pass) beat the explicit softmax on an H200: the
+        # MiniLM training step (bf16, 256 pairs x 128 tokens) took 47.2 ms against 50.3
+        # (benchmarks/train_step.jsonl rows 3 and 0, 2026-12-04).
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        return "xla" if half and not self_extend else "chunked"
+        return "xla" if half and not self_extend and not dropout else "chunked"
     if self_extend or length > chunk_size:
         return "chunked"
     return "blocked" if backend == "cpu" else "xla"

@@ -264,6 +264,11 @@ def test_auto_picks_a_kernel_per_backend_length_and_dtype():
     assert resolve("auto", length=64, dtype=jnp.float32, self_extend=True, backend="tpu") == "chunked"
     assert resolve("auto", length=32768, dtype=jnp.bfloat16, self_extend=False, backend="gpu") == "xla"
     assert resolve("auto", length=32768, dtype=jnp.float32, self_extend=False, backend="gpu") == "chunked"
+    # Under dropout a GPU takes the chunked kernel (cuDNN's has no dropout; chunked beat the explicit
+    # softmax in the H200 training step); elsewhere the choice stands and dropout runs explicitly.
+    assert resolve("auto", length=128, dtype=jnp.bfloat16, self_extend=False, backend="gpu", dropout=True) == "chunked"
+    assert resolve("auto", length=128, dtype=jnp.float32, self_extend=False, backend="cpu", dropout=True) == "blocked"
+    assert resolve("auto", length=128, dtype=jnp.bfloat16, self_extend=False, backend="tpu", dropout=True) == "xla"
     assert resolve("explicit", length=8, dtype=jnp.float32, self_extend=True) == "explicit"
     with pytest.raises(ValueError, match="cannot select SelfExtend"):
         resolve("xla", length=8, dtype=jnp.float32, self_extend=True)
@@ -289,6 +294,22 @@ def test_dropout_runs_in_the_chunked_kernel_or_else_on_the_explicit_path():
     for impl in ("explicit", "blocked", "xla"):  # kernels without dropout of their own
         np.testing.assert_array_equal(attend(impl), explicit)
     assert np.abs(chunked - explicit)[mask].max() > 0.1  # two random streams, both dropping
+
+
+def test_auto_drops_inside_the_chunked_kernel_on_a_gpu(monkeypatch):
+    """On a GPU, auto with dropout runs the chunked kernel's per-block dropout, bfloat16 included
+    (without dropout bfloat16 would take cuDNN's kernel, and dropout the explicit softmax)."""
+    rng = np.random.default_rng(10)
+    q, k, v, mask, _ = _inputs(rng, 2, 12, 4, 2, 8, "right", dtype=jnp.bfloat16)
+    key = jax.random.PRNGKey(3)
+    positions, masking = jnp.zeros((2, 12), jnp.int32), kernels.Masking()
+    chunked = kernels.chunked_attention((q,), (k,), v, mask, positions, masking, chunk_size=8, dropout_rate=0.5,
+                                        dropout_rng=key)
+    explicit = kernels.explicit_attention((q,), (k,), v, mask, positions, masking, dropout_rate=0.5, dropout_rng=key)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    auto = layers.attend(q, k, v, mask, causal=False, dropout_rate=0.5, dropout_rng=key, impl="auto", chunk_size=8)
+    np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(chunked, np.float32))
+    assert np.abs(np.asarray(chunked, np.float32) - np.asarray(explicit, np.float32))[mask].max() > 0.1
 
 
 def _temp_bytes(impl, length, chunk=128, dropout=False):
