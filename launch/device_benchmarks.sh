@@ -42,7 +42,7 @@ bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time l
 
 # Issue 17's checks first, most wanted first, so that a lease that ends early still returns them
 # (order of 2026-12-04, after the H200 runs of that day): the training step against PyTorch, then the
-# same step with its layer loop unrolled; the two-pass top-k against the running one and the XLA twin
+# same step with its layer loop unrolled, then the SmolLM2 shape; the two-pass top-k against the running one and the XLA twin
 # over 10M codes (one query and 64, k = 10 and 100; int8, whose Pallas scan there runs in pieces
 # under its 32-bit offsets, then Hamming; two benches so that each keeps its rows if the other runs
 # out of time); dropout masks from RngBitGenerator; the XLA ring at its 4096 GPU tile; last the fused
@@ -51,6 +51,9 @@ bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
 # The step of 2026-11-28 (0.90x PyTorch) came from a BERT whose six layers were a Python loop; today's
 # layers are one nn.scan (0.67x on 2026-12-04). The same step with the loop unrolled:
 bench train_step_b256_unrolled 80 train_step --batch 256 --seq 128 --steps 20 --scan-unroll 6
+# Issue 17's second training shape: SmolLM2-135M (30 layers, GQA 9/3, SwiGLU, causal, no dropout: auto takes
+# cuDNN's fused attention in bf16) against transformers' LlamaModel with SDPA, 64 pairs x 256 tokens.
+bench train_step_smollm2 120 train_step --arch llama --batch 64 --seq 256 --steps 10
 bench kernels_int8_10m 150 kernels --paths int8 --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
 bench kernels_hamming_10m 150 kernels --paths hamming --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
 # Dropout masks from XLA's RngBitGenerator (train.dropout_rng=rbg) instead of threefry: the H200 step was

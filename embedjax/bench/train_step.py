@@ -3,13 +3,16 @@
 The model-level half of training speed, on whatever device JAX and PyTorch see (a
 GPU when lent; the whole-pipeline comparison with sentence-transformers on real
 data is ``bench train``). Both sides train the same randomly initialised
-BERT shape (MiniLM-L6 by default) on the same random token batches:
+model on the same random token batches: ``--arch bert`` (MiniLM-L6's shape by default, dropout
+0.1 as BERT has it) or ``--arch llama`` (SmolLM2-135M's shape by default: 30 layers, GQA with 9
+query and 3 key/value heads, SwiGLU, RMSNorm, RoPE, causal attention, tied embeddings, no dropout);
 ``--batch`` (query, document) pairs of up to ``--seq`` tokens with random padding,
-mean pooling, L2 normalisation, in-batch InfoNCE at temperature 0.05, dropout on,
-AdamW. embedjax: one ``jax.jit`` step (bf16 activations, float32 softmax, layer
-norm and master weights, donated state). PyTorch: ``transformers.BertModel`` with
+mean pooling, L2 normalisation, in-batch InfoNCE at temperature 0.05,
+AdamW. embedjax: one ``jax.jit`` step (bf16 activations, float32 softmax, norms
+and master weights). PyTorch: ``transformers.BertModel`` / ``LlamaModel`` with
 SDPA attention under bf16 autocast and fused AdamW, the way the
-sentence-transformers trainer runs it (eager, no ``torch.compile``).
+sentence-transformers trainer runs it (eager, no ``torch.compile``). The shape flags
+(``--layers``, ``--hidden``, ...) override the architecture's defaults.
 
 Reports pairs/s of both (median step time over ``--steps`` after warm-up), their
 ratio, and the model FLOPs utilisation against the bf16 matmul rate measured in
@@ -29,12 +32,20 @@ SECTION = "Train step on an accelerator"
 TEMPERATURE = 0.05
 
 
+# Shapes of the two architectures (the flags override them): MiniLM-L6 and SmolLM2-135M.
+SHAPES = {
+    "bert": dict(layers=6, hidden=384, heads=12, kv_heads=12, intermediate=1536, vocab=30522),
+    "llama": dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--intermediate", type=int, default=1536)
-    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--arch", default="bert", choices=sorted(SHAPES),
+                        help="bert: BERT encoder (MiniLM-L6 shape); llama: decoder (SmolLM2-135M shape)")
+    for name in SHAPES["bert"]:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"default: the architecture's ({SHAPES['bert'][name]} bert, "
+                                 f"{SHAPES['llama'][name]} llama)")
     parser.add_argument("--batch", type=int, default=256, help="(query, document) pairs per step")
     parser.add_argument("--seq", type=int, default=128, help="padded sequence length")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side (median reported)")
@@ -65,15 +76,55 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
     return ids * mask, mask
 
 
-def train_flops(batch: int, seq: int, layers: int, hidden: int, intermediate: int) -> float:
+def resolve_shape(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every shape flag left unset filled from ``--arch``'s shape (`SHAPES`)."""
+    for name, value in SHAPES[args.arch].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def train_flops(batch: int, seq: int, layers: int, hidden: int, intermediate: int, *, kv_width: int | None = None,
+                mlp_matrices: int = 2) -> float:
     """Matmul FLOPs of one training step (forward x 3) over 2*batch padded sequences.
 
-    Per token and layer: QKV + output projections 8 h^2, the MLP 4 h i (2 FLOPs per MAC);
-    per sequence and layer: scores and values 4 L^2 h. Embedding lookups are not matmuls.
+    Per token and layer: the q and output projections 4 h^2, the k and v projections 4 h w (w: the
+    key/value width, h without GQA), the MLP 2 m h i (m matrices: 2 plain, 3 gated); 2 FLOPs per
+    MAC. Per sequence and layer: scores and values 4 L^2 h (all pairs, causal or not). Embedding
+    lookups are not matmuls.
     """
+    kv_width = hidden if kv_width is None else kv_width
     sequences = 2 * batch
-    per_layer = sequences * seq * (8 * hidden ** 2 + 4 * hidden * intermediate) + sequences * 4 * seq ** 2 * hidden
+    per_token = 4 * hidden ** 2 + 4 * hidden * kv_width + 2 * mlp_matrices * hidden * intermediate
+    per_layer = sequences * seq * per_token + sequences * 4 * seq ** 2 * hidden
     return 3.0 * layers * per_layer
+
+
+def _embedjax_config(args):
+    """The architecture's config through the family registry (random initialisation)."""
+    from embedjax.models.registry import get_family
+
+    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                  intermediate_size=args.intermediate, max_position_embeddings=max(512, args.seq),
+                  attention_impl=args.attention_impl)
+    if args.arch == "llama":
+        common.update(num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads)
+    family = get_family(args.arch)
+    return family, family.config_from_fields(**common)
+
+
+def _torch_model(args, transformers):
+    """The same architecture in transformers, SDPA attention."""
+    if args.arch == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+            max_position_embeddings=max(512, args.seq), tie_word_embeddings=True, attn_implementation="sdpa")
+        return transformers.LlamaModel(config)
+    config = transformers.BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                     num_attention_heads=args.heads, intermediate_size=args.intermediate,
+                                     max_position_embeddings=max(512, args.seq), attn_implementation="sdpa")
+    return transformers.BertModel(config, add_pooling_layer=False)
 
 
 def embedjax_step(args, ids, mask):
@@ -84,14 +135,10 @@ def embedjax_step(args, ids, mask):
     import optax
 
     from embedjax.losses import infonce
-    from embedjax.models.registry import get_family
-    from embedjax.models.towers.bert import BertConfig
     from embedjax.models.poolers import l2_normalize, mean_pool
 
-    cfg = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                     intermediate_size=args.intermediate, max_position_embeddings=max(512, args.seq),
-                     attention_impl=args.attention_impl)
-    model = get_family("bert").build(cfg, dtype=args.dtype, scan_unroll=args.scan_unroll)
+    family, cfg = _embedjax_config(resolve_shape(args))
+    model = family.build(cfg, dtype=args.dtype, scan_unroll=args.scan_unroll)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     params = model.init(jax.random.key(0), {"input_ids": ids[:2], "attention_mask": mask[:2]})["params"]
     tx = optax.adamw(2e-5, weight_decay=0.01)
@@ -138,10 +185,7 @@ def _torch_step_seconds(args, ids, mask) -> tuple[float, float, str]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                     num_attention_heads=args.heads, intermediate_size=args.intermediate,
-                                     max_position_embeddings=max(512, args.seq), attn_implementation="sdpa")
-    model = transformers.BertModel(config, add_pooling_layer=False).to(device).train()
+    model = _torch_model(resolve_shape(args), transformers).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=device == "cuda")
     ids_t = torch.as_tensor(ids, dtype=torch.long, device=device)
     mask_t = torch.as_tensor(mask, dtype=torch.long, device=device)
@@ -178,19 +222,25 @@ def _torch_step_seconds(args, ids, mask) -> tuple[float, float, str]:
 def run(args: argparse.Namespace) -> dict:
     from embedjax.bench.timing import matmul_tflops, sig
 
+    resolve_shape(args)
     if args.batch < 2 or args.seq < 2 or args.steps < 1:
         raise ValueError("--batch and --seq must be >= 2 and --steps >= 1")
     if not 1 <= args.scan_unroll <= args.layers:
         raise ValueError(f"--scan-unroll={args.scan_unroll} must be between 1 and --layers ({args.layers})")
     if args.hidden % args.heads:
         raise ValueError(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
+    if args.heads % args.kv_heads or (args.arch == "bert" and args.kv_heads != args.heads):
+        raise ValueError(f"--kv-heads ({args.kv_heads}) must divide --heads ({args.heads}); BERT has no GQA, so "
+                         "there the two are equal")
     ids, mask = random_batch(args.batch, args.seq, args.vocab)
     started = report.start(args)
-    flops = train_flops(args.batch, args.seq, args.layers, args.hidden, args.intermediate)
+    flops = train_flops(args.batch, args.seq, args.layers, args.hidden, args.intermediate,
+                        kv_width=args.kv_heads * (args.hidden // args.heads), mlp_matrices=3 if args.arch == "llama" else 2)
     ceiling = matmul_tflops(args.matmul_size)
     ours, our_loss = _embedjax_step_seconds(args, ids, mask)
-    result = dict(device=report.device_description(), batch_pairs=args.batch, seq=args.seq,
-                  layers=args.layers, hidden=args.hidden, dtype=args.dtype, attention_impl=args.attention_impl,
+    result = dict(device=report.device_description(), arch=args.arch, batch_pairs=args.batch, seq=args.seq,
+                  layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                  intermediate=args.intermediate, dtype=args.dtype, attention_impl=args.attention_impl,
                   dropout_rng=args.dropout_rng, scan_unroll=args.scan_unroll,
                   embedjax_ms=sig(ours * 1e3), embedjax_pairs_per_s=sig(args.batch / ours),
                   embedjax_mfu=sig(flops / ours / 1e12 / ceiling), bf16_matmul_TFLOPs=sig(ceiling),

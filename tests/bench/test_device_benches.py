@@ -57,6 +57,34 @@ def test_train_flops_by_hand():
     # batch 2 pairs -> 4 sequences of 8 tokens, 1 layer, hidden 4, intermediate 8:
     # projections 8*16 + MLP 4*4*8 = 256 per token -> 4*8*256 = 8192; attention 4 * 4*64*4 = 4096.
     assert train_step.train_flops(2, 8, 1, 4, 8) == 3 * (8192 + 4096)
+    # GQA with a key/value width of 2 and a gated MLP (3 matrices): per token 4*16 + 4*4*2 + 2*3*4*8 = 288.
+    assert train_step.train_flops(2, 8, 1, 4, 8, kv_width=2, mlp_matrices=3) == 3 * (32 * 288 + 4096)
+
+
+def test_train_step_arch_builds_its_shape_through_the_registry():
+    """--arch llama builds the decoder (SmolLM2's shape unless flags say otherwise): GQA key/value
+    projections, a gated MLP, no LayerNorm biases; shape flags override the preset."""
+    import jax
+
+    parser = argparse.ArgumentParser()
+    train_step.add_arguments(parser)
+    args = train_step.resolve_shape(parser.parse_args(["--arch", "llama"]))
+    assert (args.layers, args.hidden, args.heads, args.kv_heads, args.vocab) == (30, 576, 9, 3, 49152)
+    args = parser.parse_args(["--arch", "llama", "--layers", "2", "--hidden", "16", "--heads", "4", "--kv-heads", "2",
+                              "--intermediate", "24", "--vocab", "1200", "--batch", "2", "--seq", "8",
+                              "--dtype", "float32"])
+    ids, mask = train_step.random_batch(2, 8, 1200)
+    import flax.linen as nn
+
+    step, params, opt_state = train_step.embedjax_step(args, ids, mask)
+    layer = nn.unbox(params)["layers"]
+    assert layer["attention"]["k"]["kernel"].shape == (2, 16, 2, 4)  # [layers, hidden, kv heads, head dim]
+    assert layer["attention"]["q"]["kernel"].shape == (2, 16, 4, 4)
+    assert {"gate", "up", "down"} <= set(layer["mlp"])
+    loss = float(step(params, opt_state, jax.random.key(0))[2])
+    assert 0 < loss < 2 / train_step.TEMPERATURE + np.log(2)
+    with pytest.raises(ValueError, match="--kv-heads"):
+        train_step.run(parser.parse_args(["--arch", "bert", "--kv-heads", "3"]))
 
 
 def test_random_batch_is_right_padded_and_starts_with_cls():
@@ -68,11 +96,13 @@ def test_random_batch_is_right_padded_and_starts_with_cls():
     assert mask.sum(1).min() >= 4
 
 
-@pytest.mark.slow  # two subprocesses importing JAX and torch: ~50 s on 2 cores
-def test_train_step_bench_trains_both_sides():
-    out = _bench("train_step", "--layers", "1", "--hidden", "16", "--heads", "2", "--intermediate", "32",
-                 "--vocab", "1200", "--batch", "4", "--seq", "8", "--steps", "2", "--matmul-size", "64")
-    assert out["torch_device"] == "cpu"
+@pytest.mark.slow  # a subprocess importing JAX and torch per architecture: ~50 s on 2 cores
+@pytest.mark.parametrize("arch, kv_heads", [("bert", "2"), ("llama", "1")])
+def test_train_step_bench_trains_both_sides(arch, kv_heads):
+    out = _bench("train_step", "--arch", arch, "--layers", "1", "--hidden", "16", "--heads", "2", "--kv-heads",
+                 kv_heads, "--intermediate", "32", "--vocab", "1200", "--batch", "4", "--seq", "8", "--steps", "2",
+                 "--matmul-size", "64")
+    assert out["torch_device"] == "cpu" and out["arch"] == arch and out["kv_heads"] == int(kv_heads)
     # With unit-norm embeddings every logit lies in [-1/T, 1/T], so in-batch InfoNCE over 4 pairs
     # is bounded by 2/T + ln 4 (a missing normalisation or temperature would break the bound).
     bound = 2 / train_step.TEMPERATURE + np.log(4)
