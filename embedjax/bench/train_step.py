@@ -43,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="bert", choices=sorted(SHAPES),
                         help="bert: BERT encoder (MiniLM-L6 shape); llama: decoder (SmolLM2-135M shape)")
     for name in SHAPES["bert"]:
+        given_heads = "; --heads when that is given" if name == "kv_heads" else ""
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"default: the architecture's ({SHAPES['bert'][name]} bert, "
-                                 f"{SHAPES['llama'][name]} llama)")
+                                 f"{SHAPES['llama'][name]} llama{given_heads})")
     parser.add_argument("--batch", type=int, default=256, help="(query, document) pairs per step")
     parser.add_argument("--seq", type=int, default=128, help="padded sequence length")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side (median reported)")
@@ -77,7 +78,10 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 def resolve_shape(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with every shape flag left unset filled from ``--arch``'s shape (`SHAPES`)."""
+    """``args`` with every shape flag left unset filled from ``--arch``'s shape (`SHAPES`); an unset
+    ``--kv-heads`` beside a given ``--heads`` is ``--heads`` (no GQA)."""
+    if args.kv_heads is None and args.heads is not None:
+        args.kv_heads = args.heads
     for name, value in SHAPES[args.arch].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -70,6 +70,8 @@ def test_train_step_arch_builds_its_shape_through_the_registry():
     train_step.add_arguments(parser)
     args = train_step.resolve_shape(parser.parse_args(["--arch", "llama"]))
     assert (args.layers, args.hidden, args.heads, args.kv_heads, args.vocab) == (30, 576, 9, 3, 49152)
+    args = train_step.resolve_shape(parser.parse_args(["--heads", "2"]))  # bert with its heads changed
+    assert (args.heads, args.kv_heads, args.layers) == (2, 2, 6)
     args = parser.parse_args(["--arch", "llama", "--layers", "2", "--hidden", "16", "--heads", "4", "--kv-heads", "2",
                               "--intermediate", "24", "--vocab", "1200", "--batch", "2", "--seq", "8",
                               "--dtype", "float32"])
