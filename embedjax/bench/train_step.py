@@ -238,8 +238,10 @@ def run(args: argparse.Namespace) -> dict:
                          "there the two are equal")
     ids, mask = random_batch(args.batch, args.seq, args.vocab)
     started = report.start(args)
+    spec = _embedjax_config(args)[1].block_spec()  # the built model's widths, whatever the architecture
     flops = train_flops(args.batch, args.seq, args.layers, args.hidden, args.intermediate,
-                        kv_width=args.kv_heads * (args.hidden // args.heads), mlp_matrices=3 if args.arch == "llama" else 2)
+                        kv_width=spec.attention.num_kv_heads * spec.attention.head_dim,
+                        mlp_matrices=3 if spec.mlp.kind == "gated" else 2)
     ceiling = matmul_tflops(args.matmul_size)
     ours, our_loss = _embedjax_step_seconds(args, ids, mask)
     result = dict(device=report.device_description(), arch=args.arch, batch_pairs=args.batch, seq=args.seq,

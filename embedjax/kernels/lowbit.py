@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import device_array, resolve_impl
-from embedjax.kernels.pallas_topk import (addressable_pieces, next_pow2, pad_axis, running_topk_call,
+from embedjax.kernels.pallas_topk import (addressable_pieces, next_pow2, pad_axis, running_topk_call, scan_fits,
                                           search_in_pieces)
 from embedjax.kernels.row_filter import as_row_filter, check_row_ids
 from embedjax.kernels.topk import check_k, chunked_topk, resolve_n_valid
@@ -235,7 +235,7 @@ def _run(kind, q, q_scale, x, x_scale, k, impl, q_offset, n_valid, chunk_size, f
     check_selection(select)
     row_filter = as_row_filter(filter, q.shape[0], x.shape[0])
     row_ids = check_row_ids(row_ids, x.shape[0])
-    fits = addressable_pieces(x.shape[0], _scan_depth(kind, q, x)[1], target_splits=DEFAULT_SPLITS[select]) == 1
+    fits = scan_fits(x.shape[0], _scan_depth(kind, q, x)[1], target_splits=DEFAULT_SPLITS[select])
     # Beyond the kernel's 32-bit offsets "auto" takes the twin, measured exact there (pieces are not timed).
     impl, interpret = resolve_impl(impl, pallas_fits=fits)
     if impl == "pallas":
