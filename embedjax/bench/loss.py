@@ -13,7 +13,8 @@ for loss + gradient w.r.t. queries and documents:
 * gradient error of both against a float64 NumPy gradient at a small size;
 * FLOPs per step: the ring's tile count (one forward tile pass, a backward pass that
   recomputes each tile and pulls it back to both sides: 8 B^2 d) against 6 B^2 d, and
-  XLA's own count for the all-gather version.
+  XLA's own count for the all-gather version; each one's achieved rate over its count, and the
+  ring's rate over the all-gather's (the time ratio is the FLOP ratio over this rate ratio).
 """
 from __future__ import annotations
 
@@ -151,8 +152,9 @@ def run(args) -> dict:
     q = jnp.asarray(rng.normal(size=(args.time_batch, args.time_dim)), jnp.float32)
     d = jnp.asarray(rng.normal(size=(args.time_batch, args.time_dim)), jnp.float32)
     q, d = q / jnp.linalg.norm(q, axis=1, keepdims=True), d / jnp.linalg.norm(d, axis=1, keepdims=True)
-    for name, fn in fns.items():
-        result[f"{name}_step_ms"] = round(1e3 * _median_step_seconds(fn, q, d, args.repeats), 1)
+    step_s = {name: _median_step_seconds(fn, q, d, args.repeats) for name, fn in fns.items()}
+    for name, seconds in step_s.items():
+        result[f"{name}_step_ms"] = round(1e3 * seconds, 1)
     result["time_batch"], result["time_dim"] = args.time_batch, args.time_dim
 
     # 4. Gradient error against float64 (small size).
@@ -173,7 +175,14 @@ def run(args) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and "flops" in cost:
         result["allgather_xla_flops_over_6B2d"] = round(n * float(cost["flops"]) / reference, 3)
-    result["ring_achieved_gflops"] = round(ring_flops / (result["ring_step_ms"] / 1e3) / 1e9, 2)
+    # The dense loss keeps its B x B logits and needs 6 B^2 d. A tiled loss keeps no row of them
+    # whole, so a key's gradient (which needs its rows' final log-sum-exp) recomputes its tile:
+    # 8 B^2 d at least. Its time ratio is then the FLOP ratio over the rate ratio, and 1.3x the
+    # dense time at 8 B^2 d asks for a rate >= 1.026x the dense loss's.
+    rates = {"ring": ring_flops / step_s["ring"], "allgather": reference / step_s["allgather"]}
+    for name, rate in rates.items():
+        result[f"{name}_achieved_gflops"] = round(rate / 1e9, 2)
+    result["ring_rate_over_allgather_rate"] = round(rates["ring"] / rates["allgather"], 3)
 
     # The section's table predates ring_impl (a new key is not shown there): the shape cell names it.
     impl_note = "" if args.ring_impl == "xla" else f", {args.ring_impl} tiles"

@@ -131,8 +131,9 @@ def _dot_tile(a_ref, k_ref, a_rows, k_rows, n_chunks, block_dim):
     return acc
 
 
-def _partial(logits, mask, axis):
-    """The tile's (max, sum-exp) over ``mask`` along ``axis`` (1: per row [R, 1]; 0: per key [1, C])."""
+def lse_partial(logits, mask, axis):
+    """The tile's (max, sum-exp) over ``mask`` along ``axis``, kept as a size-1 axis (per row [R, 1] for
+    axis 1 of a [R, C] tile, per key [1, C] for axis 0; shared with the XLA tiles)."""
     masked = jnp.where(mask, logits, NEG_INF)
     m = jnp.max(masked, axis=axis, keepdims=True)
     safe = jnp.where(m == NEG_INF, 0.0, m)
@@ -207,9 +208,9 @@ def _tile_partials(family, logits, masks, axis):
     if family == "siglip":
         return [jnp.sum(sigmoid_losses(logits, *masks), axis=axis, keepdims=True)]
     positive, candidates = masks
-    parts = list(_partial(logits, candidates, axis))
+    parts = list(lse_partial(logits, candidates, axis))
     if positive is not None:
-        parts += _partial(logits, positive, axis)
+        parts += lse_partial(logits, positive, axis)
     return parts
 
 

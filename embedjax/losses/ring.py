@@ -67,7 +67,6 @@ GPU_DEFAULT_TILE = 4096
 def default_tile() -> int:
     """Rows and keys per tile when the caller names none (before the local batch caps it)."""
     return GPU_DEFAULT_TILE if dispatch.default_backend() == "gpu" else DEFAULT_TILE
-_NEG_INF = -jnp.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,12 +241,10 @@ def _expand(x, axis):
 
 
 def _lse_fold(m, l, logits, mask, axis):
-    """Fold a tile into running (max, sum-exp) along ``axis`` over ``mask``."""
-    masked = jnp.where(mask, logits, _NEG_INF)
-    new_m = jnp.maximum(m, masked.max(axis))
-    safe = jnp.where(new_m == _NEG_INF, 0.0, new_m)
-    l = l * jnp.exp(m - safe) + jnp.exp(masked - _expand(safe, axis)).sum(axis)
-    return new_m, l
+    """Fold a tile into running (max, sum-exp) along ``axis`` over ``mask``: the tile's own pair,
+    merged as the Pallas tiles merge theirs (one online log-sum-exp for both implementations)."""
+    tile_m, tile_l = tiles.lse_partial(logits, mask, axis)
+    return tiles.merge_lse(m, l, tile_m.squeeze(axis), tile_l.squeeze(axis))
 
 
 def _lse_finish(m, l):
@@ -289,7 +286,7 @@ def _tile_cotangent(cfg, saved, logits, all_mask, pos_mask, axis):
 
 def _empty_stats(cfg, m, size):
     if cfg.family == "infonce":
-        neg = jnp.full((m, size), _NEG_INF, jnp.float32)
+        neg = jnp.full((m, size), tiles.NEG_INF, jnp.float32)
         zero = jnp.zeros((m, size), jnp.float32)
         return dict(m_all=neg, l_all=zero, m_pos=neg, l_pos=zero)
     return dict(sum=jnp.zeros((m, size), jnp.float32))

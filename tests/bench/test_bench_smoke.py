@@ -80,6 +80,9 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
         assert result["ring_impl"] == "pallas" and result["ring_grad_rel_err_vs_f64"] < 1e-5
         assert result["ring_flops_over_6B2d"] == pytest.approx(10 / 6, abs=1e-3)
         assert result["time_shape"] == "128x16, pallas tiles"
+    if name.startswith("loss"):  # the step times' ratio is the FLOP ratio over the rates' ratio
+        ratio = result["ring_step_ms"] / result["allgather_step_ms"]  # rounded to 0.1 ms: loose
+        assert ratio == pytest.approx(result["ring_flops_over_6B2d"] / result["ring_rate_over_allgather_rate"], rel=0.1)
     if name.startswith("encode"):
         assert result["texts"] == int(TINY[name][TINY[name].index("--num-texts") + 1]) and result["ratio"] > 0
         assert result["attention_impl"] == ("xla" if name == "encode_scifact" else "auto")
