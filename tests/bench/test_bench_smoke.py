@@ -27,7 +27,7 @@ TINY = {
     "kernels": ["--n", "300", "--bits", "64", "--dim", "20", "--queries", "7", "--k", "5", "--blocks", "8x128",
                 "--repeats", "1", "--bandwidth-mib", "4", "--matmul-size", "64"],
     "loss": ["--batch", "64", "--dim", "16", "--time-batch", "512", "--time-dim", "64", "--repeats", "1",
-             "--budget-gib", "0.0005", "--max-search-batch", "4096"],
+             "--budget-gib", "0.0005", "--max-search-batch", "4096", "--row-block", "24"],
     "loss_pallas": ["--batch", "128", "--dim", "16", "--time-batch", "128", "--time-dim", "16", "--repeats", "1",
                     "--skip-max-batch", "--ring-impl", "pallas"],
     "train_step": ["--layers", "1", "--hidden", "16", "--heads", "2", "--intermediate", "32", "--vocab", "1200",
@@ -80,6 +80,9 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
         assert result["ring_impl"] == "pallas" and result["ring_grad_rel_err_vs_f64"] < 1e-5
         assert result["ring_flops_over_6B2d"] == pytest.approx(10 / 6, abs=1e-3)
         assert result["time_shape"] == "128x16, pallas tiles"
+    if name == "loss":  # the stripes (24 rows of 64 per device: one padded) are exact, and timed
+        assert result["stripes_grad_rel_err_vs_f64"] < 1e-5 and result["row_block"] == 24
+        assert result["stripes_step_ms"] > 0 and result["stripes_achieved_gflops"] > 0
     if name.startswith("loss"):  # the step times' ratio is the FLOP ratio over the rates' ratio
         ratio = result["ring_step_ms"] / result["allgather_step_ms"]  # rounded to 0.1 ms: loose
         assert ratio == pytest.approx(result["ring_flops_over_6B2d"] / result["ring_rate_over_allgather_rate"], rel=0.1)

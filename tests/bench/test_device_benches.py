@@ -176,3 +176,26 @@ def test_train_step_scan_unroll_removes_the_layer_loop_and_keeps_the_loss():
 def test_significant_digits_keep_tiny_rates_visible():
     assert timing.sig(0.000123456) == 0.0001235
     assert timing.sig(3588.04) == 3588.0
+
+
+def test_every_bench_line_of_the_device_script_parses_with_its_bench():
+    """A lent GPU's minutes are few: each `bench NAME LIMIT MODULE ARGS...` line of
+    launch/device_benchmarks.sh must name a bench module whose parser takes its arguments."""
+    import importlib
+    import pathlib
+    import shlex
+
+    script = pathlib.Path(__file__).resolve().parents[2] / "launch" / "device_benchmarks.sh"
+    lines = [line for line in script.read_text().splitlines() if re.match(r"\s*bench \w+ \d+ \w+", line)]
+    assert len(lines) >= 15, lines
+    names = []
+    for line in lines:
+        _, name, limit, module, *args = shlex.split(line.strip())
+        names.append(name)
+        bench = importlib.import_module(f"embedjax.bench.{module}")
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        bench.add_arguments(parser)
+        args = [a.replace('"$MODEL_DIR"', "m").replace("$MODEL_DIR", "m").replace("$STS_FILE", "s") for a in args]
+        parsed = parser.parse_args([*args, "--record"])  # argparse exits (SystemExit) on a bad flag
+        assert parsed.record and int(limit) > 0, line
+    assert len(set(names)) == len(names), "two benches would write the same OUT files"
