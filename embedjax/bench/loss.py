@@ -199,10 +199,12 @@ def run(args) -> dict:
         result["stripes_step_over_allgather_step"] = round(step_s["stripes"] / step_s["allgather"], 3)
 
     # The section's table predates ring_impl (a new key is not shown there): the shape cell names it.
-    impl_note = "" if args.ring_impl == "xla" else f", {args.ring_impl} tiles"
+    impl_note = ("" if args.ring_impl == "xla" else f", {args.ring_impl} tiles") + (
+        "" if args.row_block is None else f", stripes of {args.row_block}")
     result["time_shape"] = f"{result['time_batch']}x{result['time_dim']}{impl_note}"
     shown = [k for k in result if k in ("device", "batch", "dim", "ring_impl", "ring_temp_mib_per_device",
-                                          "allgather_temp_mib_per_device", "temp_ratio_allgather_over_ring",
+                                          "allgather_temp_mib_per_device", "stripes_temp_mib_per_device",
+                                          "temp_ratio_allgather_over_ring",
                                           "time_shape")
              or "max_batch_16" in k or k.endswith("_step_ms") or "grad_rel_err" in k or "over_6B2d" in k]
     return report.finish(args, "loss", SECTION, [result], started, shown=shown)[0]
