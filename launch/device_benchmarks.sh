@@ -48,8 +48,8 @@ bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time l
 # out of time); dropout masks from RngBitGenerator; the XLA ring at its 4096 GPU tile; last the fused
 # Pallas ring tiles (39x the dense loss on 2026-12-04).
 bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
-# The all-gather loss in stripes of 4096 query rows with its gradients formed in the forward pass
-# (allgather_infonce(row_block=...)): 6 B^2 d like the dense loss, where the ring's tiles need 8 B^2 d
+# The InfoNCE in stripes of 4096 query rows with its gradients formed in the scoring pass
+# (embedjax.losses.striped_infonce): 6 B^2 d like the dense loss, where the ring's tiles need 8 B^2 d
 # (so <= 1.3x the dense time asks the ring for 1.026x the dense loss's rate). 0.90x the dense step on
 # the 2-core CPU (8 fake devices, 4096 x 128) on 2026-12-04.
 bench loss_stripes 100 loss --row-block 4096 --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5

@@ -1,5 +1,6 @@
 """``python -m embedjax bench loss``: the ring InfoNCE against the all-gather InfoNCE (and, with
-``--row-block``, the all-gather InfoNCE in row stripes with its gradients formed in the forward pass).
+``--row-block``, the InfoNCE in row stripes with its gradients formed in the scoring pass,
+`embedjax.losses.stripes`).
 
 On the devices JAX sees (8 fake CPU devices by default: the bench sets
 ``--xla_force_host_platform_device_count`` when JAX is not yet imported), it reports
@@ -32,7 +33,7 @@ import numpy as np  # noqa: E402
 from embedjax.bench import report  # noqa: E402
 from embedjax.bench.timing import median_seconds  # noqa: E402
 from embedjax.kernels import ring_tiles as tiles  # noqa: E402
-from embedjax.losses import allgather, ring  # noqa: E402
+from embedjax.losses import allgather, ring, stripes  # noqa: E402
 
 SECTION = "Loss: ring vs all-gather InfoNCE"
 GIB = 2 ** 30
@@ -52,8 +53,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--time-dim", type=int, default=128, help="embedding dim for step timing")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--row-block", type=int, default=None,
-                        help="also run the all-gather loss in stripes of this many query rows with its gradients "
-                             "formed in the forward pass (allgather_infonce(row_block=...); keys 'stripes_*')")
+                        help="also run the InfoNCE in stripes of this many query rows with its gradients "
+                             "formed in the scoring pass (losses.striped_infonce; keys 'stripes_*')")
     parser.add_argument("--skip-max-batch", action="store_true",
                         help="skip the largest-batch search (dozens of compiles: minutes on a GPU)")
     report.add_arguments(parser)
@@ -65,8 +66,8 @@ def _loss_fns(mesh, temperature, tile, impl="xla", row_block=None):
         "allgather": lambda q, d: allgather.allgather_infonce(q, d, mesh=mesh, temperature=temperature),
     }
     if row_block is not None:
-        fns["stripes"] = lambda q, d: allgather.allgather_infonce(q, d, mesh=mesh, temperature=temperature,
-                                                                  row_block=row_block)
+        fns["stripes"] = lambda q, d: stripes.striped_infonce(q, d, mesh=mesh, temperature=temperature,
+                                                              row_block=row_block)
     return fns
 
 
