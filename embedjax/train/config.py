@@ -115,6 +115,10 @@ def default_config() -> ml_collections.ConfigDict:
     # The ring's tiles: "xla" (fori_loop over tiles) or "pallas" (fused kernels, embedjax.kernels.ring_tiles:
     # one Matryoshka prefix, no margin; Triton on a GPU, interpret mode elsewhere).
     c.train.ring_impl = "xla"
+    # 0: off. R > 0: InfoNCE over the data axis in stripes of R query rows with the gradients formed
+    # in the scoring pass (embedjax.losses.stripes): the dense loss's FLOPs, [R, B(1+K)] logits per
+    # device (the ring recomputes its tiles: 8 B^2 d). infonce only, not bidirectional, not with ring.
+    c.train.stripe_rows = 0
     # PRNG implementation of the dropout key: "threefry2x32" (JAX's default, the same bits on every
     # backend), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator; see embedjax.train.state.DROPOUT_RNGS).
     c.train.dropout_rng = "threefry2x32"

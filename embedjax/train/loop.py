@@ -269,7 +269,7 @@ def build_objective(cfg, kind: str, model, family, model_config, tokenizer, *, h
         layer_dims=cfg.train.layer_dims, layer_dims_weights=cfg.train.layer_dims_weights,
         num_layers=model_config.num_layers, hidden_size=model_config.hidden_size, ring=cfg.train.ring, mesh=mesh,
         similarity="maxsim" if per_token else "cos", reduce_tokens=head.reduce if per_token else None,
-        ring_impl=cfg.train.ring_impl,
+        ring_impl=cfg.train.ring_impl, stripe_rows=cfg.train.stripe_rows,
     )
 
 
@@ -312,8 +312,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, log=pri
     # ---- everything that can refuse the run, before anything is written ----
     mesh = build_mesh(cfg.mesh)
     check_batch_split(cfg.train.batch_size, mesh)
-    if cfg.train.ring and mesh.shape["fsdp"] > 1:
-        raise ValueError("train.ring runs over the data axis only; use mesh.fsdp=1 with the ring loss")
+    for name, on in (("train.ring", cfg.train.ring), ("train.stripe_rows", cfg.train.stripe_rows)):
+        if on and mesh.shape["fsdp"] > 1:
+            raise ValueError(f"{name} runs over the data axis only; use mesh.fsdp=1 with it")
     folder = _model_folder(cfg.model.path)
     buckets = tuple(b for b in cfg.data.length_buckets if b < cfg.model.max_length) + (cfg.model.max_length,)
     family = model_family(cfg, folder)

@@ -137,9 +137,10 @@ def check_layer_dims(layer_dims, layer_dims_weights, *, num_layers, hidden_size,
 
 def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cosent_scale: float,
                       bidirectional: bool, ring: bool, mesh=None, similarity: str = "cos",
-                      ring_impl: str = "xla") -> Callable:
+                      ring_impl: str = "xla", stripe_rows: int = 0) -> Callable:
     """``fn(q_bd, d_bd, **metadata) -> scalar``: the configured retrieval loss with its
-    hyperparameters bound, cosine similarity, and the dense or ring implementation.
+    hyperparameters bound, cosine similarity, and the dense, ring or (``stripe_rows`` > 0, InfoNCE)
+    row-stripe implementation.
 
     ``metadata`` are the keywords the three losses share: hard_negatives_bkd,
     group_ids_b, doc_ids_b, hard_negative_ids_bk, matryoshka_dims, matryoshka_weights.
@@ -162,6 +163,9 @@ def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cose
                          "or leave train.ring_impl='xla'")
     if similarity == "maxsim" and loss != "infonce":
         raise ValueError(f"a multi-vector head (MaxSim) trains with train.loss='infonce'; got {loss!r}")
+    if stripe_rows:
+        return _striped_loss_fn(loss, stripe_rows, temperature=temperature, bidirectional=bidirectional, ring=ring,
+                                mesh=mesh, similarity=similarity)
     if loss == "cosent":
         from embedjax.losses.pairwise import cosent_in_batch
 
@@ -180,6 +184,27 @@ def retrieval_loss_fn(loss: str, *, temperature: float, siglip_bias: float, cose
     if ring:
         options.update(mesh=mesh, axis="data", impl=ring_impl)
     return functools.partial(fn, similarity=similarity, **options)
+
+
+def _striped_loss_fn(loss, stripe_rows, *, temperature, bidirectional, ring, mesh, similarity) -> Callable:
+    """`retrieval_loss_fn` for ``train.stripe_rows`` > 0: `embedjax.losses.striped_infonce`."""
+    from embedjax.losses.stripes import striped_infonce
+
+    if isinstance(stripe_rows, bool) or not isinstance(stripe_rows, int) or stripe_rows < 0:
+        raise ValueError(f"train.stripe_rows must be 0 (off) or a positive int (query rows per stripe), "
+                         f"got {stripe_rows!r}")
+    refusals = [(ring, "train.ring=True (two implementations of the loss over the data axis; set one)"),
+                (loss != "infonce", f"train.loss={loss!r} (stripes run infonce)"),
+                (bidirectional, "train.bidirectional=True (its column statistics need whole columns: use "
+                                "train.ring=True)"),
+                (similarity not in ("dot", "cos"), "a multi-vector (MaxSim) head (use train.ring=True)"),
+                (mesh is None, "no mesh")]
+    reasons = [reason for on, reason in refusals if on]
+    if reasons:
+        raise ValueError(f"train.stripe_rows={stripe_rows} does not run with {'; '.join(reasons)}; "
+                         "set train.stripe_rows=0 for the dense loss")
+    return functools.partial(striped_infonce, mesh=mesh, axis="data", temperature=temperature,
+                             row_block=stripe_rows, similarity=similarity)
 
 
 def make_objective(
@@ -203,6 +228,7 @@ def make_objective(
     similarity: str = "cos",
     reduce_tokens: Callable | None = None,
     ring_impl: str = "xla",
+    stripe_rows: int = 0,
 ) -> Objective:
     """The configured loss for a batch layout of `embedjax.data.pipeline`.
 
@@ -246,7 +272,7 @@ def make_objective(
 
     contrastive = retrieval_loss_fn(loss, temperature=temperature, siglip_bias=siglip_bias,
                                     cosent_scale=cosent_scale, bidirectional=bidirectional, ring=ring, mesh=mesh,
-                                    similarity=similarity, ring_impl=ring_impl)
+                                    similarity=similarity, ring_impl=ring_impl, stripe_rows=stripe_rows)
     if layer_dims and similarity == "maxsim":
         raise ValueError("train.layer_dims pools layers into sentence embeddings; it does not apply to MaxSim")
     if layer_dims:

@@ -100,6 +100,25 @@ def test_ring_impl_pallas_objective_equals_the_dense_loss(loss):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stripe_rows", [1, 3])
+def test_stripe_rows_objective_equals_the_dense_loss(stripe_rows, monkeypatch):
+    """train.stripe_rows reaches `losses.striped_infonce` (cosine, ids, hard negatives, Matryoshka)."""
+    from embedjax.losses import stripes
+
+    traced = []
+    original = stripes.striped_infonce
+    monkeypatch.setattr(stripes, "striped_infonce", lambda *a, **kw: traced.append(kw["row_block"]) or original(*a, **kw))
+    emb, batch = _retrieval_batch(4)
+    mesh = jax.make_mesh((2,), ("data",))
+    options = dict(kind="retrieval", loss="infonce", temperature=0.1, matryoshka_dims=(4, D))
+    striped = make_objective(None, **options, mesh=mesh, stripe_rows=stripe_rows)
+    dense = make_objective(None, **options)
+    got, expected = _values(lambda e: (striped.loss_from_embeddings(e, batch), dense.loss_from_embeddings(e, batch)),
+                            emb)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert set(traced) == {stripe_rows}
+
+
 def test_layer_dims_objective_sums_the_weighted_prefix_losses_of_each_layer():
     _, batch = _retrieval_batch(3)
     rng = np.random.default_rng(3)
@@ -187,6 +206,11 @@ def test_layer_embeddings_come_from_one_pass_and_the_last_full_pair_is_plain_inf
     ({"ring_impl": "pallas"}, r"train.ring_impl='pallas' chooses the ring loss's tiles; set train.ring=True"),
     ({"ring_impl": "triton", "ring": True, "mesh": "m"}, r"train.ring_impl='triton': use one of \('xla', 'pallas'\)"),
     ({"loss": "cosent", "bidirectional": True}, r"train.bidirectional=True applies to infonce only"),
+    ({"stripe_rows": 4, "ring": True, "mesh": "m"}, r"train.stripe_rows=4 does not run with train.ring=True"),
+    ({"stripe_rows": 4, "loss": "siglip", "mesh": "m"}, r"stripe_rows=4 does not run with train.loss='siglip'"),
+    ({"stripe_rows": 4, "bidirectional": True, "mesh": "m"}, r"does not run with train.bidirectional=True"),
+    ({"stripe_rows": 4}, r"train.stripe_rows=4 does not run with no mesh"),
+    ({"stripe_rows": -2, "mesh": "m"}, r"train.stripe_rows must be 0 \(off\) or a positive int"),
     ({"kind": "sts", "loss": "cosent", "layer_dims": ((1, 4),)}, r"train.layer_dims applies to retrieval data"),
     ({"kind": "sts", "loss": "siglip"}, r"train.loss='siglip' does not fit 'sts'"),
 ])

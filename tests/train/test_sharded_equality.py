@@ -42,6 +42,26 @@ def test_eight_devices_match_one_device(tmp_path, reference_run, tfds_cache):
     assert not np.allclose(_final(ref)[:5], _final(ref)[-5:], atol=1e-2), "the loss should move while training"
 
 
+def test_stripes_on_eight_devices_match_the_dense_loss_on_one(tmp_path, tfds_cache, monkeypatch):
+    """train.stripe_rows in a real run: the row stripes (1 row each, so every device's rows are
+    several stripes) reproduce the dense loss's 1-device losses over the first steps (the tiny
+    config without its bidirectional term, which the stripes do not take)."""
+    from embedjax.losses import stripes
+    from embedjax.train.loop import train
+
+    traced = []  # the stripes' loss is what the step traces, not the dense one
+    original = stripes.striped_infonce
+    monkeypatch.setattr(stripes, "striped_infonce", lambda *a, **kw: traced.append(kw["row_block"]) or original(*a, **kw))
+    common = ("train.num_steps=40", "train.stop_after=3", f"data.cache_dir={tfds_cache}", "train.ring=False",
+              "train.bidirectional=False")
+    train(tiny_config(*common, "mesh.num_devices=1"), tmp_path / "dense", log=lambda m: None)
+    summary = train(tiny_config(*common, "train.stripe_rows=1"), tmp_path / "stripes", log=lambda m: None)
+    assert summary["devices"] == 8 and traced and set(traced) == {1}
+    want, got = _final(read_losses(tmp_path / "dense")), _final(read_losses(tmp_path / "stripes"))
+    assert len(got) == 3
+    np.testing.assert_allclose(got, want, rtol=0, atol=EARLY_TOLERANCE)
+
+
 @pytest.mark.slow  # ~90 s on 2 cores: two processes compile and train while the 1-device reference exists
 def test_two_processes_of_four_devices_match_one_device(tmp_path, reference_run, tfds_cache):
     """launch/local.sh starts 2 cooperating processes (4 fake CPU devices each, gloo over
