@@ -54,16 +54,29 @@ def _stripe_masks(rows, keys):
 
 def _stripe(q_rd, rows, keys_nd, keys, scale, with_grads):
     """One stripe's summed cross-entropy, and with ``with_grads`` its gradients: d/dq [R, D],
-    d/dkeys [N, D] and d/dscale."""
+    d/dkeys [N, D] and d/dscale. ``keys`` None (no ids given): each row's one positive is the key
+    at ``rows["index"]`` and every key is a candidate, which spares the masks and two of the four
+    exponentials per logit that the ids' masked log-sum-exps take."""
     logits_rn = q_rd @ keys_nd.T * scale
-    positive, candidate = _stripe_masks(rows, keys)
-    lse_all, lse_pos = _masked_lse(logits_rn, candidate), _masked_lse(logits_rn, positive)
+    if keys is None:
+        positive = rows["index"][:, None] == jnp.arange(keys_nd.shape[0])[None]
+        candidate = None
+        lse_all = jax.nn.logsumexp(logits_rn, axis=1)
+        lse_pos = jnp.take_along_axis(logits_rn, rows["index"][:, None], axis=1)[:, 0]
+    else:
+        positive, candidate = _stripe_masks(rows, keys)
+        lse_all, lse_pos = _masked_lse(logits_rn, candidate), _masked_lse(logits_rn, positive)
     loss = jnp.sum(jnp.where(rows["valid"], lse_all - lse_pos, 0.0))
     if not with_grads:
         return loss
     # d(lse_all - lse_pos)/d logits: softmax over the candidates less softmax over the positives.
-    dlogits_rn = (jnp.where(candidate, jnp.exp(logits_rn - lse_all[:, None]), 0.0)
-                  - jnp.where(positive, jnp.exp(logits_rn - lse_pos[:, None]), 0.0))
+    soft_all = jnp.exp(logits_rn - lse_all[:, None])
+    if candidate is None:
+        soft_pos = positive.astype(jnp.float32)
+    else:
+        soft_all = jnp.where(candidate, soft_all, 0.0)
+        soft_pos = jnp.where(positive, jnp.exp(logits_rn - lse_pos[:, None]), 0.0)
+    dlogits_rn = jnp.where(rows["valid"][:, None], soft_all - soft_pos, 0.0)
     d_scale = jnp.sum(dlogits_rn * logits_rn) / scale
     return loss, dlogits_rn @ keys_nd * scale, dlogits_rn.T @ q_rd * scale, d_scale
 
@@ -97,12 +110,16 @@ def _gather(axis, x):
 
 def _gathered_keys(axis, diff, meta):
     """Every device's documents, then every device's hard negatives ([B + BK, D] float32), and
-    their ids: group (documents only), document id (a hard negative's own id), is-a-document."""
+    (when ids were given) their ids: group (documents only), document id (a hard negative's own
+    id), is-a-document; None without ids."""
     keys = [_gather(axis, diff["d"])]
+    if "h" in diff:
+        keys.append(_gather(axis, diff["h"].reshape(-1, diff["h"].shape[-1])))
+    if "group" not in meta:
+        return jnp.concatenate(keys), None
     ids = {"group": [_gather(axis, meta["group"])], "doc": [_gather(axis, meta["doc"])]}
     ids["is_doc"] = [jnp.ones_like(ids["doc"][0], bool)]
     if "h" in diff:
-        keys.append(_gather(axis, diff["h"].reshape(-1, diff["h"].shape[-1])))
         hnid = _gather(axis, meta["hnid"].reshape(-1))
         ids["group"].append(hnid)  # never read: a hard negative is no positive
         ids["doc"].append(hnid)
@@ -116,7 +133,11 @@ def _make_local_loss(axis, row_block):
     def forward(diff, meta, with_grads):
         q = diff["q"]
         keys_nd, keys = _gathered_keys(axis, diff, meta)
-        rows = {"group": meta["group"], "doc": meta["doc"], "valid": jnp.ones(q.shape[0], bool)}
+        rows = {"valid": jnp.ones(q.shape[0], bool)}
+        if keys is None:
+            rows["index"] = lax.axis_index(axis) * q.shape[0] + jnp.arange(q.shape[0])
+        else:
+            rows["group"], rows["doc"] = meta["group"], meta["doc"]
         return _stripes(q, rows, keys_nd, keys, diff["scale"], min(row_block, q.shape[0]), with_grads)
 
     @jax.custom_vjp
@@ -176,9 +197,14 @@ def striped_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, row_bl
     if isinstance(row_block, bool) or not isinstance(row_block, int) or row_block < 1:
         raise ValueError(f"row_block must be a positive int (query rows per stripe), got {row_block!r}")
     _check_mesh(mesh, axis, batch.q_bd.shape[0])
-    x = dict(q=batch.q_bd, d=batch.d_bd, group=batch.group_b, doc=batch.doc_b)
+    x = dict(q=batch.q_bd, d=batch.d_bd)
+    with_ids = any(ids is not None for ids in (group_ids_b, doc_ids_b, hard_negative_ids_bk))
+    if with_ids:
+        x["group"], x["doc"] = batch.group_b, batch.doc_b
     if batch.h_bkd is not None:
-        x["h"], x["hnid"] = batch.h_bkd, batch.hnid_bk
+        x["h"] = batch.h_bkd
+        if with_ids:
+            x["hnid"] = batch.hnid_bk
     specs = {name: P(axis) for name in x}
     x["scale"], specs["scale"] = jnp.asarray(1.0 / temperature, jnp.float32), P()
     mesh = _context_mesh(mesh)
