@@ -33,13 +33,17 @@ from embedjax.losses import validation as val
 from embedjax.losses.ring import _check_mesh, _context_mesh, _place, _zero_cotangent
 
 
-def _masked_lse(logits_rn, mask_rn):
-    """Row log-sum-exp over ``mask`` ([R]); a row with nothing in its mask gives 0."""
-    masked = jnp.where(mask_rn, logits_rn, -jnp.inf)
+def _log_softmax_parts(logits_rn, mask_rn=None):
+    """Each row's log-sum-exp over ``mask`` [R] and its softmax over the mask [R, N] (0 off the
+    mask), from one exponential per logit; a row with nothing in its mask gives 0 and 0s.
+    The softmax is only computed when used: a value without a gradient drops it."""
+    masked = logits_rn if mask_rn is None else jnp.where(mask_rn, logits_rn, -jnp.inf)
     m = jnp.max(masked, axis=1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    total = jnp.sum(jnp.exp(masked - m), axis=1)
-    return jnp.where(total > 0, m[:, 0] + jnp.log(jnp.where(total > 0, total, 1.0)), 0.0)
+    e = jnp.exp(masked - m)
+    total = jnp.sum(e, axis=1, keepdims=True)
+    safe = jnp.where(total > 0, total, 1.0)
+    return jnp.where(total > 0, m + jnp.log(safe), 0.0)[:, 0], e / safe
 
 
 def _stripe_masks(rows, keys):
@@ -55,27 +59,21 @@ def _stripe_masks(rows, keys):
 def _stripe(q_rd, rows, keys_nd, keys, scale, with_grads):
     """One stripe's summed cross-entropy, and with ``with_grads`` its gradients: d/dq [R, D],
     d/dkeys [N, D] and d/dscale. ``keys`` None (no ids given): each row's one positive is the key
-    at ``rows["index"]`` and every key is a candidate, which spares the masks and two of the four
-    exponentials per logit that the ids' masked log-sum-exps take."""
+    at ``rows["index"]`` and every key is a candidate, which spares the masks and the positives'
+    exponentials (one per logit, where ids take two)."""
     logits_rn = q_rd @ keys_nd.T * scale
     if keys is None:
-        positive = rows["index"][:, None] == jnp.arange(keys_nd.shape[0])[None]
-        candidate = None
-        lse_all = jax.nn.logsumexp(logits_rn, axis=1)
+        lse_all, soft_all = _log_softmax_parts(logits_rn)
         lse_pos = jnp.take_along_axis(logits_rn, rows["index"][:, None], axis=1)[:, 0]
+        soft_pos = (rows["index"][:, None] == jnp.arange(keys_nd.shape[0])[None]).astype(jnp.float32)
     else:
         positive, candidate = _stripe_masks(rows, keys)
-        lse_all, lse_pos = _masked_lse(logits_rn, candidate), _masked_lse(logits_rn, positive)
+        (lse_all, soft_all), (lse_pos, soft_pos) = (_log_softmax_parts(logits_rn, candidate),
+                                                    _log_softmax_parts(logits_rn, positive))
     loss = jnp.sum(jnp.where(rows["valid"], lse_all - lse_pos, 0.0))
     if not with_grads:
         return loss
     # d(lse_all - lse_pos)/d logits: softmax over the candidates less softmax over the positives.
-    soft_all = jnp.exp(logits_rn - lse_all[:, None])
-    if candidate is None:
-        soft_pos = positive.astype(jnp.float32)
-    else:
-        soft_all = jnp.where(candidate, soft_all, 0.0)
-        soft_pos = jnp.where(positive, jnp.exp(logits_rn - lse_pos[:, None]), 0.0)
     dlogits_rn = jnp.where(rows["valid"][:, None], soft_all - soft_pos, 0.0)
     d_scale = jnp.sum(dlogits_rn * logits_rn) / scale
     return loss, dlogits_rn @ keys_nd * scale, dlogits_rn.T @ q_rd * scale, d_scale
