@@ -252,6 +252,9 @@ def make_objective(
     if kind == "sts":
         if layer_dims:
             raise ValueError("train.layer_dims applies to retrieval data only; set train.layer_dims=()")
+        if stripe_rows:
+            raise ValueError("train.stripe_rows applies to retrieval data (train.loss='infonce') only; "
+                             "set train.stripe_rows=0")
         from embedjax.losses.pairwise import cosent
 
         def embed_sts(params, batch, rng, shared=None):

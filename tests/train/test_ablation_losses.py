@@ -210,6 +210,7 @@ def test_layer_embeddings_come_from_one_pass_and_the_last_full_pair_is_plain_inf
     ({"stripe_rows": 4, "loss": "siglip", "mesh": "m"}, r"stripe_rows=4 does not run with train.loss='siglip'"),
     ({"stripe_rows": 4, "bidirectional": True, "mesh": "m"}, r"does not run with train.bidirectional=True"),
     ({"stripe_rows": 4}, r"train.stripe_rows=4 does not run with no mesh"),
+    ({"kind": "sts", "loss": "cosent", "stripe_rows": 4}, r"train.stripe_rows applies to retrieval data"),
     ({"stripe_rows": -2, "mesh": "m"}, r"train.stripe_rows must be 0 \(off\) or a positive int"),
     ({"kind": "sts", "loss": "cosent", "layer_dims": ((1, 4),)}, r"train.layer_dims applies to retrieval data"),
     ({"kind": "sts", "loss": "siglip"}, r"train.loss='siglip' does not fit 'sts'"),
