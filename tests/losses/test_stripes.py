@@ -52,6 +52,7 @@ CASES = [  # devices, batch, hard negatives per pair, row block, ids, similarity
     (8, 40, 2, 3, True, "cos", (3, 5)),
     (1, 17, 1, 5, True, "cos", None),
     (8, 16, 0, 64, True, "dot", (2, 5)),
+    (8, 24, 2, 5, False, "cos", (3, 5)),
 ]
 
 
