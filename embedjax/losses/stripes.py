@@ -127,7 +127,8 @@ def _gathered_keys(axis, diff, meta):
 
 def _make_local_loss(axis, row_block):
     """The summed loss of this device's rows against every key, with the stripes' gradients as its
-    VJP. ``diff``: q [n, D], d [n, D], (h [n, K, D]), scale; ``meta``: int ids (no gradient)."""
+    VJP. ``diff``: float32 q [n, D], d [n, D], (h [n, K, D]), scale; ``meta``: int ids (no
+    gradient). The residuals are the gradients alone: the inputs' shapes follow from them."""
     def forward(diff, meta, with_grads):
         q = diff["q"]
         keys_nd, keys = _gathered_keys(axis, diff, meta)
@@ -144,18 +145,18 @@ def _make_local_loss(axis, row_block):
 
     def fwd(diff, meta):
         total, d_q, d_keys, d_scale = forward(diff, meta, with_grads=True)
-        return total, (diff, meta, d_q, d_keys, d_scale)
+        return total, (meta, d_q, d_keys, d_scale)
 
     def bwd(res, g):
-        diff, meta, d_q, d_keys, d_scale = res
+        meta, d_q, d_keys, d_scale = res
         # Every device's rows reach every device's keys: sum the key gradients over the devices and
         # keep this device's slice (documents first, then hard negatives, as gathered).
         scatter = functools.partial(lax.psum_scatter, axis_name=axis, scatter_dimension=0, tiled=True)
-        n_docs = diff["d"].shape[0] * lax.psum(1, axis)
+        n, n_docs = d_q.shape[0], d_q.shape[0] * lax.psum(1, axis)
         grads = {"q": g * d_q, "scale": g * d_scale, "d": scatter(g * d_keys[:n_docs])}
-        if "h" in diff:
-            grads["h"] = scatter(g * d_keys[n_docs:]).reshape(diff["h"].shape)
-        return {name: grads[name].astype(diff[name].dtype) for name in diff}, jax.tree.map(_zero_cotangent, meta)
+        if d_keys.shape[0] > n_docs:  # hard negatives: [n, K, D] on each device
+            grads["h"] = scatter(g * d_keys[n_docs:]).reshape(n, -1, d_keys.shape[1])
+        return grads, jax.tree.map(_zero_cotangent, meta)
 
     local_loss.defvjp(fwd, bwd)
     return local_loss

@@ -114,3 +114,17 @@ def test_maxsim_is_refused_with_the_losses_that_take_it():
     q, d, _ = _inputs(4, 3, 0, seed=0)
     with pytest.raises(ValueError, match="similarity must be one of"):
         stripes.striped_infonce(q, d, mesh=mesh, temperature=0.1, similarity="maxsim")
+
+
+def test_bfloat16_inputs_get_bfloat16_gradients_equal_to_the_dense_ones():
+    """Scores in float32 either way; the cotangents come back in the inputs' dtype (one bfloat16
+    rounding of the same float32 gradient: equal up to one bfloat16 ulp)."""
+    mesh = jax.make_mesh((8,), ("data",))
+    q, d, h = (jnp.asarray(x, jnp.bfloat16) for x in _inputs(16, 8, 2, seed=5))
+    loss = lambda fn: jax.grad(fn, argnums=(0, 1, 2))(q, d, h)  # noqa: E731
+    got = loss(lambda q, d, h: stripes.striped_infonce(q, d, mesh=mesh, temperature=0.5, hard_negatives_bkd=h,
+                                                         row_block=3))
+    want = loss(lambda q, d, h: contrastive.infonce(q, d, temperature=0.5, hard_negatives_bkd=h))
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-2, atol=1e-3)
