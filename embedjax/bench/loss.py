@@ -195,6 +195,7 @@ def run(args) -> dict:
     for name, rate in rates.items():
         result[f"{name}_achieved_gflops"] = round(rate / 1e9, 2)
     result["ring_rate_over_allgather_rate"] = round(rates["ring"] / rates["allgather"], 3)
+    result["ring_step_over_allgather_step"] = round(step_s["ring"] / step_s["allgather"], 3)
     if "stripes" in rates:
         result["row_block"] = args.row_block
         result["stripes_step_over_allgather_step"] = round(step_s["stripes"] / step_s["allgather"], 3)
