@@ -18,14 +18,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from embedjax.losses import validation as val
+
 
 def _split(batch, sub_batch_size: int):
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1:
         raise ValueError(f"every array in the batch must have the same leading (batch) size, got sizes {sorted(sizes)}")
     (size,) = sizes
-    if isinstance(sub_batch_size, bool) or not isinstance(sub_batch_size, int) or sub_batch_size < 1:
-        raise ValueError(f"sub_batch_size must be a positive int, got {sub_batch_size!r}")
+    val.check_positive_int("sub_batch_size", sub_batch_size)
     if size % sub_batch_size:
         raise ValueError(f"batch size {size} is not divisible by sub_batch_size {sub_batch_size}; "
                          "pick a sub-batch size that divides the batch")

@@ -631,9 +631,7 @@ def _token_pairs(batch) -> int:
 def _check_tile(tile, local_batch, token_pairs: int = 1):
     if tile is None:
         return max(1, min(default_tile(), local_batch, math.isqrt(MAXSIM_TILE_FLOATS // token_pairs)))
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"tile must be a positive int (rows/keys per tile), got {tile!r}")
-    return tile
+    return val.check_positive_int("tile", tile, "rows/keys per tile")
 
 
 TILE_IMPLS = ("xla", "pallas")

@@ -192,9 +192,8 @@ def striped_infonce(q_bd, d_bd, *, mesh, axis: str = "data", temperature, row_bl
     batch = dense.prepare_pairs(q_bd, d_bd, hard_negatives_bkd, group_ids_b, doc_ids_b, hard_negative_ids_bk,
                                 matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights)
     temperature = val.check_positive_scalar("temperature", temperature)
-    row_block = ROW_BLOCK if row_block is None else row_block
-    if isinstance(row_block, bool) or not isinstance(row_block, int) or row_block < 1:
-        raise ValueError(f"row_block must be a positive int (query rows per stripe), got {row_block!r}")
+    row_block = val.check_positive_int("row_block", ROW_BLOCK if row_block is None else row_block,
+                                       "query rows per stripe")
     _check_mesh(mesh, axis, batch.q_bd.shape[0])
     x = dict(q=batch.q_bd, d=batch.d_bd)
     with_ids = any(ids is not None for ids in (group_ids_b, doc_ids_b, hard_negative_ids_bk))

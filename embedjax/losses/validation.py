@@ -53,6 +53,14 @@ def _concrete(x):
     return np.asarray(x)
 
 
+def check_positive_int(name: str, value, meaning: str = "") -> int:
+    """``value`` if it is an int >= 1 (a bool is not); else a ValueError naming ``name`` and, when
+    given, what the count means."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{f' ({meaning})' if meaning else ''}, got {value!r}")
+    return value
+
+
 def check_positive_scalar(name: str, value, *, floor: float = MIN_TEMPERATURE):
     """Validate a positive scalar (temperature); clamp traced values to ``floor``."""
     if value is None:

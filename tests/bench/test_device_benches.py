@@ -195,7 +195,7 @@ def test_every_bench_line_of_the_device_script_parses_with_its_bench():
         bench = importlib.import_module(f"embedjax.bench.{module}")
         parser = argparse.ArgumentParser(exit_on_error=False)
         bench.add_arguments(parser)
-        args = [a.replace('"$MODEL_DIR"', "m").replace("$MODEL_DIR", "m").replace("$STS_FILE", "s") for a in args]
+        args = [a.replace("$MODEL_DIR", "m").replace("$STS_FILE", "s") for a in args]  # shlex took the quotes
         parsed = parser.parse_args([*args, "--record"])  # argparse exits (SystemExit) on a bad flag
         assert parsed.record and int(limit) > 0, line
     assert len(set(names)) == len(names), "two benches would write the same OUT files"
