@@ -37,15 +37,17 @@ two processes dropping 40 small programs each beside each other aborted 2 of 6 t
 and the training loop keep their programs for their lifetime; callers that compile throwaway
 oneDNN programs should hold them well past their last run (the tests hold them for the session).
 
-oneDNN programs also ask for XLA's loop emitter (``xla_cpu_use_fusion_emitters=False``) for the
-fusions oneDNN leaves to XLA, where the default is the newer MLIR fusion emitters. On the 2-core
-AMD EPYC (AVX-512 exposed) the new emitters ran the attention softmax's ``exp(s - max)`` fusion 15x
-slower (741 against 49 ms over 6 layers x 35 blocks, MiniLM encoding 256 msmarco passages, a
-``jax.profiler`` trace per fusion): that encode took 4.10 s against 2.87 with the loop emitter, and
-1,000 passages 14.8 s against 11.5 once compiled. The loop emitter also compiles faster. Where a
-jaxlib rejects the option, oneDNN programs go on without it (`compiler_options`). Programs under
-``xla`` keep XLA's default emitters: with YNNPACK doing the elementwise work the emitter changed
-nothing there (14.6 against 14.5 s).
+Inference programs under ``onednn`` (`inference_jit`) also ask for XLA's loop emitter
+(``xla_cpu_use_fusion_emitters=False``) for the fusions oneDNN leaves to XLA, where the default is
+the newer MLIR fusion emitters. On the 2-core AMD EPYC (AVX-512 exposed) the new emitters ran the
+attention softmax's ``exp(s - max)`` fusion 15x slower when MiniLM encoded 256 msmarco passages
+(741 against 49 ms over 6 layers x 35 blocks, a ``jax.profiler`` trace per fusion): that encode
+took 4.10 s against 2.87, and 1,000 passages 14.8 s against 11.5 once compiled. How much depends on
+the shapes: scifact abstracts at 256 tokens and packed STS-B sentences encoded at the same speed
+either way. The training step keeps the fusion emitters: its backward pass ran 12 % slower under
+the loop emitter (40.4 against 45.3 pairs/s, `bench train --steps 20`, two runs each). Where a jaxlib
+rejects the option, inference goes on without it. Programs under ``xla`` keep XLA's defaults: with
+YNNPACK doing the elementwise work the emitter changed nothing there (14.6 against 14.5 s).
 
 Compiler options are per program, so nothing else in the process changes. `inference_jit`
 compiles a function with them and tells its tracing the library (`tracing_library`); the training
@@ -73,7 +75,7 @@ ONEDNN_DOTS = {
 }
 
 
-# XLA's loop emitter for the fusions left to XLA in oneDNN programs (see the module docstring).
+# XLA's loop emitter for the fusions left to XLA in oneDNN inference programs (module docstring).
 LOOP_EMITTER = {"xla_cpu_use_fusion_emitters": False}
 
 
@@ -133,12 +135,22 @@ def compiler_options(platform_name: str, value: str | None = None) -> dict | Non
 
 
 def _options_for(library: str) -> dict | None:
-    """The ``compiler_options`` of a resolved library (``onednn`` or ``xla``): oneDNN's dots with
-    XLA's loop emitter where this jaxlib accepts both, else oneDNN's dots alone."""
-    if library != "onednn":
+    """The ``compiler_options`` of a resolved library (``onednn`` or ``xla``)."""
+    return dict(ONEDNN_DOTS) if library == "onednn" else None
+
+
+def inference_options(platform_name: str, value: str | None = None) -> dict | None:
+    """`compiler_options` for an inference program: under ``onednn`` with XLA's loop emitter where
+    this jaxlib accepts it (see the module docstring)."""
+    return _inference_options_for(resolved(platform_name, value))
+
+
+def _inference_options_for(library: str) -> dict | None:
+    options = _options_for(library)
+    if options is None:
         return None
-    with_loop_emitter = {**ONEDNN_DOTS, **LOOP_EMITTER}
-    return with_loop_emitter if _accepted(tuple(sorted(with_loop_emitter.items()))) is None else dict(ONEDNN_DOTS)
+    with_loop_emitter = {**options, **LOOP_EMITTER}
+    return with_loop_emitter if _accepted(tuple(sorted(with_loop_emitter.items()))) is None else options
 
 
 def tracing_library() -> str:
@@ -159,7 +171,7 @@ def tracing_for(library: str):
 
 
 def inference_jit(fn, platform_name: str, **jit_kwargs):
-    """``jax.jit(fn, **jit_kwargs)`` compiled with `compiler_options` for ``platform_name``, its
+    """``jax.jit(fn, **jit_kwargs)`` compiled with `inference_options` for ``platform_name``, its
     tracing told the library (`tracing_library`)."""
     import jax
 
@@ -170,4 +182,4 @@ def inference_jit(fn, platform_name: str, **jit_kwargs):
         with tracing_for(library):
             return fn(*args, **kwargs)
 
-    return jax.jit(traced, compiler_options=_options_for(library), **jit_kwargs)
+    return jax.jit(traced, compiler_options=_inference_options_for(library), **jit_kwargs)

@@ -29,10 +29,20 @@ def test_the_choice_is_read_from_the_environment_and_checked(monkeypatch):
     assert xla_cpu.resolved("cpu", "onednn") == "onednn"
 
 
-def test_onednn_programs_take_the_loop_emitter_where_this_jaxlib_accepts_it(monkeypatch):
-    """oneDNN programs ask for XLA's loop emitter (its fusions ran the attention softmax 15x faster,
-    `embedjax.xla_cpu`); a jaxlib that rejects the option still gets oneDNN's dots, without it."""
-    assert xla_cpu.compiler_options("cpu", "onednn") == {**xla_cpu.ONEDNN_DOTS, "xla_cpu_use_fusion_emitters": False}
+def test_onednn_inference_takes_the_loop_emitter_where_this_jaxlib_accepts_it(monkeypatch):
+    """oneDNN inference programs ask for XLA's loop emitter (its fusions ran the attention softmax
+    15x faster on msmarco passages, `embedjax.xla_cpu`); the training step's options do not (its
+    backward ran 12 % slower); a jaxlib that rejects the option still gets oneDNN's dots."""
+    loop = {**xla_cpu.ONEDNN_DOTS, "xla_cpu_use_fusion_emitters": False}
+    assert xla_cpu.inference_options("cpu", "onednn") == loop
+    assert xla_cpu.compiler_options("cpu", "onednn") == xla_cpu.ONEDNN_DOTS
+    assert xla_cpu.inference_options("cpu", "xla") is None and xla_cpu.inference_options("gpu", "onednn") is None
+    monkeypatch.setenv(xla_cpu.ENV, "onednn")
+    asked, jit = [], jax.jit
+    monkeypatch.setattr(jax, "jit", lambda fn, **kwargs: asked.append(kwargs["compiler_options"]) or jit(fn, **kwargs))
+    xla_cpu.inference_jit(lambda x: x + 1, "cpu")
+    assert asked == [loop]  # what Encoder's programs are compiled with
+    monkeypatch.setattr(jax, "jit", jit)
     assert xla_cpu._accepted((("xla_cpu_no_such_option", True),)) is not None  # rejection is seen
     accepted = xla_cpu._accepted
 
@@ -40,7 +50,7 @@ def test_onednn_programs_take_the_loop_emitter_where_this_jaxlib_accepts_it(monk
         return "unknown option" if "xla_cpu_use_fusion_emitters" in dict(options) else accepted(options)
 
     monkeypatch.setattr(xla_cpu, "_accepted", without_the_emitter_option)
-    assert xla_cpu.compiler_options("cpu", "onednn") == xla_cpu.ONEDNN_DOTS
+    assert xla_cpu.inference_options("cpu", "onednn") == xla_cpu.ONEDNN_DOTS
     assert xla_cpu.resolved("cpu", "onednn") == "onednn"
 
 
