@@ -8,10 +8,12 @@ import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's loop emitter for every program the tests compile, as `embedjax.xla_cpu` asks for oneDNN
-# programs: compilation is most of the suite's time (tiny models, many shapes), and the loop emitter
-# compiled the two-tower tests' programs ~40 % faster than the MLIR fusion emitters (the suite's
-# four longest training files: 186 s -> 164 s on 2 workers). Emitters change no result the tests
-# check beyond float32 rounding.
+# inference programs: compilation is most of the suite's time (tiny models, many shapes), and the
+# loop emitter compiled the two-tower tests' programs ~40 % faster than the MLIR fusion emitters
+# (the suite's four longest training files: 186 s -> 164 s on 2 workers; the clean-clone suite
+# 973 s -> 844 s). Training programs, which outside the tests keep XLA's default emitters (they ran
+# 12 % slower under the loop emitter, not differently), compile with it here too; emitters change
+# no result the tests check beyond float32 rounding.
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_cpu_use_fusion_emitters=false"):
     if _flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
