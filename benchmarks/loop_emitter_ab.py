@@ -31,13 +31,10 @@ from profile_grad_step import kernel_times  # noqa: E402
 
 
 def corpora() -> dict[str, list[str]]:
-    import embedjax as ej
     from embedjax.bench.encode import load_texts
 
-    root = os.environ.get("EMBEDJAX_DATA_DIR", "../shared/data")
-    docs, _, _ = ej.data.read_beir(os.path.join(root, "msmarco"))
-    msmarco = [ej.eval.document_text(d) for d in docs.values()][:1000]
-    return {"msmarco_1000": msmarco, "scifact_384": load_texts("scifact", None, 384),
+    msmarco = os.path.join(os.environ.get("EMBEDJAX_DATA_DIR", "../shared/data"), "msmarco")
+    return {"msmarco_1000": load_texts("msmarco", msmarco, 1000), "scifact_384": load_texts("scifact", None, 384),
             "stsb_2758": load_texts("stsb", None, 2758)}
 
 
