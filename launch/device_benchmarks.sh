@@ -41,13 +41,16 @@ bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time l
 }
 
 # Issue 17's checks first, most wanted first, so that a lease that ends early still returns them
-# (order of 2026-12-04, after the H200 runs of that day): the training step against PyTorch, then the
-# same step with its layer loop unrolled, then the SmolLM2 shape; the two-pass top-k against the running one and the XLA twin
+# (order of 2026-12-04, after the H200 runs of that day): the training step against PyTorch, the same
+# step with the Pallas flash attention, then with its layer loop unrolled, then the SmolLM2 shape; the two-pass top-k against the running one and the XLA twin
 # over 10M codes (one query and 64, k = 10 and 100; int8, whose Pallas scan there runs in pieces
 # under its 32-bit offsets, then Hamming; two benches so that each keeps its rows if the other runs
 # out of time); dropout masks from RngBitGenerator; the XLA ring at its 4096 GPU tile; last the fused
 # Pallas ring tiles (39x the dense loss on 2026-12-04).
 bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
+# The Pallas flash attention with its dropout hashed inside the kernels (embedjax/kernels/flash_attention.py,
+# 2026-12-04, sixth sitting): no [L, L] scores or mask in memory, as PyTorch's SDPA; never run on a GPU yet.
+bench train_step_b256_flash 80 train_step --batch 256 --seq 128 --steps 20 --attention-impl flash
 # The InfoNCE in stripes of 4096 query rows with its gradients formed in the scoring pass
 # (embedjax.losses.striped_infonce): 6 B^2 d like the dense loss, where the ring's tiles need 8 B^2 d
 # (so <= 1.3x the dense time asks the ring for 1.026x the dense loss's rate). 0.90x the dense step on

@@ -1,6 +1,6 @@
 """Scaled dot-product attention kernels that `embedjax.models.layers.attend` chooses between.
 
-Four implementations of the same function (GQA, key-padding mask, optional causal mask with a
+Five implementations of the same function (GQA, key-padding mask, optional causal mask with a
 sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS``:
 
 - ``"xla"``: `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs for bfloat16/float16
@@ -21,6 +21,11 @@ sliding window, optional SelfExtend score selection), named by ``ATTENTION_IMPLS
   1.7-1.8x faster than ``xla`` at 64 x 128 and 64 x 256 tokens, MiniLM's 12 heads, idle; BENCHMARKS.md).
   In programs compiled for oneDNN (`embedjax.xla_cpu`, CPU inference on x86-64) the blocks are
   head-major and normalised late, with pairwise row reductions (`_head_major_attention`).
+- ``"flash"``: the Pallas flash attention kernel (`embedjax.kernels.flash_attention`): forward and
+  backward in three Triton kernels on a GPU, attention dropout drawn inside them from a
+  counter-based hash of the dropout key's bits (no [L, L] scores or mask in memory, as PyTorch's
+  SDPA drops inside its fused kernel). No SelfExtend; interpret mode on CPU (tests only), refused
+  on a TPU. Chosen by name only: ``auto`` does not take it until a GPU has timed it.
 
 ``"auto"`` picks per call (`resolve_impl`): on a GPU, ``xla`` for half-precision inputs without
 SelfExtend or attention dropout (cuDNN's fused kernel), else ``chunked``; on TPU, ``xla`` for sequences up to
@@ -57,8 +62,9 @@ import jax
 import jax.numpy as jnp
 
 from embedjax import xla_cpu
+from embedjax.kernels import flash_attention as flash_kernel
 
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "explicit", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "explicit", "blocked", "flash")
 DEFAULT_CHUNK = 512
 # Scores one batch block of `blocked_attention` may hold (float32 [rows, H, L, L]). Tuned on the
 # 2-core CPU at 64 rows x 12 heads (BENCHMARKS.md): the best block held 3-6 MiB at L = 128 and 256;
@@ -78,9 +84,9 @@ def resolve_impl(impl: str, *, length: int, dtype, self_extend: bool, backend: s
     """The implementation ``impl`` means for one call (see the module docstring for ``auto``);
     ``dropout``: attention dropout is active in this call."""
     check_impl(impl)
-    if impl == "xla" and self_extend:
-        raise ValueError("attention_impl='xla' (jax.nn.dot_product_attention) cannot select SelfExtend's scores; "
-                         "use 'chunked', 'explicit' or 'auto'")
+    if impl in ("xla", "flash") and self_extend:
+        raise ValueError(f"attention_impl={impl!r} cannot select SelfExtend's scores; use 'chunked', 'explicit' or "
+                         "'auto'")
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
@@ -464,6 +470,24 @@ def dropout_key_data(rng):
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(rng)
     return rng
+
+
+def flash_attention(qs, ks, v, key_mask_bl, positions_bl, masking: Masking, *, dropout_rate: float = 0.0,
+                    dropout_rng=None):
+    """The Pallas flash kernel -> [B, L, H, K]; arguments as in `explicit_attention` (one query and
+    one key: no SelfExtend; ``positions_bl`` unused). Its dropout mask is the kernel's hash of 32
+    bits drawn from ``dropout_rng`` (a different stream from the explicit and chunked paths')."""
+    del positions_bl
+    if masking.self_extend_window is not None:
+        raise ValueError("the flash kernel has no SelfExtend; use attention_impl='chunked' or 'explicit'")
+    key_ids = key_mask_bl.astype(jnp.int32)  # segment ids, or 1 / 0 for a key-padding mask
+    query_ids = key_ids if masking.segments else jnp.ones_like(key_ids)
+    rate = float(dropout_rate) if dropout_rng is not None else 0.0
+    seed = None
+    if rate > 0.0:
+        seed = jax.lax.bitcast_convert_type(jax.random.bits(dropout_rng, (), jnp.uint32), jnp.int32)
+    return flash_kernel.flash_attention(qs[0], ks[0], v, query_ids, key_ids, causal=masking.causal,
+                                        window=masking.window, dropout_rate=rate, seed=seed)
 
 
 def xla_attention(q, k, v, key_mask_bl, masking: Masking):

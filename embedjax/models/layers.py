@@ -181,8 +181,9 @@ def attend(q_blhk, k_blgk, v_blgk, key_mask_bl, *, causal: bool, window: int | N
 
     ``impl`` picks the kernel (`embedjax.models.attention.resolve_impl`); with attention dropout
     active (``dropout_rng`` given and a positive rate) the chunked kernel applies it block by block
-    when it is the one chosen (``auto`` chooses it on a GPU), and the explicit path runs for every
-    other choice (neither `jax.nn.dot_product_attention` nor the blocked kernel drops).
+    when it is the one chosen (``auto`` chooses it on a GPU), the flash kernel inside its tiles, and
+    the explicit path runs for every other choice (neither `jax.nn.dot_product_attention` nor the
+    blocked kernel drops).
     ``self_extend``: ``(q_before_blhk, q_after_blhk, k_grouped_blgk, positions_bl, window)``
     for SelfExtend (q and k above are then the normally rotated ones). Masked scores take a large
     finite negative, so a fully masked row (a padding query under causal masking) stays finite.
@@ -204,6 +205,9 @@ def attend(q_blhk, k_blgk, v_blgk, key_mask_bl, *, causal: bool, window: int | N
     dropping = dropout_rng is not None and dropout_rate > 0.0
     chosen = kernels.resolve_impl(impl, length=q_blhk.shape[1], dtype=q_blhk.dtype,
                                   self_extend=self_extend is not None, chunk_size=chunk_size, dropout=dropping)
+    if chosen == "flash":  # drops inside the kernel when dropout is active
+        return kernels.flash_attention(qs, ks, v_blgk, key_mask_bl, positions, masking,
+                                       dropout_rate=dropout_rate if dropping else 0.0, dropout_rng=dropout_rng)
     if dropping:
         if chosen == "chunked":  # dropout block by block: still no [L, L] scores or mask
             return kernels.chunked_attention(qs, ks, v_blgk, key_mask_bl, positions, masking, chunk_size=chunk_size,

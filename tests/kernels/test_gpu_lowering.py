@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from embedjax.kernels import dispatch
+from embedjax.kernels import dispatch, flash_attention
 from embedjax.kernels.hamming import hamming_topk
 from embedjax.kernels.lowbit import int8_topk
 from embedjax.kernels.maxsim import maxsim_rerank
@@ -47,6 +47,14 @@ def _ring_loss_and_grads(q, d):
     return jax.value_and_grad(loss, argnums=(0, 1))(q, d)
 
 
+def _flash_attention_and_grads(q, k, v, key_ids):
+    def loss(q, k, v):
+        out = flash_attention.flash_attention(q, k, v, jnp.ones_like(key_ids), key_ids, causal=True, window=40,
+                                              dropout_rate=0.1, seed=jnp.int32(5))
+        return jnp.sum(out.astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
 CASES = {  # name: (function, input shapes, pallas_calls it makes)
     "hamming running": (lambda q, x: hamming_topk(q, x, 10, impl="pallas", select="running"),
                         (_spec((Q, WORDS), jnp.uint32), _spec((N, WORDS), jnp.uint32)), 1),
@@ -61,6 +69,10 @@ CASES = {  # name: (function, input shapes, pallas_calls it makes)
     "maxsim rerank": (lambda q, qm, c, x, xm: maxsim_rerank(q, qm, c, x, xm, 5, impl="pallas"),
                       (_spec((Q, 12, 64), jnp.float32), _spec((Q, 12), jnp.bool_), _spec((Q, 20), jnp.int32),
                        _spec((200, 30, 64), jnp.float32), _spec((200, 30), jnp.bool_)), 1),
+    # forward, then the key-side and query-side gradient kernels; bf16, GQA 8 over 4, 100 tokens
+    "flash attention value and grads": (_flash_attention_and_grads,
+                                        (_spec((2, 100, 8, 64), jnp.bfloat16), _spec((2, 100, 4, 64), jnp.bfloat16),
+                                         _spec((2, 100, 4, 64), jnp.bfloat16), _spec((2, 100), jnp.int32)), 3),
     # forward statistics, then the anchor-side and key-side gradient kernels
     "ring infonce value and grads": (_ring_loss_and_grads, (_spec((256, 768), jnp.float32),) * 2, 3),
 }

@@ -273,7 +273,9 @@ def test_auto_picks_a_kernel_per_backend_length_and_dtype():
     with pytest.raises(ValueError, match="cannot select SelfExtend"):
         resolve("xla", length=8, dtype=jnp.float32, self_extend=True)
     with pytest.raises(ValueError, match="is not an attention implementation"):
-        layers.AttentionSpec(2, 2, 4, impl="flash")
+        layers.AttentionSpec(2, 2, 4, impl="flash2")
+    with pytest.raises(ValueError, match="cannot select SelfExtend"):
+        resolve("flash", length=8, dtype=jnp.float32, self_extend=True)
 
 
 def test_dropout_runs_in_the_chunked_kernel_or_else_on_the_explicit_path():
