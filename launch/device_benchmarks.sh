@@ -51,6 +51,10 @@ bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
 # The Pallas flash attention with its dropout hashed inside the kernels (embedjax/kernels/flash_attention.py,
 # 2026-12-04, sixth sitting): no [L, L] scores or mask in memory, as PyTorch's SDPA; never run on a GPU yet.
 bench train_step_b256_flash 80 train_step --batch 256 --seq 128 --steps 20 --attention-impl flash
+# Attention alone as the step asks it (loss and gradients, bf16, the step's 512 texts x 128 tokens, MiniLM's
+# 12 x 32 heads) against SDPA's forward and backward: with dropout 0.1, and without (cuDNN's kernel in xla).
+bench attention_train_dropout 60 attention --train --dtype bfloat16 --dropout 0.1 --batch 512 --lengths 128 --impls explicit,chunked,flash
+bench attention_train 60 attention --train --dtype bfloat16 --batch 512 --lengths 128 --impls xla,chunked,flash
 # The InfoNCE in stripes of 4096 query rows with its gradients formed in the scoring pass
 # (embedjax.losses.striped_infonce): 6 B^2 d like the dense loss, where the ring's tiles need 8 B^2 d
 # (so <= 1.3x the dense time asks the ring for 1.026x the dense loss's rate). 0.90x the dense step on

@@ -11,6 +11,14 @@ layout (the transposes are made before timing). ``ratio_<impl>`` is SDPA's time 
 implementation's (above 1: embedjax faster). Every output is checked against SDPA's on the real
 tokens. The programs are compiled as `Encoder`'s are (`embedjax.xla_cpu.inference_jit`; the row's
 ``cpu_gemm``): on x86-64 CPUs oneDNN takes the products and ``blocked`` runs its oneDNN blocks.
+``flash`` is the Pallas kernel (`embedjax.kernels.flash_attention`; interpret mode on CPU, slow).
+
+``--train`` times what a training step asks of attention instead: the loss ``sum(out * c)`` for a
+fixed random ``c`` and its gradients in q, k and v (`embedjax.models.layers.attend`, jitted),
+against SDPA's forward and backward on the same device (CUDA when torch sees one), in
+``--dtype``, with ``--dropout`` applied by both sides with their own masks (embedjax's
+``xla`` and ``blocked`` have none, so they are refused there). Without dropout the gradients are
+checked against SDPA's.
 """
 from __future__ import annotations
 
@@ -19,7 +27,9 @@ import argparse
 from embedjax.bench import report
 
 SECTION = "Attention kernels vs PyTorch SDPA (issue 17)"
-IMPLS = ("xla", "blocked", "explicit", "chunked")
+TRAIN_SECTION = "Attention in training (loss and gradients) vs PyTorch SDPA (issue 17)"
+IMPLS = ("xla", "blocked", "explicit", "chunked", "flash")
+OWN_DROPOUT = ("explicit", "chunked", "flash")  # the implementations that drop in --train mode
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {IMPLS}")
     parser.add_argument("--chunk-size", type=int, default=128, help="key block of the chunked kernel")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (median)")
+    parser.add_argument("--train", action="store_true",
+                        help="time the loss and its gradients in q, k and v instead of the forward pass")
+    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout (--train only)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="--train only")
     report.add_cpu_gemm_argument(parser)
     report.add_arguments(parser)
 
@@ -42,6 +56,14 @@ def _parse(args) -> tuple[list[int], list[str]]:
         raise ValueError(f"--impls {args.impls!r}: choose from {IMPLS}")
     if not lengths or min(lengths) < 1 or min(args.batch, args.heads, args.head_dim) < 1:
         raise ValueError("--lengths, --batch, --heads and --head-dim must be positive")
+    if not args.train and (args.dropout or args.dtype != "float32"):
+        raise ValueError("--dropout and --dtype apply to --train only")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout {args.dropout}: must be in [0, 1)")
+    no_dropout = sorted(set(impls) - set(OWN_DROPOUT))
+    if args.dropout and no_dropout:
+        raise ValueError(f"--impls {no_dropout} have no attention dropout of their own; with --dropout choose from "
+                         f"{OWN_DROPOUT}")
     return lengths, impls
 
 
@@ -72,9 +94,85 @@ def _jax_fn(impl: str, chunk_size: int):
             return kernels.blocked_attention((q,), (k,), v, mask, positions, masking)
         if impl == "chunked":
             return kernels.chunked_attention((q,), (k,), v, mask, positions, masking, chunk_size=chunk_size)
+        if impl == "flash":
+            return kernels.flash_attention((q,), (k,), v, mask, positions, masking)
         return kernels.explicit_attention((q,), (k,), v, mask, positions, masking)
 
     return xla_cpu.inference_jit(fn, jax.devices()[0].platform)
+
+
+def _jax_train_fn(impl: str, chunk_size: int, rate: float):
+    """jitted (q, k, v, mask, c, key) -> (sum(attention * c), (dq, dk, dv)) through `layers.attend`."""
+    import jax
+    import jax.numpy as jnp
+
+    from embedjax.models import layers
+
+    def loss(q, k, v, mask, c, key):
+        out = layers.attend(q, k, v, mask, causal=False, dropout_rate=rate, dropout_rng=key if rate else None,
+                            impl=impl, chunk_size=chunk_size)
+        return jnp.sum(out.astype(jnp.float32) * c)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def _torch_train_fn(q, k, v, mask, c, rate: float, dtype: str):
+    """(fn, device): fn runs SDPA's forward and backward for sum(out * c) and returns (dq, dk, dv) as
+    [B, L, H, D] tensors, synchronised."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).contiguous().to(device, tdtype).requires_grad_()
+                  for x in (q, k, v))
+    tmask = torch.from_numpy(mask)[:, None, None, :].to(device)
+    tc = torch.from_numpy(c).transpose(1, 2).contiguous().to(device)
+
+    def fn():
+        for t in (tq, tk, tv):
+            t.grad = None
+        out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask, dropout_p=rate)
+        (out.float() * tc).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return tuple(t.grad.transpose(1, 2) for t in (tq, tk, tv))
+
+    return fn, device
+
+
+def _train_row(args, impls, q, k, v, mask) -> dict:
+    """One --train row: median ms of each implementation's loss and gradients and of SDPA's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from embedjax.bench.timing import median_seconds, sig
+
+    c = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+    torch_call, torch_device = _torch_train_fn(q, k, v, mask, c, args.dropout, args.dtype)
+    device_args = tuple(jax.device_put(x) for x in (q, k, v)) + (jax.device_put(mask), jax.device_put(c),
+                                                                  jax.random.key(0))
+    device_args = tuple(x.astype(args.dtype) for x in device_args[:3]) + device_args[3:]
+    programs = {impl: _jax_train_fn(impl, args.chunk_size, args.dropout) for impl in impls}
+    times = {name: [] for name in ("torch", *impls)}
+    for _ in range(2):  # alternate the contenders so background load falls on all of them
+        times["torch"].append(median_seconds(torch_call, args.repeats))
+        for impl, program in programs.items():
+            times[impl].append(median_seconds(lambda p=program: p(*device_args), args.repeats))
+    torch_ms = 1e3 * float(np.median(times["torch"]))
+    row = {"mode": "train", "dtype": args.dtype, "dropout": args.dropout, "torch_device": torch_device,
+           "torch_sdpa_ms": sig(torch_ms)}
+    reference = [g.float().cpu().numpy() for g in torch_call()]
+    worst = 0.0
+    for impl, program in programs.items():
+        ms = 1e3 * float(np.median(times[impl]))
+        row[f"{impl}_ms"] = sig(ms)
+        row[f"ratio_{impl}"] = sig(torch_ms / ms, 3)
+        grads = program(*device_args)[1]
+        worst = max(worst, max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) for g, r in zip(grads, reference)))
+    # with dropout the two sides drop different entries: their gradients are not comparable
+    row["max_abs_grad_diff_vs_torch"] = None if args.dropout else sig(worst, 3)
+    return row
 
 
 def _torch_fn(q, k, v, mask):
@@ -103,6 +201,11 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for length in lengths:
         q, k, v, mask = _inputs(args.batch, length, args.heads, args.head_dim)
+        if args.train:
+            row = {"shape": f"{args.batch}x{length}x{args.heads}x{args.head_dim}",
+                   **_train_row(args, impls, q, k, v, mask), "device": report.device_description()}
+            rows.append(row)
+            continue
         torch_call = _torch_fn(q, k, v, mask)
         reference = torch_call().transpose(1, 2).numpy()
         device_args = tuple(jax.device_put(x) for x in (q, k, v, mask))
@@ -126,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
         row["max_abs_diff_vs_torch"] = sig(worst, 3)
         row["device"] = report.device_description()
         rows.append(row)
-    records = report.finish(args, "attention", SECTION, rows, started)
+    records = report.finish(args, "attention", TRAIN_SECTION if args.train else SECTION, rows, started)
     return {"bench": "attention", "rows": records}
 
 

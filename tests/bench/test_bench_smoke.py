@@ -5,6 +5,7 @@ scratch working directory: by default a bench prints its JSON line and writes no
 --record it writes BENCHMARKS.md rows whose figures the artifact checker finds in the JSONL
 records. Sizes are tiny: the numbers mean nothing, the code paths are the point.
 """
+import argparse
 import json
 import pathlib
 import subprocess
@@ -22,6 +23,8 @@ import figure_artifacts  # noqa: E402  (the README/BENCHMARKS artifact checker)
 TINY = {
     "attention": ["--batch", "3", "--lengths", "8,21", "--heads", "2", "--head-dim", "4", "--repeats", "1",
                   "--chunk-size", "8"],
+    "attention_train": ["--train", "--batch", "3", "--lengths", "21", "--heads", "2", "--head-dim", "4", "--repeats",
+                        "1", "--chunk-size", "8", "--impls", "explicit,chunked,flash"],
     "search": ["--n", "2000", "--bits", "64", "--dim", "16", "--queries", "3", "--k", "5", "--repeats", "1",
                "--bandwidth-mib", "8"],
     "kernels": ["--n", "300", "--bits", "64", "--dim", "20", "--queries", "7", "--k", "5", "--blocks", "8x128",
@@ -42,7 +45,7 @@ TINY = {
     "lora": ["--batch-size", "2", "--length", "8", "--rank", "2"],
 }
 NEEDS_MODEL = ("encode", "encode_scifact", "train", "scan", "long_context", "lora")  # run on the tiny random BERT folder
-VARIANTS = {"encode_scifact": "encode", "loss_pallas": "loss"}  # a second configuration of one bench
+VARIANTS = {"encode_scifact": "encode", "loss_pallas": "loss", "attention_train": "attention"}  # a second configuration of one bench
 
 
 def _module(name):
@@ -95,6 +98,10 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
     if name == "attention":  # every kernel agrees with PyTorch's SDPA on the real tokens
         assert [r["shape"] for r in result["rows"]] == ["3x8x2x4", "3x21x2x4"]
         assert all(r["max_abs_diff_vs_torch"] < 1e-5 and r["ratio_blocked"] > 0 for r in result["rows"])
+    if name == "attention_train":  # the gradients of each kernel equal SDPA's backward pass's
+        (row,) = result["rows"]
+        assert row["mode"] == "train" and row["torch_device"] == "cpu" and row["max_abs_grad_diff_vs_torch"] < 1e-5
+        assert row["ratio_flash"] > 0 and "xla_ms" not in row
     if name == "matmul":  # XLA's products equal PyTorch's (float32 sums of 12-20 terms)
         assert [r["product"] for r in result["rows"]] == ["qkv_heads", "qkv", "mlp_up", "mlp_down"]
         assert all(r["max_abs_diff"] < 1e-4 and r["xla_gflops"] > 0 and r["ratio"] > 0 for r in result["rows"])
@@ -189,3 +196,16 @@ def test_the_cpu_description_tells_hosts_behind_one_model_name_apart():
         "AMD EPYC (family 25 model 17, AVX-512), 2 cores"
     assert report.cpu_description(cpuinfo(25, 1, "fma avx2"), 2) == "AMD EPYC (family 25 model 1, AVX2), 2 cores"
     assert report.cpu_description("processor\t: 0\nmodel name\t: Some ARM\n", 4) == "Some ARM, 4 cores"
+
+
+def test_attention_bench_refuses_dropout_it_cannot_apply():
+    """--dropout needs --train and implementations that drop (xla and blocked have no dropout)."""
+    from embedjax.bench import attention
+
+    parser = argparse.ArgumentParser()
+    attention.add_arguments(parser)
+    with pytest.raises(ValueError, match="no attention dropout of their own"):
+        attention._parse(parser.parse_args(["--train", "--dropout", "0.1", "--impls", "chunked,xla"]))
+    with pytest.raises(ValueError, match="--train only"):
+        attention._parse(parser.parse_args(["--dropout", "0.1", "--impls", "chunked"]))
+    assert attention._parse(parser.parse_args(["--train", "--dropout", "0.1", "--impls", "flash"]))[1] == ["flash"]
