@@ -101,6 +101,21 @@ def _jax_fn(impl: str, chunk_size: int):
     return xla_cpu.inference_jit(fn, jax.devices()[0].platform)
 
 
+def _alternating_ms(torch_call, programs: dict, device_args, repeats: int) -> dict[str, float]:
+    """Median ms of SDPA ("torch") and of each program, two alternating rounds of ``repeats`` calls
+    each, so that background load falls on all of them."""
+    import numpy as np
+
+    from embedjax.bench.timing import median_seconds
+
+    times = {name: [] for name in ("torch", *programs)}
+    for _ in range(2):
+        times["torch"].append(median_seconds(torch_call, repeats))
+        for impl, program in programs.items():
+            times[impl].append(median_seconds(lambda p=program: p(*device_args), repeats))
+    return {name: 1e3 * float(np.median(values)) for name, values in times.items()}
+
+
 def _jax_train_fn(impl: str, chunk_size: int, rate: float):
     """jitted (q, k, v, mask, c, key) -> (sum(attention * c), (dq, dk, dv)) through `layers.attend`."""
     import jax
@@ -146,7 +161,7 @@ def _train_row(args, impls, q, k, v, mask) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from embedjax.bench.timing import median_seconds, sig
+    from embedjax.bench.timing import sig
 
     c = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
     torch_call, torch_device = _torch_train_fn(q, k, v, mask, c, args.dropout, args.dtype)
@@ -154,18 +169,14 @@ def _train_row(args, impls, q, k, v, mask) -> dict:
                                                                   jax.random.key(0))
     device_args = tuple(x.astype(args.dtype) for x in device_args[:3]) + device_args[3:]
     programs = {impl: _jax_train_fn(impl, args.chunk_size, args.dropout) for impl in impls}
-    times = {name: [] for name in ("torch", *impls)}
-    for _ in range(2):  # alternate the contenders so background load falls on all of them
-        times["torch"].append(median_seconds(torch_call, args.repeats))
-        for impl, program in programs.items():
-            times[impl].append(median_seconds(lambda p=program: p(*device_args), args.repeats))
-    torch_ms = 1e3 * float(np.median(times["torch"]))
+    times = _alternating_ms(torch_call, programs, device_args, args.repeats)
+    torch_ms = times["torch"]
     row = {"mode": "train", "dtype": args.dtype, "dropout": args.dropout, "torch_device": torch_device,
            "torch_sdpa_ms": sig(torch_ms)}
     reference = [g.float().cpu().numpy() for g in torch_call()]
     worst = 0.0
     for impl, program in programs.items():
-        ms = 1e3 * float(np.median(times[impl]))
+        ms = times[impl]
         row[f"{impl}_ms"] = sig(ms)
         row[f"ratio_{impl}"] = sig(torch_ms / ms, 3)
         grads = program(*device_args)[1]
@@ -192,7 +203,7 @@ def run(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from embedjax.bench.timing import median_seconds, sig
+    from embedjax.bench.timing import sig
     from embedjax.models.attention import batch_block
 
     lengths, impls = _parse(args)
@@ -210,18 +221,14 @@ def run(args: argparse.Namespace) -> dict:
         reference = torch_call().transpose(1, 2).numpy()
         device_args = tuple(jax.device_put(x) for x in (q, k, v, mask))
         programs = {impl: _jax_fn(impl, args.chunk_size) for impl in impls}
-        times = {name: [] for name in ("torch", *impls)}
-        for _ in range(2):  # alternate the contenders so background load falls on all of them
-            times["torch"].append(median_seconds(torch_call, args.repeats))
-            for impl, program in programs.items():
-                times[impl].append(median_seconds(lambda p=program: p(*device_args), args.repeats))
-        torch_ms = 1e3 * float(np.median(times["torch"]))
+        times = _alternating_ms(torch_call, programs, device_args, args.repeats)
+        torch_ms = times["torch"]
         row = {"shape": f"{args.batch}x{length}x{args.heads}x{args.head_dim}", "torch_sdpa_ms": sig(torch_ms),
                "blocked_rows": batch_block(args.batch, args.heads, length, shards=jax.device_count()),
                "cpu_gemm": cpu_gemm}
         worst = 0.0
         for impl, program in programs.items():
-            ms = 1e3 * float(np.median(times[impl]))
+            ms = times[impl]
             row[f"{impl}_ms"] = sig(ms)
             row[f"ratio_{impl}"] = sig(torch_ms / ms, 3)
             out = np.asarray(program(*device_args))
