@@ -67,7 +67,10 @@ bench train_step_b256_unrolled 80 train_step --batch 256 --seq 128 --steps 20 --
 # cuDNN's fused attention in bf16) against transformers' LlamaModel with SDPA, 64 pairs x 256 tokens.
 bench train_step_smollm2 120 train_step --arch llama --batch 64 --seq 256 --steps 10
 bench kernels_int8_10m 150 kernels --paths int8 --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
-bench kernels_hamming_10m 150 kernels --paths hamming --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
+# Hamming over a word-major corpus stored at scan_rows (read in place: the row-major runs of 2026-12-04 copied the
+# 1.28 GB corpus on every search), one query scanning with a block of 1 (it was padded to 16 rows of popcounts),
+# and the popcount ceiling that bounds 64 queries (one popcount per query and corpus word).
+bench kernels_hamming_10m 150 kernels --paths hamming --layout words --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
 # Dropout masks from XLA's RngBitGenerator (train.dropout_rng=rbg) instead of threefry: the H200 step was
 # bound by elementwise work, the masks among it.
 bench train_step_b256_rbg 80 train_step --batch 256 --seq 128 --steps 20 --dropout-rng rbg

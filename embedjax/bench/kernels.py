@@ -15,6 +15,15 @@ Triton; on CPU they run in interpret mode, so keep ``--n`` tiny there) it:
   streamed per second as a fraction of the measured bandwidth, and the arithmetic
   rate (word XOR+popcounts per second for Hamming, int8 TOPS for int8).
 
+A third ceiling, the popcount rate (`timing.popcount_tops`), bounds the Hamming scan with many
+queries: each query and corpus word costs one popcount, so 64 queries over 10M 1024-bit codes ask
+2e10 of them however fast the corpus streams; Hamming rows report both fractions. ``--layout
+words`` stores the Hamming corpus word-major at `two_pass_topk.scan_rows` rows (the rows past
+``--n`` are padding, searched away with ``n_valid``), so that the Pallas scan reads it where it
+lies; with ``rows`` every search first copies the corpus into that layout (a transpose and a pad).
+Pallas rows give the query block they ran with (``block_q``: at most the queries rounded up to a
+power of two).
+
 With --record, rows go to BENCHMARKS.md ("Kernels on an accelerator") and benchmarks/kernels.jsonl.
 """
 from __future__ import annotations
@@ -26,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from embedjax.bench import report
-from embedjax.bench.timing import copy_bandwidth_gbs, matmul_tflops, median_seconds, sig
+from embedjax.bench.timing import copy_bandwidth_gbs, matmul_tflops, median_seconds, popcount_tops, sig
 from embedjax.kernels.dispatch import resolve_impl
-from embedjax.kernels.two_pass_topk import check_selection
+from embedjax.kernels.pallas_topk import next_pow2 as _pow2
+from embedjax.kernels.two_pass_topk import check_selection, scan_rows
 
 SECTION = "Kernels on an accelerator"
 
@@ -49,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per cell (median reported)")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="buffer size of the bandwidth ceiling")
     parser.add_argument("--matmul-size", type=int, default=8192, help="size of the bf16 matmul ceiling")
+    parser.add_argument("--popcount-mib", type=int, default=64, help="words of the popcount ceiling, in MiB")
+    parser.add_argument("--layout", default="rows", choices=("rows", "words"),
+                        help="Hamming corpus layout: row-major codes, or word-major at scan_rows (read in place)")
     report.add_arguments(parser)
 
 
@@ -66,17 +79,17 @@ def parse_blocks(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _hamming_searches(q_codes, x_codes, n):
+def _hamming_searches(q_codes, x_codes, n, layout):
     from embedjax.kernels.hamming import hamming_topk_pallas, hamming_topk_xla
 
     interpret = resolve_impl("pallas")[1]
 
     def pallas(k, bq, bn, select, splits):
         return lambda: hamming_topk_pallas(q_codes, x_codes, k, n, block_q=bq, block_n=bn, interpret=interpret,
-                                           select=select, target_splits=splits)
+                                           select=select, target_splits=splits, layout=layout)
 
     def xla(k):
-        return lambda: hamming_topk_xla(q_codes, x_codes, k, n)
+        return lambda: hamming_topk_xla(q_codes, x_codes, k, n, layout=layout)
 
     return pallas, xla
 
@@ -103,7 +116,8 @@ def _mismatches(got, want) -> int:
     return int(np.sum(np.any((gv != wv) | (gi != wi), axis=1)))
 
 
-def _cells(kind, searches, qs, ks, blocks, selects, splits, corpus_bytes, ops_per_query, repeats, ceilings):
+def _cells(kind, searches, qs, ks, blocks, selects, splits, corpus_bytes, ops_per_query, repeats, ceilings,
+           popcounts_per_query=None):
     """One row per (queries, k, implementation); Pallas rows carry the check against the twin."""
     rows = []
     for q, (pallas, xla) in searches.items():
@@ -117,7 +131,7 @@ def _cells(kind, searches, qs, ks, blocks, selects, splits, corpus_bytes, ops_pe
                     variants += [(f"pallas {bq}x{bn}{suffix}", (bq, bn), pallas(k, bq, bn, select, split))
                                  for bq, bn in blocks]
             base = None
-            for name, _, fn in variants:
+            for name, bq_bn, fn in variants:
                 row = dict(kernel=kind, impl=name, queries=q, k=k, error="")
                 try:
                     got = jax.block_until_ready(fn())
@@ -135,6 +149,11 @@ def _cells(kind, searches, qs, ks, blocks, selects, splits, corpus_bytes, ops_pe
                     fraction_of_bandwidth=sig(corpus_bytes / seconds / 1e9 / ceilings["bandwidth_GBps"]),
                     tera_ops_per_s=sig(q * ops_per_query / seconds / 1e12),
                 )
+                if popcounts_per_query:  # Hamming: the popcount ceiling binds with many queries
+                    row["fraction_of_popcount_rate"] = sig(
+                        q * popcounts_per_query / seconds / 1e12 / ceilings["popcount_T_per_s"])
+                if name != "xla":  # the query block the kernels ran with (`hamming_topk_pallas` cuts it)
+                    row["block_q"] = min(bq_bn[0], _pow2(q)) if kind == "hamming" else bq_bn[0]
                 rows.append(row)
     return rows
 
@@ -156,16 +175,23 @@ def run(args: argparse.Namespace) -> dict:
     started = report.start(args)
     ceilings = dict(bandwidth_GBps=sig(copy_bandwidth_gbs(args.bandwidth_mib << 20)),
                     bf16_matmul_TFLOPs=sig(matmul_tflops(args.matmul_size)))
+    if "hamming" in paths:
+        ceilings["popcount_T_per_s"] = sig(popcount_tops((args.popcount_mib << 20) // 4))
     key = jax.random.key(0)
     rows = []
     if "hamming" in paths:
         words = args.bits // 32
-        x = jax.random.bits(key, (args.n, words), jnp.uint32)
-        searches = {q: _hamming_searches(jax.random.bits(jax.random.fold_in(key, q), (q, words), jnp.uint32), x, args.n)
+        # word-major at scan_rows: the rows past n are padding the searches mask with n_valid
+        shape = (args.n, words) if args.layout == "rows" else (words, scan_rows(args.n))
+        x = jax.random.bits(key, shape, jnp.uint32)
+        searches = {q: _hamming_searches(jax.random.bits(jax.random.fold_in(key, q), (q, words), jnp.uint32), x, args.n,
+                                         args.layout)
                     for q in qs}
         # Per query and corpus word: one XOR, one popcount, one add.
-        rows += _cells("hamming", searches, qs, ks, blocks, selects, splits, x.nbytes, 3 * args.n * words,
-                       args.repeats, ceilings)
+        rows += _cells("hamming", searches, qs, ks, blocks, selects, splits, args.n * words * 4, 3 * args.n * words,
+                       args.repeats, ceilings, popcounts_per_query=args.n * words)
+        for row in rows:
+            row["layout"] = args.layout
         del x, searches
     if "int8" in paths:
         kx, ks_ = jax.random.split(jax.random.fold_in(key, 1))

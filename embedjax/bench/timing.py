@@ -63,6 +63,18 @@ def matmul_tflops(size: int, dtype=jnp.bfloat16, repeats: int = 10) -> float:
     return 2 * size ** 3 / seconds / 1e12
 
 
+def popcount_tops(words: int = 1 << 22, per_word: int = 64, repeats: int = 10) -> float:
+    """Population counts per second (x 1e12) of an XLA program that loads each uint32 word once
+    and counts the bits of ``per_word`` XORs of it with distinct constants: compute bound (64
+    popcounts per 4 bytes), so the rate is the device's popcount throughput as XLA reaches it,
+    the ceiling of a Hamming scan with many queries (one popcount per query and corpus word)."""
+    x = jax.random.bits(jax.random.key(2), (max(1, words),), jnp.uint32)
+    constants = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
+    count = jax.jit(lambda v: jnp.sum(jax.lax.population_count(v[:, None] ^ constants[None, :]), dtype=jnp.uint32))
+    seconds = median_seconds(lambda: count(x), repeats)
+    return x.size * per_word / seconds / 1e12
+
+
 def sig(value: float, digits: int = 4) -> float:
     """``value`` rounded to ``digits`` significant digits (tiny CPU rates must not print as 0.0)."""
     return float(f"{value:.{digits}g}")

@@ -38,15 +38,23 @@ def check_codes(q_codes, x_codes, *, q_name="q_codes", x_name="x_codes", layout=
         )
 
 
-def word_major(x_codes):
-    """Codes [N, W] -> the word-major corpus [W, N] (a transposed copy, made once per index).
+def word_major(x_codes, rows: int | None = None):
+    """Codes [N, W] -> the word-major corpus [W, N] (a transposed copy, made once per index); with
+    ``rows`` (>= N) all-zero codes are appended up to ``rows`` columns (search it with ``n_valid=N``).
 
     The XLA scan over a word-major corpus XORs one word of every row at a time, a contiguous
     vector over rows, and vectorises the popcounts across rows: measured ~2x the row-major scan
     on an AMD EPYC with AVX-512 VPOPCNTDQ (64 queries over 262,144 x 1024-bit codes, 50 vs 105 ms,
-    under load); `bench search` times both layouts against FAISS."""
+    under load); `bench search` times both layouts against FAISS.
+
+    The Pallas scan reads a word-major corpus of `two_pass_topk.scan_rows` (N) rows where it lies;
+    any other corpus it first copies into that layout, on every call (a transpose for row-major
+    codes, a pad to whole splits for either): a full extra pass over the corpus, ~2x its bytes."""
     x_codes = device_array(x_codes)
-    return jnp.transpose(x_codes)
+    if rows is not None and rows < x_codes.shape[0]:
+        raise ValueError(f"rows={rows} is fewer than the corpus's {x_codes.shape[0]} codes")
+    words = jnp.transpose(x_codes)
+    return words if rows is None else pad_axis(words, 1, rows)
 
 
 def hamming_scores_chunk(q_args, x_args):
@@ -142,8 +150,13 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
                         row_filter=None, row_ids=None, select="running", layout="rows"):
     """The Pallas Hamming scan -> (distances int32 [Q, k], ids int32 [Q, k]). A corpus past the
     kernels' 32-bit offsets (`pallas_topk.MAX_SCAN_ELEMENTS`) is scanned in consecutive pieces that
-    fit, merged exactly (`pallas_topk.search_in_pieces`)."""
+    fit, merged exactly (`pallas_topk.search_in_pieces`).
+
+    ``block_q`` query rows per program, cut to the queries rounded up to a power of two: a padded
+    query row costs the same popcounts as a real one, and they bound the scan (one XOR, popcount
+    and add per query, corpus word), so one query scans with a block of 1, not 16."""
     target_splits = target_splits or DEFAULT_SPLITS[select]
+    block_q = min(block_q, next_pow2(q_codes.shape[0]))
     pieces = addressable_pieces(x_codes.shape[CORPUS_AXIS[layout]], next_pow2(q_codes.shape[1]), block_n=block_n,
                                 target_splits=target_splits)
     return _hamming_pallas(q_codes, x_codes, k, n_valid, pieces=pieces, block_q=block_q, block_n=block_n,
@@ -191,7 +204,9 @@ def hamming_topk(q_codes, x_codes, k, impl="auto", *, n_valid=None, chunk_size=3
     exact. ``layout``: "rows" (x_codes [N, W]; the XLA scan vectorises over queries when there are
     two or more, over each row's words for one) or "words"
     (the word-major corpus [W, N] of `word_major`; the scan vectorises over rows, faster for a
-    handful of queries; same results).
+    handful of queries; same results). The Pallas scan reads a word-major corpus of
+    `two_pass_topk.scan_rows` (N) columns where it lies (``word_major(codes, rows=scan_rows(N))``,
+    searched with ``n_valid=N``); any other corpus is copied into that layout on every call.
     """
     if select != "auto":
         check_selection(select)

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from embedjax.kernels.dispatch import pallas_compiler_params
-from embedjax.kernels.pallas_topk import INT_MAX, masked_tile_fn, scan_layout
+from embedjax.kernels.pallas_topk import INT_MAX, masked_tile_fn, scan_layout, split_layout
 from embedjax.kernels.row_filter import NEG_INF, RowFilter, gathered_pass, mark_missing
 from embedjax.kernels.topk import (MAX_EXACT_ID, fast_top_k, mask_scores, searched_rows, sort_by_score_then_id,
                                    top_k_by_score_then_id)
@@ -48,6 +48,21 @@ from embedjax.kernels.topk import (MAX_EXACT_ID, fast_top_k, mask_scores, search
 SELECTIONS = ("running", "two_pass")
 # Target corpus splits per query block (programs = query blocks x splits), measured on an H200 (above).
 DEFAULT_SPLITS = {"running": 64, "two_pass": 2048}
+
+
+def scan_rows(n: int, block_n: int = 128) -> int:
+    """The corpus length (>= n) that both selections' Pallas scans, at their `DEFAULT_SPLITS`, tile
+    into whole splits without padding: a corpus stored at this length (the rows past ``n`` being
+    padding, searched with ``n_valid=n``) is read in place instead of copied on every call."""
+    rows = n
+    while True:
+        padded = rows
+        for target in DEFAULT_SPLITS.values():
+            per_split, splits = split_layout(padded, block_n, target)
+            padded = per_split * splits * block_n
+        if padded == rows:
+            return rows
+        rows = padded
 
 
 def check_selection(select: str) -> str:

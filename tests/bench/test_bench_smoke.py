@@ -28,7 +28,10 @@ TINY = {
     "search": ["--n", "2000", "--bits", "64", "--dim", "16", "--queries", "3", "--k", "5", "--repeats", "1",
                "--bandwidth-mib", "8"],
     "kernels": ["--n", "300", "--bits", "64", "--dim", "20", "--queries", "7", "--k", "5", "--blocks", "8x128",
-                "--repeats", "1", "--bandwidth-mib", "4", "--matmul-size", "64"],
+                "--repeats", "1", "--bandwidth-mib", "4", "--matmul-size", "64", "--popcount-mib", "1"],
+    "kernels_words": ["--paths", "hamming", "--layout", "words", "--n", "300", "--bits", "64", "--queries", "1,7",
+                      "--k", "5", "--blocks", "8x128", "--select", "two_pass", "--repeats", "1", "--bandwidth-mib", "4",
+                      "--matmul-size", "64", "--popcount-mib", "1"],
     "loss": ["--batch", "64", "--dim", "16", "--time-batch", "512", "--time-dim", "64", "--repeats", "1",
              "--budget-gib", "0.0005", "--max-search-batch", "4096", "--row-block", "24"],
     "loss_pallas": ["--batch", "128", "--dim", "16", "--time-batch", "128", "--time-dim", "16", "--repeats", "1",
@@ -45,7 +48,8 @@ TINY = {
     "lora": ["--batch-size", "2", "--length", "8", "--rank", "2"],
 }
 NEEDS_MODEL = ("encode", "encode_scifact", "train", "scan", "long_context", "lora")  # run on the tiny random BERT folder
-VARIANTS = {"encode_scifact": "encode", "loss_pallas": "loss", "attention_train": "attention"}  # a second configuration of one bench
+VARIANTS = {"encode_scifact": "encode", "loss_pallas": "loss", "attention_train": "attention",
+            "kernels_words": "kernels"}  # a second configuration of one bench
 
 
 def _module(name):
@@ -77,8 +81,13 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
     for record in records:
         assert record["commit"] and record["load_1min"] >= 0 and "jax" in record["versions"]
         assert record["measured"] in ("idle", "under load") and record["command"].startswith("python -m embedjax")
-    if name == "kernels":
+    if name.startswith("kernels"):
         assert result["all_match_xla"] is True
+    if name == "kernels_words":  # a word-major corpus at scan_rows; one query runs with a block of 1
+        assert {r["layout"] for r in result["rows"]} == {"words"} and result["popcount_T_per_s"] > 0
+        pallas = {r["queries"]: r for r in result["rows"] if r["impl"] != "xla"}
+        assert pallas[1]["block_q"] == 1 and pallas[7]["block_q"] == 8
+        assert all(r["fraction_of_popcount_rate"] > 0 for r in result["rows"])
     if name == "loss_pallas":  # the fused tiles (interpret mode) in the bench: exact, and their FLOP count
         assert result["ring_impl"] == "pallas" and result["ring_grad_rel_err_vs_f64"] < 1e-5
         assert result["ring_flops_over_6B2d"] == pytest.approx(10 / 6, abs=1e-3)

@@ -27,7 +27,8 @@ def _bench(*argv):
 def test_kernels_bench_runs_pallas_against_the_xla_twin_and_finds_them_equal():
     # 1,000 rows (not a multiple of block_n) and 7 queries (not a multiple of block_q).
     out = _bench("kernels", "--n", "1000", "--bits", "96", "--dim", "20", "--queries", "7", "--k", "5",
-                 "--blocks", "8x128", "--repeats", "1", "--bandwidth-mib", "4", "--matmul-size", "64")
+                 "--blocks", "8x128", "--repeats", "1", "--bandwidth-mib", "4", "--matmul-size", "64",
+                 "--popcount-mib", "1")
     assert out["all_match_xla"] is True
     impls = {(r["kernel"], r["impl"]) for r in out["rows"]}
     assert impls == {(kind, impl) for kind in ("hamming", "int8")

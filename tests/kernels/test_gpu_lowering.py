@@ -88,6 +88,25 @@ def test_kernels_lower_for_cuda_through_triton(name, traced_for_gpu):
         assert text.count("num_stages = 1 : i32") == calls
 
 
+def test_a_corpus_at_scan_rows_reaches_the_hamming_kernel_without_a_copy(traced_for_gpu):
+    """Every search over row-major codes first transposes (and pads) the whole corpus, a copy as
+    large as the corpus, before the kernel reads it; a word-major corpus stored at
+    `scan_rows` goes to the kernel as it is (its uint32 -> int32 bitcast is no copy). 10M codes."""
+    import re
+
+    from embedjax.kernels.hamming import hamming_topk_pallas
+    from embedjax.kernels.two_pass_topk import scan_rows
+
+    n = 10_000_000
+    rows = scan_rows(n)
+    for layout, corpus_shape, copies in (("rows", (n, 32), 1), ("words", (32, rows), 0)):
+        text = _lowered_for_cuda(lambda q, x: hamming_topk_pallas(q, x, 10, n, select="two_pass", layout=layout),
+                                 _spec((64, 32), jnp.uint32), _spec(corpus_shape, jnp.uint32))
+        corpus_ops = re.findall(r"stablehlo\.(transpose|pad|concatenate|slice|dynamic_slice) [^\n]*x\d{8,}x", text)
+        assert len(corpus_ops) >= copies and (copies or not corpus_ops), (layout, corpus_ops)
+        assert text.count(TRITON_CALL) == 1
+
+
 def test_the_gpu_backend_is_chosen_by_environment(traced_for_gpu, monkeypatch):
     """Mosaic GPU on request; there the ring tiles cannot lower (the reason Triton is the default).
     The choice is read when a kernel is traced, so the jitted kernels' traces are dropped first."""

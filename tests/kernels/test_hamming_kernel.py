@@ -210,3 +210,69 @@ def test_pallas_past_its_32_bit_offsets_searches_in_exact_pieces(layout, select,
     got = hamming_topk(q_codes, corpus, 12, impl="pallas", layout=layout, select=select, **kwargs)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def _pallas_block_shapes(fn, *shapes):
+    """(grid, block shapes) of every pallas_call in ``fn``'s jaxpr."""
+    import jax
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                mapping = eqn.params["grid_mapping"]
+                yield mapping.grid, [tuple(getattr(b, "block_size", b) for b in m.block_shape)
+                                     for m in mapping.block_mappings]
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", None)
+                if inner is not None:
+                    yield from walk(getattr(inner, "jaxpr", inner))
+
+    return list(walk(jax.make_jaxpr(fn)(*shapes).jaxpr))
+
+
+@pytest.mark.parametrize("select", ["running", "two_pass"])
+def test_pallas_blocks_only_as_many_query_rows_as_there_are_queries(select):
+    """A padded query row costs the popcounts of a real one: one query scans with a block of 1,
+    three with 4, forty with the default 16. Results equal NumPy's for each, ties included."""
+    import jax
+
+    from embedjax.kernels.hamming import hamming_topk_pallas
+
+    for queries, block_q in ((1, 1), (3, 4), (40, 16)):
+        spec = (jax.ShapeDtypeStruct((queries, 4), jnp.uint32), jax.ShapeDtypeStruct((300, 4), jnp.uint32))
+        (grid, blocks), = _pallas_block_shapes(lambda q, x: hamming_topk_pallas(q, x, 5, 300, select=select), *spec)
+        assert blocks[1] == (block_q, 4) and grid[0] == -(-queries // block_q)
+    q, x = awkward_inputs(17, 300, 96, 3)
+    ref_d, ref_i = numpy_hamming_topk(q, x, 9)
+    for i in range(3):  # the zero query, a duplicated corpus row, a random one: each alone
+        dist, idx = hamming_topk(pack_bits(q[i:i + 1]), pack_bits(x), 9, impl="pallas", select=select)
+        np.testing.assert_array_equal(np.asarray(dist), ref_d[i:i + 1])
+        np.testing.assert_array_equal(np.asarray(idx), ref_i[i:i + 1])
+
+
+def test_a_corpus_stored_at_scan_rows_is_searched_as_it_lies():
+    """`word_major(codes, rows=scan_rows(N))` appends zero codes up to a length both Pallas
+    selections tile without padding (the rows past N searched away with ``n_valid``): results
+    equal the row-major corpus's. `tests/kernels/test_gpu_lowering.py` checks that no copy of it
+    is made before the kernel."""
+    from embedjax.kernels.hamming import word_major
+    from embedjax.kernels.pallas_topk import split_layout
+    from embedjax.kernels.two_pass_topk import DEFAULT_SPLITS, scan_rows
+
+    for n in (1, 131, 300, 2_000_000, 10_000_000):
+        rows = scan_rows(n)
+        assert rows >= n and rows % 128 == 0
+        for target in DEFAULT_SPLITS.values():
+            per_split, splits = split_layout(rows, 128, target)
+            assert per_split * splits * 128 == rows
+    assert scan_rows(10_000_000) < 1.03 * 10_000_000  # the padding stays small
+    q, x = awkward_inputs(23, 300, 96, 5)
+    ref_d, ref_i = numpy_hamming_topk(q, x, 11)
+    x_words = word_major(pack_bits(x), rows=scan_rows(300))
+    assert x_words.shape == (3, 384) and not np.asarray(x_words[:, 300:]).any()
+    for select in ("running", "two_pass"):
+        dist, idx = hamming_topk(pack_bits(q), x_words, 11, impl="pallas", layout="words", n_valid=300, select=select)
+        np.testing.assert_array_equal(np.asarray(dist), ref_d)
+        np.testing.assert_array_equal(np.asarray(idx), ref_i)
+    with pytest.raises(ValueError, match="rows=200 is fewer than the corpus's 300 codes"):
+        word_major(pack_bits(x), rows=200)
