@@ -135,11 +135,16 @@ def _scores(q, k, q_ids, k_ids, rows, cols, cfg: _Config):
     return jnp.where(_allowed(q_ids, k_ids, rows, cols, cfg), s, _NEG)
 
 
-def _dropped(x, row_key, cols, cfg: _Config):
-    """x * Z: kept entries over (1 - rate), dropped ones 0 (x itself without dropout)."""
+def _dropout_scale(row_key, cols, cfg: _Config):
+    """Z float32 [rows, cols] of one tile: 1 / (1 - rate) where kept, 0 where dropped; None
+    without dropout."""
     if cfg.rate == 0.0:
-        return x
-    return jnp.where(kept(row_key, cols, keep_threshold(cfg.rate)), x * (1.0 / (1.0 - cfg.rate)), 0.0)
+        return None
+    return jnp.where(kept(row_key, cols, keep_threshold(cfg.rate)), 1.0 / (1.0 - cfg.rate), 0.0)
+
+
+def _times(x, z):
+    return x if z is None else x * z
 
 
 def _block_index(i, size: int, axis: int):
@@ -193,8 +198,8 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_
         p = jnp.exp(s - m_new)
         alpha = jnp.exp(m - m_new)
         v = v_ref[span, :]
-        pv = lax.dot_general(_dropped(p, row_key, cols, cfg).astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+        pv = lax.dot_general(_times(p, _dropout_scale(row_key, cols, cfg)).astype(v.dtype), v,
+                             (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return acc * alpha + pv, m_new, l * alpha + jnp.sum(p, axis=1, keepdims=True)
 
     start, stop = _key_block_range(i, n_blocks, cfg)
@@ -206,10 +211,12 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_
 
 
 def _tile_gradients(q, k, v, do, lse, delta, q_ids, k_ids, rows, cols, row_key, cfg: _Config):
-    """(P * Z, dS) float32 [bq, bk] of one tile, recomputed from the saved log-sum-exp."""
+    """(P * Z, dS) float32 [bq, bk] of one tile, recomputed from the saved log-sum-exp (the
+    dropout mask drawn once for both)."""
     p = jnp.exp(_scores(q, k, q_ids, k_ids, rows, cols, cfg) - lse)
     dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return _dropped(p, row_key, cols, cfg), p * (_dropped(dp, row_key, cols, cfg) - delta)
+    z = _dropout_scale(row_key, cols, cfg)
+    return _times(p, z), p * (_times(dp, z) - delta)
 
 
 def _key_side_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref, dk_ref, dv_ref, *,

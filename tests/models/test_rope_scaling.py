@@ -281,8 +281,12 @@ def test_rope_scaling_on_bert_and_self_extend_with_xla_attention_are_refused(lla
     batch = random_batch(np.random.default_rng(0), rows=1, length=12, vocab=len(VOCAB))
     with pytest.raises(ValueError, match="attention_impl='xla'.*cannot select SelfExtend"):
         family_for_config(config).build(config).apply({"params": params}, batch)
-    with pytest.raises(ValueError, match="attention_impl='flash' is not an attention implementation"):
-        hf.load_pretrained(llama_folder, attention_impl="flash")
+    config, params = hf.load_pretrained(llama_folder, attention_impl="flash",
+                                        rope_scaling={"type": "self_extend", "group_size": 2, "window": 8})
+    with pytest.raises(ValueError, match="attention_impl='flash'.*cannot select SelfExtend"):
+        family_for_config(config).build(config).apply({"params": params}, batch)
+    with pytest.raises(ValueError, match="attention_impl='flash2' is not an attention implementation"):
+        hf.load_pretrained(llama_folder, attention_impl="flash2")
 
 
 def test_rope_scaling_in_a_training_config_reaches_the_model(llama_folder):
