@@ -66,6 +66,7 @@ bench train_step_b256_unrolled 80 train_step --batch 256 --seq 128 --steps 20 --
 # Issue 17's second training shape: SmolLM2-135M (30 layers, GQA 9/3, SwiGLU, causal, no dropout: auto takes
 # cuDNN's fused attention in bf16) against transformers' LlamaModel with SDPA, 64 pairs x 256 tokens.
 bench train_step_smollm2 120 train_step --arch llama --batch 64 --seq 256 --steps 10
+bench train_step_smollm2_flash 120 train_step --arch llama --batch 64 --seq 256 --steps 10 --attention-impl flash
 bench kernels_int8_10m 150 kernels --paths int8 --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
 # Hamming over a word-major corpus stored at scan_rows (read in place: the row-major runs of 2026-12-04 copied the
 # 1.28 GB corpus on every search), one query scanning with a block of 1 (it was padded to 16 rows of popcounts),
