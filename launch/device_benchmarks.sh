@@ -63,6 +63,8 @@ bench loss_stripes 100 loss --row-block 4096 --batch 65536 --dim 768 --time-batc
 # The step of 2026-11-28 (0.90x PyTorch) came from a BERT whose six layers were a Python loop; today's
 # layers are one nn.scan (0.67x on 2026-12-04). The same step with the loop unrolled:
 bench train_step_b256_unrolled 80 train_step --batch 256 --seq 128 --steps 20 --scan-unroll 6
+# XLA's rewrite of layer norms into cuDNN's fused norm kernels (issue 17's "fused norms"; off by default in XLA):
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cudnn_layer_norm=true" bench train_step_b256_cudnn_norm 80 train_step --batch 256 --seq 128 --steps 20
 # Issue 17's second training shape: SmolLM2-135M (30 layers, GQA 9/3, SwiGLU, causal, no dropout: auto takes
 # cuDNN's fused attention in bf16) against transformers' LlamaModel with SDPA, 64 pairs x 256 tokens.
 bench train_step_smollm2 120 train_step --arch llama --batch 64 --seq 256 --steps 10

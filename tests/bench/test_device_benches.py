@@ -188,11 +188,14 @@ def test_every_bench_line_of_the_device_script_parses_with_its_bench():
     import shlex
 
     script = pathlib.Path(__file__).resolve().parents[2] / "launch" / "device_benchmarks.sh"
-    lines = [line for line in script.read_text().splitlines() if re.match(r"\s*bench \w+ \d+ \w+", line)]
+    bench_line = r'\s*(\w+="[^"]*"\s+)*bench \w+ \d+ \w+'  # environment settings may precede a bench
+    lines = [line for line in script.read_text().splitlines() if re.match(bench_line, line)]
     assert len(lines) >= 15, lines
     names = []
     for line in lines:
-        _, name, limit, module, *args = shlex.split(line.strip())
+        words = shlex.split(line.strip())
+        words = words[words.index("bench"):]
+        _, name, limit, module, *args = words
         names.append(name)
         bench = importlib.import_module(f"embedjax.bench.{module}")
         parser = argparse.ArgumentParser(exit_on_error=False)
