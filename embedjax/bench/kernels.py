@@ -21,6 +21,7 @@ queries: each query and corpus word costs one popcount, so 64 queries over 10M 1
 words`` stores the Hamming corpus word-major at `two_pass_topk.scan_rows` rows (the rows past
 ``--n`` are padding, searched away with ``n_valid``), so that the Pallas scan reads it where it
 lies; with ``rows`` every search first copies the corpus into that layout (a transpose and a pad).
+The int8 corpus is always stored row-major at ``scan_rows`` rows, which its scan reads in place.
 Pallas rows give the query block they ran with (``block_q``: at most the queries rounded up to a
 power of two).
 
@@ -195,15 +196,17 @@ def run(args: argparse.Namespace) -> dict:
         del x, searches
     if "int8" in paths:
         kx, ks_ = jax.random.split(jax.random.fold_in(key, 1))
-        x = jax.random.randint(kx, (args.n, args.dim), -127, 128, jnp.int32).astype(jnp.int8)
-        x_scale = jax.random.uniform(ks_, (args.n,), jnp.float32, 0.5, 1.5)
+        # stored at scan_rows (the rows past n are padding the searches mask with n_valid), so that
+        # the Pallas scan reads the codes in place instead of padding a copy of them on every search
+        x = jax.random.randint(kx, (scan_rows(args.n), args.dim), -127, 128, jnp.int32).astype(jnp.int8)
+        x_scale = jax.random.uniform(ks_, (x.shape[0],), jnp.float32, 0.5, 1.5)
         searches = {}
         for q in qs:
             kq = jax.random.fold_in(key, 1000 + q)
             q_codes = jax.random.randint(kq, (q, args.dim), -127, 128, jnp.int32).astype(jnp.int8)
             searches[q] = _int8_searches(q_codes, x, jnp.ones((q,), jnp.float32), x_scale, args.n)
         # Per query and corpus code: one multiply-add per dimension (2 ops).
-        rows += _cells("int8", searches, qs, ks, blocks, selects, splits, x.nbytes, 2 * args.n * args.dim,
+        rows += _cells("int8", searches, qs, ks, blocks, selects, splits, args.n * args.dim, 2 * args.n * args.dim,
                        args.repeats, ceilings)
         del x, searches
 

@@ -12,6 +12,11 @@ running top-k (larger is better, ties -> smaller index).
 ``select=`` (Pallas only): "running" (a running top-k inside the scan) or "two_pass" (tile
 maxima, then the best tiles rescored by the jnp twin; ``kernels.two_pass_topk``); both exact.
 
+The Pallas scan reads the corpus codes row-major, as they are stored: a corpus of
+`two_pass_topk.scan_rows` (N) rows (the rows past N searched away with ``n_valid=N``) whose depth
+is whole depth blocks (a multiple of 128 code columns, or a power of two from 16) reaches the
+kernel without a copy; any other is padded into that shape on every search.
+
 ``filter=`` (mask [N] / [Q, N] or ``RowPredicates``, see ``kernels.row_filter``)
 removes rows inside the scan; when fewer than k rows pass, the missing results are
 id -1 with score -inf. ``row_ids=`` int32 [N] replaces the row index as reported
@@ -136,17 +141,19 @@ def _dot_tile(decode, depth_block, acc_dtype):
     """Tile scorer for ``sum_chunks dot(q_chunk, decode(x_chunk))`` with the scale epilogue.
 
     q_refs: (q [bq, Dp] (int8 or float), q_scale [bq, 1], q_offset [bq, 1], *extra q operands)
-    x_refs: (x [Dp', N] corpus-axis-last, x_scale [1, N])
+    x_refs: (x [N, Dp'] row-major, as the caller stores it, x_scale [1, N]); each chunk's tile is
+    [block_n, depth_block] and the dots contract both operands' last axis (q x^T), so no transposed
+    copy of the corpus is made
     """
 
     def tile(q_refs, x_refs, offset, block_n):
         q_ref, qs_ref, qo_ref = q_refs[:3]
         x_ref, xs_ref = x_refs
-        chunks = x_ref.shape[0] // depth_block
+        chunks = x_ref.shape[1] // depth_block
 
         def body(c, acc):
             start = pl.multiple_of(c * depth_block, depth_block)
-            x_tile = x_ref[pl.ds(start, depth_block), pl.ds(offset, block_n)]
+            x_tile = x_ref[pl.ds(offset, block_n), pl.ds(start, depth_block)]
             return acc + decode(q_refs, start, x_tile, depth_block)
 
         acc = lax.fori_loop(0, chunks, body, jnp.zeros((q_ref.shape[0], block_n), acc_dtype))
@@ -156,9 +163,14 @@ def _dot_tile(decode, depth_block, acc_dtype):
     return tile
 
 
+def _dot_rows(q_tile, x_tile, acc_dtype):
+    """q [bq, d] . x [bn, d] -> [bq, bn]: both operands contracted on their last axis."""
+    return lax.dot_general(q_tile, x_tile, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)
+
+
 def _decode_int8(q_refs, start, x_tile, depth_block):
     q_tile = q_refs[0][:, pl.ds(start, depth_block)]
-    return jnp.dot(q_tile, x_tile, preferred_element_type=jnp.int32)
+    return _dot_rows(q_tile, x_tile, jnp.int32)
 
 
 def _decode_fp8(q_refs, start, x_tile, depth_block):
@@ -166,7 +178,7 @@ def _decode_fp8(q_refs, start, x_tile, depth_block):
     # gives exact products (fp8 tensor cores would take x_tile as is).
     q_tile = q_refs[0][:, pl.ds(start, depth_block)]
     compute = jnp.float32 if q_tile.dtype == jnp.float32 else jnp.bfloat16
-    return jnp.dot(q_tile.astype(compute), x_tile.astype(compute), preferred_element_type=jnp.float32)
+    return _dot_rows(q_tile.astype(compute), x_tile.astype(compute), jnp.float32)
 
 
 def _sign_extend_nibble(v):
@@ -180,7 +192,7 @@ def _decode_int4(q_refs, start, x_tile, depth_block):
     q_odd = q_refs[3][:, pl.ds(start, depth_block)]
     low = _sign_extend_nibble(x_tile & jnp.uint8(0xF))
     high = _sign_extend_nibble(x_tile >> jnp.uint8(4))
-    return jnp.dot(q_even, low, preferred_element_type=jnp.int32) + jnp.dot(q_odd, high, preferred_element_type=jnp.int32)
+    return _dot_rows(q_even, low, jnp.int32) + _dot_rows(q_odd, high, jnp.int32)
 
 
 def _scan_depth(kind, q, x) -> tuple[int, int]:
@@ -203,9 +215,10 @@ def _lowbit_pallas(q, q_scale, x, x_scale, q_offset, k, n_valid, *, kind, block_
         decode, acc = (_decode_int8, jnp.int32) if kind == "int8" else (_decode_fp8, jnp.float32)
     db, padded = _scan_depth(kind, q, x)
     q_ops = (pad_axis(q_main, 1, padded), q_scale[:, None], q_offset[:, None]) + tuple(pad_axis(e, 1, padded) for e in q_extra)
-    x_ops = (pad_axis(x, 1, padded).T, x_scale[None, :])
+    # the codes row-major as given (a depth that is whole depth blocks, e.g. 384, is not copied)
+    x_ops = (pad_axis(x, 1, padded), x_scale[None, :])
     options = dict(block_q=block_q, block_n=block_n, target_splits=target_splits or DEFAULT_SPLITS[select],
-                   interpret=interpret, row_filter=row_filter, row_ids=row_ids)
+                   interpret=interpret, row_filter=row_filter, row_ids=row_ids, x_axes=(0, 1))
     if select == "two_pass":
         return two_pass_topk(_dot_tile(decode, db, acc), CHUNK_SCORERS[kind], q_ops, x_ops, (q, q_scale, q_offset),
                              (x, x_scale), n_valid, k, **options)

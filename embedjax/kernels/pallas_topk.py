@@ -102,14 +102,22 @@ def search_in_pieces(search: Callable, rows: int, pieces: int, k: int, n_valid, 
     return sort_by_score_then_id(jnp.concatenate(scores, axis=1), jnp.concatenate(ids, axis=1), k)
 
 
-def _check_addressable(x_ops):
-    for a in x_ops:
+def _check_addressable(x_ops, x_axes):
+    for a, axis in zip(x_ops, x_axes):
+        width, rows = a.shape[1 - axis], a.shape[axis]
         if a.size > MAX_SCAN_ELEMENTS:
             raise ValueError(
                 f"the Pallas scan addresses its corpus with 32-bit offsets, and this corpus operand is "
-                f"{a.shape[0]} words x {a.shape[1]:,} padded rows ({a.size:,} elements > 2**31 - 1); search it "
+                f"{width} words x {rows:,} padded rows ({a.size:,} elements > 2**31 - 1); search it "
                 f"with impl='xla' (or impl='auto', which does), or in shards of at most "
-                f"{MAX_SCAN_ELEMENTS // a.shape[0] // 2:,} rows")
+                f"{MAX_SCAN_ELEMENTS // width // 2:,} rows")
+
+
+def _corpus_spec(a, axis: int, split_len: int):
+    """The block of one split of a corpus operand whose corpus axis is ``axis`` (1: [r, N], 0: [N, r])."""
+    if axis == 1:
+        return pl.BlockSpec((a.shape[0], split_len), lambda i, s: (0, s))
+    return pl.BlockSpec((split_len, a.shape[1]), lambda i, s: (s, 0))
 
 
 def filter_operands(row_filter: RowFilter | None, padded_queries: int, padded_rows: int, block_q: int,
@@ -172,23 +180,26 @@ class ScanLayout(NamedTuple):
 
 
 def scan_layout(q_ops: Sequence, x_ops: Sequence, n_valid, *, block_q: int, block_n: int, target_splits: int,
-                row_filter: RowFilter | None, row_ids) -> ScanLayout:
-    """Pads queries to ``block_q`` and the corpus to whole splits; grid ``(query blocks, splits)``."""
+                row_filter: RowFilter | None, row_ids, x_axes: Sequence[int] | None = None) -> ScanLayout:
+    """Pads queries to ``block_q`` and the corpus to whole splits; grid ``(query blocks, splits)``.
+    ``x_axes``: each corpus operand's corpus axis (default 1: corpus-axis-last [r, N]; 0: [N, r],
+    row-major). A corpus whose length is already whole splits is not copied."""
+    x_axes = tuple(x_axes) if x_axes is not None else (1,) * len(x_ops)
     q = q_ops[0].shape[0]
-    n = x_ops[0].shape[1]
+    n = x_ops[0].shape[x_axes[0]]
     qp = -(-q // block_q) * block_q
     per_split, splits = split_layout(n, block_n, target_splits)
     split_len = per_split * block_n
     np_ = splits * split_len
     q_ops = [pad_axis(a, 0, qp) for a in q_ops]
-    x_ops = [pad_axis(a, 1, np_) for a in x_ops]
-    _check_addressable(x_ops)
+    x_ops = [pad_axis(a, axis, np_) for a, axis in zip(x_ops, x_axes)]
+    _check_addressable(x_ops, x_axes)
     n_valid_arr = jnp.reshape(jnp.asarray(n_valid, jnp.int32), (1,))
     f_ops, f_specs, tile_pass = filter_operands(row_filter, qp, np_, block_q, split_len)
     id_ops = () if row_ids is None else (pad_axis(jnp.asarray(row_ids, jnp.int32)[None, :], 1, np_),)
     in_specs = [pl.BlockSpec((1,), lambda i, s: (0,))]
     in_specs += [pl.BlockSpec((block_q, a.shape[1]), lambda i, s: (i, 0)) for a in q_ops]
-    in_specs += [pl.BlockSpec((a.shape[0], split_len), lambda i, s: (0, s)) for a in x_ops]
+    in_specs += [_corpus_spec(a, axis, split_len) for a, axis in zip(x_ops, x_axes)]
     in_specs += list(f_specs)
     in_specs += [pl.BlockSpec((1, split_len), lambda i, s: (0, s)) for _ in id_ops]
     return ScanLayout(q, qp, per_split, splits, (n_valid_arr, *q_ops, *x_ops, *f_ops, *id_ops), in_specs,
@@ -237,11 +248,13 @@ def running_topk_call(
     interpret: bool,
     row_filter: RowFilter | None = None,
     row_ids=None,
+    x_axes: Sequence[int] | None = None,
 ):
     """Top-k (scores float32 [Q, k], ids int32 [Q, k]) with the Pallas running-top-k kernel.
 
     q_ops: arrays [Q, c_i] (row i = query i); x_ops: corpus operands stored
-    corpus-axis-last, [r_i, N]. ``tile_score(q_refs, x_refs, col_offset, block_n)``
+    corpus-axis-last, [r_i, N], or with ``x_axes`` (`scan_layout`) some of them row-major [N, r_i].
+    ``tile_score(q_refs, x_refs, col_offset, block_n)``
     returns float32 scores [block_q, block_n] for corpus columns
     ``col_offset .. col_offset + block_n`` of the current split. ``row_filter``: see
     ``kernels.row_filter``; ``row_ids`` int32 [N]: reported ids and tie-breakers
@@ -249,7 +262,7 @@ def running_topk_call(
     """
     kp = next_pow2(k)
     layout = scan_layout(q_ops, x_ops, n_valid, block_q=block_q, block_n=block_n, target_splits=target_splits,
-                         row_filter=row_filter, row_ids=row_ids)
+                         row_filter=row_filter, row_ids=row_ids, x_axes=x_axes)
     qp, splits = layout.padded_queries, layout.splits
 
     def kernel(*refs):

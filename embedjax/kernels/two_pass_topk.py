@@ -73,14 +73,14 @@ def check_selection(select: str) -> str:
 
 def tile_maxima_call(tile_score: Callable, q_ops: Sequence, x_ops: Sequence, n_valid, *, block_q: int,
                      block_n: int, target_splits: int, interpret: bool, row_filter: RowFilter | None = None,
-                     row_ids=None):
+                     row_ids=None, x_axes=None):
     """Per query and corpus tile of ``block_n`` rows: (best score float32 [Q, T], key int32 [Q, T]).
 
     Same operands as `running_topk_call`. T covers the padded corpus; tiles with no searchable
     row score -inf. The key is the smallest row id scoring the tile's best when ``row_ids`` is
     given, else the tile index (tile order is id order then)."""
     layout = scan_layout(q_ops, x_ops, n_valid, block_q=block_q, block_n=block_n, target_splits=target_splits,
-                         row_filter=row_filter, row_ids=row_ids)
+                         row_filter=row_filter, row_ids=row_ids, x_axes=x_axes)
     with_ids = row_ids is not None
 
     def kernel(*refs):
@@ -154,15 +154,16 @@ def rescore_tiles(tiles_qk, block_n: int, score_chunk: Callable, q_args: Sequenc
 
 def two_pass_topk(tile_score: Callable, score_chunk: Callable, q_ops: Sequence, x_ops: Sequence, q_args: Sequence,
                   x_args: Sequence, n_valid, k: int, *, block_q: int, block_n: int, target_splits: int,
-                  interpret: bool, row_filter: RowFilter | None = None, row_ids=None, corpus_axis: int = 0):
+                  interpret: bool, row_filter: RowFilter | None = None, row_ids=None, corpus_axis: int = 0,
+                  x_axes=None):
     """Exact top-k (scores float32 [Q, k], ids int32 [Q, k]) by tile maxima + rescoring (module doc).
 
-    ``tile_score``/``q_ops``/``x_ops``: the Pallas scan's scorer and operands (`running_topk_call`);
+    ``tile_score``/``q_ops``/``x_ops``/``x_axes``: the Pallas scan's scorer and operands (`running_topk_call`);
     ``score_chunk``/``q_args``/``x_args``: the same scores from the jnp twin, corpus axis
     ``corpus_axis`` (`chunked_topk`). Missing results (fewer than k rows pass): id -1, -inf."""
     best_qt, key_qt = tile_maxima_call(tile_score, q_ops, x_ops, n_valid, block_q=block_q, block_n=block_n,
                                        target_splits=target_splits, interpret=interpret, row_filter=row_filter,
-                                       row_ids=row_ids)
+                                       row_ids=row_ids, x_axes=x_axes)
     num_tiles = best_qt.shape[1]
     chosen = min(k, num_tiles)
     # Keys are tile indices or row ids (both below 2^24 by `check_row_ids`); the top_k pass returns

@@ -88,12 +88,17 @@ def test_kernels_lower_for_cuda_through_triton(name, traced_for_gpu):
         assert text.count("num_stages = 1 : i32") == calls
 
 
+def _corpus_copies(text: str) -> list[str]:
+    """Ops of a lowered module that move a corpus-sized array (a dimension of 7+ digits)."""
+    import re
+
+    return re.findall(r"stablehlo\.(transpose|pad|concatenate|slice|dynamic_slice) [^\n]*[<x]\d{7,}x", text)
+
+
 def test_a_corpus_at_scan_rows_reaches_the_hamming_kernel_without_a_copy(traced_for_gpu):
     """Every search over row-major codes first transposes (and pads) the whole corpus, a copy as
     large as the corpus, before the kernel reads it; a word-major corpus stored at
     `scan_rows` goes to the kernel as it is (its uint32 -> int32 bitcast is no copy). 10M codes."""
-    import re
-
     from embedjax.kernels.hamming import hamming_topk_pallas
     from embedjax.kernels.two_pass_topk import scan_rows
 
@@ -102,9 +107,27 @@ def test_a_corpus_at_scan_rows_reaches_the_hamming_kernel_without_a_copy(traced_
     for layout, corpus_shape, copies in (("rows", (n, 32), 1), ("words", (32, rows), 0)):
         text = _lowered_for_cuda(lambda q, x: hamming_topk_pallas(q, x, 10, n, select="two_pass", layout=layout),
                                  _spec((64, 32), jnp.uint32), _spec(corpus_shape, jnp.uint32))
-        corpus_ops = re.findall(r"stablehlo\.(transpose|pad|concatenate|slice|dynamic_slice) [^\n]*x\d{8,}x", text)
+        corpus_ops = _corpus_copies(text)
         assert len(corpus_ops) >= copies and (copies or not corpus_ops), (layout, corpus_ops)
         assert text.count(TRITON_CALL) == 1
+
+
+@pytest.mark.parametrize("select", ["running", "two_pass"])
+def test_int8_codes_at_scan_rows_reach_the_kernel_without_a_copy(select, traced_for_gpu):
+    """The int8 scan reads row-major codes [N, D] as they are stored (its tiles contract q with x^T):
+    a corpus of `scan_rows` rows and whole depth blocks (384) goes to the kernel uncopied; one of 5M
+    rows is padded to whole splits (a copy). 4.1M-5M x 384 codes."""
+    from embedjax.kernels import lowbit
+    from embedjax.kernels.two_pass_topk import scan_rows
+
+    n = 5_000_000
+    for rows, copies in ((scan_rows(4_100_000), 0), (n, 1)):
+        shapes = (_spec((64, 384), jnp.int8), _spec((rows, 384), jnp.int8), _spec((64,), jnp.float32),
+                  _spec((rows,), jnp.float32))
+        text = _lowered_for_cuda(lambda q, x, qs, xs: lowbit._lowbit_pallas(q, qs, x, xs, qs, 10, rows, kind="int8",
+                                                                            select=select), *shapes)
+        corpus_ops = _corpus_copies(text)
+        assert len(corpus_ops) >= copies and (copies or not corpus_ops), (rows, corpus_ops)
 
 
 def test_the_gpu_backend_is_chosen_by_environment(traced_for_gpu, monkeypatch):
