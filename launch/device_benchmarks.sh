@@ -41,25 +41,29 @@ bench() {  # bench TAG SECONDS NAME ARGS...: run one bench module under a time l
 }
 
 # Issue 17's checks first, most wanted first, so that a lease that ends early still returns them
-# (order of 2026-12-04, after the H200 runs of that day): the training step against PyTorch, the same
-# step with the Pallas flash attention, then with its layer loop unrolled, then the SmolLM2 shape; the two-pass top-k against the running one and the XLA twin
-# over 10M codes (one query and 64, k = 10 and 100; int8, whose Pallas scan there runs in pieces
-# under its 32-bit offsets, then Hamming; two benches so that each keeps its rows if the other runs
-# out of time); dropout masks from RngBitGenerator; the XLA ring at its 4096 GPU tile; last the fused
-# Pallas ring tiles (39x the dense loss on 2026-12-04).
+# (order of 2026-12-04, sixth sitting): the training step against PyTorch and the same step with the
+# Pallas flash attention; the Hamming scan over 10M codes stored where its kernel reads them; the
+# striped InfoNCE against the dense loss; attention alone against SDPA (forward and backward); the
+# step unrolled and with cuDNN's norms; the SmolLM2 shape (default and flash); int8 over 10M codes
+# (in pieces under its 32-bit offsets); dropout masks from RngBitGenerator; the XLA ring at its 4096
+# GPU tile; last the fused Pallas ring tiles (39x the dense loss on 2026-12-04).
 bench train_step_b256 80 train_step --batch 256 --seq 128 --steps 20
 # The Pallas flash attention with its dropout hashed inside the kernels (embedjax/kernels/flash_attention.py,
 # 2026-12-04, sixth sitting): no [L, L] scores or mask in memory, as PyTorch's SDPA; never run on a GPU yet.
 bench train_step_b256_flash 80 train_step --batch 256 --seq 128 --steps 20 --attention-impl flash
-# Attention alone as the step asks it (loss and gradients, bf16, the step's 512 texts x 128 tokens, MiniLM's
-# 12 x 32 heads) against SDPA's forward and backward: with dropout 0.1, and without (cuDNN's kernel in xla).
-bench attention_train_dropout 60 attention --train --dtype bfloat16 --dropout 0.1 --batch 512 --lengths 128 --impls explicit,chunked,flash
-bench attention_train 60 attention --train --dtype bfloat16 --batch 512 --lengths 128 --impls xla,chunked,flash
+# Hamming over a word-major corpus stored at scan_rows (read in place: the row-major runs of 2026-12-04 copied the
+# 1.28 GB corpus on every search), one query scanning with a block of 1 (it was padded to 16 rows of popcounts),
+# and the popcount ceiling that bounds 64 queries (one popcount per query and corpus word).
+bench kernels_hamming_10m 150 kernels --paths hamming --layout words --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
 # The InfoNCE in stripes of 4096 query rows with its gradients formed in the scoring pass
 # (embedjax.losses.striped_infonce): 6 B^2 d like the dense loss, where the ring's tiles need 8 B^2 d
 # (so <= 1.3x the dense time asks the ring for 1.026x the dense loss's rate). 0.90x the dense step on
 # the 2-core CPU (8 fake devices, 4096 x 128) on 2026-12-04.
 bench loss_stripes 100 loss --row-block 4096 --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
+# Attention alone as the step asks it (loss and gradients, bf16, the step's 512 texts x 128 tokens, MiniLM's
+# 12 x 32 heads) against SDPA's forward and backward: with dropout 0.1, and without (cuDNN's kernel in xla).
+bench attention_train_dropout 60 attention --train --dtype bfloat16 --dropout 0.1 --batch 512 --lengths 128 --impls explicit,chunked,flash
+bench attention_train 60 attention --train --dtype bfloat16 --batch 512 --lengths 128 --impls xla,chunked,flash
 # The step of 2026-11-28 (0.90x PyTorch) came from a BERT whose six layers were a Python loop; today's
 # layers are one nn.scan (0.67x on 2026-12-04). The same step with the loop unrolled:
 bench train_step_b256_unrolled 80 train_step --batch 256 --seq 128 --steps 20 --scan-unroll 6
@@ -70,10 +74,6 @@ XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cudnn_layer_norm=true" bench train_st
 bench train_step_smollm2 120 train_step --arch llama --batch 64 --seq 256 --steps 10
 bench train_step_smollm2_flash 120 train_step --arch llama --batch 64 --seq 256 --steps 10 --attention-impl flash
 bench kernels_int8_10m 150 kernels --paths int8 --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
-# Hamming over a word-major corpus stored at scan_rows (read in place: the row-major runs of 2026-12-04 copied the
-# 1.28 GB corpus on every search), one query scanning with a block of 1 (it was padded to 16 rows of popcounts),
-# and the popcount ceiling that bounds 64 queries (one popcount per query and corpus word).
-bench kernels_hamming_10m 150 kernels --paths hamming --layout words --n 10000000 --queries 1,64 --k 10,100 --blocks 16x128 --select running,two_pass --repeats 5
 # Dropout masks from XLA's RngBitGenerator (train.dropout_rng=rbg) instead of threefry: the H200 step was
 # bound by elementwise work, the masks among it.
 bench train_step_b256_rbg 80 train_step --batch 256 --seq 128 --steps 20 --dropout-rng rbg
