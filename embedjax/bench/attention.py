@@ -173,6 +173,8 @@ def _train_row(args, impls, q, k, v, mask) -> dict:
     torch_ms = times["torch"]
     row = {"mode": "train", "dtype": args.dtype, "dropout": args.dropout, "torch_device": torch_device,
            "torch_sdpa_ms": sig(torch_ms)}
+    for impl in IMPLS:  # every implementation's columns, empty when not run: one table for all runs
+        row[f"{impl}_ms"] = row[f"ratio_{impl}"] = None
     reference = [g.float().cpu().numpy() for g in torch_call()]
     worst = 0.0
     for impl, program in programs.items():
