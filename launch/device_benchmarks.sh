@@ -62,8 +62,8 @@ bench kernels_hamming_10m 150 kernels --paths hamming --layout words --n 1000000
 bench loss_stripes 100 loss --row-block 4096 --batch 65536 --dim 768 --time-batch 32768 --time-dim 768 --skip-max-batch --repeats 5
 # Attention alone as the step asks it (loss and gradients, bf16, the step's 512 texts x 128 tokens, MiniLM's
 # 12 x 32 heads) against SDPA's forward and backward: with dropout 0.1, and without (cuDNN's kernel in xla).
-bench attention_train_dropout 60 attention --train --dtype bfloat16 --dropout 0.1 --batch 512 --lengths 128 --impls explicit,chunked,flash
-bench attention_train 60 attention --train --dtype bfloat16 --batch 512 --lengths 128 --impls xla,chunked,flash
+bench attention_train_dropout 60 attention --train --dtype bfloat16 --dropout 0.1 --batch 512 --lengths 128 --impls explicit,chunked,flash --matmul-size 8192
+bench attention_train 60 attention --train --dtype bfloat16 --batch 512 --lengths 128 --impls xla,chunked,flash --matmul-size 8192
 # The step of 2026-11-28 (0.90x PyTorch) came from a BERT whose six layers were a Python loop; today's
 # layers are one nn.scan (0.67x on 2026-12-04). The same step with the loop unrolled:
 bench train_step_b256_unrolled 80 train_step --batch 256 --seq 128 --steps 20 --scan-unroll 6

@@ -18,7 +18,9 @@ fixed random ``c`` and its gradients in q, k and v (`embedjax.models.layers.atte
 against SDPA's forward and backward on the same device (CUDA when torch sees one), in
 ``--dtype``, with ``--dropout`` applied by both sides with their own masks (embedjax's
 ``xla`` and ``blocked`` have none, so they are refused there). Without dropout the gradients are
-checked against SDPA's.
+checked against SDPA's. Each implementation's rate counts FlashAttention's convention of 3.5x the
+forward's 4 B H L^2 D FLOPs (the backward as 2.5 forwards; padded length, dropout and masks
+ignored), reported as TFLOP/s and as a fraction of a bf16 matmul's rate measured in the same run.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time the loss and its gradients in q, k and v instead of the forward pass")
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout (--train only)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="--train only")
+    parser.add_argument("--matmul-size", type=int, default=4096,
+                        help="--train only: size of the bf16 matmul ceiling measured in the same run")
     report.add_cpu_gemm_argument(parser)
     report.add_arguments(parser)
 
@@ -161,7 +165,7 @@ def _train_row(args, impls, q, k, v, mask) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from embedjax.bench.timing import sig
+    from embedjax.bench.timing import matmul_tflops, sig
 
     c = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
     torch_call, torch_device = _torch_train_fn(q, k, v, mask, c, args.dropout, args.dtype)
@@ -171,16 +175,20 @@ def _train_row(args, impls, q, k, v, mask) -> dict:
     programs = {impl: _jax_train_fn(impl, args.chunk_size, args.dropout) for impl in impls}
     times = _alternating_ms(torch_call, programs, device_args, args.repeats)
     torch_ms = times["torch"]
+    flops = 3.5 * 4 * q.shape[0] * q.shape[2] * q.shape[1] ** 2 * q.shape[3]
+    ceiling = matmul_tflops(args.matmul_size)
     row = {"mode": "train", "dtype": args.dtype, "dropout": args.dropout, "torch_device": torch_device,
-           "torch_sdpa_ms": sig(torch_ms)}
+           "bf16_matmul_TFLOPs": sig(ceiling), "torch_sdpa_ms": sig(torch_ms),
+           "torch_fraction_of_matmul": sig(flops / torch_ms * 1e3 / 1e12 / ceiling, 3)}
     for impl in IMPLS:  # every implementation's columns, empty when not run: one table for all runs
-        row[f"{impl}_ms"] = row[f"ratio_{impl}"] = None
+        row[f"{impl}_ms"] = row[f"ratio_{impl}"] = row[f"{impl}_fraction_of_matmul"] = None
     reference = [g.float().cpu().numpy() for g in torch_call()]
     worst = 0.0
     for impl, program in programs.items():
         ms = times[impl]
         row[f"{impl}_ms"] = sig(ms)
         row[f"ratio_{impl}"] = sig(torch_ms / ms, 3)
+        row[f"{impl}_fraction_of_matmul"] = sig(flops / ms * 1e3 / 1e12 / ceiling, 3)
         grads = program(*device_args)[1]
         worst = max(worst, max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) for g, r in zip(grads, reference)))
     # with dropout the two sides drop different entries: their gradients are not comparable

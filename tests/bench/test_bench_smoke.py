@@ -24,7 +24,7 @@ TINY = {
     "attention": ["--batch", "3", "--lengths", "8,21", "--heads", "2", "--head-dim", "4", "--repeats", "1",
                   "--chunk-size", "8"],
     "attention_train": ["--train", "--batch", "3", "--lengths", "21", "--heads", "2", "--head-dim", "4", "--repeats",
-                        "1", "--chunk-size", "8", "--impls", "explicit,chunked,flash"],
+                        "1", "--chunk-size", "8", "--impls", "explicit,chunked,flash", "--matmul-size", "64"],
     "search": ["--n", "2000", "--bits", "64", "--dim", "16", "--queries", "3", "--k", "5", "--repeats", "1",
                "--bandwidth-mib", "8"],
     "kernels": ["--n", "300", "--bits", "64", "--dim", "20", "--queries", "7", "--k", "5", "--blocks", "8x128",
@@ -111,6 +111,9 @@ def test_bench_runs_and_writes_nothing_by_default(name, capsys, tmp_path, monkey
         (row,) = result["rows"]
         assert row["mode"] == "train" and row["torch_device"] == "cpu" and row["max_abs_grad_diff_vs_torch"] < 1e-5
         assert row["ratio_flash"] > 0 and row["xla_ms"] is None  # columns of the implementations not run
+        # the rates' fractions: the same FLOPs over each time, so their ratio is the time ratio
+        assert row["flash_fraction_of_matmul"] / row["torch_fraction_of_matmul"] == pytest.approx(
+            row["ratio_flash"], rel=2e-2)
     if name == "matmul":  # XLA's products equal PyTorch's (float32 sums of 12-20 terms)
         assert [r["product"] for r in result["rows"]] == ["qkv_heads", "qkv", "mlp_up", "mlp_down"]
         assert all(r["max_abs_diff"] < 1e-4 and r["xla_gflops"] > 0 and r["ratio"] > 0 for r in result["rows"])
