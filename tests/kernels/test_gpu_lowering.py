@@ -215,3 +215,24 @@ def test_auto_selection_on_a_gpu_is_the_two_pass_scan(traced_for_gpu):
     assert "grid_y = 1563 : i32" in text  # 1,563 tiles of 128 rows, one per program (64 splits: 49)
     assert hamming._selection("auto", "xla", None) == "two_pass" and hamming._selection("auto", "xla", 1) == "running"
     assert two_pass_topk.DEFAULT_SPLITS == {"running": 64, "two_pass": 2048}
+
+
+def test_the_offline_triton_compile_captures_each_kernel_with_its_launch_settings(traced_for_gpu):
+    """`benchmarks/triton_resources.py` compiles each kernel's Triton IR for sm_90 with pip's Triton
+    (not installed here). Its capture half runs anywhere: one Triton module per pallas_call, named
+    as the call, with the warps and stages the call was lowered with (the ring's tiles unpipelined)."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+    import triton_resources
+
+    cases = triton_resources._cases()
+    flash = next(v for k, v in cases.items() if k.startswith("flash attention, MiniLM"))
+    kernels = triton_resources.capture(*flash)
+    assert [k["kernel"] for k in kernels] == ["flash_attention_forward", "flash_attention_key_side",
+                                              "flash_attention_query_side"]
+    assert all(k["num_warps"] == 4 and k["num_stages"] == 3 and k["ttir"].startswith("module @") for k in kernels)
+    assert "tt.dot" in kernels[0]["ttir"] and "tt.func" in kernels[0]["ttir"]
+    ring_tiles = triton_resources.capture(*cases["ring InfoNCE fused tiles, 4096 x 768, block 64"])
+    assert [k["num_stages"] for k in ring_tiles] == [1, 1, 1]
