@@ -48,10 +48,12 @@ def _cases():
             return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
         return run
 
-    def ring_loss(q, d):
-        mesh = jax.make_mesh((1,), ("data",))
-        return jax.value_and_grad(lambda q, d: ring.ring_infonce(q, d, mesh=mesh, temperature=0.05, impl="pallas"),
-                                  argnums=(0, 1))(q, d)
+    def ring_loss(tile):
+        def run(q, d):
+            mesh = jax.make_mesh((1,), ("data",))
+            return jax.value_and_grad(lambda q, d: ring.ring_infonce(q, d, mesh=mesh, temperature=0.05, impl="pallas",
+                                                                     tile=tile), argnums=(0, 1))(q, d)
+        return run
 
     bf16 = jnp.bfloat16
     minilm = (spec((8, 128, 12, 32), bf16),) * 3 + (spec((8, 128), jnp.int32),)
@@ -71,7 +73,8 @@ def _cases():
             (spec((64, 384), jnp.int8), spec((rows, 384), jnp.int8), spec((64,), jnp.float32),
              spec((rows,), jnp.float32)))
            for select in ("running", "two_pass")},
-        "ring InfoNCE fused tiles, 4096 x 768, block 64": (ring_loss, (spec((4096, 768), jnp.float32),) * 2),
+        **{f"ring InfoNCE fused tiles, 4096 x 768, block {tile}": (ring_loss(tile), (spec((4096, 768), jnp.float32),) * 2)
+           for tile in (64, 32)},
     }
 
 

@@ -35,11 +35,11 @@ embedding), values are never sliced in registers, and products accumulate in flo
 (``preferred_element_type``), so the kernels follow the Triton backend's rules; on CPU they
 run in interpret mode (`tests/kernels/test_ring_tiles.py` checks them against float64
 NumPy on awkward sizes; `tests/kernels/test_gpu_lowering.py` lowers them for CUDA). On an H200
-(2026-12-04, BENCHMARKS.md) they lose badly: at the default block of 64 Triton asks for 400 KiB
-of shared memory even unpipelined (608 KiB at its default 3 stages; the card has 227 KiB), and at
-``tile=32`` they compile, agree with float64 to TF32 rounding (3.8e-4), and take 931 ms at
+(2026-12-04, BENCHMARKS.md) they lose badly: at the then default block of 64 Triton asks for 400
+KiB of shared memory even unpipelined (608 KiB at its default 3 stages; the card has 227 KiB), and
+at ``tile=32`` (now the default) they compile, agree with float64 to TF32 rounding (3.8e-4), and take 931 ms at
 32k x 768 against the dense loss's 24 ms and the XLA tiles' 39.4 ms at 4096. The backward
-kernels hold ``block x embedding`` float32 accumulators (64 x 768 at the defaults), and every
+kernels hold ``block x embedding`` float32 accumulators (32 x 768 at the defaults), and every
 program walks every key tile serially; a faster design needs the embedding split across
 programs or a split-K reduction, which is not done. The layout is
 Triton's: every program sees the whole key (or anchor) array, which a TPU's VMEM could not hold
@@ -61,7 +61,11 @@ KINDS = ("qd", "qh", "qq", "dd")  # queries x documents / hard negatives / queri
 FAMILIES = ("infonce", "siglip")
 SAVED = {"infonce": ("lse_all", "g_all", "lse_pos", "g_pos"), "siglip": ("g_sum",)}  # per row, for the backward
 NEG_INF = -jnp.inf
-DEFAULT_BLOCK = 64
+# Rows per tile. At 64 the gradient tiles ask 416 KiB of shared memory at 768 dims, over an H100's or
+# H200's 227 KiB (the H200 refused them on 2026-12-04; benchmarks/triton_resources.py compiles them
+# for sm_90 offline and agrees); 32 asks 208 KiB and ran on the H200. The ask grows with the
+# embedding width (~8.7 bytes per row and dimension), so wider embeddings need tile=16.
+DEFAULT_BLOCK = 32
 MIN_BLOCK = 16  # Triton's dots need at least 16 rows per operand
 # Triton's software pipelining keeps this many copies of each loop's loaded tiles in shared memory:
 # at its default of 3 the kernels asked an H200 for 608 KiB (block 64) and 288 KiB (block 32) of
