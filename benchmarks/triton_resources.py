@@ -67,12 +67,15 @@ def _cases():
             lambda qc, x, select=select: hamming_topk_pallas(qc, x, 10, rows, select=select, layout="words"),
             (spec((q, words), jnp.uint32), spec((words, rows), jnp.uint32)))
            for select in ("running", "two_pass") for q in (1, 64)},
-        **{f"int8 {select}, 64 queries, 384 dims": (
-            lambda q, x, qs, xs, select=select: lowbit._lowbit_pallas(q, qs, x, xs, qs, 10, rows, kind="int8",
-                                                                     select=select),
-            (spec((64, 384), jnp.int8), spec((rows, 384), jnp.int8), spec((64,), jnp.float32),
+        **{f"{kind} {select}, 64 queries, 384 dims, block {bq}x{bn}": (
+            lambda q, x, qs, xs, kind=kind, select=select, bq=bq, bn=bn: lowbit._lowbit_pallas(
+                q, qs, x, xs, qs, 10, rows, kind=kind, select=select, block_q=bq, block_n=bn),
+            (spec((64, 384), q_dtype), spec((rows, width), x_dtype), spec((64,), jnp.float32),
              spec((rows,), jnp.float32)))
-           for select in ("running", "two_pass")},
+           for kind, q_dtype, x_dtype, width in (("int8", jnp.int8, jnp.int8, 384),
+                                                 ("int4", jnp.int8, jnp.uint8, 192),
+                                                 ("fp8", jnp.float8_e4m3fn, jnp.float8_e4m3fn, 384))
+           for bq, bn in ((16, 128), (32, 128), (64, 64)) for select in ("running", "two_pass")},
         **{f"ring InfoNCE fused tiles, 4096 x 768, block {tile}": (ring_loss(tile), (spec((4096, 768), jnp.float32),) * 2)
            for tile in (64, 32)},
     }
