@@ -38,7 +38,7 @@ import numpy as np
 from embedjax.bench import report
 from embedjax.bench.timing import copy_bandwidth_gbs, matmul_tflops, median_seconds, popcount_tops, sig
 from embedjax.kernels.dispatch import resolve_impl
-from embedjax.kernels.pallas_topk import next_pow2 as _pow2
+from embedjax.kernels.hamming import query_block
 from embedjax.kernels.two_pass_topk import check_selection, scan_rows
 
 SECTION = "Kernels on an accelerator"
@@ -154,7 +154,7 @@ def _cells(kind, searches, qs, ks, blocks, selects, splits, corpus_bytes, ops_pe
                     row["fraction_of_popcount_rate"] = sig(
                         q * popcounts_per_query / seconds / 1e12 / ceilings["popcount_T_per_s"])
                 if name != "xla":  # the query block the kernels ran with (`hamming_topk_pallas` cuts it)
-                    row["block_q"] = min(bq_bn[0], _pow2(q)) if kind == "hamming" else bq_bn[0]
+                    row["block_q"] = query_block(bq_bn[0], q) if kind == "hamming" else bq_bn[0]
                 rows.append(row)
     return rows
 

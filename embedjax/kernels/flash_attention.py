@@ -268,9 +268,12 @@ def _query_side_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
 _SEED_SPEC = pl.BlockSpec((1,), lambda b, h, i: (0,))
 
 
-def _row_block(cfg: _Config, width: int):
-    """[B, H, Lp, width] -> this program's [block, width] rows (grid axis 2 walks row blocks)."""
-    return pl.BlockSpec((pl.squeezed, pl.squeezed, cfg.block, width), lambda b, h, i: (b, h, i, 0))
+def _row_block(cfg: _Config, width: int, kv: bool = False):
+    """[B, H or G, Lp, width] -> this program's [block, width] rows (grid axis 2 walks row blocks;
+    of its key/value head if ``kv``)."""
+    per_group = cfg.heads // cfg.groups
+    return pl.BlockSpec((pl.squeezed, pl.squeezed, cfg.block, width),
+                        lambda b, h, i: (b, h // per_group if kv else h, i, 0))
 
 
 def _whole(cfg: _Config, length: int, width: int, kv: bool = False):
@@ -280,19 +283,18 @@ def _whole(cfg: _Config, length: int, width: int, kv: bool = False):
                         lambda b, h, i: (b, h // per_group if kv else h, 0, 0))
 
 
-def _kv_block(cfg: _Config, width: int):
-    per_group = cfg.heads // cfg.groups
-    return pl.BlockSpec((pl.squeezed, pl.squeezed, cfg.block, width), lambda b, h, j: (b, h // per_group, j, 0))
+def _query_ids(cfg: _Config, length: int, blocked: bool):
+    """Query ids [B, Lp, 1]: this program's block of rows (grid axis 2), or all of them."""
+    if blocked:
+        return pl.BlockSpec((pl.squeezed, cfg.block, 1), lambda b, h, i: (b, i, 0))
+    return pl.BlockSpec((pl.squeezed, length, 1), lambda b, h, i: (b, 0, 0))
 
 
-def _ids_specs(cfg: _Config, length: int, query_blocked: bool):
-    """Query ids [B, Lp, 1] and key ids [B, 1, Lp], blocked along the grid's third axis on one side."""
-    q_rows = cfg.block if query_blocked else length
-    k_cols = length if query_blocked else cfg.block
-    return (pl.BlockSpec((pl.squeezed, q_rows, 1), (lambda b, h, i: (b, i, 0)) if query_blocked else
-                         (lambda b, h, i: (b, 0, 0))),
-            pl.BlockSpec((pl.squeezed, 1, k_cols), (lambda b, h, i: (b, 0, 0)) if query_blocked else
-                         (lambda b, h, j: (b, 0, j))))
+def _key_ids(cfg: _Config, length: int, blocked: bool):
+    """Key ids [B, 1, Lp]: this program's block of keys (grid axis 2), or all of them."""
+    if blocked:
+        return pl.BlockSpec((pl.squeezed, 1, cfg.block), lambda b, h, j: (b, 0, j))
+    return pl.BlockSpec((pl.squeezed, 1, length), lambda b, h, j: (b, 0, 0))
 
 
 def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str):
@@ -305,9 +307,9 @@ def _forward(q, k, v, q_ids, k_ids, seed, cfg: _Config):
     """Head-major padded operands -> (out [B, H, Lp, Dp], lse [B, H, Lp, 1] float32)."""
     b, h, length, width = q.shape
     n_blocks = length // cfg.block
-    q_spec, kid_spec = _ids_specs(cfg, length, query_blocked=True)
     in_specs = [_SEED_SPEC, _row_block(cfg, width), _whole(cfg, length, width, kv=True),
-                _whole(cfg, length, width, kv=True), q_spec, kid_spec]
+                _whole(cfg, length, width, kv=True), _query_ids(cfg, length, blocked=True),
+                _key_ids(cfg, length, blocked=False)]
     out_specs = [_row_block(cfg, width), _row_block(cfg, 1)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, length, 1), jnp.float32)]
     kernel = functools.partial(_forward_kernel, cfg=cfg, n_blocks=n_blocks)
@@ -321,21 +323,20 @@ def _backward(q, k, v, q_ids, k_ids, seed, out, lse, dout, cfg: _Config):
     n_blocks = length // cfg.block
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     q_whole, row_stat_whole = _whole(cfg, length, width), _whole(cfg, length, 1)
-    qid_whole, kid_block = _ids_specs(cfg, length, query_blocked=False)
     key_kernel = functools.partial(_key_side_kernel, cfg=cfg, n_blocks=n_blocks)
     per_head = jax.ShapeDtypeStruct((b, h, length, width), jnp.float32)
     dk_h, dv_h = _call(
         key_kernel, cfg, (b, h, n_blocks),
-        [_SEED_SPEC, q_whole, _kv_block(cfg, width), _kv_block(cfg, width), q_whole, row_stat_whole, row_stat_whole,
-         qid_whole, kid_block],
+        [_SEED_SPEC, q_whole, _row_block(cfg, width, kv=True), _row_block(cfg, width, kv=True), q_whole,
+         row_stat_whole, row_stat_whole, _query_ids(cfg, length, blocked=False), _key_ids(cfg, length, blocked=True)],
         [_row_block(cfg, width)] * 2, [per_head] * 2, "flash_attention_key_side")(
         seed, q, k, v, dout, lse, delta, q_ids, k_ids)
-    qid_block, kid_whole = _ids_specs(cfg, length, query_blocked=True)
     query_kernel = functools.partial(_query_side_kernel, cfg=cfg, n_blocks=n_blocks)
     dq = _call(
         query_kernel, cfg, (b, h, n_blocks),
         [_SEED_SPEC, _row_block(cfg, width), _whole(cfg, length, width, kv=True), _whole(cfg, length, width, kv=True),
-         _row_block(cfg, width), _row_block(cfg, 1), _row_block(cfg, 1), qid_block, kid_whole],
+         _row_block(cfg, width), _row_block(cfg, 1), _row_block(cfg, 1), _query_ids(cfg, length, blocked=True),
+         _key_ids(cfg, length, blocked=False)],
         _row_block(cfg, width), per_head, "flash_attention_query_side")(
         seed, q, k, v, dout, lse, delta, q_ids, k_ids)
 
@@ -387,11 +388,11 @@ def _check(q, k, v, query_ids, key_ids, window, dropout_rate, block):
 
 
 def _interpret() -> bool:
-    backend = dispatch.default_backend()
-    if backend == "tpu":
+    """Interpret mode off the GPU (`dispatch.resolve_impl`); a TPU is refused."""
+    if dispatch.default_backend() == "tpu":
         raise ValueError("the flash attention kernel is laid out for Triton (whole keys per program); on a TPU "
                          "use attention_impl='chunked' or 'xla'")
-    return backend != "gpu"
+    return dispatch.resolve_impl("pallas")[1]
 
 
 def flash_attention(q_blhk, k_blgk, v_blgk, query_ids_bl, key_ids_bl, *, causal: bool = False,

@@ -146,6 +146,12 @@ def _hamming_pallas_scores(q_codes, x_codes, k, n_valid, *, block_q, block_n, ta
     return running_topk_call(_hamming_tile, (q,), (x_t,), n_valid, k, **options)
 
 
+def query_block(block_q: int, queries: int) -> int:
+    """The query rows per program the Pallas scan runs with: ``block_q`` cut to the queries
+    rounded up to a power of two (`hamming_topk_pallas`)."""
+    return min(block_q, next_pow2(queries))
+
+
 def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128, target_splits=None, interpret=False,
                         row_filter=None, row_ids=None, select="running", layout="rows"):
     """The Pallas Hamming scan -> (distances int32 [Q, k], ids int32 [Q, k]). A corpus past the
@@ -156,7 +162,7 @@ def hamming_topk_pallas(q_codes, x_codes, k, n_valid, *, block_q=16, block_n=128
     query row costs the same popcounts as a real one, and they bound the scan (one XOR, popcount
     and add per query, corpus word), so one query scans with a block of 1, not 16."""
     target_splits = target_splits or DEFAULT_SPLITS[select]
-    block_q = min(block_q, next_pow2(q_codes.shape[0]))
+    block_q = query_block(block_q, q_codes.shape[0])
     pieces = addressable_pieces(x_codes.shape[CORPUS_AXIS[layout]], next_pow2(q_codes.shape[1]), block_n=block_n,
                                 target_splits=target_splits)
     return _hamming_pallas(q_codes, x_codes, k, n_valid, pieces=pieces, block_q=block_q, block_n=block_n,

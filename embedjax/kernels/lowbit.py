@@ -86,8 +86,13 @@ def _prepare(q, q_scale, x, x_scale, q_offset, k, n_valid, *, q_dtypes, x_dtypes
 # ---------------------------------------------------------------- jnp twins
 
 
+def _dot_rows(q_tile, x_tile, acc_dtype):
+    """q [bq, d] . x [bn, d] -> [bq, bn]: both operands contracted on their last axis."""
+    return lax.dot_general(q_tile, x_tile, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)
+
+
 def _int_dot(q, x):
-    return lax.dot_general(q, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32).astype(jnp.float32)
+    return _dot_rows(q, x, jnp.int32).astype(jnp.float32)
 
 
 def _float_dot(q, x):
@@ -161,11 +166,6 @@ def _dot_tile(decode, depth_block, acc_dtype):
         return acc.astype(jnp.float32) * qs_ref[...] * xs + qo_ref[...]
 
     return tile
-
-
-def _dot_rows(q_tile, x_tile, acc_dtype):
-    """q [bq, d] . x [bn, d] -> [bq, bn]: both operands contracted on their last axis."""
-    return lax.dot_general(q_tile, x_tile, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)
 
 
 def _decode_int8(q_refs, start, x_tile, depth_block):
