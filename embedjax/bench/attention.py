@@ -169,17 +169,20 @@ def _train_row(args, impls, q, k, v, mask) -> dict:
 
     c = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
     torch_call, torch_device = _torch_train_fn(q, k, v, mask, c, args.dropout, args.dtype)
-    device_args = tuple(jax.device_put(x) for x in (q, k, v)) + (jax.device_put(mask), jax.device_put(c),
-                                                                  jax.random.key(0))
-    device_args = tuple(x.astype(args.dtype) for x in device_args[:3]) + device_args[3:]
+    qkv = tuple(jax.device_put(x).astype(args.dtype) for x in (q, k, v))
+    device_args = (*qkv, jax.device_put(mask), jax.device_put(c), jax.random.key(0))
     programs = {impl: _jax_train_fn(impl, args.chunk_size, args.dropout) for impl in impls}
     times = _alternating_ms(torch_call, programs, device_args, args.repeats)
     torch_ms = times["torch"]
     flops = 3.5 * 4 * q.shape[0] * q.shape[2] * q.shape[1] ** 2 * q.shape[3]
     ceiling = matmul_tflops(args.matmul_size)
+
+    def fraction_of_matmul(ms):
+        return sig(flops / (ms * 1e-3) / 1e12 / ceiling, 3)
+
     row = {"mode": "train", "dtype": args.dtype, "dropout": args.dropout, "torch_device": torch_device,
            "bf16_matmul_TFLOPs": sig(ceiling), "torch_sdpa_ms": sig(torch_ms),
-           "torch_fraction_of_matmul": sig(flops / torch_ms * 1e3 / 1e12 / ceiling, 3)}
+           "torch_fraction_of_matmul": fraction_of_matmul(torch_ms)}
     for impl in IMPLS:  # every implementation's columns, empty when not run: one table for all runs
         row[f"{impl}_ms"] = row[f"ratio_{impl}"] = row[f"{impl}_fraction_of_matmul"] = None
     reference = [g.float().cpu().numpy() for g in torch_call()]
@@ -188,7 +191,7 @@ def _train_row(args, impls, q, k, v, mask) -> dict:
         ms = times[impl]
         row[f"{impl}_ms"] = sig(ms)
         row[f"ratio_{impl}"] = sig(torch_ms / ms, 3)
-        row[f"{impl}_fraction_of_matmul"] = sig(flops / ms * 1e3 / 1e12 / ceiling, 3)
+        row[f"{impl}_fraction_of_matmul"] = fraction_of_matmul(ms)
         grads = program(*device_args)[1]
         worst = max(worst, max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) for g, r in zip(grads, reference)))
     # with dropout the two sides drop different entries: their gradients are not comparable
