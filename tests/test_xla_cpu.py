@@ -4,6 +4,7 @@ programs that abort jaxlib 0.10.2 under oneDNN's fused dots run under the chosen
 real encoder's embeddings do not depend on the library (MiniLM on STS-B sentences and scifact
 abstracts long enough for the blocked attention kernel's pairwise reductions)."""
 import contextlib
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,13 @@ import numpy as np
 import pytest
 
 from embedjax import xla_cpu
+
+
+@pytest.fixture(autouse=True)
+def library_inference_options(monkeypatch):
+    """The library's own inference options: tests/conftest.py adds XLA's default LLVM level to them
+    for the rest of the suite."""
+    monkeypatch.setattr(xla_cpu, "_inference_options_for", inspect.unwrap(xla_cpu._inference_options_for))
 
 
 def test_the_choice_is_read_from_the_environment_and_checked(monkeypatch):
