@@ -17,6 +17,11 @@ Sharded search: the corpus rows are split evenly over ``axis`` of ``mesh``
 O(Q * chunk_size) per device) with the jnp twins, and the per-shard top-k lists
 are merged exactly (ties -> smaller global id).
 
+On a GPU (any search whose ``impl`` resolves to the Pallas scans) the first stage reads a second
+device copy of the codes, made on the first such search and kept: the layout those scans read in
+place (`CodeIndex._scan_x_args`). Searching the stored row-major codes instead would copy the
+whole corpus into that layout on every search, ~2x its bytes of extra memory traffic.
+
 Filtered search: ``index.search(q, k, filter=mask_or_attribute_filter,
 filter_strategy="auto")`` (forms and strategies: ``embedjax.index.filtered``). The
 first stage filters inside its kernel (sharded too: masks and attribute columns are
@@ -38,11 +43,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embedjax.index.filtered import Backend, check_strategy, filtered_search, resolve_filter
-from embedjax.kernels.hamming import hamming_scores_chunk, hamming_topk
+from embedjax.kernels.dispatch import device_array, resolve_impl
+from embedjax.kernels.hamming import hamming_scores_chunk, hamming_topk, word_major
 from embedjax.kernels.lowbit import _fp8_chunk, _int4_chunk, _int8_chunk, fp8_topk, int4_topk, int8_topk
+from embedjax.kernels.pallas_topk import next_pow2, pad_axis
 from embedjax.kernels.rescore import rescore_topk
-from embedjax.kernels.row_filter import RowFilter, RowPredicates, scores_or_missing
+from embedjax.kernels.row_filter import RowFilter, RowPredicates, scores_or_missing, slice_rows
 from embedjax.kernels.topk import check_k, chunked_topk, sort_by_score_then_id
+from embedjax.kernels.two_pass_topk import scan_rows
 from embedjax.quant.binary import pack_bits
 from embedjax.quant.fp8 import quantize_fp8
 from embedjax.quant.scalar import (
@@ -152,6 +160,24 @@ class CodeIndex:
             return (self.device_array("codes"), self._device["unit_scales"])
         return (self.device_array("codes"), self.device_array("scales"))
 
+    def _scan_x_args(self):
+        """The first stage's corpus operands as the Pallas scans read them in place, made once on the
+        device and cached: `two_pass_topk.scan_rows` (N) rows, the rows past N zeros that searches
+        skip with ``n_valid=N``; binary codes word-major [W', rows] (`kernels.hamming.word_major`),
+        W' the word count rounded up to a power of two as the Hamming scan needs (zero words add
+        no distance). Made from the host codes: the row-major device copy of `_x_args`, which the
+        XLA scans read, is not made beside it."""
+        if "scan" not in self._device:
+            rows = scan_rows(self.size)
+            codes = device_array(self.codes)
+            if self.kind == "binary":
+                scan = (word_major(pad_axis(codes, 1, next_pow2(codes.shape[1])), rows=rows),)
+            else:
+                scales = jnp.ones((self.size,), jnp.float32) if self.scales is None else jnp.asarray(self.scales)
+                scan = (pad_axis(codes, 0, rows), pad_axis(scales, 0, rows))
+            self._device["scan"] = scan
+        return self._device["scan"]
+
     def _check_queries(self, q):
         q = np.asarray(q)
         if q.ndim != 2 or not np.issubdtype(q.dtype, np.floating):
@@ -216,7 +242,15 @@ class CodeIndex:
                                    rescore_store=take(self.rescore_store))
 
     def _first_stage(self, q, k, impl, chunk_size, row_filter=None):
-        return first_stage_topk(self.kind, self._query_args(q), self._x_args(), k, impl, chunk_size, row_filter)
+        q_args = self._query_args(q)
+        if self.kind == "float32" or resolve_impl(impl)[0] != "pallas":
+            return first_stage_topk(self.kind, q_args, self._x_args(), k, impl, chunk_size, row_filter)
+        x_args = self._scan_x_args()
+        if self.kind == "binary":  # the queries' words padded as the corpus's
+            q_args = (pad_axis(q_args[0], 1, x_args[0].shape[0]),)
+        return first_stage_topk(self.kind, q_args, x_args, k, impl, chunk_size,
+                                slice_rows(row_filter, 0, scan_rows(self.size)), n_valid=self.size,
+                                layout="words")
 
     def _sharded_first_stage(self, q, k, chunk_size, mesh, axis, row_filter=None):
         shards = mesh.shape[axis]
@@ -297,21 +331,24 @@ def read_index_header(z, path, expected_type: str, kind: str | None) -> dict:
     return header
 
 
-def first_stage_topk(kind, q_args, x_args, k, impl="auto", chunk_size=32768, row_filter=None, row_ids=None):
+def first_stage_topk(kind, q_args, x_args, k, impl="auto", chunk_size=32768, row_filter=None, row_ids=None, *,
+                     n_valid=None, layout="rows"):
     """First-stage top-k of one code kind: (scores float32 [Q, k], ids int32 [Q, k]).
 
-    ``q_args`` / ``x_args`` as ``CodeIndex._query_args`` / ``_x_args`` make them;
-    binary scores are negated Hamming distances. Missing results: id -1, score -inf.
+    ``q_args`` / ``x_args`` as ``CodeIndex._query_args`` / ``_x_args`` (or ``_scan_x_args``) make
+    them; binary scores are negated Hamming distances. Missing results: id -1, score -inf.
+    ``n_valid``: the corpus rows searched (the rest padding); ``layout``: the binary corpus's
+    (`kernels.hamming.hamming_topk`). The float32 scan takes neither.
     """
     if kind == "binary":
         dist, ids = hamming_topk(q_args[0], x_args[0], k, impl, chunk_size=chunk_size, filter=row_filter,
-                                 row_ids=row_ids)
+                                 row_ids=row_ids, n_valid=n_valid, layout=layout)
         return scores_or_missing(-dist.astype(jnp.float32), ids), ids
     if kind == "float32":
         return _float_topk(q_args[0], x_args[0], k, chunk_size, row_filter, row_ids)
     fn = {"int8": int8_topk, "int4": int4_topk, "fp8": fp8_topk}[kind]
     return fn(q_args[0], q_args[1], x_args[0], x_args[1], k, impl, q_offset=q_args[2], chunk_size=chunk_size,
-              filter=row_filter, row_ids=row_ids)
+              filter=row_filter, row_ids=row_ids, n_valid=n_valid)
 
 
 def score_chunk_fn(kind):

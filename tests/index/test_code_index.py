@@ -102,3 +102,46 @@ def test_bad_inputs(tmp_path, data):
     np.savez(tmp_path / "other.npz", codes=np.zeros(3))
     with pytest.raises(ValueError, match="not a CodeIndex file"):
         CodeIndex.load(tmp_path / "other.npz")
+
+
+@pytest.mark.parametrize("kind", ["binary", "int8", "int4", "fp8"])
+def test_the_pallas_first_stage_searches_the_scan_layout_and_equals_xla(kind):
+    """Where the first stage runs the Pallas scans (natively on a GPU; interpret mode here) the index
+    searches its scan-layout copy: `scan_rows` rows (300 -> 384) of zeros past the corpus, binary
+    codes word-major with 3 words padded to 4, and no row-major device copy beside it. The results
+    equal the XLA scan's over the stored codes: ties (duplicate rows), a shared mask and per-query
+    masks that pass fewer than k rows for one query, range predicates, and k = N."""
+    from embedjax.kernels.row_filter import RowPredicates
+    from embedjax.kernels.two_pass_topk import scan_rows
+
+    rng = np.random.default_rng(5)
+    d = rng.standard_normal((300, 72)).astype(np.float32)  # 72 bits: 3 uint32 words
+    d[171], d[250] = d[3], d[3]
+    q = rng.standard_normal((5, 72)).astype(np.float32)
+    q[2] = d[3]
+    per_query = rng.random((5, 300)) < 0.5
+    per_query[4] = False
+    per_query[4, [7, 171, 290]] = True  # 3 passing rows for k = 7: 4 missing results
+    attrs = rng.integers(0, 4, (1, 300)).astype(np.float32)
+    predicates = RowPredicates(attrs, np.array([[1.0]], np.float32), np.array([[2.0]], np.float32))
+    index = CodeIndex.build(d, kind)
+    # k = 300: every row, so a search that reached the zero rows past the corpus would return them
+    for k, flt in ((7, None), (7, rng.random(300) < 0.6), (7, per_query), (7, predicates), (300, None)):
+        want_s, want_i = index.search(q, k, impl="xla", filter=flt)
+        got_s, got_i = index.search(q, k, impl="pallas", filter=flt)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+        # fp8 sums its float32 products in another order than the twin: scores reach ~30, so a
+        # few ulps of the largest (~4e-6 measured); the integer kinds' scores are equal.
+        np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s), rtol=1e-6, atol=2e-5)
+        if flt is per_query:
+            assert (np.asarray(got_i)[4] == -1).sum() == 4
+    x = index._scan_x_args()[0]
+    rows = scan_rows(300)
+    if kind == "binary":
+        assert x.shape == (4, rows) and not np.asarray(x)[3].any() and not np.asarray(x)[:, 300:].any()
+    else:
+        assert x.shape[0] == rows and not np.asarray(x)[300:].view(np.uint8).any()
+    assert "codes" in index._device  # the XLA searches made the row-major copy; drop it and search again
+    index._device.pop("codes")
+    index.search(q, 7, impl="pallas")
+    assert "codes" not in index._device
