@@ -15,7 +15,10 @@ dealt out to batches of a fixed token budget (`packed_batches`; two compiled row
 text count per corpus; `embedjax.data.packing`: every text attends to itself only, so embeddings
 are unchanged up to float rounding). With a ``mesh``, parameters stay sharded by the logical-axis
 rules (an 8B encoder is evaluated across a pod without gathering it on one device) and batches
-are split over the data axes; embeddings come back replicated.
+are split over the data axes; embeddings come back replicated. Packed batches there take whole
+rows per device too (empty rows and filler texts round both counts up to the data-parallel
+size); each text's token states are gathered from whichever device holds its row, a collective
+XLA inserts once per batch, after the last layer.
 
 Image-text families (CLIP, SigLIP; ViT for images only) declare ``features`` and their
 ``modalities`` on the registry: ``encode`` then runs the model's own ``encode_text`` (its pooling
@@ -152,9 +155,12 @@ def auto_axes(mesh):
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _row_bucket(rows: int, batch_size: int, multiple: int = 1) -> int:
-    rows = min(batch_size, 1 << max(rows - 1, 0).bit_length())
-    return -(-rows // multiple) * multiple
+    return _round_up(min(batch_size, 1 << max(rows - 1, 0).bit_length()), multiple)
 
 
 # Packed rows are at least this long: on 2 CPU cores the packed CoSENT gradient ran fastest with
@@ -169,11 +175,12 @@ PACK_SAVING = 0.9
 PACK_WINDOW = 4096
 
 
-def padded_positions(lengths: Sequence[int], batch_size: int, buckets: Sequence[int]) -> int:
+def padded_positions(lengths: Sequence[int], batch_size: int, buckets: Sequence[int], multiple: int = 1) -> int:
     """Token positions the padded plan computes: texts longest first, batches of ``batch_size``,
-    each padded to its longest text's bucket and its row count to `_row_bucket`."""
+    each padded to its longest text's bucket and its row count to `_row_bucket` (a multiple of
+    ``multiple``, the data-parallel size)."""
     desc = sorted(lengths, reverse=True)
-    return sum(_row_bucket(len(desc[i:i + batch_size]), batch_size) * bucket_length(desc[i], buckets)
+    return sum(_row_bucket(len(desc[i:i + batch_size]), batch_size, multiple) * bucket_length(desc[i], buckets)
                for i in range(0, len(desc), batch_size))
 
 
@@ -208,9 +215,10 @@ def packed_text_count(batches: Sequence[Sequence[Sequence[int]]]) -> int:
     return max(sum(len(row) for row in rows) for rows in batches)
 
 
-def packed_positions(batches: Sequence[Sequence[Sequence[int]]], row_length: int) -> int:
-    """Token positions the packed plan computes: every planned row, ``row_length`` each."""
-    return sum(len(rows) for rows in batches) * row_length
+def packed_positions(batches: Sequence[Sequence[Sequence[int]]], row_length: int, multiple: int = 1) -> int:
+    """Token positions the packed plan computes: every planned row, ``row_length`` each, with each
+    batch's rows rounded up to a multiple of ``multiple`` (the data-parallel size)."""
+    return sum(_round_up(len(rows), multiple) for rows in batches) * row_length
 
 
 class Encoder:
@@ -377,7 +385,7 @@ class Encoder:
         ``pack``: None packs the texts end to end into rows (batches of about ``batch_size``
         texts' tokens, `packed_batches`) when the model reads packed batches and that computes at
         most `PACK_SAVING` of the padded positions (module docstring); True always packs (an
-        error where the model cannot, or on a mesh); False always pads.
+        error where the model cannot); False always pads.
 
         ``prompt`` (or ``prompt_name``, a key of the folder's prompts) is put before every text,
         tokenized separately so its boundary is exact; with ``include_prompt=False`` its tokens
@@ -414,17 +422,18 @@ class Encoder:
         pool_skip = self.tokenizer.pool_skip(prompt) if (prompt and not self.include_prompt) else 0
         plan = self.packing_plan(ids, batch_size, pack)
         pending = []
+        multiple = self._data_parallel()
         if plan is not None:
             row_length, batches = plan
-            num_texts = packed_text_count(batches)
+            num_texts = _round_up(packed_text_count(batches), multiple)
             for rows in batches:
+                rows = list(rows) + [[]] * (-len(rows) % multiple)  # empty rows: every device takes whole rows
                 members, batch = packing.pack_planned(ids, rows, row_length=row_length, pad_id=self.tokenizer.pad_id,
                                                       num_texts=num_texts, pool_skip=pool_skip,
                                                       token_type_ids=self.tokenizer.token_type_ids)
-                pending.append((members, self._jitted(self.params, batch)))
+                pending.append((members, self._jitted(self.params, self._place_batch(batch))))
         else:
             order = np.argsort([-len(x) for x in ids], kind="stable")
-            multiple = self._data_parallel()
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
                 batch = self.tokenizer.pad([ids[i] for i in rows], rows=_row_bucket(len(rows), batch_size, multiple),
@@ -446,14 +455,10 @@ class Encoder:
             raise ValueError(f"pack={pack!r}: use None (pack when it saves positions), True or False")
         if pack is False:
             return None
-        cannot = None
         if not self.family.packs(self.config):
-            cannot = f"this {self.family.name!r} model does not read packed batches"
-        elif self.mesh is not None:
-            cannot = "encoding on a mesh pads its batches (each device takes whole rows)"
-        if cannot:
             if pack:
-                raise ValueError(f"pack=True: {cannot}; use pack=None or pack=False")
+                raise ValueError(f"pack=True: this {self.family.name!r} model does not read packed batches; "
+                                 "use pack=None or pack=False")
             return None
         lengths = [len(x) for x in ids]
         buckets = self.tokenizer.buckets
@@ -461,7 +466,9 @@ class Encoder:
         row_length = min(max(PACK_ROW_MIN, bucket_length(max(lengths), buckets)), buckets[-1])
         batches = packed_batches(lengths, batch_size, row_length)
         if pack is None:  # auto: pack only where it saves positions (pack=True needs no count)
-            share = packed_positions(batches, row_length) / padded_positions(lengths, batch_size, buckets)
+            multiple = self._data_parallel()
+            share = (packed_positions(batches, row_length, multiple)
+                     / padded_positions(lengths, batch_size, buckets, multiple))
             if share > PACK_SAVING:
                 return None
         return row_length, batches

@@ -33,6 +33,9 @@ def test_packing_plan_deals_first_fit_rows_to_batches():
     assert packed_positions(packed_batches(lengths, 6, 64), 64) == 3 * 64
     # Padded, longest first in threes: [60, 33, 30] -> 3 x 64, [12, 7, 5] -> 3 x 16, [5, 2] -> 2 x 8.
     assert padded_positions(lengths, 3, (8, 16, 24, 32, 40, 48, 56, 64)) == 3 * 64 + 3 * 16 + 2 * 8
+    # Over 4 data-parallel devices both plans round each batch's rows up to a multiple of 4.
+    assert packed_positions(packed_batches(lengths, 6, 64), 64, multiple=4) == 2 * 4 * 64
+    assert padded_positions(lengths, 3, (8, 16, 24, 32, 40, 48, 56, 64), multiple=4) == 4 * (64 + 16 + 8)
     # Windows of 4 texts in input order: [30, 5, 5, 60] -> [60] [30, 5, 5]; [12, 33, 2, 7] -> [33, 12, 7, 2].
     assert packed_batches(lengths, 6, 64, window=4) == [[[5, 4, 7, 6]], [[0, 1, 2], [3]]]
 
@@ -106,3 +109,26 @@ def test_pack_refusals_name_the_fix(minilm_encoder, minilm_dir):
 def test_packing_rejects_a_text_longer_than_the_rows():
     with pytest.raises(ValueError, match="does not fit rows of row_length=8"):
         packing.pack([[1] * 9], row_length=8, pad_id=0)
+
+
+def test_packed_encode_on_eight_devices_equals_one_device_padded(minilm_dir, minilm_encoder, sts_texts):
+    """On a mesh each packed batch's rows and texts round up to the 8 data-parallel devices (empty
+    rows, filler texts), so every device takes whole rows; each text's tokens are gathered from the
+    device that holds its row. The embeddings equal one device's padded ones (float32, other
+    reduction orders: 2e-6 on unit-norm rows)."""
+    from jax.sharding import PartitionSpec as P
+
+    from embedjax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    sharded = Encoder.from_pretrained(minilm_dir, mesh=mesh, rules="fsdp")
+    plan = sharded.packing_plan(sharded.tokenizer.token_ids(sts_texts), 48, None)
+    assert plan is not None  # auto packs on a mesh too
+    assert sorted({len(rows) for rows in plan[1]}) == [6, 7]  # each batch takes 1-2 empty rows
+    single = minilm_encoder.encode(sts_texts, pack=False)
+    jitted, placed = sharded._jitted, []
+    sharded._jitted = lambda params, batch: placed.append(batch) or jitted(params, batch)
+    np.testing.assert_allclose(sharded.encode(sts_texts, batch_size=48), single, atol=2e-6)
+    assert len(placed) == 5 and all(b["input_ids"].shape == (8, 64) for b in placed)
+    for name in ("input_ids", "unpack_index", "pool_mask"):  # rows and texts split over the 8 devices
+        assert placed[0][name].sharding.spec == P(("data", "fsdp")), name
