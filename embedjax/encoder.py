@@ -394,7 +394,8 @@ class Encoder:
         ``output="tokens"`` (the default of a multi-vector head) returns ``(tokens_bld float32
         [N, L, D], mask_bl bool [N, L])`` instead: every text's scored token vectors, framed as a
         ``side="query"`` or ``"document"`` (`embedjax.data.late_interaction`), padded to the
-        longest with mask False.
+        longest with mask False. Documents pack as above (``pack``); queries, expanded to a fixed
+        length with scored ``[MASK]`` tokens, never do.
         """
         if "text" not in self.family.modalities:
             raise ValueError(f"this {self.family.name!r} encoder embeds images only; use encode_images")
@@ -409,7 +410,7 @@ class Encoder:
         if output == "tokens":
             if prompt is not None or prompt_name is not None:
                 raise ValueError("late-interaction encoders frame texts with their markers; prompts do not apply")
-            return self._encode_tokens(texts, batch_size, side, show_progress)
+            return self._encode_tokens(texts, batch_size, side, show_progress, pack)
         if prompt_name is not None:
             if prompt is not None:
                 raise ValueError("pass prompt or prompt_name, not both")
@@ -422,18 +423,12 @@ class Encoder:
         pool_skip = self.tokenizer.pool_skip(prompt) if (prompt and not self.include_prompt) else 0
         plan = self.packing_plan(ids, batch_size, pack)
         pending = []
-        multiple = self._data_parallel()
         if plan is not None:
-            row_length, batches = plan
-            num_texts = _round_up(packed_text_count(batches), multiple)
-            for rows in batches:
-                rows = list(rows) + [[]] * (-len(rows) % multiple)  # empty rows: every device takes whole rows
-                members, batch = packing.pack_planned(ids, rows, row_length=row_length, pad_id=self.tokenizer.pad_id,
-                                                      num_texts=num_texts, pool_skip=pool_skip,
-                                                      token_type_ids=self.tokenizer.token_type_ids)
+            for members, batch in self._packed(ids, plan, pool_skip=pool_skip):
                 pending.append((members, self._jitted(self.params, self._place_batch(batch))))
         else:
             order = np.argsort([-len(x) for x in ids], kind="stable")
+            multiple = self._data_parallel()
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
                 batch = self.tokenizer.pad([ids[i] for i in rows], rows=_row_bucket(len(rows), batch_size, multiple),
@@ -447,6 +442,19 @@ class Encoder:
             progress.update(len(rows))
         progress.close()
         return out
+
+    def _packed(self, ids, plan, pool_skip: int = 0):
+        """``(text indices, packed token batch)`` of each batch of a `packing_plan`: every batch's rows
+        and its text count rounded up to the data-parallel size (empty rows, filler texts), so that
+        each device takes whole rows, and one text count for the whole plan."""
+        row_length, batches = plan
+        multiple = self._data_parallel()
+        num_texts = _round_up(packed_text_count(batches), multiple)
+        for rows in batches:
+            rows = list(rows) + [[]] * (-len(rows) % multiple)
+            yield packing.pack_planned(ids, rows, row_length=row_length, pad_id=self.tokenizer.pad_id,
+                                       num_texts=num_texts, pool_skip=pool_skip,
+                                       token_type_ids=self.tokenizer.token_type_ids)
 
     def packing_plan(self, ids, batch_size: int, pack: bool | None):
         """How ``encode(..., batch_size, pack)`` batches texts of token ids ``ids``: (row length,
@@ -504,26 +512,36 @@ class Encoder:
         progress.close()
         return out
 
-    def _encode_tokens(self, texts: list[str], batch_size: int, side: str, show_progress: bool):
-        """Token vectors and scored-token masks of a multi-vector head (see ``encode``)."""
+    def _encode_tokens(self, texts: list[str], batch_size: int, side: str, show_progress: bool,
+                       pack: bool | None = None):
+        """Token vectors and scored-token masks of a multi-vector head (see ``encode``). Documents
+        pack as `encode`'s texts do (``pack``); queries never do: each is expanded to
+        ``query_length`` with scored ``[MASK]`` tokens, so they have no padding to save."""
         from embedjax.data import late_interaction
 
         framing = self.head.framing
+        if side == "query" and pack:
+            raise ValueError("pack=True: queries are expanded to query_length with scored [MASK] tokens, so they "
+                             "do not pack; use pack=None or pack=False")
         if not texts:
             return np.zeros((0, 0, self.dim), np.float32), np.zeros((0, 0), bool)
         ids = late_interaction.framed_ids(self.tokenizer, texts, side, framing)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        multiple = self._data_parallel()
+        plan = None if side == "query" else self.packing_plan(ids, batch_size, pack)
         pending = []
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = late_interaction.frame(self.tokenizer, [ids[i] for i in rows], side, framing,
-                                           rows=_row_bucket(len(rows), batch_size, multiple))
-            tokens_bld = self._jitted(self.params, self._place_batch(batch))
-            if self.mesh is not None:
-                tokens_bld = tokens_bld.addressable_data(0)
-            tokens_bld, mask_bl = self.head.reduce(tokens_bld, batch["pool_mask"] > 0, side)  # CRISP, if set
-            pending.append((rows, np.asarray(mask_bl), tokens_bld))
+        if plan is not None:
+            # A padded plan's widest batch is the longest text's bucket: cut the rows' width there.
+            width = bucket_length(max(len(x) for x in ids), self.tokenizer.buckets)
+            for members, batch in self._packed(ids, plan):
+                batch = late_interaction.score_packed_documents(self.tokenizer, framing, batch)
+                pending.append((members, *self._token_vectors(batch, side, width)))
+        else:
+            order = np.argsort([-len(x) for x in ids], kind="stable")
+            multiple = self._data_parallel()
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                batch = late_interaction.frame(self.tokenizer, [ids[i] for i in rows], side, framing,
+                                               rows=_row_bucket(len(rows), batch_size, multiple))
+                pending.append((rows, *self._token_vectors(batch, side)))
         length = max(mask.shape[1] for _, mask, _ in pending)
         tokens = np.zeros((len(texts), length, self.dim), np.float32)
         masks = np.zeros((len(texts), length), bool)
@@ -536,6 +554,18 @@ class Encoder:
             progress.update(len(rows))
         progress.close()
         return tokens, masks
+
+    def _token_vectors(self, batch: dict, side: str, width: int | None = None):
+        """A framed batch's scored-token mask [B, L] (numpy) and vectors [B, L, D] (or their CRISP
+        centroids); ``width`` keeps the first L columns (the rest hold no text's tokens)."""
+        tokens_bld = self._jitted(self.params, self._place_batch(batch))
+        if self.mesh is not None:
+            tokens_bld = tokens_bld.addressable_data(0)
+        mask_bl = batch["pool_mask"] > 0
+        if width is not None:
+            tokens_bld, mask_bl = tokens_bld[:, :width], mask_bl[:, :width]
+        tokens_bld, mask_bl = self.head.reduce(tokens_bld, mask_bl, side)  # CRISP, if set
+        return np.asarray(mask_bl), tokens_bld
 
     def encode_query(self, texts: Sequence[str], **kwargs):
         """``encode`` with the folder's ``query`` prompt (none when it declares none), as

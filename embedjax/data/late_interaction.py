@@ -89,7 +89,18 @@ def frame(tokenizer: Tokenizer, ids: Sequence[Sequence[int]], side: str, framing
         return batch
     longest = max((len(x) for x in ids), default=1)
     batch = tokenizer.pad(ids, length=length or bucket_length(longest, tokenizer.buckets), rows=rows)
-    skip = [i for i in (tokenizer.backend.token_to_id(w) for w in framing.skiplist) if i is not None]
-    scored = batch["attention_mask"].astype(bool) & ~np.isin(batch["input_ids"], skip)
+    scored = batch["attention_mask"].astype(bool) & ~np.isin(batch["input_ids"], _skip_ids(tokenizer, framing))
     batch["pool_mask"] = scored.astype(np.int32)
     return batch
+
+
+def score_packed_documents(tokenizer: Tokenizer, framing: LateInteractionFraming, batch: dict) -> dict:
+    """A packed batch of framed documents (`embedjax.data.packing`) with the skiplist's tokens left
+    out of its ``pool_mask`` [N, P], as `frame` leaves them out of a padded batch's."""
+    ids_np = batch["input_ids"].reshape(-1)[batch["unpack_index"]]  # each text's tokens, from its row
+    scored = batch["pool_mask"].astype(bool) & ~np.isin(ids_np, _skip_ids(tokenizer, framing))
+    return {**batch, "pool_mask": scored.astype(np.int32)}
+
+
+def _skip_ids(tokenizer: Tokenizer, framing: LateInteractionFraming) -> list[int]:
+    return [i for i in (tokenizer.backend.token_to_id(w) for w in framing.skiplist) if i is not None]

@@ -108,3 +108,30 @@ def test_output_must_match_the_head(colbert):
         colbert.encode(["x"], output="sentence")
     with pytest.raises(ValueError, match="side must be one of"):
         colbert.encode(["x"], side="passage")
+
+
+def test_documents_pack_and_equal_the_padded_ones(colbert, data_dir, monkeypatch):
+    """Documents pack end to end as `encode`'s texts do (auto: where it saves positions; rows of 64
+    tokens here): the skiplist stays unscored, the shapes, masks and scored vectors equal the padded
+    plan's (float32, other reduction orders: 2e-6 on unit vectors). Queries never pack: their
+    [MASK] expansion is scored."""
+    from embedjax.data import late_interaction as li
+    from embedjax.data.packing import is_packed
+    from embedjax.data.readers import read_sts
+
+    s1, s2, _ = read_sts(data_dir / "stsb" / "sts-test.csv")
+    texts = (s1 + s2)[:150]
+    ids = li.framed_ids(colbert.tokenizer, texts, "document", colbert.head.framing)
+    assert colbert.packing_plan(ids, 64, None) is not None
+    jitted, packed_batches = colbert._jitted, []
+    monkeypatch.setattr(colbert, "_jitted", lambda params, batch: packed_batches.append(is_packed(batch))
+                        or jitted(params, batch))
+    packed_tokens, packed_mask = colbert.encode_document(texts)
+    assert packed_batches and all(packed_batches)
+    padded_tokens, padded_mask = colbert.encode_document(texts, pack=False)
+    assert packed_tokens.shape == padded_tokens.shape == (150, 24, 16)
+    np.testing.assert_array_equal(packed_mask, padded_mask)
+    assert packed_mask.sum() < sum(map(len, ids))  # punctuation left out of the scored tokens
+    np.testing.assert_allclose(packed_tokens, padded_tokens, atol=2e-6)
+    with pytest.raises(ValueError, match="queries are expanded .* do not pack"):
+        colbert.encode_query(texts[:3], pack=True)
