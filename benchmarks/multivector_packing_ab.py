@@ -71,7 +71,7 @@ def main() -> None:
         seconds = interleaved_seconds(calls, args.rounds)
         per_s = {arm: round(len(texts) / float(np.median(s)), 1) for arm, s in seconds.items()}
         (tokens_p, mask_p), (tokens_d, mask_d) = first["packed"], first["padded"]
-        results[corpus] = {"documents_per_s": per_s, "packed_over_padded": round(per_s["packed"] / per_s["padded"], 3),
+        results[corpus] = {"documents": len(texts), "documents_per_s": per_s, "packed_over_padded": round(per_s["packed"] / per_s["padded"], 3),
                            **plan_positions(enc, texts, args.batch_size),
                            "masks_equal": bool(np.array_equal(mask_p, mask_d)),
                            "max_abs_scored_vector_difference": float(np.abs(tokens_p - tokens_d)[mask_d].max())}
