@@ -89,16 +89,13 @@ def main() -> None:
     traced = {name: {"kernel_ms": round(sum(times.values()), 1),
                      "kernels_ms": {k: round(times.get(k, 0.0), 1) for k in sorted(top, key=lambda k: -times.get(k, 0.0))}}
               for name, times in kernels.items()}
-    record = {
+    provenance.write_artifact(args.out, {  # commit, versions and command; the load is the start's
         "what": "MiniLM oneDNN encode programs compiled with XLA's loop emitter against the MLIR fusion emitters "
                 "(texts/s, medians of alternating rounds after a warm-up; kernels of one traced encode of 256 "
                 "msmarco passages)",
         "rounds": args.rounds, "corpora": results, "trace_msmarco_256": traced,
-        "device": device_description(), "load_1min": load, "commit": provenance.git_commit(),
-        "command": "python benchmarks/loop_emitter_ab.py",
-    }
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
+        "device": device_description(), "load_1min": load,
+    })
     print(json.dumps({k: v["loop_over_fusion"] for k, v in results.items()}))
 
 

@@ -76,15 +76,12 @@ def main() -> None:
                            "masks_equal": bool(np.array_equal(mask_p, mask_d)),
                            "max_abs_scored_vector_difference": float(np.abs(tokens_p - tokens_d)[mask_d].max())}
         print(corpus, json.dumps(results[corpus]), flush=True)
-    record = {
+    provenance.write_artifact(args.out, {  # commit, versions and command; the load is the start's
         "what": "ColBERT-MiniLM (128-d multi-vector head, documents framed to 180 tokens) document encodes, "
                 "pack=True against pack=False (documents/s, medians of alternating rounds after a warm-up)",
         "rounds": args.rounds, "batch_size": args.batch_size, "corpora": results,
-        "device": device_description(), "load_1min": load, "commit": provenance.git_commit(),
-        "command": "python benchmarks/multivector_packing_ab.py",
-    }
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
+        "device": device_description(), "load_1min": load,
+    })
     print(json.dumps({k: v["packed_over_padded"] for k, v in results.items()}))
 
 
